@@ -1,0 +1,221 @@
+"""Safe reading and atomic writing of checkpoints.
+
+Reading never runs pickled code: ``.pth`` files go through ``torch.load(weights_only=True)`` and
+``.safetensors`` through safetensors. Writing goes to a temporary sibling that is renamed over the
+destination only when complete, so an error or a kill never leaves a half-written output.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import os
+import pickle
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+# Types a Twins training checkpoint pickles besides tensors and plain containers: the official
+# classification script stores its argparse.Namespace under 'args'. Nothing else is allowed.
+SAFE_EXTRA_GLOBALS = (argparse.Namespace,)
+
+# Files at least this big get a progress bar while being read.
+PROGRESS_MIN_BYTES = 32 * 2 ** 20
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file needs code execution (a non-allow-listed pickled global) to load."""
+
+
+class CheckpointReadError(ValueError):
+    """The file is not a readable checkpoint (empty, truncated, corrupted or not a checkpoint)."""
+
+
+def _read_bytes(path: Path, progress: Optional[bool]) -> bytes:
+    size = path.stat().st_size
+    show = progress if progress is not None else size >= PROGRESS_MIN_BYTES
+    if not show:
+        return path.read_bytes()
+    from tqdm.auto import tqdm
+
+    buf = bytearray()
+    with path.open('rb') as f, tqdm(total=size, unit='B', unit_scale=True, desc='reading %s' % path.name,
+                                    leave=False) as bar:
+        while True:
+            chunk = f.read(8 * 2 ** 20)
+            if not chunk:
+                break
+            buf += chunk
+            bar.update(len(chunk))
+    return bytes(buf)
+
+
+def load_file(path: PathLike, progress: Optional[bool] = None) -> Any:
+    """Load a ``.pth``/``.bin``/``.safetensors`` file without executing pickled code.
+
+    Returns the raw object (dict of tensors, or a wrapper dict for ``.pth`` files).
+    Raises UnsafeCheckpointError for pickles referencing code, CheckpointReadError for unreadable files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError('checkpoint %s does not exist' % path)
+    if path.is_dir():
+        raise CheckpointReadError('%s is a directory; pass the checkpoint file inside it' % path)
+    if path.stat().st_size == 0:
+        raise CheckpointReadError('%s is empty (0 bytes): the download or copy probably failed; '
+                                  'fetch the file again' % path)
+    data = _read_bytes(path, progress)
+    if path.suffix == '.safetensors' or data[8:9] == b'{' and not data.startswith(b'PK'):
+        return _load_safetensors_bytes(path, data)
+    return _load_torch_bytes(path, data)
+
+
+def _load_safetensors_bytes(path: Path, data: bytes) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise CheckpointReadError('%s is not a valid safetensors file (%s); it may be truncated or corrupted, '
+                                  'fetch it again' % (path, _first_line(e))) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else e.__class__.__name__
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r'(?:Unsupported global: GLOBAL|GLOBAL) ([\w.]+)')
+
+
+def _load_torch_bytes(path: Path, data: bytes) -> Any:
+    try:
+        with torch.serialization.safe_globals(list(SAFE_EXTRA_GLOBALS)):
+            return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if 'Weights only load failed' in msg or 'Unsupported' in msg or 'GLOBAL' in msg:
+            m = _UNSUPPORTED_GLOBAL.search(msg)
+            what = m.group(1) if m else 'a non-tensor Python object'
+            raise UnsafeCheckpointError(
+                '%s was refused: loading it would execute or import %s, which is not a tensor, a plain '
+                'container or an argparse.Namespace. twins-timm never unpickles code. If the file comes '
+                'from a source you trust, re-save only its state dict (torch.save(sd, ...)) or export '
+                'it to .safetensors, then convert that.' % (path, what)) from None
+        raise CheckpointReadError('%s is not a PyTorch checkpoint (%s); it may be corrupted or in another '
+                                  'format' % (path, _first_line(e))) from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError, IndexError,
+            KeyError, TypeError) as e:
+        raise CheckpointReadError('%s could not be read as a PyTorch checkpoint (%s): the file is truncated, '
+                                  'corrupted or not a checkpoint; fetch it again' % (path, _first_line(e))) from None
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(2 ** 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- atomic writing
+_PARTIAL = '.%s.partial-%d-%s'
+_PARTIAL_RE = r'^\.%s\.partial-(\d+)-[0-9a-f]+$'
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Remove temp files/folders left by an earlier writer of the same destination that was killed."""
+    if not dst.parent.is_dir():
+        return
+    pattern = re.compile(_PARTIAL_RE % re.escape(dst.name))
+    for p in dst.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def check_destination(dst: PathLike, force: bool) -> Path:
+    """Refuse an existing destination unless ``force``; return it as a Path."""
+    dst = Path(dst)
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise FileExistsError('%s already exists; choose another output path or pass --force '
+                              '(overwrite=True) to replace it' % dst)
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_path(dst: PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path to write (a file or a folder); rename it onto ``dst`` on success.
+
+    On any exception the temporary is removed and ``dst`` is untouched. A killed process leaves only
+    a hidden ``.NAME.partial-PID-*`` sibling, which the next write to the same destination removes.
+    """
+    dst = check_destination(dst, force)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(dst)
+    tmp = dst.parent / (_PARTIAL % (dst.name, os.getpid(), uuid.uuid4().hex[:8]))
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OSError('internal error: nothing was written to %s' % tmp)
+        check_destination(dst, force)  # it may have appeared meanwhile
+        if tmp.is_dir() and dst.exists():
+            old = dst.parent / (_PARTIAL % (dst.name, os.getpid(), uuid.uuid4().hex[:8]))
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            if dst.is_dir() and not tmp.is_dir():
+                raise IsADirectoryError('%s is a folder; refusing to replace it with a file' % dst)
+            os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, 'rb') as f:
+        os.fsync(f.fileno())
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], dst: PathLike, force: bool = False,
+                     metadata: Optional[Dict[str, str]] = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(dst, force) as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+        _fsync(tmp)
+    return Path(dst)
+
+
+def save_torch(obj: Any, dst: PathLike, force: bool = False) -> Path:
+    with atomic_path(dst, force) as tmp:
+        torch.save(obj, tmp)
+        _fsync(tmp)
+    return Path(dst)
+
+
+def write_folder(dst: PathLike, fill: Callable[[Path], None], force: bool = False) -> Path:
+    """Build a folder with ``fill(tmp_dir)`` and move it into place atomically."""
+    with atomic_path(dst, force) as tmp:
+        tmp.mkdir()
+        fill(tmp)
+    return Path(dst)
