@@ -1,3 +1,15 @@
-"""Twins-PCPVT / Twins-SVT for timm and SMP."""
-from .models import twins  # noqa: F401  registers the six models with timm
+"""Twins-PCPVT and Twins-SVT for timm, segmentation-models-pytorch and the Hugging Face Hub.
 
+Importing the package registers ``twins_{pcpvt,svt}_{small,base,large}`` with timm, replacing timm's
+own Twins under the same names (same parameter names and pretrained tags, so timm's hub weights load).
+"""
+import warnings
+
+with warnings.catch_warnings():
+    # Replacing timm's registrations is the point of this package, not a conflict worth a warning.
+    warnings.filterwarnings('ignore', message=r'Overwriting twins_', category=UserWarning)
+    from .models import twins  # noqa: F401
+from .models.twins import Twins, checkpoint_family_args
+
+__version__ = '0.1.0'
+__all__ = ['Twins', 'checkpoint_family_args', '__version__']

@@ -1,1 +1,654 @@
+""" Twins-PCPVT and Twins-SVT for timm, ready for dense prediction.
+
+`Twins: Revisiting the Design of Spatial Attention in Vision Transformers` - https://arxiv.org/abs/2104.13840
+
+Parameter names are timm's (`timm/models/twins.py`), so timm's hub weights load strictly. On top of
+timm's behaviour (the defaults), model arguments reproduce the numerics of the other checkpoint
+families (see `checkpoint_family_args`):
+  * ``stage_norm``: a LayerNorm after every stage *inside* the trunk (official / mmseg SVT segmentation),
+  * ``norm_eps``: eps of the block / final / stage norms (1e-6 timm and official, 1e-5 mmseg),
+  * ``window_mask``: the official segmentation window-attention mask, quirk included,
+  * ``patch_padding``: ``'corner'`` zero-pads bottom/right to a patch multiple (mmseg) instead of flooring.
+
+Tokens stay in (B, H*W, C) row-major layout through the whole trunk: patch embeddings and the
+attention's spatial reduction are computed as patch-gathers followed by one matmul, and the positional
+conv runs on a channels-last view, so the only layout copies are the window partition and the NCHW
+feature maps handed out.
+"""
+import math
+from typing import Any, Dict, List, Optional, Tuple, Union
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._features_fx import register_notrace_module
+from timm.models._manipulate import checkpoint
+
+__all__ = ['Twins', 'checkpoint_family_args', 'MIN_INPUT_SIZE']
+
+Size_ = Tuple[int, int]
+
+MIN_INPUT_SIZE = 32  # the last stage needs at least one 32x32 patch
+PATCH_PADDINGS = ('none', 'corner')
+WINDOW_MASK_VALUE = -1000.0  # the official segmentation code's value, not -inf
+
+
+def patch_linear(x: torch.Tensor, conv: nn.Conv2d, padding: str = 'none') -> torch.Tensor:
+    """Non-overlapping patch conv (kernel == stride) on a (B, H, W, C) map, as one gather + matmul.
+
+    Equals ``conv`` on the NCHW view, but reads and writes the token layout directly. ``padding``:
+    'none' drops the bottom/right remainder like the conv does, 'corner' zero-pads it to a full patch.
+    """
+    p = conv.stride[0]
+    B, H, W, C = x.shape
+    if padding == 'corner' and (H % p or W % p):
+        x = F.pad(x, (0, 0, 0, (p - W % p) % p, 0, (p - H % p) % p))
+        B, H, W, C = x.shape
+    h, w = H // p, W // p
+    if h * p != H or w * p != W:
+        x = x[:, :h * p, :w * p]
+    # (B, h, p, w, p, C) -> (B, h, w, C, p, p): the conv weight's (C_in, kh, kw) order
+    x = x.reshape(B, h, p, w, p, C).permute(0, 1, 3, 5, 2, 4).reshape(B, h, w, C * p * p)
+    return F.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
+def window_attn_mask(
+        height: int, width: int, pad_b: int, pad_r: int, ws: int, device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive (num_windows, L, L) mask of the official segmentation code for a padded map.
+
+    Pairs where exactly one token is padding get -1000. Only called when both pads are > 0: the
+    original builds its mask with ``[-pad:]`` slices, and ``[-0:]`` marks every token, which makes
+    the mask uniform (plain zero padding) whenever either pad is 0.
+    """
+    hp, wp = height + pad_b, width + pad_r
+    pad = torch.zeros(hp, wp, device=device)
+    pad[height:, :] = 1
+    pad[:, width:] = 1
+    pad = pad.reshape(hp // ws, ws, wp // ws, ws).transpose(1, 2).reshape(-1, ws * ws)
+    differs = pad.unsqueeze(1) != pad.unsqueeze(2)
+    return torch.zeros(differs.shape, device=device, dtype=dtype).masked_fill_(differs, WINDOW_MASK_VALUE)
+
+
+@register_notrace_module  # FX can't trace the shape-dependent padding
+class LocallyGroupedAttn(nn.Module):
+    """LSA: self attention inside non-overlapping ws x ws windows (zero padding right/bottom)."""
+    fused_attn: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            ws: int = 7,
+            window_mask: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        assert ws > 1 and dim % num_heads == 0
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.ws = ws
+        self.window_mask = window_mask
+        self.qkv = nn.Linear(dim, dim * 3, bias=True, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = size
+        ws, nh = self.ws, self.num_heads
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        x = x.view(B, H, W, C)
+        if pad_b or pad_r:
+            # padded tokens get qkv = bias and take part in attention, as in the original
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        gh, gw = Hp // ws, Wp // ws
+        qkv = self.qkv(x).view(B, gh, ws, gw, ws, 3, nh, C // nh)
+        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B * gh * gw, nh, ws * ws, C // nh).unbind(0)
+
+        attn_mask = None
+        if self.window_mask and pad_b and pad_r:
+            attn_mask = window_attn_mask(H, W, pad_b, pad_r, ws, x.device, q.dtype)
+            attn_mask = attn_mask.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * gh * gw, 1, ws * ws, ws * ws)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+
+        x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W]
+        x = self.proj_drop(self.proj(x))
+        return x.reshape(B, N, C)
+
+
+class GlobalSubSampleAttn(nn.Module):
+    """GSA: every token attends to a spatially sub-sampled (sr x sr patch conv) summary of the map."""
+    fused_attn: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            sr_ratio: int = 1,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        assert dim % num_heads == 0
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.q = nn.Linear(dim, dim, bias=True, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=True, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, **dd)
+            self.norm = nn.LayerNorm(dim, **dd)  # eps 1e-5 in every checkpoint family
+        else:
+            self.sr = None
+            self.norm = None
+
+    def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        B, N, C = x.shape
+        nh = self.num_heads
+        q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)
+        if self.sr is not None:
+            x = self.norm(patch_linear(x.view(B, size[0], size[1], C), self.sr)).reshape(B, -1, C)
+        k, v = self.kv(x).view(B, -1, 2, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)
+
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+            x = attn @ v
+
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with either windowed (LSA, ws > 1) or global sub-sampled (GSA) attention."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_eps: float = 1e-6,
+            sr_ratio: int = 1,
+            ws: int = 1,
+            window_mask: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        if ws == 1:
+            self.attn = GlobalSubSampleAttn(dim, num_heads, attn_drop, proj_drop, sr_ratio, **dd)
+        else:
+            self.attn = LocallyGroupedAttn(dim, num_heads, attn_drop, proj_drop, ws, window_mask, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), size))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class PosConv(nn.Module):
+    """PEG (https://arxiv.org/abs/2102.10882): depthwise 3x3 conv + residual, run on a channels-last view."""
+
+    def __init__(self, in_chans: int, embed_dim: int = 768, stride: int = 1, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dim, 3, stride, 1, bias=True, groups=embed_dim, **dd),
+        )
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        B, N, C = x.shape
+        feat = x.view(B, size[0], size[1], C).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+        out = self.proj(feat)
+        if self.stride == 1:
+            out = out + feat
+        return out.permute(0, 2, 3, 1).reshape(B, -1, C)
+
+    def no_weight_decay(self):
+        return ['proj.%d.weight' % i for i in range(4)]
+
+
+class PatchEmbed(nn.Module):
+    """Patch embedding (conv kernel == stride, then LayerNorm eps 1e-5) from and to (B, H, W, C) layout."""
+
+    def __init__(
+            self,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            padding: str = 'none',
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.padding = padding
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, **dd)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size_]:
+        x = self.norm(patch_linear(x, self.proj, self.padding))
+        B, H, W, C = x.shape
+        return x.reshape(B, H * W, C), (H, W)
+
+
+class Twins(nn.Module):
+    """Twins Vision Transformer (Revisiting Spatial Attention), timm-compatible, for any input size.
+
+    Adapted from PVT (PyramidVisionTransformer) class at https://github.com/whai362/PVT.git
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Tuple[int, ...] = (64, 128, 256, 512),
+            num_heads: Tuple[int, ...] = (1, 2, 4, 8),
+            mlp_ratios: Tuple[float, ...] = (4, 4, 4, 4),
+            depths: Tuple[int, ...] = (3, 4, 6, 3),
+            sr_ratios: Tuple[int, ...] = (8, 4, 2, 1),
+            wss: Optional[Tuple[int, ...]] = None,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_eps: float = 1e-6,
+            stage_norm: bool = False,
+            window_mask: bool = False,
+            patch_padding: str = 'none',
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args (beyond timm's Twins):
+            norm_eps: eps of block norm1/norm2, the final norm and the stage norms (timm / official 1e-6,
+                mmseg 1e-5). Patch-embed and attention-reduction norms are 1e-5 in every family.
+            stage_norm: LayerNorm after each stage, inside the trunk (the normed map feeds the next stage).
+            window_mask: apply the official segmentation window mask in LSA blocks (SVT).
+            patch_padding: 'none' (floor, timm) or 'corner' (zero-pad bottom/right, mmseg).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if global_pool not in ('', 'avg'):
+            raise ValueError(f"global_pool must be 'avg' or '' for Twins, got {global_pool!r}")
+        if patch_padding not in PATCH_PADDINGS:
+            raise ValueError(f'patch_padding must be one of {PATCH_PADDINGS}, got {patch_padding!r}')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.depths = depths
+        self.embed_dims = embed_dims
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+
+        self.patch_embeds = nn.ModuleList()
+        self.pos_drops = nn.ModuleList()
+        prev_chs = in_chans
+        for i in range(len(depths)):
+            self.patch_embeds.append(PatchEmbed(patch_size, prev_chs, embed_dims[i], patch_padding, **dd))
+            self.pos_drops.append(nn.Dropout(p=pos_drop_rate))
+            prev_chs = embed_dims[i]
+            patch_size = 2
+
+        self.blocks = nn.ModuleList()
+        self.feature_info = []
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # linear stochastic depth decay
+        cur = 0
+        for k in range(len(depths)):
+            self.blocks.append(nn.ModuleList([Block(
+                dim=embed_dims[k],
+                num_heads=num_heads[k],
+                mlp_ratio=mlp_ratios[k],
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[cur + i],
+                norm_eps=norm_eps,
+                sr_ratio=sr_ratios[k],
+                ws=1 if wss is None or i % 2 == 1 else wss[k],
+                window_mask=window_mask,
+                **dd,
+            ) for i in range(depths[k])]))
+            self.feature_info += [dict(module=f'blocks.{k}', num_chs=embed_dims[k], reduction=2 ** (2 + k))]
+            cur += depths[k]
+
+        self.pos_block = nn.ModuleList([PosConv(d, d, **dd) for d in embed_dims])
+        self.stage_norms = nn.ModuleList(
+            [nn.LayerNorm(d, eps=norm_eps, **dd) for d in embed_dims]) if stage_norm else None
+        self.norm = nn.LayerNorm(self.num_features, eps=norm_eps, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                m.bias.data.zero_()
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set(['pos_block.' + n for n, p in self.pos_block.named_parameters()])
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^patch_embeds.0',
+            blocks=[
+                (r'^(?:blocks|patch_embeds|pos_block|stage_norms)\.(\d+)', None),
+                ('^norm', (99999,)),
+            ] if coarse else [
+                (r'^blocks\.(\d+)\.(\d+)', None),
+                (r'^(?:patch_embeds|pos_block)\.(\d+)', (0,)),
+                (r'^stage_norms\.(\d+)', (99998,)),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Re-compute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('', 'avg'):
+                raise ValueError(f"global_pool must be 'avg' or '' for Twins, got {global_pool!r}")
+            self.global_pool = global_pool
+        ref = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else next(self.parameters())
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor):
+        """Fail early, with what is expected, instead of deep inside a reshape."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            got = f'shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'Twins expects a 4-D image batch (B, {self.in_chans}, H, W), got {got}.')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'Twins expects {self.in_chans} input channels (B, {self.in_chans}, H, W), got shape '
+                f'{tuple(x.shape)}; for channels-last images permute with x.permute(0, 3, 1, 2).')
+        if not x.is_floating_point():
+            raise ValueError(
+                f'Twins expects a floating point image tensor, got {x.dtype}; convert and normalise it '
+                f'first, e.g. (x.float() / 255 - mean) / std.')
+        if x.shape[-2] < MIN_INPUT_SIZE or x.shape[-1] < MIN_INPUT_SIZE:
+            raise ValueError(
+                f'Twins needs H and W of at least {MIN_INPUT_SIZE} pixels (output stride 32), '
+                f'got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image.')
+
+    def _run_stage(self, i: int, x: torch.Tensor) -> Tuple[torch.Tensor, Size_]:
+        """Patch embedding + blocks (+ PEG after the first) + optional stage norm; (B,H,W,C) in, tokens out."""
+        x, size = self.patch_embeds[i](x)
+        x = self.pos_drops[i](x)
+        for j, blk in enumerate(self.blocks[i]):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, size)
+            else:
+                x = blk(x, size)
+            if j == 0:
+                x = self.pos_block[i](x, size)
+        if self.stage_norms is not None:
+            x = self.stage_norms[i](x)
+        return x, size
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Forward features that returns intermediates.
+
+        Args:
+            x: Input image tensor (B, C, H, W), any H, W >= 32
+            indices: Take last n stages if int, all if None, select matching indices if sequence
+            norm: Apply the final norm to the last stage's intermediate (the only one it is sized for)
+            stop_early: Stop iterating over stages when last desired intermediate hit
+            output_fmt: 'NCHW' or 'NHWC'
+            intermediates_only: Only return intermediate features
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        last_idx = len(self.blocks) - 1
+        num_stages = len(self.blocks) if torch.jit.is_scripting() or not stop_early else max_index + 1
+
+        B = x.shape[0]
+        x = x.permute(0, 2, 3, 1)
+        for i in range(num_stages):
+            x, size = self._run_stage(i, x)
+            if i in take_indices:
+                feat = self.norm(x) if norm and i == last_idx else x
+                feat = feat.reshape(B, size[0], size[1], -1)
+                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat)
+            if i < last_idx:
+                x = x.reshape(B, size[0], size[1], -1)
+
+        if intermediates_only:
+            return intermediates
+        if num_stages - 1 == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """ Prune layers not required for specified intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        prune_end = max_index < len(self.blocks) - 1
+        self.patch_embeds = self.patch_embeds[:max_index + 1]
+        self.pos_drops = self.pos_drops[:max_index + 1]
+        self.blocks = self.blocks[:max_index + 1]
+        self.pos_block = self.pos_block[:max_index + 1]
+        if self.stage_norms is not None:
+            self.stage_norms = self.stage_norms[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-stage tokens (B, N, C) after the final norm, as timm's Twins returns them."""
+        self._check_input(x)
+        B = x.shape[0]
+        x = x.permute(0, 2, 3, 1)
+        for i in range(len(self.blocks)):
+            x, size = self._run_stage(i, x)
+            if i < len(self.blocks) - 1:
+                x = x.reshape(B, size[0], size[1], -1)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Twins) -> Dict[str, torch.Tensor]:
+    """Unwrap training-script checkpoints; timm and official classification names load as they are.
+
+    Other families (official segmentation, mmsegmentation) go through ``twins_timm.convert``.
+    """
+    for wrapper in ('model', 'state_dict'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+# Model arguments that reproduce each checkpoint family's computation (see shared FORMATS.md).
+_FAMILY_ARGS = {
+    'timm': {},
+    'official_cls': {},
+    'official_seg': {'svt': dict(stage_norm=True, window_mask=True)},
+    'mmseg': {
+        'svt': dict(stage_norm=True, norm_eps=1e-5, window_mask=True, patch_padding='corner'),
+        'pcpvt': dict(norm_eps=1e-5, patch_padding='corner'),
+    },
+}
+
+
+def checkpoint_family_args(family: str, variant: str) -> Dict[str, Any]:
+    """Model kwargs reproducing ``family`` ('timm', 'official_cls', 'official_seg', 'mmseg') for ``variant``."""
+    if family not in _FAMILY_ARGS:
+        raise ValueError(f'unknown checkpoint family {family!r}; expected one of {sorted(_FAMILY_ARGS)}')
+    arch = 'svt' if '_svt_' in variant else 'pcpvt' if '_pcpvt_' in variant else None
+    if arch is None:
+        raise ValueError(f'{variant!r} is not a Twins variant (twins_pcpvt_* / twins_svt_*)')
+    return dict(_FAMILY_ARGS[family].get(arch, {}))
+
+
+def _create_twins(variant: str, pretrained: bool = False, **kwargs) -> Twins:
+    out_indices = kwargs.pop('out_indices', 4)
+    return build_model_with_cfg(
+        Twins, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embeds.0.proj', 'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs
+    }
+
+
+# timm's own pretrained tags: `pretrained=True` fetches timm's hub weights into this implementation.
+default_cfgs = generate_default_cfgs({
+    'twins_pcpvt_small.in1k': _cfg(hf_hub_id='timm/'),
+    'twins_pcpvt_base.in1k': _cfg(hf_hub_id='timm/'),
+    'twins_pcpvt_large.in1k': _cfg(hf_hub_id='timm/'),
+    'twins_svt_small.in1k': _cfg(hf_hub_id='timm/'),
+    'twins_svt_base.in1k': _cfg(hf_hub_id='timm/'),
+    'twins_svt_large.in1k': _cfg(hf_hub_id='timm/'),
+})
+
+
+@register_model
+def twins_pcpvt_small(pretrained: bool = False, **kwargs) -> Twins:
+    model_args = dict(
+        patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
+        depths=[3, 4, 6, 3], sr_ratios=[8, 4, 2, 1])
+    return _create_twins('twins_pcpvt_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def twins_pcpvt_base(pretrained: bool = False, **kwargs) -> Twins:
+    model_args = dict(
+        patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
+        depths=[3, 4, 18, 3], sr_ratios=[8, 4, 2, 1])
+    return _create_twins('twins_pcpvt_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def twins_pcpvt_large(pretrained: bool = False, **kwargs) -> Twins:
+    model_args = dict(
+        patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
+        depths=[3, 8, 27, 3], sr_ratios=[8, 4, 2, 1])
+    return _create_twins('twins_pcpvt_large', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def twins_svt_small(pretrained: bool = False, **kwargs) -> Twins:
+    model_args = dict(
+        patch_size=4, embed_dims=[64, 128, 256, 512], num_heads=[2, 4, 8, 16], mlp_ratios=[4, 4, 4, 4],
+        depths=[2, 2, 10, 4], wss=[7, 7, 7, 7], sr_ratios=[8, 4, 2, 1])
+    return _create_twins('twins_svt_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def twins_svt_base(pretrained: bool = False, **kwargs) -> Twins:
+    model_args = dict(
+        patch_size=4, embed_dims=[96, 192, 384, 768], num_heads=[3, 6, 12, 24], mlp_ratios=[4, 4, 4, 4],
+        depths=[2, 2, 18, 2], wss=[7, 7, 7, 7], sr_ratios=[8, 4, 2, 1])
+    return _create_twins('twins_svt_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def twins_svt_large(pretrained: bool = False, **kwargs) -> Twins:
+    model_args = dict(
+        patch_size=4, embed_dims=[128, 256, 512, 1024], num_heads=[4, 8, 16, 32], mlp_ratios=[4, 4, 4, 4],
+        depths=[2, 2, 18, 2], wss=[7, 7, 7, 7], sr_ratios=[8, 4, 2, 1])
+    return _create_twins('twins_svt_large', pretrained=pretrained, **dict(model_args, **kwargs))
