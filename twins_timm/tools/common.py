@@ -1,0 +1,104 @@
+"""Command-line options shared by `twins-timm segment` and `twins-timm eval`."""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .inference import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
+from .loading import DEFAULT_MODEL_ID
+
+
+def _pair(values: Optional[Sequence[int]], name: str) -> Optional[Tuple[int, int]]:
+    if values is None:
+        return None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError('%s takes one or two positive integers (H W), got %s' % (name, list(values)))
+    return (values[0], values[-1])
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', metavar='DIR_OR_HUB_ID', default=None,
+                        help='converted model: a folder from `twins-timm convert` / save_pretrained, '
+                             'a checkpoint file, or a Hub id (the local cache is tried first). '
+                             'Default: %s, or a labelled random-initialised model when it is not '
+                             'available' % DEFAULT_MODEL_ID)
+    parser.add_argument('--device', default='auto',
+                        help="torch device: 'cpu', 'cuda', 'cuda:1', 'mps' (default: cuda if available)")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('inference (mmseg test rules)')
+    g.add_argument('--mode', choices=('whole', 'slide'), default='whole',
+                   help='whole image in one forward (default, as the Twins ADE20K configs), or '
+                        'sliding window with averaged overlaps')
+    g.add_argument('--crop-size', type=int, nargs='+', metavar='N', default=[512, 512],
+                   help='slide mode: crop size H [W] (default 512 512)')
+    g.add_argument('--stride', type=int, nargs='+', metavar='N', default=[341, 341],
+                   help='slide mode: stride H [W] (default 341 341)')
+    g.add_argument('--scale', type=int, nargs=2, metavar=('LONG', 'SHORT'), default=list(ADE20K_TEST_SCALE),
+                   help='keep-ratio test resize bound (default 2048 512, the ADE20K test scale)')
+    g.add_argument('--no-resize', action='store_true',
+                   help='feed images at their own size instead of the --scale resize')
+    g.add_argument('--tta', action='store_true',
+                   help='multi-scale + flip test-time augmentation of the ms+flip column: ratios '
+                        '%s of --scale, plus horizontal flip, softmax averaged'
+                        % ', '.join('%g' % r for r in MS_RATIOS))
+    g.add_argument('--ratios', type=float, nargs='+', metavar='R', default=None,
+                   help='custom scale ratios (implies multi-scale; default 1, or the ms set with --tta)')
+    g.add_argument('--flip', action='store_true', help='add the horizontally flipped view')
+    g.add_argument('--crop-batch', type=int, default=4, metavar='N',
+                   help='slide mode: crops per forward pass (default 4)')
+
+
+def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
+    ratios = args.ratios or (MS_RATIOS if args.tta else (1.0,))
+    if args.crop_batch < 1:
+        raise ValueError('--crop-batch must be at least 1')
+    return InferenceSettings(
+        mode=args.mode,
+        scale=None if args.no_resize else tuple(args.scale),
+        ratios=tuple(ratios),
+        flip=bool(args.flip or args.tta),
+        crop_size=_pair(args.crop_size, '--crop-size'),
+        stride=_pair(args.stride, '--stride'),
+        crop_batch=args.crop_batch,
+    )
+
+
+def describe_settings(s: InferenceSettings) -> str:
+    parts = ['mode=%s' % s.mode]
+    if s.mode == 'slide':
+        parts.append('crop=%dx%d stride=%dx%d' % (s.crop_size + s.stride))
+    parts.append('resize=%s' % ('none' if s.scale is None else 'keep-ratio to %dx%d' % tuple(s.scale)))
+    if s.ratios != (1.0,):
+        parts.append('ratios=%s' % ','.join('%g' % r for r in s.ratios))
+    if s.flip:
+        parts.append('flip')
+    return ' '.join(parts)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; refuse devices that are not there."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError("unknown device %r; use 'cpu', 'cuda', 'cuda:N' or 'mps'" % name) from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device %s: CUDA is not available on this machine; use --device cpu' % name)
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError('--device %s: only %d CUDA device(s) present' % (name, torch.cuda.device_count()))
+    if device.type == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+        raise ValueError('--device mps: MPS is not available on this machine; use --device cpu')
+    return device
+
+
+def model_classes(model) -> Tuple[int, List[str], list]:
+    """(number of classes, class names, palette or None) from the model's attributes."""
+    n = getattr(model, 'classes', None)
+    if not isinstance(n, int):
+        raise ValueError('the model has no integer `classes` attribute; is it a twins_timm segmenter?')
+    return n, list(getattr(model, 'class_names', None) or []), getattr(model, 'palette', None)

@@ -1,0 +1,236 @@
+"""Evaluate a segmenter on an ADE20K-format folder: mIoU, mAcc, aAcc and a per-class table.
+
+The folder holds DATA/images/<split>/*.jpg and DATA/annotations/<split>/*.png with the same
+names.  Metrics follow mmsegmentation's IoUMetric: ADE20K annotations are reduced by one
+(0 = "other" becomes 255, ignored), pixels labelled 255 are ignored, areas are summed over the
+whole set before dividing, and classes absent from both prediction and ground truth (union 0)
+have no IoU and are left out of the means.  Predictions are made at the annotation's size with
+mmseg's test resize (see `twins-timm segment --help` for the inference options).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .common import (add_inference_arguments, add_model_arguments, describe_settings,
+                     model_classes, pick_device, settings_from_args)
+from .inference import InferenceSettings, predict_labels
+from .loading import RANDOM_LABEL, load_model, read_image, read_label_map
+from .visualize import class_name_list
+
+DESCRIPTION = __doc__
+EPILOG = """examples:
+  twins-timm eval --data ADEChallengeData2016 --model ./twins_svt_l_upernet
+  twins-timm eval --data ADEChallengeData2016 --model ./model --tta --device cuda --json metrics.json
+  twins-timm eval --data my_set --split val --no-reduce-zero-label --model ./model --limit 50
+"""
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """ADE20K convention: 0 ("other") -> 255 (ignored), every other class index minus one."""
+    label = np.asarray(label).astype(np.int64)
+    out = label - 1
+    out[label == 0] = 255
+    out[out == 254] = 255  # 255 stays ignored
+    return out
+
+
+def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
+                        ignore_index: int = 255) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class pixel counts (intersection, union, predicted, labelled) of one image.
+
+    Pixels labelled ``ignore_index`` are dropped; other labels outside 0..num_classes-1 count
+    for nothing in the label histogram (as mmseg's ``torch.histc``) but their predictions count.
+    """
+    pred = np.asarray(pred).reshape(-1).astype(np.int64)
+    label = np.asarray(label).reshape(-1).astype(np.int64)
+    if pred.shape != label.shape:
+        raise ValueError('prediction and label sizes differ: %d vs %d pixels' % (pred.size, label.size))
+    keep = label != ignore_index
+    pred, label = pred[keep], label[keep]
+
+    def hist(values: np.ndarray) -> np.ndarray:
+        values = values[(values >= 0) & (values < num_classes)]
+        return np.bincount(values, minlength=num_classes).astype(np.int64)
+
+    area_intersect = hist(pred[pred == label])
+    area_pred = hist(pred)
+    area_label = hist(label)
+    return area_intersect, area_pred + area_label - area_intersect, area_pred, area_label
+
+
+@dataclass
+class IoUAccumulator:
+    """Sums per-class areas over a data set and turns them into mmseg's metrics."""
+    num_classes: int
+    ignore_index: int = 255
+    reduce_zero_label: bool = True
+    intersect: np.ndarray = field(init=False)
+    union: np.ndarray = field(init=False)
+    pred_area: np.ndarray = field(init=False)
+    label_area: np.ndarray = field(init=False)
+    images: int = 0
+
+    def __post_init__(self) -> None:
+        z = lambda: np.zeros(self.num_classes, np.int64)  # noqa: E731
+        self.intersect, self.union, self.pred_area, self.label_area = z(), z(), z(), z()
+
+    def add(self, pred: np.ndarray, raw_label: np.ndarray) -> None:
+        """``raw_label`` as stored in the annotation file (reduced here when configured)."""
+        label = reduce_zero_label(raw_label) if self.reduce_zero_label else np.asarray(raw_label)
+        i, u, p, l = intersect_and_union(pred, label, self.num_classes, self.ignore_index)
+        self.intersect += i
+        self.union += u
+        self.pred_area += p
+        self.label_area += l
+        self.images += 1
+
+    def per_class(self) -> Dict[str, np.ndarray]:
+        """IoU and Acc per class in [0, 1]; NaN where the denominator is 0."""
+        with np.errstate(divide='ignore', invalid='ignore'):
+            iou = np.where(self.union > 0, self.intersect / np.maximum(self.union, 1), np.nan)
+            acc = np.where(self.label_area > 0, self.intersect / np.maximum(self.label_area, 1), np.nan)
+        return {'IoU': iou, 'Acc': acc}
+
+    def summary(self) -> Dict[str, float]:
+        """aAcc, mIoU, mAcc in [0, 1] (NaN classes excluded from the means)."""
+        total = self.label_area.sum()
+        if total == 0:
+            raise ValueError('no labelled pixels were evaluated (every pixel ignored?)')
+        per = self.per_class()
+        return {'aAcc': float(self.intersect.sum() / total),
+                'mIoU': float(np.nanmean(per['IoU'])),
+                'mAcc': float(np.nanmean(per['Acc']))}
+
+
+def format_table(acc: IoUAccumulator, class_names: Sequence[str]) -> str:
+    """Per-class IoU / Acc table in percent; '-' for classes without a value."""
+    per = acc.per_class()
+    width = max([len('Class')] + [len(n) for n in class_names])
+    lines = ['%-*s  %7s  %7s  %10s  %10s' % (width, 'Class', 'IoU', 'Acc', 'GT pixels', 'pred pixels')]
+    lines.append('-' * len(lines[0]))
+    fmt = lambda v: '      -' if np.isnan(v) else '%7.2f' % (100 * v)  # noqa: E731
+    for k, name in enumerate(class_names):
+        lines.append('%-*s  %s  %s  %10d  %10d' % (width, name, fmt(per['IoU'][k]), fmt(per['Acc'][k]),
+                                                  acc.label_area[k], acc.pred_area[k]))
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- data set
+
+def find_pairs(data: Path, split: str) -> List[Tuple[Path, Path]]:
+    """(image, annotation) pairs of an ADE20K-format folder, sorted by name."""
+    img_dir, ann_dir = data / 'images' / split, data / 'annotations' / split
+    for d in (img_dir, ann_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(
+                '%s is not a folder; --data must hold images/%s/*.jpg and annotations/%s/*.png '
+                '(ADE20K layout, e.g. ADEChallengeData2016)' % (d, split, split))
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError('no images (%s) in %s' % (', '.join(IMAGE_SUFFIXES), img_dir))
+    pairs, missing = [], []
+    for img in images:
+        ann = ann_dir / (img.stem + '.png')
+        (pairs if ann.exists() else missing).append((img, ann))
+    if missing:
+        raise FileNotFoundError('%d image(s) have no annotation, e.g. %s for %s; every image needs '
+                                'annotations/%s/<same name>.png' % (len(missing), missing[0][1],
+                                                                    missing[0][0], split))
+    return pairs
+
+
+def evaluate(model: torch.nn.Module, pairs: Sequence[Tuple[Path, Path]], settings: InferenceSettings,
+             num_classes: int, device=None, reduce_zero: bool = True, ignore_index: int = 255,
+             progress: bool = True) -> IoUAccumulator:
+    acc = IoUAccumulator(num_classes, ignore_index, reduce_zero)
+    for img_path, ann_path in tqdm(pairs, unit='img', disable=not progress, file=sys.stderr):
+        image, _ = read_image(img_path)
+        label = read_label_map(ann_path)
+        if label.shape != image.shape[:2]:
+            raise ValueError('%s is %dx%d but its annotation %s is %dx%d' % (
+                img_path, image.shape[1], image.shape[0], ann_path, label.shape[1], label.shape[0]))
+        pred = predict_labels(model, image, settings, device=device)[0].numpy()
+        acc.add(pred, label)
+    return acc
+
+
+# ----------------------------------------------------------------------------- command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--data', required=True, metavar='DIR',
+                        help='ADE20K-format folder: images/SPLIT/*.jpg, annotations/SPLIT/*.png')
+    parser.add_argument('--split', default='validation', help='sub-folder name (default: validation)')
+    add_model_arguments(parser)
+    parser.add_argument('--no-reduce-zero-label', action='store_true',
+                        help='annotations are already 0-based class indices (ADE20K files are not)')
+    parser.add_argument('--ignore-index', type=int, default=255, help='label ignored (default 255)')
+    parser.add_argument('--limit', type=int, default=None, metavar='N', help='first N images only')
+    parser.add_argument('--json', metavar='FILE', default=None, help='also write the metrics as JSON')
+    parser.add_argument('--force', action='store_true', help='overwrite an existing --json file')
+    parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    add_inference_arguments(parser)
+
+
+def _write_json(path: Path, payload: dict, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError('%s already exists; pass --force to overwrite' % path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + path.name + '.', suffix='.tmp', dir=str(path.parent))
+    with os.fdopen(fd, 'w') as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    pairs = find_pairs(Path(args.data), args.split)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError('--limit must be at least 1')
+        pairs = pairs[:args.limit]
+    if args.json and Path(args.json).exists() and not args.force:
+        raise FileExistsError('%s already exists; pass --force to overwrite' % args.json)
+    device = pick_device(args.device)
+    loaded = load_model(args.model)
+    model = loaded.model.to(device).eval()
+    num_classes, names, _ = model_classes(model)
+    names = class_name_list(num_classes, names)
+    print('Model: %s' % loaded.source)
+    if loaded.random_weights:
+        print('*** %s: these metrics are NOT those of a trained model ***' % RANDOM_LABEL)
+    print('Data: %d image(s) from %s/%s; inference: %s on %s'
+          % (len(pairs), args.data, args.split, describe_settings(settings), device))
+    acc = evaluate(model, pairs, settings, num_classes, device=device,
+                   reduce_zero=not args.no_reduce_zero_label, ignore_index=args.ignore_index,
+                   progress=not args.quiet)
+    summary = acc.summary()
+    print('\nper-class results:')
+    print(format_table(acc, names))
+    print('\naAcc %.2f  mIoU %.2f  mAcc %.2f  (%d images, %d classes with an IoU)' % (
+        100 * summary['aAcc'], 100 * summary['mIoU'], 100 * summary['mAcc'], acc.images,
+        int(np.isfinite(acc.per_class()['IoU']).sum())))
+    if args.json:
+        per = acc.per_class()
+        nan_to_none = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731
+        _write_json(Path(args.json), {
+            'model': loaded.source, 'random_weights': loaded.random_weights,
+            'images': acc.images, 'settings': describe_settings(settings), **summary,
+            'per_class': {'class': names, 'IoU': nan_to_none(per['IoU']), 'Acc': nan_to_none(per['Acc'])},
+        }, args.force)
+        print('Wrote %s' % args.json)
+    return 0

@@ -1,0 +1,317 @@
+"""Semantic-segmentation inference with mmsegmentation's test-time rules, in plain PyTorch.
+
+What is reproduced (mmseg 1.2.2 / mmcv 2.1, and mmseg 0.x for the ADE20K "ms+flip" column):
+
+* test resize: keep-ratio rescale to ``scale=(2048, 512)`` -- scale factor
+  ``min(max(scale) / max(h, w), min(scale) / min(h, w))``, new size ``int(w * s + 0.5)`` x
+  ``int(h * s + 0.5)`` (``mmcv.rescale_size``), bilinear on the uint8 image;
+* normalisation after the resize, on 0-255 RGB with the model's ``mean`` / ``std``;
+* ``whole`` mode: one forward, logits resized (bilinear, ``align_corners=False``) to the image;
+* ``slide`` mode: ``EncoderDecoder.slide_inference`` -- grid of crops clipped to the image, crops
+  smaller than the crop size when the image is smaller, overlapping logits summed and divided by
+  a count map; here the crops go through the model in batches;
+* multi-scale + flip: each scale ``(2048 * r, 512 * r)`` for r in ``MS_RATIOS`` (mmseg 0.x
+  ``MultiScaleFlipAug``), with and without horizontal flip; each prediction's logits are resized
+  to the original image, turned into softmax probabilities and averaged (mmseg's ``aug_test`` and
+  ``SegTTAModel.merge_preds`` both average softmax); the flipped copy shares the forward pass of
+  the unflipped one.
+
+Known difference: mmcv resizes with OpenCV's fixed-point ``INTER_LINEAR``; we use
+``torch.nn.functional.interpolate`` (same half-pixel bilinear rule, no antialiasing) and round to
+uint8, which agrees with OpenCV to within one grey level on a few pixels (see the tests).
+Resizing back to the image is done in bands of rows with explicit bilinear weight matrices, so a
+150-class score map never has to exist at full resolution for every scale at once.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# mmseg's ADE20K test scale (w, h) -- long side at most 2048, short side at most 512.
+ADE20K_TEST_SCALE: Tuple[int, int] = (2048, 512)
+# The image ratios of the ADE20K "mIoU (ms+flip)" column.
+MS_RATIOS: Tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+DEFAULT_MEAN = (123.675, 116.28, 103.53)
+DEFAULT_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class InferenceSettings:
+    """How to run a segmenter on one image.
+
+    ``scale=None`` feeds the image at its own size (times each ratio).  ``flip`` adds the
+    horizontally flipped copy of every scale.  With more than one prediction (several ratios or
+    flip) the merged output is the mean of softmax probabilities, as in mmseg.
+    """
+    mode: str = 'whole'
+    scale: Optional[Tuple[int, int]] = ADE20K_TEST_SCALE
+    ratios: Tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crop_size: Tuple[int, int] = (512, 512)
+    stride: Tuple[int, int] = (341, 341)
+    crop_batch: int = 4
+    band_rows: int = 256
+
+    def __post_init__(self) -> None:
+        if self.mode not in ('whole', 'slide'):
+            raise ValueError("inference mode must be 'whole' or 'slide', got %r" % (self.mode,))
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise ValueError('ratios must be positive numbers, got %r' % (self.ratios,))
+        if min(self.crop_size) < 1 or min(self.stride) < 1:
+            raise ValueError('crop size and stride must be positive, got %r and %r'
+                             % (self.crop_size, self.stride))
+        self.ratios = tuple(float(r) for r in self.ratios)
+
+    @property
+    def num_predictions(self) -> int:
+        return len(self.ratios) * (2 if self.flip else 1)
+
+
+def ms_flip_settings(**overrides) -> InferenceSettings:
+    """The settings behind the ADE20K table's ms+flip column."""
+    kw = dict(ratios=MS_RATIOS, flip=True)
+    kw.update(overrides)
+    return InferenceSettings(**kw)
+
+
+# ----------------------------------------------------------------------------- resize rules
+
+def rescale_size(size_wh: Tuple[int, int], scale: Union[float, Tuple[int, int]]) -> Tuple[int, int]:
+    """mmcv's keep-ratio target size (w, h) for an image of ``size_wh``.
+
+    ``scale`` is a factor or a (long, short)-bounding pair; the pair's order does not matter.
+    """
+    w, h = size_wh
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if scale <= 0:
+            raise ValueError('scale factor must be positive, got %r' % (scale,))
+        factor = float(scale)
+    else:
+        long_edge, short_edge = max(scale), min(scale)
+        factor = min(long_edge / max(h, w), short_edge / min(h, w))
+    return int(w * factor + 0.5), int(h * factor + 0.5)
+
+
+def scale_for_ratio(scale: Tuple[int, int], ratio: float) -> Tuple[int, int]:
+    """mmseg 0.x ``MultiScaleFlipAug``: ``(int(w * r), int(h * r))``."""
+    return int(scale[0] * ratio), int(scale[1] * ratio)
+
+
+def network_input_size(size_wh: Tuple[int, int], scale: Optional[Tuple[int, int]], ratio: float) -> Tuple[int, int]:
+    """Network input size (w, h) for one scale of the test-time pipeline."""
+    if scale is None:
+        return rescale_size(size_wh, ratio)
+    return rescale_size(size_wh, scale_for_ratio(scale, ratio))
+
+
+def resize_uint8(images: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear (half-pixel, no antialias) resize of uint8-valued NCHW images, rounded like cv2."""
+    if tuple(images.shape[-2:]) == tuple(size_hw):
+        return images.float()
+    out = F.interpolate(images.float(), size=size_hw, mode='bilinear', align_corners=False)
+    return out.round_().clamp_(0, 255)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel on 0-255 RGB NCHW."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() - m) / s
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HWC uint8 RGB array -> 1x3xHxW uint8 tensor."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError('expected an RGB image of shape (H, W, 3), got %r' % (image.shape,))
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------- forward modes
+
+def slide_windows(h: int, w: int, crop_size: Tuple[int, int], stride: Tuple[int, int]) -> List[Tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) of mmseg's sliding-window grid; every window has the same size."""
+    h_crop, w_crop = crop_size
+    h_stride, w_stride = stride
+    h_grids = max(h - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w - w_crop + w_stride - 1, 0) // w_stride + 1
+    windows = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y2 = min(hi * h_stride + h_crop, h)
+            x2 = min(wi * w_stride + w_crop, w)
+            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return windows
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    n = getattr(model, 'classes', None)
+    return int(n) if isinstance(n, int) else None
+
+
+def slide_logits(model: nn.Module, x: torch.Tensor, crop_size: Tuple[int, int],
+                 stride: Tuple[int, int], crop_batch: int = 4) -> torch.Tensor:
+    """mmseg ``slide`` inference on normalised NCHW ``x``, ``crop_batch`` windows per forward."""
+    b, _, h, w = x.shape
+    windows = slide_windows(h, w, crop_size, stride)
+    preds = None
+    count = x.new_zeros((1, 1, h, w))
+    for start in range(0, len(windows), max(1, crop_batch)):
+        chunk = windows[start:start + max(1, crop_batch)]
+        crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        out = model(crops)
+        if preds is None:
+            preds = x.new_zeros((b, out.shape[1], h, w))
+        for k, (y1, y2, x1, x2) in enumerate(chunk):
+            preds[:, :, y1:y2, x1:x2] += out[k * b:(k + 1) * b]
+            count[:, :, y1:y2, x1:x2] += 1
+    return preds / count
+
+
+def model_logits(model: nn.Module, x: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
+    """Logits at the size of ``x`` (normalised NCHW) in the configured mode."""
+    if settings.mode == 'slide':
+        return slide_logits(model, x, settings.crop_size, settings.stride, settings.crop_batch)
+    out = model(x)
+    if out.shape[-2:] != x.shape[-2:]:  # models that return a lower-resolution map
+        out = F.interpolate(out, size=x.shape[-2:], mode='bilinear', align_corners=False)
+    return out
+
+
+def augmented_logits(model: nn.Module, images: torch.Tensor, settings: InferenceSettings,
+                     mean: Sequence[float], std: Sequence[float]) -> List[torch.Tensor]:
+    """Logits of every test-time view of a batch of same-size uint8 NCHW images.
+
+    Returns one (B, C, h_r, w_r) tensor per view, already un-flipped, at that view's input size.
+    The flipped copy rides in the same forward as the original.
+    """
+    _, _, h, w = images.shape
+    views = []
+    for ratio in settings.ratios:
+        new_w, new_h = network_input_size((w, h), settings.scale, ratio)
+        if min(new_w, new_h) < 1:
+            raise ValueError('image of %dx%d is too small for scale ratio %g' % (w, h, ratio))
+        x = normalize(resize_uint8(images, (new_h, new_w)), mean, std)
+        if settings.flip:
+            both = model_logits(model, torch.cat([x, x.flip(-1)]), settings)
+            views.append(both[:x.shape[0]])
+            views.append(both[x.shape[0]:].flip(-1))
+        else:
+            views.append(model_logits(model, x, settings))
+    return views
+
+
+# ----------------------------------------------------------------------------- merge at image size
+
+def bilinear_matrix(out_size: int, in_size: int, device=None) -> torch.Tensor:
+    """(out, in) weights of 1-D bilinear resizing with ``align_corners=False`` (PyTorch's rule)."""
+    return _bilinear_matrix_cpu(out_size, in_size).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _bilinear_matrix_cpu(out_size: int, in_size: int) -> torch.Tensor:
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)  # float32 arithmetic as in ATen
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=in_size - 1)
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    l1 = src - i0
+    m = torch.zeros(out_size, in_size, dtype=torch.float32)
+    rows = torch.arange(out_size)
+    m.index_put_((rows, i0), 1 - l1, accumulate=True)
+    m.index_put_((rows, i1), l1, accumulate=True)
+    return m
+
+
+def merged_bands(views: Sequence[torch.Tensor], out_hw: Tuple[int, int], band_rows: int = 256,
+                 full_bytes: int = 256 << 20) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """Resize each view to ``out_hw`` and merge them, in bands of rows when the map is large.
+
+    A single view yields its logits; several views yield the mean of their softmax
+    probabilities.  Yields (row_start, row_end, (B, C, rows, W) scores).  Up to ``full_bytes``
+    per resized view, ``F.interpolate`` does the resize exactly as mmseg; above that, bands of
+    ``band_rows`` rows use explicit bilinear weights (same rule, float32 rounding of the source
+    coordinate differs by ~1e-6 relative).
+    """
+    h_out, w_out = out_hw
+    b, c = views[0].shape[:2]
+    if b * c * h_out * w_out * 4 <= full_bytes:
+        band_rows = h_out
+    for r0 in range(0, h_out, band_rows):
+        r1 = min(r0 + band_rows, h_out)
+        acc = None
+        for v in views:
+            band = _resized_rows(v, out_hw, r0, r1)
+            if len(views) > 1:
+                band = band.softmax(dim=1)
+            acc = band if acc is None else acc + band
+        if len(views) > 1:
+            acc = acc / len(views)
+        yield r0, r1, acc
+
+
+def _resized_rows(v: torch.Tensor, out_hw: Tuple[int, int], r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of ``v`` bilinearly resized (align_corners=False) to ``out_hw``."""
+    h_out, w_out = out_hw
+    h_in, w_in = v.shape[-2:]
+    if (h_in, w_in) == (h_out, w_out):
+        return v[:, :, r0:r1]
+    if (r0, r1) == (0, h_out):
+        return F.interpolate(v, size=out_hw, mode='bilinear', align_corners=False)
+    band = v if h_in == h_out else torch.einsum(
+        'rh,bchw->bcrw', bilinear_matrix(h_out, h_in, v.device)[r0:r1], v)
+    if h_in == h_out:
+        band = band[:, :, r0:r1]
+    if w_in != w_out:
+        band = band @ bilinear_matrix(w_out, w_in, v.device).t()
+    return band
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+def _model_norm(model: nn.Module) -> Tuple[Sequence[float], Sequence[float]]:
+    return getattr(model, 'mean', None) or DEFAULT_MEAN, getattr(model, 'std', None) or DEFAULT_STD
+
+
+def _prepare(model: nn.Module, images: Union[np.ndarray, torch.Tensor], device) -> torch.Tensor:
+    if isinstance(images, np.ndarray):
+        images = to_tensor(images)
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if device is None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+    return images.to(device)
+
+
+def predict_scores(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
+                   settings: Optional[InferenceSettings] = None, device=None) -> torch.Tensor:
+    """Scores (B, C, H, W) at the original image size: logits for one view, else mean softmax.
+
+    ``images``: an HWC uint8 RGB array, or a uint8-valued (B, 3, H, W) tensor of same-size images.
+    """
+    settings = settings or InferenceSettings()
+    x = _prepare(model, images, device)
+    mean, std = _model_norm(model)
+    with torch.inference_mode():
+        views = augmented_logits(model, x, settings, mean, std)
+        bands = [band for _, _, band in merged_bands(views, tuple(x.shape[-2:]), settings.band_rows)]
+        return torch.cat(bands, dim=2)
+
+
+def predict_labels(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
+                   settings: Optional[InferenceSettings] = None, device=None) -> torch.Tensor:
+    """Class index map (B, H, W) int64 at the original image size (argmax of the merged scores)."""
+    settings = settings or InferenceSettings()
+    x = _prepare(model, images, device)
+    mean, std = _model_norm(model)
+    b, _, h, w = x.shape
+    labels = torch.empty((b, h, w), dtype=torch.int64)
+    with torch.inference_mode():
+        views = augmented_logits(model, x, settings, mean, std)
+        for r0, r1, band in merged_bands(views, (h, w), settings.band_rows):
+            labels[:, r0:r1] = band.argmax(dim=1).cpu()
+    return labels

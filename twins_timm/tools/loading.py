@@ -1,0 +1,215 @@
+"""Reading images and finding a segmentation model for the command-line tools.
+
+Images are decoded with Pillow into HxWx3 uint8 RGB (what mmseg's loader hands its pipeline:
+greyscale and palette images expanded to RGB, alpha dropped).  Models come from a folder written
+by ``save_pretrained`` (or ``twins-timm convert``), a local Hub cache, the Hub itself when online,
+or -- for the default model only -- a clearly labelled random-initialised stand-in.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+# Hub repository under which the converted ADE20K Twins-SVT-L UPerNet (mmseg's best ADE20K Twins
+# row) is looked up when --model is not given.  Stored as save_pretrained output (config.json +
+# model.safetensors) by `twins-timm convert`.
+DEFAULT_MODEL_ID = 'twins-timm/twins_svt_large_upernet_ade20k'
+# Backbone of the random-initialised stand-in used when DEFAULT_MODEL_ID is not available.
+RANDOM_FALLBACK_ENCODER = 'twins_svt_small'
+RANDOM_LABEL = 'RANDOM WEIGHTS \u2014 not a trained model'
+
+# Pillow modes converted to RGB, with the note printed for each.
+_CONVERTED_MODES = {
+    'L': 'greyscale, expanded to RGB',
+    '1': 'black-and-white, expanded to RGB',
+    'P': 'palette image, expanded to RGB',
+    'PA': 'palette image with alpha, expanded to RGB and alpha dropped',
+    'LA': 'greyscale with alpha, expanded to RGB and alpha dropped',
+    'RGBA': 'alpha channel dropped (as OpenCV/mmseg do)',
+    'RGBa': 'alpha channel dropped',
+    'RGBX': 'padding channel dropped',
+    'CMYK': 'CMYK converted to RGB without a colour profile (colours may be off)',
+    'YCbCr': 'YCbCr converted to RGB',
+    'LAB': 'Lab converted to RGB',
+    'HSV': 'HSV converted to RGB',
+}
+
+
+def sample_image_path() -> Path:
+    """The sample photo that ships with the package (twins_timm/data/coffee.png)."""
+    return Path(str(resources.files('twins_timm') / 'data' / 'coffee.png'))
+
+
+def check_image(path: os.PathLike) -> Tuple[Tuple[int, int], Optional[str]]:
+    """Open the header of ``path``; return ((w, h), conversion note) or raise a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError('%s: no such file' % path)
+    if path.is_dir():
+        raise IsADirectoryError('%s: is a folder, not an image' % path)
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+    except UnidentifiedImageError:
+        raise ValueError('%s: not an image Pillow can read (PNG, JPEG, BMP, TIFF, WebP, ...)' % path) from None
+    except OSError as e:
+        raise ValueError('%s: cannot be read as an image: %s' % (path, e)) from None
+    if mode == 'RGB':
+        return size, None
+    if mode in _CONVERTED_MODES:
+        return size, _CONVERTED_MODES[mode]
+    raise ValueError('%s: image mode %r (16-bit, 32-bit or float pixels) is not supported; '
+                     'save it as 8-bit RGB first' % (path, mode))
+
+
+def read_image(path: os.PathLike) -> Tuple[np.ndarray, Optional[str]]:
+    """Decode ``path`` into an HxWx3 uint8 RGB array (EXIF orientation applied) and a note."""
+    _, note = check_image(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            rgb = np.asarray(im.convert('RGB'), dtype=np.uint8)
+    except (OSError, SyntaxError) as e:  # truncated or corrupt data
+        raise ValueError('%s: image data is corrupt or truncated: %s' % (path, e)) from None
+    return rgb, note
+
+
+def read_label_map(path: os.PathLike) -> np.ndarray:
+    """Decode a class-index PNG (mode L or P) into an HxW integer array, values untouched."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError('%s: no such annotation file' % path)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ('L', 'P', 'I', 'I;16'):
+                raise ValueError('%s: annotation has mode %r; expected a single-channel class-index '
+                                 'PNG (mode L or P)' % (path, im.mode))
+            return np.asarray(im).astype(np.int64)
+    except UnidentifiedImageError:
+        raise ValueError('%s: not an image Pillow can read' % path) from None
+
+
+# ----------------------------------------------------------------------------- models
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    source: str
+    random_weights: bool = False
+
+
+_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$')
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Anything that is not ``owner/name`` is taken for a local path."""
+    return not _HUB_ID.match(spec) or '..' in spec
+
+
+def _cached_snapshot(repo_id: str) -> Optional[str]:
+    """Folder of ``repo_id`` in the local Hub cache, without touching the network."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+    try:
+        config = try_to_load_from_cache(repo_id, 'config.json')
+    except Exception:  # invalid repo id, unreadable cache
+        return None
+    if isinstance(config, str):
+        return os.path.dirname(config)
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        return None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+    return bool(getattr(constants, 'HF_HUB_OFFLINE', False))
+
+
+def _download(repo_id: str) -> Optional[str]:
+    if _hub_offline():
+        return None
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id, allow_patterns=['config.json', '*.safetensors', '*.md'])
+    except Exception:  # no network, no such repo, no access
+        return None
+
+
+def _from_folder(folder: str) -> nn.Module:
+    if not os.path.isfile(os.path.join(folder, 'config.json')):
+        raise FileNotFoundError(
+            '%s has no config.json: --model needs a folder written by `twins-timm convert` or '
+            'save_pretrained(), a checkpoint file, or a Hub id' % folder)
+    from twins_timm.adapters import from_pretrained
+    return from_pretrained(folder)
+
+
+def _from_checkpoint(path: str) -> nn.Module:
+    from twins_timm.convert import build_model, convert_checkpoint
+    res = convert_checkpoint(path)
+    if res.task not in ('upernet', 'fpn'):
+        raise ValueError('%s holds a %s checkpoint, not a segmentation model (UPerNet or FPN)'
+                         % (path, res.task))
+    return build_model(res)
+
+
+def random_model(num_classes: int = 150) -> nn.Module:
+    """A Twins-SVT-S UPerNet with ADE20K classes and seeded random weights (demo stand-in)."""
+    import torch
+    from twins_timm.adapters import TwinsUPerNet, ade20k
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = TwinsUPerNet(encoder_name=RANDOM_FALLBACK_ENCODER, classes=num_classes,
+                             class_names=list(ade20k.CLASSES), palette=[list(c) for c in ade20k.PALETTE])
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
+def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, log=None) -> LoadedModel:
+    """Find a segmenter: a folder, a checkpoint file, or a Hub id (local cache first).
+
+    ``spec=None`` means DEFAULT_MODEL_ID; only then (or with ``allow_random=True``) does a missing
+    model fall back to :func:`random_model`, announced on ``log`` (default stderr).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if allow_random is None:
+        allow_random = spec is None
+    spec = spec or DEFAULT_MODEL_ID
+    expanded = os.path.expanduser(spec)
+    if os.path.isdir(expanded):
+        return LoadedModel(_from_folder(expanded).eval(), 'folder %s' % expanded)
+    if os.path.isfile(expanded):
+        return LoadedModel(_from_checkpoint(expanded).eval(), 'checkpoint %s' % expanded)
+    if _looks_like_path(spec):
+        raise FileNotFoundError('model %s does not exist; give a folder written by `twins-timm convert`, '
+                                'a checkpoint file, or a Hub id such as %s' % (spec, DEFAULT_MODEL_ID))
+    folder = _cached_snapshot(spec)
+    where = 'Hub cache'
+    if folder is None:
+        folder, where = _download(spec), 'Hub'
+    if folder is not None:
+        return LoadedModel(_from_folder(folder).eval(), '%s %s (%s)' % (where, spec, folder))
+    why = ('not in the local Hub cache and HF_HUB_OFFLINE is set' if _hub_offline()
+           else 'not in the local Hub cache and could not be downloaded')
+    if not allow_random:
+        raise FileNotFoundError(
+            'model %s: %s. Convert a checkpoint with `twins-timm convert` and pass the folder '
+            'with --model DIR, or download the Hub repository while online.' % (spec, why))
+    log('No converted weights found for %s (%s).\n'
+        'Running with a RANDOM-INITIALISED %s UPerNet instead: the output shows the pipeline '
+        'working, not a real segmentation.\n'
+        'For real results convert a checkpoint (`twins-timm convert --help`) and pass --model DIR.'
+        % (spec, why, RANDOM_FALLBACK_ENCODER))
+    return LoadedModel(random_model().eval(), RANDOM_LABEL, random_weights=True)

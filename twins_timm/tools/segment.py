@@ -1,0 +1,146 @@
+"""Segment images with a converted Twins segmenter; write class-index and overlay PNGs.
+
+For every IMAGE, OUT/<name>.png holds the class index of each pixel (0-based indices into the
+model's class names; a palette PNG, so it also opens in colour) and OUT/<name>_overlay.png the
+photo blended with the class colours and a legend of the classes present.  Without IMAGE, the
+sample photo shipped with the package is used; without --model, the default converted ADE20K
+model, or -- when it is not available offline -- a random-initialised model that is labelled as such.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .common import (add_inference_arguments, add_model_arguments, describe_settings,
+                     model_classes, pick_device, settings_from_args)
+from .inference import predict_labels
+from .loading import RANDOM_LABEL, check_image, load_model, read_image, sample_image_path
+from .visualize import class_name_list, label_image, make_palette, overlay_image, save_png
+
+DESCRIPTION = __doc__
+EPILOG = """examples:
+  twins-timm segment --out out/                  # sample photo, default model
+  twins-timm segment photos/*.jpg --model ./twins_svt_l_upernet --out seg/ --batch-size 4
+  twins-timm segment room.jpg --model ./model --tta --device cuda --out seg/   # ms+flip
+  twins-timm segment big.jpg --model ./model --mode slide --crop-size 512 --stride 341 --out seg/
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('images', nargs='*', metavar='IMAGE',
+                        help='image files (default: the sample photo shipped with twins-timm)')
+    add_model_arguments(parser)
+    parser.add_argument('--out', metavar='DIR', default='twins-timm-out',
+                        help='output folder (default: ./twins-timm-out)')
+    parser.add_argument('--batch-size', type=int, default=1, metavar='N',
+                        help='images per forward pass; images of equal size are batched (default 1)')
+    parser.add_argument('--opacity', type=float, default=0.5,
+                        help='weight of the class colours in the overlay (default 0.5)')
+    parser.add_argument('--force', action='store_true', help='overwrite existing output files')
+    parser.add_argument('--quiet', action='store_true', help='no progress bar or per-image lines')
+    add_inference_arguments(parser)
+
+
+def output_paths(images: List[Path], out_dir: Path) -> List[Tuple[Path, Path]]:
+    """(class-index PNG, overlay PNG) per image; refuse two inputs that would share outputs."""
+    seen: Dict[str, Path] = {}
+    paths = []
+    for img in images:
+        stem = img.stem
+        if stem in seen:
+            raise ValueError('%s and %s would both write %s.png in %s; segment them into separate '
+                             '--out folders' % (seen[stem], img, stem, out_dir))
+        seen[stem] = img
+        paths.append((out_dir / (stem + '.png'), out_dir / (stem + '_overlay.png')))
+    return paths
+
+
+def _summary(labels: np.ndarray, names: List[str], top: int = 5) -> str:
+    counts = np.bincount(labels.reshape(-1), minlength=len(names))
+    order = np.argsort(-counts, kind='stable')[:top]
+    return ', '.join('%s %.0f%%' % (names[i], 100.0 * counts[i] / labels.size) for i in order if counts[i])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError('--batch-size must be at least 1')
+    settings = settings_from_args(args)
+    images = [Path(p) for p in args.images] or [sample_image_path()]
+    if not args.images:
+        print('No IMAGE given: segmenting the sample photo %s' % images[0])
+    problems = []
+    for p in images:
+        try:
+            check_image(p)
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError('cannot read %d of %d input(s), nothing was written:\n  %s'
+                         % (len(problems), len(images), '\n  '.join(problems)))
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError('--out %s is a file, not a folder' % out_dir)
+    outputs = output_paths(images, out_dir)
+    if not args.force:
+        existing = [str(p) for pair in outputs for p in pair if p.exists()]
+        if existing:
+            raise FileExistsError('%d output file(s) already exist (%s%s); pass --force to overwrite '
+                                  'or choose another --out' % (len(existing), ', '.join(existing[:3]),
+                                                               ', ...' if len(existing) > 3 else ''))
+    device = pick_device(args.device)
+    loaded = load_model(args.model)
+    model = loaded.model.to(device).eval()
+    num_classes, names, palette = model_classes(model)
+    names = class_name_list(num_classes, names)
+    colours = make_palette(num_classes, palette)
+    banner = RANDOM_LABEL if loaded.random_weights else None
+    print('Model: %s' % loaded.source)
+    if banner:
+        print('*** %s: the segmentation below is NOT meaningful ***' % RANDOM_LABEL)
+    print('Inference: %s on %s' % (describe_settings(settings), device))
+
+    failed = 0
+    written = 0
+    bar = tqdm(total=len(images), unit='img', disable=args.quiet, file=sys.stderr)
+    for start in range(0, len(images), args.batch_size):
+        chunk = list(range(start, min(start + args.batch_size, len(images))))
+        decoded = {}
+        for i in chunk:
+            try:
+                decoded[i], note = read_image(images[i])
+                if note and not args.quiet:
+                    tqdm.write('%s: %s' % (images[i], note))
+            except ValueError as e:
+                tqdm.write('error: %s' % e, file=sys.stderr)
+                failed += 1
+                bar.update(1)
+        groups = defaultdict(list)  # same size -> one batch
+        for i, arr in decoded.items():
+            groups[arr.shape].append(i)
+        for idx in groups.values():
+            batch = torch.from_numpy(np.stack([decoded[i] for i in idx])).permute(0, 3, 1, 2)
+            labels = predict_labels(model, batch, settings, device=device).numpy()
+            for i, lab in zip(idx, labels):
+                label_path, overlay_path = outputs[i]
+                save_png(label_image(lab, colours), label_path, overwrite=args.force)
+                save_png(overlay_image(decoded[i], lab, colours, names, alpha=args.opacity, banner=banner),
+                         overlay_path, overwrite=args.force)
+                written += 1
+                if not args.quiet:
+                    tqdm.write('%s -> %s: %s' % (images[i].name, overlay_path, _summary(lab, names)))
+                bar.update(1)
+    bar.close()
+    print('Wrote %d class-index PNG(s) and %d overlay(s) to %s' % (written, written, out_dir))
+    if banner:
+        print('(made with %s)' % RANDOM_LABEL)
+    if failed:
+        print('error: %d image(s) could not be decoded (see above)' % failed, file=sys.stderr)
+        return 2
+    return 0
