@@ -1,0 +1,290 @@
+"""Python API of the converter; the command line (``cli.py``) is a thin shell over it.
+
+>>> from twins_timm.convert import convert_checkpoint, build_model, save
+>>> res = convert_checkpoint('alt_gvt_small.pth')          # detect + map + verify every key
+>>> model = build_model(res)                                # timm model or SMP segmenter, strict load
+>>> save(res, 'twins_svt_small.in1k')                       # Hub folder (config.json, model.safetensors, README)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .detect import Detection, DetectionError, detect, meta_classes, normalize_variant, unwrap
+from .engine import apply_rules
+from .io import PathLike, load_file
+from .rules import ENCODER_PREFIX, MMSEG_BACKBONE, PARTS, SEG_BACKBONE_PREFIX, SEG_HEADS, prefixed, table_for
+
+SEGMENTER_TASKS = ('fpn', 'upernet')
+
+# What a family's files hold that its target has no use for: dropped by default, always reported.
+DEFAULT_DROPS = {
+    # official segmentation backbones keep the ImageNet classifier and final norm, never used by the segmentor
+    ('official_seg', 'fpn'): {'head': 'unused classification head of a segmentation backbone',
+                              'norm': 'unused final norm of a segmentation backbone'},
+    ('official_seg', 'upernet'): {'head': 'unused classification head of a segmentation backbone',
+                                  'norm': 'unused final norm of a segmentation backbone'},
+    ('official_seg', 'backbone'): {'head': 'unused classification head of a segmentation backbone'},
+}
+
+
+@dataclass
+class ConversionResult:
+    """A converted checkpoint: target-named tensors plus everything detected about them."""
+    state_dict: Dict[str, torch.Tensor]
+    format: str
+    family: str
+    size: str
+    variant: str
+    task: str
+    num_classes: int
+    model_args: Dict[str, Any]
+    meta: Dict[str, Any] = field(default_factory=dict)
+    dropped: List[str] = field(default_factory=list)
+    dropped_parts: Dict[str, str] = field(default_factory=dict)   # part -> why
+    aux_head: bool = False
+    source: Optional[str] = None
+    wrapper: str = ''
+    n_source_keys: int = 0
+    n_mapped: int = 0
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def is_segmenter(self) -> bool:
+        return self.task in SEGMENTER_TASKS
+
+    @property
+    def n_params(self) -> int:
+        return sum(v.numel() for k, v in self.state_dict.items()
+                   if v.is_floating_point() and not k.endswith(('running_mean', 'running_var')))
+
+
+# ------------------------------------------------------------------------------- family settings
+def family_args(fmt: str, variant: str) -> Dict[str, Any]:
+    """Backbone kwargs reproducing the computation of the checkpoint's family (see FORMATS.md)."""
+    from twins_timm.models import twins
+
+    fn = getattr(twins, 'checkpoint_family_args', None)
+    if fn is None:  # backbone without the family options (stand-in): only the timm defaults exist
+        return {}
+    return dict(fn(fmt, variant))
+
+
+def _read_folder_config(path: Path) -> Tuple[Path, Dict[str, Any]]:
+    cfg_file = path / 'config.json'
+    weights = path / 'model.safetensors'
+    if not weights.exists():
+        raise FileNotFoundError('%s is a folder without model.safetensors; pass a checkpoint file or a Hub '
+                                'folder written by twins-timm / timm / SMP' % path)
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    return weights, cfg
+
+
+def _config_model_args(cfg: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """Backbone kwargs recorded in a timm or SMP config.json, without the generic ones."""
+    if 'encoder_args' in cfg:
+        return dict(cfg.get('encoder_args') or {})
+    if 'model_args' in cfg:
+        skip = ('num_classes', 'in_chans', 'global_pool', 'img_size', 'pretrained_cfg_overlay')
+        return {k: v for k, v in cfg['model_args'].items() if k not in skip}
+    return None
+
+
+# ----------------------------------------------------------------------------------- the models
+def make_model(variant: str, task: str, num_classes: int, model_args: Mapping[str, Any], aux_head: bool = False,
+               class_names: Optional[List[str]] = None, palette: Optional[List[List[int]]] = None) -> nn.Module:
+    """An (uninitialised-weights) target model of the given kind; call under ``torch.device('meta')`` for shapes."""
+    import timm
+
+    import twins_timm  # noqa: F401  registers our Twins variants
+
+    if task in SEGMENTER_TASKS:
+        try:
+            from twins_timm import adapters
+            cls = adapters.TwinsUPerNet if task == 'upernet' else adapters.TwinsFPN
+        except (ImportError, AttributeError) as e:
+            raise ImportError('the segmentation adapters (twins_timm.adapters.TwinsUPerNet / TwinsFPN) are not '
+                              'available: %s' % e) from None
+        kw: Dict[str, Any] = dict(encoder_name=variant, classes=num_classes, encoder_args=dict(model_args),
+                                  class_names=class_names, palette=palette)
+        if task == 'upernet':
+            kw['aux_head'] = aux_head
+        return cls(**kw)
+    return timm.create_model(variant, pretrained=False, num_classes=num_classes, **dict(model_args))
+
+
+def _make_for(res: ConversionResult) -> nn.Module:
+    return make_model(res.variant, res.task, res.num_classes, res.model_args, res.aux_head,
+                      res.meta.get('class_names'), res.meta.get('palette'))
+
+
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Build modules with every parameter and buffer moved to the meta device as it is registered.
+
+    Unlike ``with torch.device('meta')`` this lets model code compute plain tensors (e.g.
+    ``torch.linspace(...).tolist()`` for drop-path rates) while weights cost no memory or init time.
+    """
+    orig_param, orig_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def register_parameter(self, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to('meta'), requires_grad=param.requires_grad)
+        orig_param(self, name, param)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        if tensor is not None and not tensor.is_meta:
+            tensor = tensor.to('meta')
+        orig_buffer(self, name, tensor, persistent=persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = orig_param, orig_buffer
+
+
+def target_shapes(variant: str, task: str, num_classes: int, model_args: Mapping[str, Any],
+                  aux_head: bool = False) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of the target model, built with meta weights (no memory, fast even for L)."""
+    with _params_on_meta():
+        model = make_model(variant, task, num_classes, model_args, aux_head)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def build_model(res: ConversionResult, device: Union[str, torch.device] = 'cpu') -> nn.Module:
+    """The target model (timm backbone/classifier or SMP segmenter) with the weights loaded strictly, in eval mode."""
+    model = _make_for(res)
+    model.load_state_dict(res.state_dict, strict=True)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------- conversion
+def _load_source(src: Union[PathLike, Mapping[str, Any]], progress: Optional[bool]
+                 ) -> Tuple[Any, Optional[str], bool, Optional[Dict[str, Any]]]:
+    """(loaded object, source name, is_safetensors, folder config) for a path, folder or mapping."""
+    if isinstance(src, Mapping):
+        return src, None, False, None
+    path = Path(src)
+    cfg = None
+    if path.is_dir():
+        path, cfg = _read_folder_config(path)
+    elif path.suffix == '.safetensors' and (path.parent / 'config.json').exists():
+        cfg = json.loads((path.parent / 'config.json').read_text())
+    return load_file(path, progress=progress), str(path), path.suffix == '.safetensors', cfg
+
+
+def _parse_drop(drop: Union[str, Iterable[str], None]) -> List[str]:
+    if not drop:
+        return []
+    items = drop.split(',') if isinstance(drop, str) else [p for d in drop for p in str(d).split(',')]
+    parts = [p.strip().replace('-', '_') for p in items if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError('cannot drop %s: the parts that can be dropped are %s'
+                         % (', '.join(map(repr, unknown)), '; '.join('%s = %s' % kv for kv in PARTS.items())))
+    return parts
+
+
+def convert_checkpoint(src: Union[PathLike, Mapping[str, Any]], variant: Optional[str] = None,
+                       drop: Union[str, Iterable[str], None] = (), progress: Optional[bool] = None
+                       ) -> ConversionResult:
+    """Read, detect and map a checkpoint onto our timm backbone or SMP segmenter names.
+
+    ``variant`` (e.g. ``twins_svt_small`` or ``svt-s``) is checked against what the weights are.
+    ``drop`` lists parts to leave out (``head``, ``norm``, ``aux_head``). Raises ValueError subclasses
+    with a readable message on anything unexpected: foreign or ambiguous files, a wrong variant,
+    unmapped / unfilled / misshaped keys.
+    """
+    obj, source, is_st, folder_cfg = _load_source(src, progress)
+    sd, wrapper, meta = unwrap(obj)
+    det = detect(sd, wrapper, meta, is_safetensors=is_st)
+    if variant:
+        wanted = normalize_variant(variant)
+        if wanted != det.variant:
+            raise DetectionError('--variant %s does not match the checkpoint, which is %s (%s, depths %s, widths %s). '
+                                 'Leave --variant out to use the detected one, or pick the right file.'
+                                 % (wanted, det.variant, det.family.upper(), list(det.depths), list(det.widths)))
+
+    user_drop = _parse_drop(drop)
+    defaults = DEFAULT_DROPS.get((det.format, det.task), {})
+    reasons = {p: 'dropped on request (--drop %s)' % p for p in user_drop}
+    for p, why in defaults.items():
+        reasons.setdefault(p, why + ' (dropped by default)')
+    drop_set = set(reasons)
+
+    task, num_classes, aux = det.task, det.num_classes, det.aux_head
+    if 'head' in user_drop and task == 'classification':
+        task, num_classes = 'backbone', 0
+    if 'aux_head' in drop_set:
+        aux = False
+    if 'norm' in user_drop and det.task not in SEGMENTER_TASKS:
+        raise ValueError('the final norm is part of the timm model; it can only be dropped when writing the '
+                         'mmseg format (--to mmseg)')
+
+    if det.format == 'timm':
+        model_args = _config_model_args(folder_cfg or {})
+        if model_args is None:
+            model_args = family_args('timm', det.variant)
+            if any('stage_norms.' in k for k in sd):
+                model_args['stage_norm'] = True
+                det.notes.append('no config.json next to the weights: per-stage norms inferred from the keys, '
+                                 'other numerics settings are timm defaults')
+    else:
+        model_args = family_args(det.format, det.variant)
+
+    class_names, palette = meta_classes(meta)
+    info: Dict[str, Any] = {}
+    if det.task in SEGMENTER_TASKS:
+        if folder_cfg and 'class_names' in folder_cfg:
+            class_names, palette = folder_cfg.get('class_names'), folder_cfg.get('palette')
+        if class_names and len(class_names) != num_classes:
+            det.notes.append('file lists %d class names for %d classes; names ignored' % (len(class_names), num_classes))
+            class_names = None
+        if palette and len(palette) != num_classes:
+            palette = None
+        if class_names is None and num_classes == 150:
+            try:
+                from twins_timm.adapters import ade20k
+                class_names, palette = list(ade20k.CLASSES), [list(p) for p in ade20k.PALETTE]
+                det.notes.append('no class names in the file: 150 classes, assumed ADE20K')
+            except ImportError:
+                pass
+        info = {'class_names': class_names, 'palette': palette}
+
+    rules = table_for(det.format, task, det.src_prefix)
+    expected = target_shapes(det.variant, task, num_classes, model_args, aux)
+    report = apply_rules(rules, sd, drop=drop_set, expected=expected)
+    for p in user_drop:
+        if p not in report.dropped_parts:
+            raise ValueError('--drop %s: the checkpoint has no %s to drop' % (p, PARTS[p]))
+    reasons = {p: reasons[p] for p in report.dropped_parts}
+    if task == 'classification' and folder_cfg and folder_cfg.get('label_names'):
+        info['label_names'] = folder_cfg['label_names']
+    return ConversionResult(
+        state_dict=report.state_dict, format=det.format, family=det.family, size=det.size, variant=det.variant,
+        task=task, num_classes=num_classes, model_args=model_args, meta=info, dropped=report.dropped,
+        dropped_parts=reasons, aux_head=aux, source=source, wrapper=wrapper, n_source_keys=len(sd),
+        n_mapped=report.n_mapped, notes=list(det.notes))
+
+
+# ------------------------------------------------------------------------------ reverse (to mmseg)
+def to_mmseg(res: ConversionResult, drop: Union[str, Iterable[str], None] = ()) -> Dict[str, torch.Tensor]:
+    """Our state dict back in mmsegmentation 1.x names (the inverse of the mmseg rule table).
+
+    Segmenters become a whole mmseg segmentor (``backbone.`` / ``neck.`` / ``decode_head.`` /
+    ``auxiliary_head.``); backbones become an mmseg Twins backbone (no prefix; timm's classifier head
+    and final norm have no mmseg slot and must be dropped: ``drop='head,norm'``).
+    """
+    parts = set(_parse_drop(drop))
+    if res.is_segmenter:
+        rules = prefixed(MMSEG_BACKBONE, SEG_BACKBONE_PREFIX, ENCODER_PREFIX) + SEG_HEADS
+    else:
+        rules = MMSEG_BACKBONE
+    return apply_rules(rules, res.state_dict, reverse=True, drop=parts).state_dict
