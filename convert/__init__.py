@@ -1,1 +1,17 @@
+"""Checkpoint converter: official Twins / mmsegmentation / timm files -> timm backbones and SMP segmenters.
 
+    from twins_timm.convert import convert_checkpoint, build_model, save
+"""
+from .api import (ConversionResult, SaveInfo, build_model, convert_checkpoint, family_args, make_model,
+                  reference_parity, save, target_shapes, to_mmseg)
+from .detect import Detection, DetectionError, detect, normalize_variant, unwrap
+from .engine import MappingError, apply_rules
+from .hub import push_to_hub
+from .io import CheckpointReadError, UnsafeCheckpointError, load_file, sha256_file
+
+__all__ = [
+    'ConversionResult', 'SaveInfo', 'build_model', 'convert_checkpoint', 'family_args', 'make_model',
+    'reference_parity', 'save', 'target_shapes', 'to_mmseg', 'Detection', 'DetectionError', 'detect',
+    'normalize_variant', 'unwrap', 'MappingError', 'apply_rules', 'push_to_hub', 'CheckpointReadError',
+    'UnsafeCheckpointError', 'load_file', 'sha256_file',
+]

@@ -288,3 +288,115 @@ def to_mmseg(res: ConversionResult, drop: Union[str, Iterable[str], None] = ()) 
     else:
         rules = MMSEG_BACKBONE
     return apply_rules(rules, res.state_dict, reverse=True, drop=parts).state_dict
+
+
+# ------------------------------------------------------------------------------------- saving
+DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'fp16': torch.float16, 'float16': torch.float16,
+          'half': torch.float16, 'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16}
+
+
+def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ValueError('unknown dtype %r; use fp32, fp16 or bf16' % dtype)
+    return DTYPES[str(dtype).lower()]
+
+
+def _cast_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    if dtype is None:
+        return dict(sd)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def reference_parity(res: ConversionResult, model: Optional[nn.Module] = None, size: int = 224,
+                     seed: int = 0) -> Optional[Dict[str, Any]]:
+    """Max abs difference between the converted model and timm's own Twins on a seeded input.
+
+    Only where timm's Twins *is* the source family's computation (timm, official classification, and
+    families whose settings are all timm defaults); None otherwise.
+    """
+    if res.is_segmenter or res.model_args:
+        return None
+    import timm.models.twins as timm_twins
+
+    model = build_model(res) if model is None else model
+    ref = getattr(timm_twins, res.variant)(pretrained=False, num_classes=res.num_classes)
+    if type(ref) is not timm_twins.Twins:
+        return None
+    ref.load_state_dict(res.state_dict, strict=True)
+    ref.eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ours, theirs = model(x), ref(x)
+    diff = float((ours.float() - theirs.float()).abs().max())
+    return {'max_abs_diff': diff, 'reference': 'timm.models.twins.Twins', 'input': [1, 3, size, size],
+            'text': 'max |converted - timm Twins| = %.2e on a seeded 1x3x%dx%d input (timm\'s Twins computes as '
+                    'the official classification code)' % (diff, size, size)}
+
+
+@dataclass
+class SaveInfo:
+    path: Path
+    kind: str               # 'timm folder' | 'segmenter folder' | 'safetensors' | 'mmseg checkpoint'
+    weights: Path           # the weights file inside (or the file itself)
+    sha256: str
+    parity: Optional[Dict[str, Any]] = None
+
+
+def save(res: ConversionResult, dst: PathLike, to: str = 'timm', force: bool = False,
+         dtype: Union[str, torch.dtype, None] = None, parity: bool = True,
+         mmseg_drop: Union[str, Iterable[str], None] = ()) -> SaveInfo:
+    """Write a conversion result, atomically and never over an existing path unless ``force``.
+
+    * ``to='timm'`` and ``dst`` a folder: a Hub folder (timm model, or SMP segmenter for fpn/upernet).
+    * ``to='timm'`` and ``dst`` ending in ``.safetensors``: the state dict alone.
+    * ``to='mmseg'`` and ``dst`` ending in ``.pth``: an mmsegmentation 1.x checkpoint (``{'meta', 'state_dict'}``).
+    """
+    from . import hub
+    from .io import check_destination, save_safetensors, save_torch, sha256_file
+
+    dst = check_destination(dst, force)
+    dt = parse_dtype(dtype)
+    if to == 'mmseg':
+        if dst.suffix not in ('.pth', '.pt', '.bin'):
+            raise ValueError('--to mmseg writes a .pth checkpoint; give an output path ending in .pth')
+        sd = _cast_state_dict(to_mmseg(res, mmseg_drop), dt)
+        meta: Dict[str, Any] = {'twins_timm': {'variant': res.variant, 'task': res.task, 'source_format': res.format}}
+        if res.meta.get('class_names'):
+            meta['dataset_meta'] = {'classes': res.meta['class_names'], 'palette': res.meta.get('palette')}
+        save_torch({'meta': meta, 'state_dict': sd}, dst, force)
+        return SaveInfo(dst, 'mmseg checkpoint', dst, sha256_file(dst))
+    if to != 'timm':
+        raise ValueError('unknown output format %r; use timm (default) or mmseg' % to)
+    if dst.suffix == '.safetensors':
+        meta_st = {'format': 'twins_timm', 'source_format': res.format, 'variant': res.variant, 'task': res.task,
+                   'num_classes': str(res.num_classes), 'model_args': json.dumps(res.model_args)}
+        save_safetensors(_cast_state_dict(res.state_dict, dt), dst, force, metadata=meta_st)
+        return SaveInfo(dst, 'safetensors', dst, sha256_file(dst))
+    if dst.suffix in ('.pth', '.pt', '.bin'):
+        raise ValueError('%s: a timm output is a Hub folder (give a folder path) or a .safetensors file; for an '
+                         'mmseg .pth pass --to mmseg' % dst)
+    model = build_model(res)
+    par = reference_parity(res, model) if parity else None
+    source_sha = sha256_file(res.source) if res.source and Path(res.source).is_file() else None
+    model = hub.cast(model, dt)
+    if res.is_segmenter:
+        hub.save_segmenter_folder(res, model, dst, force, par, source_sha)
+        kind = 'segmenter folder'
+    else:
+        hub.save_timm_folder(res, model, dst, force, par, source_sha)
+        kind = 'timm folder'
+    _verify_written(dst / hub.WEIGHTS_NAME, model.state_dict())
+    return SaveInfo(dst, kind, dst / hub.WEIGHTS_NAME, hub.folder_sha256(dst), par)
+
+
+def _verify_written(weights: Path, expected: Mapping[str, torch.Tensor]) -> None:
+    """Read the written weights back and compare them to what was meant to be written."""
+    from safetensors.torch import load_file as load_st
+
+    got = load_st(str(weights))
+    bad = sorted(set(got) ^ set(expected)) + [k for k in got if k in expected and not torch.equal(got[k], expected[k])]
+    if bad:
+        raise OSError('the written file %s does not read back identically (%s); the disk may be full or faulty'
+                      % (weights, ', '.join(bad[:5])))

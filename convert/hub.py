@@ -1,0 +1,137 @@
+"""Hub folders for converted models: timm (``config.json`` + ``model.safetensors``) and SMP segmenters.
+
+The folders are written with the libraries' own savers (timm's ``save_for_hf``, the adapter's
+``save_pretrained``) into a temporary folder that is renamed into place, plus a model card.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .io import sha256_file, write_folder
+
+WEIGHTS_NAME = 'model.safetensors'
+
+LICENCE_NOTE = (
+    'The original Twins weights were released by Meituan-AutoML (https://github.com/Meituan-AutoML/Twins) '
+    'and the mmsegmentation ones by OpenMMLab (https://github.com/open-mmlab/mmsegmentation), both under '
+    'Apache-2.0. Models trained on ImageNet-1k or ADE20K are also subject to those datasets\' terms of use; '
+    'check them before redistributing.')
+
+FORMAT_NAMES = {
+    'timm': 'timm state dict',
+    'official_cls': 'official Twins classification checkpoint (Meituan-AutoML/Twins)',
+    'official_seg': 'official Twins segmentation checkpoint (Meituan-AutoML/Twins, mmseg 0.x)',
+    'mmseg': 'mmsegmentation 1.x checkpoint',
+}
+
+
+def model_card(res, parity: Optional[Dict[str, Any]] = None, source_sha256: Optional[str] = None) -> str:
+    """Markdown model card: where the weights come from and how faithfully they were converted."""
+    seg = res.is_segmenter
+    name = Path(res.source).name if res.source else '(in-memory state dict)'
+    tags = ['image-segmentation', 'segmentation-models-pytorch'] if seg else ['image-classification', 'timm']
+    lines = [
+        '---',
+        'library_name: %s' % ('segmentation-models-pytorch' if seg else 'timm'),
+        'license: apache-2.0',
+        'tags:',
+        *['- %s' % t for t in tags + ['twins', 'twins-timm']],
+        '---',
+        '',
+        '# %s (%s)' % (res.variant, res.task),
+        '',
+        'Converted with `twins-timm convert` from `%s`.' % name,
+        '',
+        '| | |',
+        '|---|---|',
+        '| source file | `%s` |' % name,
+    ]
+    if source_sha256:
+        lines.append('| source sha256 | `%s` |' % source_sha256)
+    lines += [
+        '| source format | %s |' % FORMAT_NAMES.get(res.format, res.format),
+        '| variant | `%s` (%s, %s) |' % (res.variant, res.family.upper(), res.size),
+        '| task | %s |' % res.task,
+        '| classes | %d |' % res.num_classes,
+        '| backbone settings | `%s` |' % json.dumps(res.model_args, sort_keys=True),
+        '| keys mapped | %d of %d source keys |' % (res.n_mapped, res.n_source_keys),
+    ]
+    if res.dropped_parts:
+        lines.append('| dropped | %s |' % '; '.join('%s: %s' % kv for kv in res.dropped_parts.items()))
+    lines += ['', '## Numerics', '']
+    if res.model_args:
+        lines.append('The backbone settings above reproduce the computation of the source family '
+                     '(see FORMATS.md in twins-timm); they are stored in `config.json` and applied on load.')
+    else:
+        lines.append('The source family computes exactly as timm\'s Twins; no extra settings are needed.')
+    if parity:
+        lines.append('')
+        lines.append('Parity at conversion: %s.' % parity['text'])
+    lines += ['', '## Usage', '', '```python']
+    if seg:
+        lines += ['from twins_timm.adapters import from_pretrained',
+                  "model = from_pretrained('PATH_OR_REPO').eval()",
+                  '# normalised float NCHW -> logits (B, %d, H, W)' % res.num_classes]
+    else:
+        lines += ['import timm, twins_timm',
+                  "model = timm.create_model('hf-hub:REPO_ID', pretrained=True)  # or 'local-dir:PATH'"]
+    lines += ['```', '', '## Licence', '', LICENCE_NOTE, '']
+    return '\n'.join(lines)
+
+
+def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Optional[Dict[str, Any]] = None,
+                     source_sha256: Optional[str] = None) -> Path:
+    """timm Hub folder: config.json (architecture, num_classes, model_args, pretrained_cfg), weights, card."""
+    from timm.models._hub import save_for_hf
+
+    def fill(tmp: Path) -> None:
+        save_for_hf(model, tmp, model_args=dict(res.model_args), safe_serialization=True)
+        cfg_path = tmp / 'config.json'
+        cfg = json.loads(cfg_path.read_text())
+        cfg['twins_timm'] = _provenance(res, parity)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        (tmp / 'README.md').write_text(model_card(res, parity, source_sha256))
+
+    return write_folder(dst, fill, force)
+
+
+def save_segmenter_folder(res, model: nn.Module, dst, force: bool = False, parity: Optional[Dict[str, Any]] = None,
+                          source_sha256: Optional[str] = None) -> Path:
+    """SMP Hub folder through the adapter's own ``save_pretrained``, loadable by ``from_pretrained``."""
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        (tmp / 'README.md').write_text(model_card(res, parity, source_sha256))
+
+    return write_folder(dst, fill, force)
+
+
+def _provenance(res, parity: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    out = {'source': Path(res.source).name if res.source else None, 'format': res.format,
+           'variant': res.variant, 'task': res.task, 'dropped': sorted(res.dropped_parts)}
+    if parity:
+        out['parity_max_abs_diff'] = parity.get('max_abs_diff')
+    return out
+
+
+def folder_sha256(folder) -> str:
+    return sha256_file(Path(folder) / WEIGHTS_NAME)
+
+
+def push_to_hub(folder, repo_id: str, private: bool = False, token: Optional[str] = None,
+                commit_message: str = 'Add Twins weights converted with twins-timm') -> str:
+    """Upload a written folder to the Hugging Face Hub; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    return str(url)
+
+
+def cast(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+    return model if dtype is None else model.to(dtype)
