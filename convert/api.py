@@ -158,10 +158,28 @@ def target_shapes(variant: str, task: str, num_classes: int, model_args: Mapping
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def _load_into(make, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Build with meta weights and adopt ``state_dict``'s tensors (no random init, no copy).
+
+    Falls back to an ordinary build + copy when the model keeps tensors outside its state dict
+    (non-persistent buffers) that would otherwise stay on the meta device.
+    """
+    with _params_on_meta():
+        model = make()
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model = make()
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
 def build_model(res: ConversionResult, device: Union[str, torch.device] = 'cpu') -> nn.Module:
-    """The target model (timm backbone/classifier or SMP segmenter) with the weights loaded strictly, in eval mode."""
-    model = _make_for(res)
-    model.load_state_dict(res.state_dict, strict=True)
+    """The target model (timm backbone/classifier or SMP segmenter) with the weights loaded strictly, in eval mode.
+
+    The model's tensors are those of ``res.state_dict`` (not copies); clone the state dict first if
+    both must be changed independently.
+    """
+    model = _load_into(lambda: _make_for(res), res.state_dict)
     return model.to(device).eval()
 
 
@@ -275,7 +293,8 @@ def convert_checkpoint(src: Union[PathLike, Mapping[str, Any]], variant: Optiona
 
 
 # ------------------------------------------------------------------------------ reverse (to mmseg)
-def to_mmseg(res: ConversionResult, drop: Union[str, Iterable[str], None] = ()) -> Dict[str, torch.Tensor]:
+def to_mmseg(res: ConversionResult, drop: Union[str, Iterable[str], None] = (),
+             report: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
     """Our state dict back in mmsegmentation 1.x names (the inverse of the mmseg rule table).
 
     Segmenters become a whole mmseg segmentor (``backbone.`` / ``neck.`` / ``decode_head.`` /
@@ -287,7 +306,10 @@ def to_mmseg(res: ConversionResult, drop: Union[str, Iterable[str], None] = ()) 
         rules = prefixed(MMSEG_BACKBONE, SEG_BACKBONE_PREFIX, ENCODER_PREFIX) + SEG_HEADS
     else:
         rules = MMSEG_BACKBONE
-    return apply_rules(rules, res.state_dict, reverse=True, drop=parts).state_dict
+    rep = apply_rules(rules, res.state_dict, reverse=True, drop=parts)
+    if report is not None:
+        report.extend(sorted(rep.dropped_parts))
+    return rep.state_dict
 
 
 # ------------------------------------------------------------------------------------- saving
@@ -321,10 +343,10 @@ def reference_parity(res: ConversionResult, model: Optional[nn.Module] = None, s
     import timm.models.twins as timm_twins
 
     model = build_model(res) if model is None else model
-    ref = getattr(timm_twins, res.variant)(pretrained=False, num_classes=res.num_classes)
+    ref = _load_into(lambda: getattr(timm_twins, res.variant)(pretrained=False, num_classes=res.num_classes),
+                     res.state_dict)
     if type(ref) is not timm_twins.Twins:
         return None
-    ref.load_state_dict(res.state_dict, strict=True)
     ref.eval()
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -342,6 +364,7 @@ class SaveInfo:
     weights: Path           # the weights file inside (or the file itself)
     sha256: str
     parity: Optional[Dict[str, Any]] = None
+    dropped_parts: List[str] = field(default_factory=list)   # left out of this output only
 
 
 def save(res: ConversionResult, dst: PathLike, to: str = 'timm', force: bool = False,
@@ -361,12 +384,13 @@ def save(res: ConversionResult, dst: PathLike, to: str = 'timm', force: bool = F
     if to == 'mmseg':
         if dst.suffix not in ('.pth', '.pt', '.bin'):
             raise ValueError('--to mmseg writes a .pth checkpoint; give an output path ending in .pth')
-        sd = _cast_state_dict(to_mmseg(res, mmseg_drop), dt)
+        dropped: List[str] = []
+        sd = _cast_state_dict(to_mmseg(res, mmseg_drop, dropped), dt)
         meta: Dict[str, Any] = {'twins_timm': {'variant': res.variant, 'task': res.task, 'source_format': res.format}}
         if res.meta.get('class_names'):
             meta['dataset_meta'] = {'classes': res.meta['class_names'], 'palette': res.meta.get('palette')}
         save_torch({'meta': meta, 'state_dict': sd}, dst, force)
-        return SaveInfo(dst, 'mmseg checkpoint', dst, sha256_file(dst))
+        return SaveInfo(dst, 'mmseg checkpoint', dst, sha256_file(dst), dropped_parts=dropped)
     if to != 'timm':
         raise ValueError('unknown output format %r; use timm (default) or mmseg' % to)
     if dst.suffix == '.safetensors':

@@ -117,8 +117,8 @@ def apply_rules(rules: Sequence[object], state_dict: Mapping[str, torch.Tensor],
                 report.dropped_parts.setdefault(rule.part, []).append(key)
                 break
             if write is None:
-                unmapped.append('%s (no slot in the %s format; drop part %r to leave it out)'
-                                % (key, 'source' if reverse else 'target', rule.part))
+                unmapped.append('%s (has no place in the output format; drop part %r to leave it out)'
+                                % (key, rule.part))
                 break
             if isinstance(rule, Split) and reverse:
                 # gather all pieces, concatenate in order
