@@ -25,7 +25,7 @@ from torch import nn
 DEFAULT_MODEL_ID = 'twins-timm/twins_svt_large_upernet_ade20k'
 # Backbone of the random-initialised stand-in used when DEFAULT_MODEL_ID is not available.
 RANDOM_FALLBACK_ENCODER = 'twins_svt_small'
-RANDOM_LABEL = 'RANDOM WEIGHTS \u2014 not a trained model'
+RANDOM_LABEL = 'RANDOM WEIGHTS - not a trained model'
 
 # Pillow modes converted to RGB, with the note printed for each.
 _CONVERTED_MODES = {
@@ -171,7 +171,8 @@ def random_model(num_classes: int = 150) -> nn.Module:
     torch.manual_seed(0)
     try:
         model = TwinsUPerNet(encoder_name=RANDOM_FALLBACK_ENCODER, classes=num_classes,
-                             class_names=list(ade20k.CLASSES), palette=[list(c) for c in ade20k.PALETTE])
+                             class_names=list(ade20k.CLASSES), palette=[list(c) for c in ade20k.PALETTE],
+                             aux_head=False)
     finally:
         torch.random.set_rng_state(state)
     return model
@@ -212,4 +213,5 @@ def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, 
         'working, not a real segmentation.\n'
         'For real results convert a checkpoint (`twins-timm convert --help`) and pass --model DIR.'
         % (spec, why, RANDOM_FALLBACK_ENCODER))
-    return LoadedModel(random_model().eval(), RANDOM_LABEL, random_weights=True)
+    return LoadedModel(random_model().eval(), 'random-initialised %s UPerNet (%s)'
+                       % (RANDOM_FALLBACK_ENCODER, RANDOM_LABEL), random_weights=True)

@@ -1,0 +1,221 @@
+"""Inference rules: mmcv's resize, mmseg's slide inference, the ms+flip merge, batching."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tools_standin import TinySegmenter, image, require_mmseg
+from twins_timm.tools.inference import (
+    ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings, merged_bands, ms_flip_settings,
+    network_input_size, normalize, predict_labels, predict_scores, rescale_size, resize_uint8,
+    slide_logits, slide_windows)
+
+
+def _manual_view(model, img, size_wh, flip):
+    """One test-time view computed the plain way: resize, normalise, forward, un-flip."""
+    x = normalize(resize_uint8(img, (size_wh[1], size_wh[0])), model.mean, model.std)
+    if flip:
+        x = x.flip(-1)
+    with torch.no_grad():
+        out = model(x)
+    return out.flip(-1) if flip else out
+
+
+# ----------------------------------------------------------------------------- resize rules
+
+def test_rescale_size_rule_by_hand():
+    # coffee.png (600x400) at the ADE20K scale and at every ms ratio: factor = short side bound
+    sizes = [network_input_size((600, 400), ADE20K_TEST_SCALE, r) for r in MS_RATIOS]
+    assert sizes == [(384, 256), (576, 384), (768, 512), (960, 640), (1152, 768), (1344, 896)]
+    # typical ADE20K validation image: already 512 short side
+    assert rescale_size((683, 512), (2048, 512)) == (683, 512)
+    assert network_input_size((683, 512), (2048, 512), 0.5) == (342, 256)  # int(341.5 + 0.5)
+    # a panorama: the long-side bound wins
+    assert rescale_size((5000, 500), (2048, 512)) == (2048, 205)
+    assert rescale_size((10, 7), 1.5) == (15, 11)
+    assert network_input_size((10, 7), None, 2.0) == (20, 14)
+
+
+def test_rescale_size_matches_mmcv():
+    mmcv = pytest.importorskip('mmcv')
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        w, h = (int(v) for v in rng.integers(1, 3000, 2))
+        for r in MS_RATIOS:
+            scale = (int(2048 * r), int(512 * r))  # mmseg 0.x MultiScaleFlipAug
+            assert rescale_size((w, h), scale) == mmcv.rescale_size((w, h), scale)
+        f = float(rng.uniform(0.1, 3))
+        assert rescale_size((w, h), f) == mmcv.rescale_size((w, h), f)
+
+
+def test_resize_matches_opencv_within_one_level():
+    cv2 = pytest.importorskip('cv2')
+    rng = np.random.default_rng(0)
+    cases = [(40, 60, 51, 77), (60, 40, 26, 17), (33, 47, 64, 91), (50, 60, 50, 61), (64, 64, 32, 32)]
+    for h, w, nh, nw in cases:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ref = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR).astype(np.int64)
+        ours = resize_uint8(torch.from_numpy(img).permute(2, 0, 1)[None], (nh, nw))
+        diff = np.abs(ours[0].permute(1, 2, 0).numpy().astype(np.int64) - ref)
+        assert diff.max() <= 1, (h, w, nh, nw)
+        assert (diff > 0).mean() < 0.01, (h, w, nh, nw, (diff > 0).mean())
+        plain = resize_uint8(torch.from_numpy(img).permute(2, 0, 1)[None], (nh, nw), method='torch')
+        assert np.abs(plain[0].permute(1, 2, 0).numpy() - ref).max() <= 1
+
+
+# ----------------------------------------------------------------------------- slide mode
+
+def test_slide_windows_grid():
+    # h: max(10 - 4 + 3 - 1, 0) // 3 + 1 = 3 rows; w: max(7 - 4 + 2, 0) // 3 + 1 = 2 columns
+    assert slide_windows(10, 7, (4, 4), (3, 3)) == [
+        (0, 4, 0, 4), (0, 4, 3, 7), (3, 7, 0, 4), (3, 7, 3, 7), (6, 10, 0, 4), (6, 10, 3, 7)]
+    # image smaller than the crop: one window, the whole (smaller) image
+    assert slide_windows(3, 5, (4, 8), (2, 2)) == [(0, 3, 0, 5)]
+
+
+@pytest.mark.parametrize('hw,crop,stride,crop_batch', [
+    ((45, 61), (24, 32), (16, 20), 1),
+    ((45, 61), (24, 32), (16, 20), 3),
+    ((20, 70), (32, 32), (21, 21), 2),   # image shorter than the crop
+    ((32, 32), (32, 32), (16, 16), 4),
+])
+def test_slide_matches_mmseg(hw, crop, stride, crop_batch):
+    require_mmseg()
+    from mmengine.config import ConfigDict
+    from mmseg.models.segmentors import EncoderDecoder
+    model = TinySegmenter().eval()
+    x = normalize(torch.cat([image(*hw, seed=1), image(*hw, seed=2)]), model.mean, model.std)
+    ref_self = types.SimpleNamespace(
+        test_cfg=ConfigDict(mode='slide', crop_size=crop, stride=stride), out_channels=model.classes,
+        encode_decode=lambda inputs, metas: model(inputs))
+    with torch.no_grad():
+        ref = EncoderDecoder.slide_inference(ref_self, x, [dict(), dict()])
+        ours = slide_logits(model, x, crop, stride, crop_batch)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4
+    if len(slide_windows(*hw, crop, stride)) > 1:  # then slide differs from whole for this model
+        assert (ours - model(x)).abs().max().item() > 1e-3
+
+
+def test_slide_of_pointwise_model_equals_whole():
+    model = TinySegmenter()
+    pointwise = torch.nn.Conv2d(3, 4, 1)
+    x = normalize(image(37, 53).float(), model.mean, model.std)
+    with torch.no_grad():
+        assert torch.allclose(slide_logits(pointwise, x, (16, 16), (10, 12), 5), pointwise(x), atol=1e-6)
+
+
+def test_slide_batches_crops_under_inference_mode():
+    model = TinySegmenter().eval()
+    s = InferenceSettings(mode='slide', scale=None, crop_size=(16, 16), stride=(10, 10), crop_batch=4)
+    n_windows = len(slide_windows(36, 46, (16, 16), (10, 10)))
+    predict_scores(model, torch.cat([image(36, 46, 1), image(36, 46, 2)]), s)
+    assert len(model.calls) == -(-n_windows // 4)
+    assert model.calls[0][:3] == (2 * 4, 16, 16)  # 4 crops of 2 images per forward
+    assert all(c[3] for c in model.calls)  # torch.inference_mode() was on
+
+
+def test_batched_images_equal_single_images():
+    model = TinySegmenter().eval()
+    s = InferenceSettings(mode='slide', scale=(48, 24), crop_size=(16, 16), stride=(12, 12), flip=True)
+    imgs = [image(30, 41, 3), image(30, 41, 4)]
+    both = predict_scores(model, torch.cat(imgs), s)
+    for k, img in enumerate(imgs):
+        assert (both[k] - predict_scores(model, img, s)[0]).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- whole + ms/flip
+
+def test_whole_single_view_is_resized_logits():
+    model = TinySegmenter().eval()
+    img = image(40, 50)
+    ours = predict_scores(model, img, InferenceSettings(scale=(64, 32)))
+    size = rescale_size((50, 40), (64, 32))
+    assert size == (40, 32)
+    ref = F.interpolate(_manual_view(model, img, size, False), size=(40, 50), mode='bilinear',
+                        align_corners=False)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    labels = predict_labels(model, img, InferenceSettings(scale=(64, 32)))
+    assert torch.equal(labels, ref.argmax(1))
+
+
+def test_ms_flip_merge_matches_independent_computation():
+    model = TinySegmenter().eval()
+    img = image(40, 50, seed=5)
+    s = ms_flip_settings(scale=(64, 32))
+    assert s.ratios == MS_RATIOS and s.flip
+    ours = predict_scores(model, img, s)
+    # flipped copy shares the forward: one call per ratio, batch of two
+    assert [c[0] for c in model.calls] == [2] * len(MS_RATIOS)
+    probs = []
+    for r in MS_RATIOS:
+        size = (int(50 * min(64 * r / 50, 32 * r / 40) + 0.5), int(40 * min(64 * r / 50, 32 * r / 40) + 0.5))
+        for flip in (False, True):
+            view = _manual_view(model, img, size, flip)
+            probs.append(F.interpolate(view, size=(40, 50), mode='bilinear', align_corners=False).softmax(1))
+    ref = torch.stack(probs).mean(0)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert torch.allclose(ours.sum(1), torch.ones(1, 40, 50), atol=1e-5)  # probabilities
+    # averaging softmax is not averaging logits: the test can tell them apart
+    logit_mean = torch.stack([p.log() for p in probs]).mean(0).softmax(1)
+    assert (ref - logit_mean).abs().max().item() > 1e-4
+
+
+def test_ms_flip_merge_matches_mmseg_tta():
+    require_mmseg()
+    import mmcv
+    from mmengine.structures import PixelData
+    from mmseg.models.segmentors import BaseSegmentor, SegTTAModel
+    from mmseg.structures import SegDataSample
+    model = TinySegmenter().eval()
+    img = image(36, 52, seed=7)
+    ratios = (0.5, 1.0, 1.75)
+    s = InferenceSettings(scale=(96, 24), ratios=ratios, flip=True)
+    ours = predict_scores(model, img, s)
+    ours_labels = predict_labels(model, img, s)
+    np_img = img[0].permute(1, 2, 0).numpy()
+    post_self = types.SimpleNamespace(align_corners=False)
+    samples = []
+    for r in ratios:
+        ref_img = mmcv.imrescale(np_img, (int(96 * r), int(24 * r)), backend='cv2')
+        size = network_input_size((52, 36), (96, 24), r)
+        assert ref_img.shape[:2] == (size[1], size[0])
+        for flip in (False, True):
+            x = normalize(resize_uint8(img, ref_img.shape[:2]), model.mean, model.std)
+            assert np.abs(resize_uint8(img, ref_img.shape[:2])[0].permute(1, 2, 0).numpy() - ref_img).max() <= 1
+            with torch.no_grad():
+                logits = model(x.flip(-1) if flip else x)
+            sample = SegDataSample(metainfo=dict(ori_shape=(36, 52), img_shape=tuple(size[::-1]),
+                                                 flip=flip, flip_direction='horizontal',
+                                                 padding_size=[0, 0, 0, 0], img_path='x.png'))
+            samples.extend(BaseSegmentor.postprocess_result(post_self, logits, [sample]))
+    ref = torch.stack([smp.seg_logits.data.softmax(0) for smp in samples]).mean(0)
+    assert (ours[0] - ref).abs().max().item() <= 1e-5
+    tta_self = types.SimpleNamespace(module=types.SimpleNamespace(out_channels=model.classes))
+    merged = SegTTAModel.merge_preds(tta_self, [samples])
+    assert torch.equal(merged[0].pred_sem_seg.data.reshape(36, 52), ours_labels[0])
+
+
+def test_banded_merge_equals_whole_merge():
+    views = [torch.randn(1, 6, 13, 17), torch.randn(1, 6, 29, 31), torch.randn(1, 6, 40, 50)]
+    full = torch.cat([b for _, _, b in merged_bands(views, (40, 50))], dim=2)
+    bands = list(merged_bands(views, (40, 50), band_rows=7, full_bytes=0))
+    assert [b[0] for b in bands] == list(range(0, 40, 7))
+    banded = torch.cat([b for _, _, b in bands], dim=2)
+    assert (full - banded).abs().max().item() <= 1e-5
+    single = torch.cat([b for _, _, b in merged_bands(views[:1], (40, 50), band_rows=9, full_bytes=0)], 2)
+    ref = F.interpolate(views[0], size=(40, 50), mode='bilinear', align_corners=False)
+    assert (single - ref).abs().max().item() <= 1e-4
+
+
+def test_settings_refuse_nonsense():
+    with pytest.raises(ValueError, match='whole.*slide'):
+        InferenceSettings(mode='sliding')
+    with pytest.raises(ValueError, match='ratios'):
+        InferenceSettings(ratios=(1.0, -0.5))
+    with pytest.raises(ValueError, match='crop size'):
+        InferenceSettings(crop_size=(0, 4))

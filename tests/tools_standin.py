@@ -1,0 +1,65 @@
+"""Test helpers for the tools: a tiny segmenter that follows the segmenter contract, and mmseg.
+
+The stand-in takes normalised NCHW input and returns logits at the input size, like
+TwinsUPerNet / TwinsFPN in eval mode, and carries classes / class_names / palette / mean / std.
+It mixes in a global context term so that a crop's logits depend on the whole crop (sliding
+window and whole-image inference then differ, and the tests can tell them apart).
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinySegmenter(nn.Module):
+    def __init__(self, classes: int = 5, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, classes, 3, padding=1)
+        self.context = nn.Linear(8, classes)
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.classes = classes
+        self.class_names = ['class_%d' % i for i in range(classes)]
+        self.palette = [[(37 * i) % 256, (91 * i) % 256, (151 * i) % 256] for i in range(classes)]
+        self.mean = (123.675, 116.28, 103.53)
+        self.std = (58.395, 57.12, 57.375)
+        self.calls = []  # (batch, H, W, inference_mode) per forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((x.shape[0], x.shape[2], x.shape[3], torch.is_inference_mode_enabled()))
+        f = F.relu(self.conv1(x))
+        out = self.conv2(f) + self.context(f.mean(dim=(2, 3)))[:, :, None, None]
+        return F.interpolate(out, size=x.shape[-2:], mode='bilinear', align_corners=False)
+
+
+def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Random uint8-valued 1x3xHxW image."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, 3, h, w), generator=g, dtype=torch.uint8)
+
+
+def require_mmseg():
+    """Import mmseg (skip without it) with a stand-in ``mmcv.ops`` (mmcv-lite has no ops)."""
+    for name in ('mmengine', 'mmcv', 'mmseg'):
+        pytest.importorskip(name)
+    if 'mmcv.ops' not in sys.modules:
+        ops = types.ModuleType('mmcv.ops')
+
+        def missing(*args, **kwargs):
+            raise NotImplementedError('mmcv.ops is a test stand-in')
+        for name in ('point_sample', 'sigmoid_focal_loss', 'CrissCrossAttention', 'PSAMask',
+                     'DeformConv2d', 'ModulatedDeformConv2d'):
+            setattr(ops, name, missing)
+        sys.modules['mmcv.ops'] = ops
+        import mmcv
+        mmcv.ops = ops
+    import mmseg.models  # noqa: F401
+    return mmseg
