@@ -1,1 +1,1 @@
-
+"""SMP-style decoders: decoders/<name>/{decoder,model}.py."""

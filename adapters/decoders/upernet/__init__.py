@@ -1,1 +1,5 @@
+"""UPerNet (mmseg UPerHead)."""
+from .decoder import UPerNetDecoder
+from .model import TwinsUPerNet
 
+__all__ = ["UPerNetDecoder", "TwinsUPerNet"]

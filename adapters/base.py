@@ -1,0 +1,166 @@
+"""What TwinsUPerNet and TwinsFPN share: encoder, metadata, input checks, forward, model card.
+
+Both are SMP `SegmentationModel`s (hub mixin: save_pretrained / from_pretrained / push_to_hub).
+Their forward is mmseg's whole-image inference: logits are resized bilinearly
+(`align_corners=False`) to the input size, which may be any H x W >= 32 (no divisible-by-32
+check: the Twins backbone and the heads handle any size).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from segmentation_models_pytorch.base import SegmentationModel
+from segmentation_models_pytorch.base import initialization as init
+from segmentation_models_pytorch.base.modules import Activation
+
+from . import ade20k
+from .encoder import TwinsEncoder
+from .modules import FCNHead, resize
+
+MMSEG_MEAN = (123.675, 116.28, 103.53)
+MMSEG_STD = (58.395, 57.12, 57.375)
+MIN_INPUT_SIZE = 32
+AUX_STAGE = 2  # mmseg's auxiliary FCNHead reads stage 3 (in_index=2)
+
+Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def default_class_names(classes: int) -> List[str]:
+    """ADE20K's names for 150 classes (the published models), else class_0, class_1, ..."""
+    if classes == len(ade20k.CLASSES):
+        return list(ade20k.CLASSES)
+    return [f'class_{i}' for i in range(classes)]
+
+
+def default_palette(classes: int) -> List[List[int]]:
+    """ADE20K's palette for 150 classes, else a fixed pseudo-random one (same on every run)."""
+    if classes == len(ade20k.PALETTE):
+        return [list(c) for c in ade20k.PALETTE]
+    gen = torch.Generator().manual_seed(classes)
+    return torch.randint(0, 256, (classes, 3), generator=gen).tolist()
+
+
+def _checked_metadata(classes: int, class_names: Optional[Sequence[str]],
+                      palette: Optional[Sequence[Sequence[int]]],
+                      mean: Sequence[float], std: Sequence[float]):
+    if not isinstance(classes, int) or classes < 1:
+        raise ValueError(f'classes must be a positive integer, got {classes!r}')
+    names = default_class_names(classes) if class_names is None else [str(n) for n in class_names]
+    if len(names) != classes:
+        raise ValueError(f'class_names has {len(names)} entries but classes={classes}; '
+                         'give one name per class (or leave class_names out)')
+    colours = default_palette(classes) if palette is None else [list(map(int, c)) for c in palette]
+    if len(colours) != classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c)
+                                      for c in colours):
+        raise ValueError(f'palette must hold {classes} RGB triples with values 0-255 '
+                         '(or leave palette out)')
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f'mean and std must be 3 values each (std > 0) on 0-255 RGB, '
+                         f'got mean={mean!r}, std={std!r}')
+    return names, colours, tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+class TwinsSegmentationModel(SegmentationModel):
+    """Base class; build a `TwinsUPerNet` or `TwinsFPN`.
+
+    Eval mode: `model(x)` -> logits (B, classes, H, W) for a normalised (B, 3, H, W) batch.
+    Train mode: `(logits, aux_logits)` when the model has an auxiliary head, else `logits`;
+    mmseg weighs the two cross-entropy losses 1.0 and 0.4 (`loss_weights`, see `mmseg_loss`).
+    """
+
+    requires_divisible_input_shape = False
+    _is_torch_scriptable = False
+    loss_weights = (1.0, 0.4)
+    model_type = ''
+
+    def _build_common(self, encoder_name: str, encoder_weights: Optional[Union[bool, str]],
+                      encoder_args: Optional[Dict[str, Any]], in_channels: int, classes: int,
+                      class_names: Optional[Sequence[str]],
+                      palette: Optional[Sequence[Sequence[int]]],
+                      mean: Sequence[float], std: Sequence[float],
+                      activation: Optional[Union[str, Callable]]) -> None:
+        names, colours, self.mean, self.std = _checked_metadata(
+            classes, class_names, palette, mean, std)
+        self.classes = classes
+        self.class_names = names
+        self.palette = colours
+        self.encoder_name = encoder_name
+        self.encoder_args = dict(encoder_args or {})
+        self.encoder = TwinsEncoder(encoder_name, in_channels=in_channels,
+                                    weights=encoder_weights, **self.encoder_args)
+        self.activation = Activation(activation)
+        self.classification_head = None
+        self.name = f'{self.model_type}-{encoder_name}'
+        config = self._hub_mixin_config
+        if isinstance(config, dict):  # config.json carries what inference tools need
+            config.update(class_names=names, palette=colours,
+                          mean=list(self.mean), std=list(self.std),
+                          encoder_args=dict(self.encoder_args),
+                          encoder_weights=None)  # saved weights already hold the encoder
+
+    def _build_aux_head(self, enabled: bool, channels: int, dropout: float) -> None:
+        self.aux_head = None
+        if enabled:
+            in_channels = self.encoder.stage_channels[AUX_STAGE]
+            self.aux_head = FCNHead(in_channels, self.classes, channels, dropout=dropout)
+
+    def initialize(self) -> None:
+        super().initialize()
+        if self.aux_head is not None:
+            init.initialize_decoder(self.aux_head.convs)
+            init.initialize_head(self.aux_head.conv_seg)
+
+    def check_input_shape(self, x: torch.Tensor) -> None:
+        """Any size from 32 x 32 up (no divisible-by-32 rule: the model does not need one)."""
+        if x.ndim != 4:
+            raise ValueError(f'expected a (B, C, H, W) batch, got shape {tuple(x.shape)}')
+        h, w = x.shape[-2:]
+        if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
+            raise ValueError(f'input {h}x{w} is too small: height and width must be at least '
+                             f'{MIN_INPUT_SIZE}; resize or pad the image')
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of the backbone (trades compute for activation memory)."""
+        self.encoder.set_grad_checkpointing(enable)
+
+    def forward(self, x: torch.Tensor) -> Outputs:
+        """Logits at the input size; in training also the auxiliary logits if there is a head."""
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            self.check_input_shape(x)
+        size = x.shape[-2:]
+        features = self.encoder(x)
+        logits = resize(self.segmentation_head(self.decoder(features)), size)
+        logits = self.activation(logits)
+        if self.training and self.aux_head is not None:
+            stage = features[-4:][AUX_STAGE]
+            aux = self.activation(resize(self.aux_head(stage), size))
+            return logits, aux
+        return logits
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """Model card that says how to load with twins_timm (plain SMP does not know the class)."""
+        params = {k: v for k, v in self.config.items()
+                  if not k.startswith('_') and k not in ('class_names', 'palette')}
+        data = ModelCardData(library_name='segmentation-models-pytorch', license='apache-2.0',
+                             pipeline_tag='image-segmentation',
+                             tags=['twins', 'segmentation-models-pytorch', 'semantic-segmentation',
+                                   'pytorch'])
+        metrics = kwargs.get('metrics')
+        text = '\n'.join([
+            '---', data.to_yaml(), '---',
+            f'# {type(self).__name__} ({self.encoder_name})', '',
+            'Twins backbone with an mmsegmentation-equivalent head, as an SMP model.', '',
+            '```python', 'from twins_timm.adapters import from_pretrained', '',
+            'model = from_pretrained("<save-directory-or-this-repo>").eval()',
+            '# input: RGB 0-255, normalised with config mean/std; output: (B, classes, H, W)',
+            '```', '',
+            '## Model init parameters', '```json', json.dumps(params, indent=2), '```', '',
+            f'Classes: {self.classes} (names and palette in config.json).', '',
+            *(['## Metrics', '```json', json.dumps(metrics, indent=2), '```', '']
+              if metrics else []),
+            *([f"Dataset: {kwargs['dataset']}", ''] if kwargs.get('dataset') else []),
+        ])
+        return ModelCard(text)

@@ -1,0 +1,62 @@
+"""TwinsFPN: Twins backbone + mmseg FPN neck and FPNHead, as an SMP model."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+from segmentation_models_pytorch.base.hub_mixin import supports_config_loading
+
+from ...base import MMSEG_MEAN, MMSEG_STD, TwinsSegmentationModel
+from ...modules import SegHead
+from .decoder import FPNDecoder
+
+
+class TwinsFPN(TwinsSegmentationModel):
+    """Semantic FPN on a Twins backbone with mmsegmentation's numerics (Twins ADE20K FPN models).
+
+    Args:
+        encoder_name: 'twins_{pcpvt,svt}_{small,base,large}'.
+        classes: number of output classes (ADE20K: 150).
+        encoder_args: backbone options, e.g.
+            `twins_timm.models.twins.checkpoint_family_args('mmseg', encoder_name)`.
+        aux_head: add an auxiliary FCNHead on stage 3 (mmseg's Twins FPN models have none).
+        encoder_weights: True loads timm's ImageNet backbone weights (download); None: random.
+        in_channels: input channels.
+        decoder_pyramid_channels: FPN neck width (mmseg: 256).
+        decoder_segmentation_channels: FPNHead width (mmseg: 128).
+        decoder_dropout: Dropout2d before the classifier (mmseg: 0.1).
+        aux_channels: auxiliary head width (256, as in the UPerNet models).
+        class_names, palette: per-class names and RGB colours (default: ADE20K's for 150
+            classes); stored in config.json for inference tools.
+        mean, std: input normalisation on 0-255 RGB (default: mmseg's).
+        activation: optional activation on the logits, as in SMP (None: raw logits).
+    """
+
+    model_type = 'twins-fpn'
+
+    @supports_config_loading
+    def __init__(
+        self,
+        encoder_name: str = 'twins_svt_small',
+        classes: int = 150,
+        encoder_args: Optional[Dict[str, Any]] = None,
+        aux_head: bool = False,
+        encoder_weights: Optional[Union[bool, str]] = None,
+        in_channels: int = 3,
+        decoder_pyramid_channels: int = 256,
+        decoder_segmentation_channels: int = 128,
+        decoder_dropout: float = 0.1,
+        aux_channels: int = 256,
+        class_names: Optional[Sequence[str]] = None,
+        palette: Optional[Sequence[Sequence[int]]] = None,
+        mean: Sequence[float] = MMSEG_MEAN,
+        std: Sequence[float] = MMSEG_STD,
+        activation: Optional[Union[str, Callable]] = None,
+    ):
+        super().__init__()
+        self._build_common(encoder_name, encoder_weights, encoder_args, in_channels, classes,
+                           class_names, palette, mean, std, activation)
+        self.decoder = FPNDecoder(self.encoder.stage_channels, decoder_pyramid_channels,
+                                  decoder_segmentation_channels)
+        self.segmentation_head = SegHead(decoder_segmentation_channels, classes, decoder_dropout)
+        self._build_aux_head(aux_head, aux_channels, decoder_dropout)
+        self.initialize()
