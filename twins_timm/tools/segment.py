@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:
             problems.append(str(e))
     if problems:
-        raise ValueError('cannot read %d of %d input(s), nothing was written:\n  %s'
-                         % (len(problems), len(images), '\n  '.join(problems)))
+        raise ValueError('cannot read %d of %d input(s), nothing was written. %s'
+                         % (len(problems), len(images), ' | '.join(problems)))
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError('--out %s is a file, not a folder' % out_dir)

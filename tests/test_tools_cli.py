@@ -1,0 +1,259 @@
+"""`twins-timm segment` / `twins-timm eval`: inputs, outputs, errors, model lookup, main job."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tools_standin import TinySegmenter
+from twins_timm import cli
+from twins_timm.tools import evaluate as evaluate_mod
+from twins_timm.tools import loading
+from twins_timm.tools import segment as segment_mod
+from twins_timm.tools.evaluate import IoUAccumulator
+from twins_timm.tools.inference import InferenceSettings, predict_labels
+from twins_timm.tools.loading import LoadedModel, read_image
+
+
+def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """Make both commands use the tiny stand-in instead of loading a model."""
+    model = TinySegmenter().eval()
+    fake = lambda spec=None, **kw: LoadedModel(model, 'stand-in')  # noqa: E731
+    monkeypatch.setattr(segment_mod, 'load_model', fake)
+    monkeypatch.setattr(evaluate_mod, 'load_model', fake)
+    return model
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """An empty local Hub cache, offline."""
+    from huggingface_hub import constants
+    cache = tmp_path / 'hf_cache'
+    cache.mkdir()
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    return cache
+
+
+# ----------------------------------------------------------------------------- image reading
+
+def test_image_modes_converted_or_refused(tmp_path):
+    rgb = _rgb(9, 11)
+    Image.fromarray(rgb).save(tmp_path / 'rgb.png')
+    arr, note = read_image(tmp_path / 'rgb.png')
+    assert note is None and arr.dtype == np.uint8 and np.array_equal(arr, rgb)
+    rgba = np.dstack([rgb, np.full((9, 11), 7, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / 'rgba.png')
+    arr, note = read_image(tmp_path / 'rgba.png')
+    assert np.array_equal(arr, rgb) and 'alpha' in note
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / 'grey.png')
+    arr, note = read_image(tmp_path / 'grey.png')
+    assert arr.shape == (9, 11, 3) and np.array_equal(arr[:, :, 2], rgb[:, :, 0]) and 'greyscale' in note
+    Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg')
+    arr, note = read_image(tmp_path / 'cmyk.jpg')
+    assert arr.shape == (9, 11, 3) and 'CMYK' in note
+    Image.fromarray(rgb).convert('P').save(tmp_path / 'pal.png')
+    assert read_image(tmp_path / 'pal.png')[0].shape == (9, 11, 3)
+    Image.fromarray(np.zeros((4, 4), np.uint16) + 1000).save(tmp_path / 'deep.png')
+    with pytest.raises(ValueError, match='not supported.*8-bit RGB'):
+        read_image(tmp_path / 'deep.png')
+    (tmp_path / 'junk.jpg').write_bytes(b'not an image at all')
+    with pytest.raises(ValueError, match='junk.jpg: not an image'):
+        read_image(tmp_path / 'junk.jpg')
+    with pytest.raises(FileNotFoundError, match='no such file'):
+        read_image(tmp_path / 'missing.png')
+
+
+# ----------------------------------------------------------------------------- segment
+
+def test_segment_writes_label_and_overlay_pngs(tmp_path, standin, capsys):
+    a, b = _rgb(30, 40, 1), _rgb(30, 40, 2)
+    Image.fromarray(a).save(tmp_path / 'a.png')
+    Image.fromarray(np.dstack([b, np.full((30, 40), 255, np.uint8)])).save(tmp_path / 'b.png')  # RGBA
+    out = tmp_path / 'out'
+    args = ['segment', str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), '--out', str(out),
+            '--batch-size', '2', '--scale', '64', '32', '--device', 'cpu']
+    assert cli.main(args) == 0
+    std = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'a_overlay.png', 'b.png', 'b_overlay.png']
+    assert '2/2' in std.err  # progress bar
+    assert 'alpha channel dropped' in std.out and 'RANDOM' not in std.out
+    assert [c[0] for c in standin.calls] == [2]  # both images in one forward
+    settings = InferenceSettings(scale=(64, 32))
+    for name, img in (('a', a), ('b', b)):
+        saved = Image.open(out / (name + '.png'))
+        assert saved.mode == 'P'
+        assert np.array_equal(np.asarray(saved), predict_labels(standin, img, settings)[0].numpy())
+        overlay = Image.open(out / (name + '_overlay.png'))
+        assert overlay.height >= 30 and overlay.width > 40  # legend panel on the right
+    # outputs are never replaced silently
+    assert cli.main(args) == 2
+    assert '--force' in capsys.readouterr().err
+    assert cli.main(args + ['--force', '--quiet']) == 0
+    assert not list(out.glob('.*.tmp'))
+
+
+def test_segment_refuses_unreadable_inputs_before_writing(tmp_path, standin, capsys):
+    Image.fromarray(_rgb(8, 8)).save(tmp_path / 'ok.png')
+    (tmp_path / 'bad.jpg').write_bytes(b'\x00' * 10)
+    out = tmp_path / 'out'
+    code = cli.main(['segment', str(tmp_path / 'ok.png'), str(tmp_path / 'bad.jpg'),
+                     str(tmp_path / 'nope.png'), '--out', str(out)])
+    err = ' '.join(capsys.readouterr().err.split())
+    assert code == 2 and 'bad.jpg: not an image' in err and 'nope.png: no such file' in err
+    assert 'nothing was written' in err and not out.exists()
+
+
+def test_segment_slide_and_tta_options(tmp_path, standin):
+    Image.fromarray(_rgb(20, 28)).save(tmp_path / 'x.png')
+    out = tmp_path / 'o'
+    assert cli.main(['segment', str(tmp_path / 'x.png'), '--out', str(out), '--mode', 'slide',
+                     '--crop-size', '16', '--stride', '8', '--tta', '--scale', '40', '20', '--quiet']) == 0
+    s = InferenceSettings(mode='slide', scale=(40, 20), crop_size=(16, 16), stride=(8, 8),
+                          ratios=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True)
+    expected = predict_labels(standin, _rgb(20, 28), s)[0].numpy()
+    assert np.array_equal(np.asarray(Image.open(out / 'x.png')), expected)
+
+
+def test_missing_model_and_bad_device_are_clear_errors(tmp_path, capsys, offline_hub):
+    Image.fromarray(_rgb(8, 8)).save(tmp_path / 'x.png')
+    code = cli.main(['segment', str(tmp_path / 'x.png'), '--model', str(tmp_path / 'no_model'),
+                     '--out', str(tmp_path / 'o')])
+    assert code == 2 and 'does not exist' in capsys.readouterr().err
+    code = cli.main(['segment', str(tmp_path / 'x.png'), '--model', 'someone/not-cached',
+                     '--out', str(tmp_path / 'o')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'not in the local Hub cache' in err and 'HF_HUB_OFFLINE' in err
+    if not torch.cuda.is_available():
+        code = cli.main(['segment', str(tmp_path / 'x.png'), '--device', 'cuda', '--out', str(tmp_path / 'o')])
+        assert code == 2 and 'CUDA is not available' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- eval
+
+def _ade_folder(root: Path, n: int, classes: int, size=(24, 32)) -> Path:
+    rng = np.random.default_rng(3)
+    (root / 'images' / 'validation').mkdir(parents=True)
+    (root / 'annotations' / 'validation').mkdir(parents=True)
+    for k in range(n):
+        Image.fromarray(_rgb(*size, seed=10 + k)).save(root / 'images' / 'validation' / ('img_%d.jpg' % k))
+        ann = rng.integers(0, classes + 1, size).astype(np.uint8)  # 0 = other, 1..classes
+        Image.fromarray(ann).save(root / 'annotations' / 'validation' / ('img_%d.png' % k))
+    return root
+
+
+def _reference_metrics(model, data: Path, settings: InferenceSettings, classes: int) -> dict:
+    acc = IoUAccumulator(classes)
+    for img in sorted((data / 'images' / 'validation').glob('*.jpg')):
+        pred = predict_labels(model, read_image(img)[0], settings)[0].numpy()
+        acc.add(pred, np.asarray(Image.open(data / 'annotations' / 'validation' / (img.stem + '.png'))))
+    return acc.summary()
+
+
+def test_eval_reports_mmseg_metrics(tmp_path, standin, capsys):
+    data = _ade_folder(tmp_path / 'ade', 3, standin.classes)
+    out_json = tmp_path / 'm.json'
+    code = cli.main(['eval', '--data', str(data), '--scale', '64', '32', '--json', str(out_json)])
+    std = capsys.readouterr()
+    assert code == 0
+    assert '3/3' in std.err and 'per-class results' in std.out and 'class_4' in std.out
+    ref = _reference_metrics(standin, data, InferenceSettings(scale=(64, 32)), standin.classes)
+    got = json.loads(out_json.read_text())
+    for key in ('aAcc', 'mIoU', 'mAcc'):
+        assert got[key] == pytest.approx(ref[key], abs=1e-12)
+    m = re.search(r'aAcc ([\d.]+)\s+mIoU ([\d.]+)\s+mAcc ([\d.]+)', std.out)
+    assert float(m.group(2)) == pytest.approx(100 * ref['mIoU'], abs=0.006)
+    assert len(got['per_class']['IoU']) == standin.classes
+
+
+def test_eval_layout_errors(tmp_path, standin, capsys):
+    assert cli.main(['eval', '--data', str(tmp_path)]) == 2
+    assert 'images/validation' in capsys.readouterr().err
+    data = _ade_folder(tmp_path / 'ade', 1, 5)
+    (data / 'annotations' / 'validation' / 'img_0.png').unlink()
+    assert cli.main(['eval', '--data', str(data)]) == 2
+    assert 'no annotation' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- real adapter
+
+@pytest.fixture(scope='module')
+def saved_segmenter(tmp_path_factory):
+    """A small real TwinsUPerNet (PCPVT-S, narrow decoder, random init) saved with save_pretrained."""
+    from twins_timm.adapters import TwinsUPerNet, ade20k
+    torch.manual_seed(0)
+    model = TwinsUPerNet(encoder_name='twins_pcpvt_small', classes=150, decoder_channels=32,
+                         aux_head=False, class_names=list(ade20k.CLASSES),
+                         palette=[list(c) for c in ade20k.PALETTE]).eval()
+    folder = tmp_path_factory.mktemp('model') / 'pcpvt_s_upernet'
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def test_segment_and_eval_with_real_adapter_folder(tmp_path, saved_segmenter, capsys):
+    from twins_timm.adapters import from_pretrained
+    model = from_pretrained(str(saved_segmenter)).eval()
+    img = _rgb(40, 56, 4)
+    Image.fromarray(img).save(tmp_path / 'p.png')
+    out = tmp_path / 'out'
+    assert cli.main(['segment', str(tmp_path / 'p.png'), '--model', str(saved_segmenter),
+                     '--out', str(out), '--scale', '96', '48', '--quiet']) == 0
+    settings = InferenceSettings(scale=(96, 48))
+    assert np.array_equal(np.asarray(Image.open(out / 'p.png')), predict_labels(model, img, settings)[0].numpy())
+    data = _ade_folder(tmp_path / 'ade', 2, 150, size=(36, 48))
+    out_json = tmp_path / 'm.json'
+    assert cli.main(['eval', '--data', str(data), '--model', str(saved_segmenter), '--scale', '64', '32',
+                     '--json', str(out_json), '--quiet']) == 0
+    ref = _reference_metrics(model, data, InferenceSettings(scale=(64, 32)), 150)
+    assert json.loads(out_json.read_text())['mIoU'] == pytest.approx(ref['mIoU'], abs=1e-12)
+    assert 'wall' in capsys.readouterr().out  # ADE20K class names in the table
+
+
+def _put_in_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    repo = cache / ('models--' + repo_id.replace('/', '--'))
+    commit = 'a' * 40
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    shutil.copytree(folder, repo / 'snapshots' / commit)
+
+
+def test_hub_id_found_in_local_cache(offline_hub, saved_segmenter):
+    _put_in_hub_cache(offline_hub, 'someone/pcpvt-s-upernet', saved_segmenter)
+    loaded = loading.load_model('someone/pcpvt-s-upernet')
+    assert not loaded.random_weights and 'Hub cache' in loaded.source
+    assert loaded.model.classes == 150
+
+
+def test_main_job_default_model_from_cache(offline_hub, saved_segmenter, tmp_path, capsys):
+    _put_in_hub_cache(offline_hub, loading.DEFAULT_MODEL_ID, saved_segmenter)
+    out = tmp_path / 'out'
+    assert cli.main(['segment', '--out', str(out), '--quiet', '--scale', '96', '64']) == 0
+    std = capsys.readouterr()
+    assert 'RANDOM' not in std.out + std.err and loading.DEFAULT_MODEL_ID in std.out
+    assert (out / 'coffee.png').exists() and (out / 'coffee_overlay.png').exists()
+
+
+def test_main_job_without_weights_runs_labelled_random_model(offline_hub, tmp_path, capsys):
+    """The README's first command, offline with nothing cached: sample image, random weights."""
+    out = tmp_path / 'out'
+    assert cli.main(['segment', '--out', str(out)]) == 0
+    std = capsys.readouterr()
+    assert 'No converted weights found' in std.err and 'RANDOM WEIGHTS' in std.out
+    assert 'sample photo' in std.out and '1/1' in std.err
+    labels = np.asarray(Image.open(out / 'coffee.png'))
+    assert labels.shape == (400, 600) and labels.max() < 150
+    overlay = np.asarray(Image.open(out / 'coffee_overlay.png').convert('RGB'))
+    assert overlay.shape[1] > 600 and overlay.shape[0] > 400  # legend panel, red banner on top
+    assert tuple(overlay[2, 2]) == (200, 0, 0)
