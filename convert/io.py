@@ -93,7 +93,7 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else e.__class__.__name__
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r'(?:Unsupported global: GLOBAL|GLOBAL) ([\w.]+)')
+_UNSUPPORTED_GLOBAL = re.compile(r'\bGLOBAL ([\w.]+)')
 
 
 def _load_torch_bytes(path: Path, data: bytes) -> Any:
@@ -102,9 +102,9 @@ def _load_torch_bytes(path: Path, data: bytes) -> Any:
             return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if 'Weights only load failed' in msg or 'Unsupported' in msg or 'GLOBAL' in msg:
-            m = _UNSUPPORTED_GLOBAL.search(msg)
-            what = m.group(1) if m else 'a non-tensor Python object'
+        m = _UNSUPPORTED_GLOBAL.search(msg)
+        if m:  # the pickle references a Python global (class / function) outside the allow-list
+            what = m.group(1)
             raise UnsafeCheckpointError(
                 '%s was refused: loading it would execute or import %s, which is not a tensor, a plain '
                 'container or an argparse.Namespace. twins-timm never unpickles code. If the file comes '
