@@ -116,3 +116,14 @@ def test_intersect_and_union_matches_mmseg():
     assert abs(s['mIoU'] - float(np.nanmean(ref_metrics['IoU']))) < 1e-6
     assert abs(s['mAcc'] - float(np.nanmean(ref_metrics['Acc']))) < 1e-6
     np.testing.assert_allclose(acc.per_class()['IoU'], ref_metrics['IoU'], atol=1e-6)
+
+
+def test_reduce_zero_label_matches_mmseg_loader(tmp_path):
+    require_mmseg()
+    from PIL import Image
+    from mmseg.datasets.transforms import LoadAnnotations
+    raw = np.array([[0, 1, 2, 150], [255, 254, 7, 0]], dtype=np.uint8)
+    Image.fromarray(raw).save(tmp_path / 'a.png')
+    loaded = LoadAnnotations(reduce_zero_label=True)(
+        dict(seg_map_path=str(tmp_path / 'a.png'), reduce_zero_label=True, seg_fields=[]))
+    assert loaded['gt_seg_map'].tolist() == reduce_zero_label(raw).tolist()
