@@ -1,0 +1,163 @@
+"""Outputs: timm Hub folders (local-dir: and hf-hub: from an offline HF cache), segmenter folders, dtypes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from checkpoint_factory import random_state_dict, wrap, write_checkpoint
+from twins_timm.convert import build_model, convert_checkpoint, save
+
+try:
+    from twins_timm.adapters import TwinsUPerNet  # noqa: F401
+    HAVE_ADAPTERS = True
+except ImportError:  # written concurrently; only the segmenter-folder tests need it
+    HAVE_ADAPTERS = False
+needs_adapters = pytest.mark.skipif(not HAVE_ADAPTERS, reason='twins_timm.adapters.TwinsUPerNet is missing')
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp('hub')
+
+
+@pytest.fixture(scope='module')
+def cls_folder(work):
+    src = write_checkpoint('official/alt_gvt_small', work / 'alt_gvt_small.pth', seed=7, training_extras=True)
+    res = convert_checkpoint(src)
+    info = save(res, work / 'twins_svt_small.in1k', parity=True)
+    return res, info
+
+
+def test_timm_folder_contents(cls_folder):
+    res, info = cls_folder
+    folder = info.path
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    cfg = json.loads((folder / 'config.json').read_text())
+    assert cfg['architecture'] == 'twins_svt_small' and cfg['num_classes'] == 1000
+    assert cfg['model_args']['num_classes'] == 1000 and 'pretrained_cfg' in cfg
+    assert cfg['twins_timm']['format'] == 'official_cls'
+    card = (folder / 'README.md').read_text()
+    for needle in ('alt_gvt_small.pth', 'official Twins classification', 'twins_svt_small', 'Apache-2.0',
+                   'Parity at conversion: max |converted - timm Twins|'):
+        assert needle in card, needle
+    assert info.parity['max_abs_diff'] <= 1e-5
+    assert len(info.sha256) == 64 and info.kind == 'timm folder'
+    # no temporaries left beside the output
+    assert not [p for p in folder.parent.iterdir() if '.partial-' in p.name]
+
+
+def test_timm_folder_loads_with_local_dir(cls_folder):
+    import timm
+
+    res, info = cls_folder
+    model = timm.create_model('local-dir:%s' % info.path, pretrained=True).eval()
+    ref = build_model(res)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+
+
+def _hf_cache_repo(cache, repo_id, folder, revision='0123456789abcdef0123456789abcdef01234567'):
+    """The layout huggingface_hub's cache uses: models--org--name/{snapshots/<rev>/..., refs/main}."""
+    root = cache / ('models--' + repo_id.replace('/', '--'))
+    snap = root / 'snapshots' / revision
+    shutil.copytree(folder, snap)
+    (root / 'refs').mkdir(parents=True)
+    (root / 'refs' / 'main').write_text(revision)
+
+
+def test_folders_load_offline_from_a_local_hf_cache(work, cls_folder):
+    res, info = cls_folder
+    cache = work / 'hf_cache'
+    _hf_cache_repo(cache, 'twins-test/svt-small', info.path)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.save({'x': x, 'y': build_model(res)(x)}, work / 'expected_cls.pt')
+    seg_check = ''
+    if HAVE_ADAPTERS:
+        seg_res, seg_info = _seg(work)
+        _hf_cache_repo(cache, 'twins-test/fpn-svt-small', seg_info.path)
+        with torch.no_grad():
+            torch.save({'y': build_model(seg_res)(x)}, work / 'expected_seg.pt')
+        seg_check = textwrap.dedent('''
+            from twins_timm.adapters import from_pretrained
+            seg = from_pretrained('twins-test/fpn-svt-small').eval()
+            with torch.no_grad():
+                d = (seg(e['x']) - torch.load(work + '/expected_seg.pt')['y']).abs().max().item()
+            assert d == 0, d
+            print('seg ok', seg.classes)
+        ''')
+    script = textwrap.dedent('''
+        import sys, torch, timm, twins_timm
+        work = sys.argv[1]
+        e = torch.load(work + '/expected_cls.pt')
+        m = timm.create_model('hf-hub:twins-test/svt-small', pretrained=True).eval()
+        with torch.no_grad():
+            d = (m(e['x']) - e['y']).abs().max().item()
+        assert d == 0, d
+        print('timm ok', m.num_classes)
+    ''') + seg_check
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(work / 'hf_home'),
+               HF_HUB_DISABLE_TELEMETRY='1')
+    out = subprocess.run([sys.executable, '-c', script, str(work)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'timm ok 1000' in out.stdout
+    if HAVE_ADAPTERS:
+        assert 'seg ok 150' in out.stdout
+
+
+_SEG = {}
+SEG_NAME = 'official/fpn_alt_gvt_s'  # SVT: exercises the official-seg settings (stage norms, window mask)
+
+
+def _seg(work):
+    """One converted segmenter folder shared by the tests (converted from memory to save disk time)."""
+    if 'v' not in _SEG:
+        res = convert_checkpoint(wrap(SEG_NAME, random_state_dict(SEG_NAME, seed=8)))
+        _SEG['v'] = (res, save(res, work / 'fpn_svt_s'))
+    return _SEG['v']
+
+
+@needs_adapters
+def test_segmenter_folder_loads_with_the_adapter(work):
+    from twins_timm.adapters import TwinsFPN, from_pretrained
+    from twins_timm.models.twins import checkpoint_family_args
+
+    res, info = _seg(work)
+    assert info.kind == 'segmenter folder'
+    assert sorted(p.name for p in info.path.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    model = from_pretrained(str(info.path)).eval()
+    assert isinstance(model, TwinsFPN)
+    assert model.classes == 150 and model.class_names[:2] == ['class_000', 'class_001']  # from the file's meta
+    cfg = json.loads((info.path / 'config.json').read_text())
+    assert cfg['encoder_args'] == checkpoint_family_args('official_seg', 'twins_svt_small')
+    sd = model.state_dict()
+    assert set(sd) == set(res.state_dict)
+    assert all(torch.equal(sd[k], res.state_dict[k]) for k in sd)
+    card = (info.path / 'README.md').read_text()
+    assert 'official Twins segmentation' in card and 'unused classification head' in card
+    assert '(in-memory state dict)' in card
+
+
+def test_dtype_and_safetensors_output(work):
+    res = convert_checkpoint(write_checkpoint('official/pcpvt_small_v0', work / 'pcpvt_small.pth', seed=9))
+    from safetensors.torch import load_file
+
+    info = save(res, work / 'pcpvt_s_fp16.safetensors', dtype='fp16')
+    got = load_file(str(info.path))
+    assert got['blocks.0.0.attn.q.weight'].dtype == torch.float16
+    assert torch.equal(got['head.bias'], res.state_dict['head.bias'].half())
+    back = convert_checkpoint(info.path)
+    assert (back.format, back.variant, back.task) == ('timm', 'twins_pcpvt_small', 'classification')
+    info = save(res, work / 'pcpvt_s_bf16', dtype='bf16', parity=False)
+    assert load_file(str(info.weights))['head.weight'].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match='unknown dtype'):
+        save(res, work / 'x', dtype='int8')
+    with pytest.raises(ValueError, match='--to mmseg'):
+        save(res, work / 'x.pth')
