@@ -160,6 +160,8 @@ def test_ms_flip_merge_matches_independent_computation():
     ref = torch.stack(probs).mean(0)
     assert (ours - ref).abs().max().item() <= 1e-5
     assert torch.allclose(ours.sum(1), torch.ones(1, 40, 50), atol=1e-5)  # probabilities
+    banded = predict_scores(model, img, ms_flip_settings(scale=(64, 32), full_bytes=5 * 50 * 4 * 3))
+    assert (banded - ref).abs().max().item() <= 1e-5  # large-image path: 3-row bands
     # averaging softmax is not averaging logits: the test can tell them apart
     logit_mean = torch.stack([p.log() for p in probs]).mean(0).softmax(1)
     assert (ref - logit_mean).abs().max().item() > 1e-4
@@ -202,12 +204,17 @@ def test_ms_flip_merge_matches_mmseg_tta():
 
 def test_banded_merge_equals_whole_merge():
     views = [torch.randn(1, 6, 13, 17), torch.randn(1, 6, 29, 31), torch.randn(1, 6, 40, 50)]
-    full = torch.cat([b for _, _, b in merged_bands(views, (40, 50))], dim=2)
-    bands = list(merged_bands(views, (40, 50), band_rows=7, full_bytes=0))
+    full = list(merged_bands(iter(views), (40, 50)))
+    assert len(full) == 1 and full[0][:2] == (0, 40)  # small map: one accumulator, no bands
+    bands = list(merged_bands(views, (40, 50), band_rows=7))
     assert [b[0] for b in bands] == list(range(0, 40, 7))
     banded = torch.cat([b for _, _, b in bands], dim=2)
-    assert (full - banded).abs().max().item() <= 1e-5
-    single = torch.cat([b for _, _, b in merged_bands(views[:1], (40, 50), band_rows=9, full_bytes=0)], 2)
+    assert (full[0][2] - banded).abs().max().item() <= 1e-5
+    # memory bound: 6 classes x 50 columns x 4 bytes = 1200 bytes a row -> 4-row bands
+    auto = list(merged_bands(views, (40, 50), full_bytes=4 * 1200))
+    assert [b[0] for b in auto] == list(range(0, 40, 4))
+    assert (torch.cat([b for _, _, b in auto], dim=2) - full[0][2]).abs().max().item() <= 1e-5
+    single = torch.cat([b for _, _, b in merged_bands(views[:1], (40, 50), band_rows=9)], 2)
     ref = F.interpolate(views[0], size=(40, 50), mode='bilinear', align_corners=False)
     assert (single - ref).abs().max().item() <= 1e-4
 

@@ -20,14 +20,15 @@ Resize: mmcv resizes with OpenCV's fixed-point ``INTER_LINEAR``; :func:`resize_u
 its integer arithmetic in torch (no OpenCV needed), which matches cv2 on x86 exactly on most
 images and by at most one grey level on ~0.05% of pixels; plain ``F.interpolate`` rounded to
 uint8 (``method='torch'``) is off by one grey level on ~12% of pixels (see the tests).
-Resizing back to the image is done in bands of rows with explicit bilinear weight matrices, so a
-150-class score map never has to exist at full resolution for every scale at once.
+Memory: views are merged into one image-size accumulator as they come; for photos whose
+150-class score map would exceed ``full_bytes``, the merge runs in bands of rows instead (see
+:func:`merged_bands`), so only network-size maps are held.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -57,7 +58,8 @@ class InferenceSettings:
     crop_size: Tuple[int, int] = (512, 512)
     stride: Tuple[int, int] = (341, 341)
     crop_batch: int = 4
-    band_rows: int = 256
+    band_rows: int = 1 << 30
+    full_bytes: int = 256 << 20
     resize_method: str = 'cv2'
 
     def __post_init__(self) -> None:
@@ -216,14 +218,13 @@ def model_logits(model: nn.Module, x: torch.Tensor, settings: InferenceSettings)
 
 
 def augmented_logits(model: nn.Module, images: torch.Tensor, settings: InferenceSettings,
-                     mean: Sequence[float], std: Sequence[float]) -> List[torch.Tensor]:
-    """Logits of every test-time view of a batch of same-size uint8 NCHW images.
+                     mean: Sequence[float], std: Sequence[float]) -> Iterator[torch.Tensor]:
+    """Logits of every test-time view of a batch of same-size uint8 NCHW images, one at a time.
 
-    Returns one (B, C, h_r, w_r) tensor per view, already un-flipped, at that view's input size.
+    Yields one (B, C, h_r, w_r) tensor per view, already un-flipped, at that view's input size.
     The flipped copy rides in the same forward as the original.
     """
     _, _, h, w = images.shape
-    views = []
     for ratio in settings.ratios:
         new_w, new_h = network_input_size((w, h), settings.scale, ratio)
         if min(new_w, new_h) < 1:
@@ -231,11 +232,10 @@ def augmented_logits(model: nn.Module, images: torch.Tensor, settings: Inference
         x = normalize(resize_uint8(images, (new_h, new_w), settings.resize_method), mean, std)
         if settings.flip:
             both = model_logits(model, torch.cat([x, x.flip(-1)]), settings)
-            views.append(both[:x.shape[0]])
-            views.append(both[x.shape[0]:].flip(-1))
+            yield both[:x.shape[0]]
+            yield both[x.shape[0]:].flip(-1)
         else:
-            views.append(model_logits(model, x, settings))
-    return views
+            yield model_logits(model, x, settings)
 
 
 # ----------------------------------------------------------------------------- merge at image size
@@ -259,31 +259,43 @@ def _bilinear_matrix_cpu(out_size: int, in_size: int) -> torch.Tensor:
     return m
 
 
-def merged_bands(views: Sequence[torch.Tensor], out_hw: Tuple[int, int], band_rows: int = 256,
+def merged_bands(views: Iterable[torch.Tensor], out_hw: Tuple[int, int], band_rows: int = 1 << 30,
                  full_bytes: int = 256 << 20) -> Iterator[Tuple[int, int, torch.Tensor]]:
-    """Resize each view to ``out_hw`` and merge them, in bands of rows when the map is large.
+    """Resize each view to ``out_hw`` and merge them; bands of rows when the result is large.
 
     A single view yields its logits; several views yield the mean of their softmax
-    probabilities.  Yields (row_start, row_end, (B, C, rows, W) scores).  Up to ``full_bytes``
-    per resized view, ``F.interpolate`` does the resize exactly as mmseg; above that, bands of
-    ``band_rows`` rows use explicit bilinear weights (same rule, float32 rounding of the source
-    coordinate differs by ~1e-6 relative).
+    probabilities.  Yields (row_start, row_end, (B, C, rows, W) scores).
+
+    While the merged map at image size needs at most ``full_bytes``, views are consumed one at a
+    time into one accumulator and resized with ``F.interpolate``, exactly as mmseg.  Above that
+    (large photos), all views are kept at their network size and the result is produced in bands
+    of at most ``band_rows`` rows that fit ``full_bytes``, with explicit bilinear weights (same
+    rule; float32 rounding of the source coordinate differs, ~1e-6 relative).
     """
     h_out, w_out = out_hw
-    b, c = views[0].shape[:2]
-    if b * c * h_out * w_out * 4 <= full_bytes:
-        band_rows = h_out
-    for r0 in range(0, h_out, band_rows):
-        r1 = min(r0 + band_rows, h_out)
-        acc = None
+    views = iter(views)
+    first = next(views)
+    b, c = first.shape[:2]
+    rows_fit = max(1, full_bytes // (b * c * w_out * 4))
+    if rows_fit >= h_out and band_rows >= h_out:
+        acc, n = _resized_rows(first, out_hw, 0, h_out), 1
         for v in views:
+            acc = acc.softmax(dim=1) if n == 1 else acc
+            acc = acc + _resized_rows(v, out_hw, 0, h_out).softmax(dim=1)
+            n += 1
+        yield 0, h_out, acc if n == 1 else acc / n
+        return
+    kept = [first] + list(views)
+    step = min(band_rows, rows_fit)
+    for r0 in range(0, h_out, step):
+        r1 = min(r0 + step, h_out)
+        acc = None
+        for v in kept:
             band = _resized_rows(v, out_hw, r0, r1)
-            if len(views) > 1:
+            if len(kept) > 1:
                 band = band.softmax(dim=1)
             acc = band if acc is None else acc + band
-        if len(views) > 1:
-            acc = acc / len(views)
-        yield r0, r1, acc
+        yield r0, r1, acc if len(kept) == 1 else acc / len(kept)
 
 
 def _resized_rows(v: torch.Tensor, out_hw: Tuple[int, int], r0: int, r1: int) -> torch.Tensor:
@@ -330,7 +342,8 @@ def predict_scores(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
     mean, std = _model_norm(model)
     with torch.inference_mode():
         views = augmented_logits(model, x, settings, mean, std)
-        bands = [band for _, _, band in merged_bands(views, tuple(x.shape[-2:]), settings.band_rows)]
+        bands = merged_bands(views, tuple(x.shape[-2:]), settings.band_rows, settings.full_bytes)
+        bands = [band for _, _, band in bands]
         return torch.cat(bands, dim=2)
 
 
@@ -344,6 +357,6 @@ def predict_labels(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
     labels = torch.empty((b, h, w), dtype=torch.int64)
     with torch.inference_mode():
         views = augmented_logits(model, x, settings, mean, std)
-        for r0, r1, band in merged_bands(views, (h, w), settings.band_rows):
+        for r0, r1, band in merged_bands(views, (h, w), settings.band_rows, settings.full_bytes):
             labels[:, r0:r1] = band.argmax(dim=1).cpu()
     return labels

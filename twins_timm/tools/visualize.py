@@ -93,7 +93,8 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
             share = 100.0 * counts[idx] / labels.size
             entries.append((int(idx), '%s  %.1f%%' % (class_names[idx], share) if share >= 0.1
                             else '%s  <0.1%%' % class_names[idx]))
-    rows_per_col = max(1, (max(h, 6 * row_h) - pad) // row_h)
+    # fill the image height; small images get a legend taller than themselves (up to 24 rows)
+    rows_per_col = max(1, (h - pad) // row_h, min(len(entries), 24))
     n_cols = -(-len(entries) // rows_per_col) if entries else 0
     col_w = (max(_text_size(probe, t, font)[0] for _, t in entries) + font_size + 3 * pad) if entries else 0
     legend_rows = min(len(entries), rows_per_col)
