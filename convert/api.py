@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,9 +154,15 @@ def _params_on_meta() -> Iterator[None]:
 def target_shapes(variant: str, task: str, num_classes: int, model_args: Mapping[str, Any],
                   aux_head: bool = False) -> Dict[str, Tuple[int, ...]]:
     """Key -> shape of the target model, built with meta weights (no memory, fast even for L)."""
+    return dict(_target_shapes(variant, task, num_classes, json.dumps(dict(model_args), sort_keys=True), aux_head))
+
+
+@functools.lru_cache(maxsize=32)
+def _target_shapes(variant: str, task: str, num_classes: int, model_args_json: str,
+                   aux_head: bool) -> Tuple[Tuple[str, Tuple[int, ...]], ...]:
     with _params_on_meta():
-        model = make_model(variant, task, num_classes, model_args, aux_head)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = make_model(variant, task, num_classes, json.loads(model_args_json), aux_head)
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def _load_into(make, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -103,11 +103,16 @@ def _print_summary(s: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .api import convert_checkpoint, save
+    try:
+        from .api import convert_checkpoint, save
+    except ImportError as e:  # pragma: no cover - broken installation
+        raise OSError('twins-timm is not installed completely (%s); reinstall it with pip install twins-timm' % e)
 
     if args.dst is None and not args.dry_run:
         raise ValueError('missing DST: give an output path (a folder, a .safetensors file, or a .pth with --to '
                          'mmseg), or --dry-run to only inspect SRC')
+    if args.push_to_hub and args.dry_run:
+        raise ValueError('--push-to-hub needs a written folder; drop --dry-run')
     if args.push_to_hub and args.dst and Path(args.dst).suffix:
         raise ValueError('--push-to-hub uploads a Hub folder; give a folder path as DST (not %s)' % args.dst)
     t0 = time.time()
@@ -127,7 +132,14 @@ def run(args: argparse.Namespace) -> int:
         _print_summary(s)
     if args.push_to_hub and info is not None:
         from .hub import push_to_hub
-        url = push_to_hub(info.path, args.push_to_hub, private=args.private)
+        try:
+            url = push_to_hub(info.path, args.push_to_hub, private=args.private)
+        except Exception as e:  # network / auth errors of huggingface_hub come in many types
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError('the conversion succeeded and %s was written, but uploading it to %s failed: %s. Log in '
+                          '(huggingface-cli login) or check the repo name, then upload the folder again, e.g. '
+                          'huggingface-cli upload %s %s' % (info.path, args.push_to_hub, why, args.push_to_hub,
+                                                            info.path)) from None
         print('pushed     : %s' % url)
     return 0
 

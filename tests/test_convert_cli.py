@@ -26,7 +26,7 @@ def _err(capsys):
     err = capsys.readouterr().err
     assert 'Traceback' not in err
     assert err.startswith('twins-timm convert: error: ')
-    return err
+    return ' '.join(err.split())  # the message is wrapped to the terminal width
 
 
 def test_convert_summary_and_no_overwrite(work, cls_src, capsys):
@@ -80,6 +80,28 @@ def test_errors_exit_2_with_one_paragraph(work, cls_src, capsys):
     assert 'cannot drop' in _err(capsys)
     assert not dst.exists()
     assert not [p for p in work.iterdir() if '.partial-' in p.name]
+
+
+def test_push_to_hub_plumbing_without_network(work, cls_src, capsys, monkeypatch):
+    from twins_timm.convert import hub
+
+    calls = []
+    monkeypatch.setattr(hub, 'push_to_hub', lambda folder, repo, private=False: calls.append((folder, repo, private))
+                        or 'https://huggingface.co/%s' % repo)
+    dst = work / 'pushed'
+    assert main(['convert', str(cls_src), str(dst), '--no-parity', '--push-to-hub', 'me/twins', '--private']) == 0
+    assert calls == [(dst, 'me/twins', True)]
+    assert 'pushed     : https://huggingface.co/me/twins' in capsys.readouterr().out
+
+    def fail(*a, **k):
+        raise RuntimeError('401 Client Error: Unauthorized')
+
+    monkeypatch.setattr(hub, 'push_to_hub', fail)
+    assert main(['convert', str(cls_src), str(work / 'pushed2'), '--no-parity', '--push-to-hub', 'me/twins']) == 2
+    err = _err(capsys)
+    assert 'uploading it to me/twins failed: 401' in err and (work / 'pushed2').is_dir()
+    assert main(['convert', str(cls_src), str(work / 'x.safetensors'), '--push-to-hub', 'me/twins']) == 2
+    assert 'folder' in _err(capsys)
 
 
 def test_dry_run_json(cls_src, capsys):
