@@ -187,6 +187,13 @@ def test_eval_layout_errors(tmp_path, standin, capsys):
     assert 'no annotation' in capsys.readouterr().err
 
 
+def test_eval_never_falls_back_to_random_weights(tmp_path, offline_hub, capsys):
+    data = _ade_folder(tmp_path / 'ade', 1, 5)
+    assert cli.main(['eval', '--data', str(data)]) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert 'twins-timm/twins_svt_large_upernet_ade20k: not in the local Hub cache' in err
+
+
 # ----------------------------------------------------------------------------- real adapter
 
 @pytest.fixture(scope='module')

@@ -18,12 +18,13 @@ def _pair(values: Optional[Sequence[int]], name: str) -> Optional[Tuple[int, int
     return (values[0], values[-1])
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, random_fallback: bool) -> None:
+    fallback = (', or a labelled random-initialised model when it is not available' if random_fallback
+                else ' (an error when it is not available: metrics need trained weights)')
     parser.add_argument('--model', metavar='DIR_OR_HUB_ID', default=None,
                         help='converted model: a folder from `twins-timm convert` / save_pretrained, '
                              'a checkpoint file, or a Hub id (the local cache is tried first). '
-                             'Default: %s, or a labelled random-initialised model when it is not '
-                             'available' % DEFAULT_MODEL_ID)
+                             'Default: %s%s' % (DEFAULT_MODEL_ID, fallback))
     parser.add_argument('--device', default='auto',
                         help="torch device: 'cpu', 'cuda', 'cuda:1', 'mps' (default: cuda if available)")
 

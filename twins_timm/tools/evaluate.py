@@ -175,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--data', required=True, metavar='DIR',
                         help='ADE20K-format folder: images/SPLIT/*.jpg, annotations/SPLIT/*.png')
     parser.add_argument('--split', default='validation', help='sub-folder name (default: validation)')
-    add_model_arguments(parser)
+    add_model_arguments(parser, random_fallback=False)
     parser.add_argument('--no-reduce-zero-label', action='store_true',
                         help='annotations are already 0-based class indices (ADE20K files are not)')
     parser.add_argument('--ignore-index', type=int, default=255, help='label ignored (default 255)')
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json and Path(args.json).exists() and not args.force:
         raise FileExistsError('%s already exists; pass --force to overwrite' % args.json)
     device = pick_device(args.device)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, allow_random=False)
     model = loaded.model.to(device).eval()
     num_classes, names, _ = model_classes(model)
     names = class_name_list(num_classes, names)

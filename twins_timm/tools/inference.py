@@ -14,7 +14,8 @@ What is reproduced (mmseg 1.2.2 / mmcv 2.1, and mmseg 0.x for the ADE20K "ms+fli
   ``MultiScaleFlipAug``), with and without horizontal flip; each prediction's logits are resized
   to the original image, turned into softmax probabilities and averaged (mmseg's ``aug_test`` and
   ``SegTTAModel.merge_preds`` both average softmax); the flipped copy shares the forward pass of
-  the unflipped one.
+  the unflipped one.  (mmseg 1.x's own ``ade20k.py`` ``tta_pipeline`` instead scales the image's
+  own size by r, without the (2048, 512) bound: ``scale=None``, i.e. ``--no-resize --tta``.)
 
 Resize: mmcv resizes with OpenCV's fixed-point ``INTER_LINEAR``; :func:`resize_uint8` replays
 its integer arithmetic in torch (no OpenCV needed), which matches cv2 on x86 exactly on most
@@ -163,6 +164,8 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     """HWC uint8 RGB array -> 1x3xHxW uint8 tensor."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError('expected an RGB image of shape (H, W, 3), got %r' % (image.shape,))
+    if not image.flags.writeable:
+        image = image.copy()
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
 
 

@@ -77,7 +77,7 @@ def read_image(path: os.PathLike) -> Tuple[np.ndarray, Optional[str]]:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(im.convert('RGB'), dtype=np.uint8)
+            rgb = np.array(im.convert('RGB'), dtype=np.uint8)
     except (OSError, SyntaxError) as e:  # truncated or corrupt data
         raise ValueError('%s: image data is corrupt or truncated: %s' % (path, e)) from None
     return rgb, note

@@ -36,7 +36,7 @@ EPILOG = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('images', nargs='*', metavar='IMAGE',
                         help='image files (default: the sample photo shipped with twins-timm)')
-    add_model_arguments(parser)
+    add_model_arguments(parser, random_fallback=True)
     parser.add_argument('--out', metavar='DIR', default='twins-timm-out',
                         help='output folder (default: ./twins-timm-out)')
     parser.add_argument('--batch-size', type=int, default=1, metavar='N',
