@@ -161,3 +161,22 @@ def test_dtype_and_safetensors_output(work):
         save(res, work / 'x', dtype='int8')
     with pytest.raises(ValueError, match='--to mmseg'):
         save(res, work / 'x.pth')
+
+
+def test_family_settings_travel_with_the_timm_folder(work):
+    """An official-seg SVT backbone needs stage norms + window mask: config.json records them, timm honours them."""
+    import timm
+
+    name = 'official/seg_alt_gvt_small'
+    res = convert_checkpoint(wrap(name, random_state_dict(name, seed=10)))
+    info = save(res, work / 'seg_svt_s_backbone', parity=False)
+    cfg = json.loads((info.path / 'config.json').read_text())
+    assert cfg['model_args']['stage_norm'] is True and cfg['model_args']['window_mask'] is True
+    assert cfg['num_classes'] == 0 and cfg['twins_timm']['dropped'] == ['head']
+    model = timm.create_model('local-dir:%s' % info.path, pretrained=True)
+    assert model.stage_norms is not None and torch.equal(model.stage_norms[2].weight,
+                                                         res.state_dict['stage_norms.2.weight'])
+    # the folder converts again (timm format, passed through) with the same settings
+    again = convert_checkpoint(info.path)
+    assert (again.format, again.task, again.model_args) == ('timm', 'backbone', res.model_args)
+    assert all(torch.equal(again.state_dict[k], v) for k, v in res.state_dict.items())
