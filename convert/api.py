@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .detect import Detection, DetectionError, detect, meta_classes, normalize_variant, unwrap
+from .detect import DetectionError, detect, meta_classes, normalize_variant, unwrap
 from .engine import apply_rules
 from .io import PathLike, load_file
 from .rules import ENCODER_PREFIX, MMSEG_BACKBONE, PARTS, SEG_BACKBONE_PREFIX, SEG_HEADS, prefixed, table_for
@@ -270,7 +270,8 @@ def convert_checkpoint(src: Union[PathLike, Mapping[str, Any]], variant: Optiona
         if folder_cfg and 'class_names' in folder_cfg:
             class_names, palette = folder_cfg.get('class_names'), folder_cfg.get('palette')
         if class_names and len(class_names) != num_classes:
-            det.notes.append('file lists %d class names for %d classes; names ignored' % (len(class_names), num_classes))
+            det.notes.append('file lists %d class names for %d classes; names ignored'
+                             % (len(class_names), num_classes))
             class_names = None
         if palette and len(palette) != num_classes:
             palette = None

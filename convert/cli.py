@@ -78,7 +78,8 @@ def summary(res, info=None, seconds: float = 0.0) -> dict:
 
 def _print_summary(s: dict) -> None:
     rows = [
-        ('source', '%s (%s%s)' % (s['source'], s['format'], ", wrapped in '%s'" % s['wrapper'] if s['wrapper'] else '')),
+        ('source', '%s (%s%s)' % (s['source'], s['format'],
+                                  ", wrapped in '%s'" % s['wrapper'] if s['wrapper'] else '')),
         ('variant', '%s (%s, %s)' % (s['variant'], s['family'].upper(), s['size'])),
         ('task', '%s, %d classes' % (s['task'], s['num_classes'])),
         ('settings', json.dumps(s['model_args'], sort_keys=True) if s['model_args'] else 'timm defaults'),

@@ -201,7 +201,8 @@ def detect(sd: Mapping[str, torch.Tensor], wrapper: str = '', meta: Optional[Map
         dec, head_w, aux_w = 'decoder.', 'segmentation_head.conv_seg.weight', 'aux_head.conv_seg.weight'
         neck = 'decoder.neck.'
     else:
-        dec, head_w, aux_w, neck = 'decode_head.', 'decode_head.conv_seg.weight', 'auxiliary_head.conv_seg.weight', 'neck.'
+        dec, head_w, aux_w = 'decode_head.', 'decode_head.conv_seg.weight', 'auxiliary_head.conv_seg.weight'
+        neck = 'neck.'
     has_psp = any(k.startswith(dec + 'psp_modules.') for k in keys)
     has_fpn = any(k.startswith(neck) for k in keys) and any(k.startswith(dec + 'scale_heads.') for k in keys)
     has_dec = any(k.startswith(dec) and not k.startswith(neck) for k in keys) or head_w in sd

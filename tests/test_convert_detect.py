@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoint_factory import kind_of, manifest, manifest_names, shapes_only
-from twins_timm.convert import DetectionError, MappingError, convert_checkpoint, detect, normalize_variant, unwrap
+from twins_timm.convert import DetectionError, convert_checkpoint, detect, normalize_variant, unwrap
 
 
 def expected_from_name(name):

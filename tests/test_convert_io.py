@@ -7,12 +7,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoint_factory import random_state_dict, wrap, write_checkpoint
+from checkpoint_factory import random_state_dict, write_checkpoint
 from twins_timm.convert import CheckpointReadError, UnsafeCheckpointError, convert_checkpoint, load_file
 from twins_timm.convert.io import atomic_path, save_safetensors, save_torch
 

@@ -4,8 +4,7 @@ import torch
 
 from checkpoint_factory import random_state_dict, shapes_only
 from twins_timm.convert import MappingError, apply_rules, convert_checkpoint, to_mmseg
-from twins_timm.convert.rules import (MMSEG_BACKBONE, OFFICIAL_SEG_BACKBONE, SEG_HEADS, TIMM_BACKBONE, Rename,
-                                      prefixed, table_for)
+from twins_timm.convert.rules import MMSEG_BACKBONE, SEG_HEADS, TIMM_BACKBONE, Rename, prefixed, table_for
 
 
 def _same(a, b):
