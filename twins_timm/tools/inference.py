@@ -186,11 +186,6 @@ def slide_windows(h: int, w: int, crop_size: Tuple[int, int], stride: Tuple[int,
     return windows
 
 
-def _num_classes(model: nn.Module) -> Optional[int]:
-    n = getattr(model, 'classes', None)
-    return int(n) if isinstance(n, int) else None
-
-
 def slide_logits(model: nn.Module, x: torch.Tensor, crop_size: Tuple[int, int],
                  stride: Tuple[int, int], crop_batch: int = 4) -> torch.Tensor:
     """mmseg ``slide`` inference on normalised NCHW ``x``, ``crop_batch`` windows per forward."""
@@ -201,7 +196,7 @@ def slide_logits(model: nn.Module, x: torch.Tensor, crop_size: Tuple[int, int],
     for start in range(0, len(windows), max(1, crop_batch)):
         chunk = windows[start:start + max(1, crop_batch)]
         crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-        out = model(crops)
+        out = _at_size(model(crops), crops.shape[-2:])
         if preds is None:
             preds = x.new_zeros((b, out.shape[1], h, w))
         for k, (y1, y2, x1, x2) in enumerate(chunk):
@@ -214,10 +209,14 @@ def model_logits(model: nn.Module, x: torch.Tensor, settings: InferenceSettings)
     """Logits at the size of ``x`` (normalised NCHW) in the configured mode."""
     if settings.mode == 'slide':
         return slide_logits(model, x, settings.crop_size, settings.stride, settings.crop_batch)
-    out = model(x)
-    if out.shape[-2:] != x.shape[-2:]:  # models that return a lower-resolution map
-        out = F.interpolate(out, size=x.shape[-2:], mode='bilinear', align_corners=False)
-    return out
+    return _at_size(model(x), x.shape[-2:])
+
+
+def _at_size(logits: torch.Tensor, size_hw) -> torch.Tensor:
+    """Segmenters here return input-size logits; others (e.g. stride-4 maps) are resized."""
+    if logits.shape[-2:] == size_hw:
+        return logits
+    return F.interpolate(logits, size=size_hw, mode='bilinear', align_corners=False)
 
 
 def augmented_logits(model: nn.Module, images: torch.Tensor, settings: InferenceSettings,
