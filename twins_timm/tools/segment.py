@@ -71,6 +71,8 @@ def _summary(labels: np.ndarray, names: List[str], top: int = 5) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError('--batch-size must be at least 1')
+    if not 0.0 <= args.opacity <= 1.0:
+        raise ValueError('--opacity must be between 0 and 1, got %g' % args.opacity)
     settings = settings_from_args(args)
     images = [Path(p) for p in args.images] or [sample_image_path()]
     if not args.images:
