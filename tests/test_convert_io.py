@@ -137,10 +137,14 @@ def test_kill_mid_write_leaves_no_output(tmp_path):
     """SIGKILL while a large file is being written: no DST, only a hidden partial the next write removes."""
     dst = tmp_path / 'big.pth'
     started = tmp_path / 'started'
+    # io.py is loaded by path so the child process starts fast (no timm import)
     script = textwrap.dedent('''
-        import sys, time, torch
+        import importlib.util, sys, time
         from pathlib import Path
-        from twins_timm.convert.io import atomic_path
+        spec = importlib.util.spec_from_file_location('convert_io', sys.argv[3])
+        io = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(io)
+        atomic_path = io.atomic_path
         dst, started = Path(sys.argv[1]), Path(sys.argv[2])
         with atomic_path(dst) as tmp:
             with open(tmp, 'wb') as f:
@@ -152,7 +156,8 @@ def test_kill_mid_write_leaves_no_output(tmp_path):
                         started.write_text('go')
                     time.sleep(0.01)
     ''')
-    proc = subprocess.Popen([sys.executable, '-c', script, str(dst), str(started)])
+    import twins_timm.convert.io as convert_io
+    proc = subprocess.Popen([sys.executable, '-c', script, str(dst), str(started), convert_io.__file__])
     try:
         deadline = time.time() + 60
         while not started.exists() and proc.poll() is None and time.time() < deadline:
