@@ -80,9 +80,11 @@ def family_args(fmt: str, variant: str) -> Dict[str, Any]:
 def _read_folder_config(path: Path) -> Tuple[Path, Dict[str, Any]]:
     cfg_file = path / 'config.json'
     weights = path / 'model.safetensors'
+    if not weights.exists() and (path / 'pytorch_model.bin').exists():  # older Hub folders
+        weights = path / 'pytorch_model.bin'
     if not weights.exists():
-        raise FileNotFoundError('%s is a folder without model.safetensors; pass a checkpoint file or a Hub '
-                                'folder written by twins-timm / timm / SMP' % path)
+        raise FileNotFoundError('%s is a folder without model.safetensors (or pytorch_model.bin); pass a checkpoint '
+                                'file or a Hub folder written by twins-timm / timm / SMP' % path)
     cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
     return weights, cfg
 
