@@ -132,11 +132,17 @@ def build_reference(family: str, size: str, head: str, seed: int = 0) -> nn.Modu
     return randomize_(model, seed).eval()
 
 
-def save_mmseg_checkpoint(model: nn.Module, path: Path | str) -> Path:
-    """Write the model as an mmseg checkpoint file (`{'meta': ..., 'state_dict': ...}`)."""
+def mmseg_checkpoint_object(model: nn.Module) -> dict:
+    """What an mmseg 1.x checkpoint file holds: `{'meta': {..., 'dataset_meta'}, 'state_dict'}`."""
     from mmseg.datasets import ADE20KDataset
-    meta = {'mmseg_version': '1.2.2', 'dataset_meta': dict(ADE20KDataset.METAINFO)}
-    torch.save({'meta': meta, 'state_dict': model.state_dict()}, str(path))
+    meta = {'mmseg_version': '1.2.2',
+            'dataset_meta': {k: list(v) for k, v in ADE20KDataset.METAINFO.items()}}
+    return {'meta': meta, 'state_dict': model.state_dict()}
+
+
+def save_mmseg_checkpoint(model: nn.Module, path: Path | str) -> Path:
+    """Write the model as an mmseg checkpoint file."""
+    torch.save(mmseg_checkpoint_object(model), str(path))
     return Path(path)
 
 
