@@ -10,10 +10,9 @@ families (see `checkpoint_family_args`):
   * ``window_mask``: the official segmentation window-attention mask, quirk included,
   * ``patch_padding``: ``'corner'`` zero-pads bottom/right to a patch multiple (mmseg) instead of flooring.
 
-Tokens stay in (B, H*W, C) row-major layout through the whole trunk: patch embeddings and the
-attention's spatial reduction are computed as patch-gathers followed by one matmul, and the positional
-conv runs on a channels-last view, so the only layout copies are the window partition and the NCHW
-feature maps handed out.
+Tokens stay in (B, H*W, C) row-major layout through the whole trunk: the patch embeddings, the
+attention's spatial reduction and the positional conv run on channels-last views of it, so the only
+layout copies are the window partition and the NCHW feature maps handed out.
 """
 import math
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -38,23 +37,9 @@ PATCH_PADDINGS = ('none', 'corner')
 WINDOW_MASK_VALUE = -1000.0  # the official segmentation code's value, not -inf
 
 
-def patch_linear(x: torch.Tensor, conv: nn.Conv2d, padding: str = 'none') -> torch.Tensor:
-    """Non-overlapping patch conv (kernel == stride) on a (B, H, W, C) map, as one gather + matmul.
-
-    Equals ``conv`` on the NCHW view, but reads and writes the token layout directly. ``padding``:
-    'none' drops the bottom/right remainder like the conv does, 'corner' zero-pads it to a full patch.
-    """
-    p = conv.stride[0]
-    B, H, W, C = x.shape
-    if padding == 'corner' and (H % p or W % p):
-        x = F.pad(x, (0, 0, 0, (p - W % p) % p, 0, (p - H % p) % p))
-        B, H, W, C = x.shape
-    h, w = H // p, W // p
-    if h * p != H or w * p != W:
-        x = x[:, :h * p, :w * p]
-    # (B, h, p, w, p, C) -> (B, h, w, C, p, p): the conv weight's (C_in, kh, kw) order
-    x = x.reshape(B, h, p, w, p, C).permute(0, 1, 3, 5, 2, 4).reshape(B, h, w, C * p * p)
-    return F.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+def patch_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A conv on a (B, H, W, C) map through its channels-last view: no layout copy on either side."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 def window_attn_mask(
@@ -179,7 +164,7 @@ class GlobalSubSampleAttn(nn.Module):
         nh = self.num_heads
         q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)
         if self.sr is not None:
-            x = self.norm(patch_linear(x.view(B, size[0], size[1], C), self.sr)).reshape(B, -1, C)
+            x = self.norm(patch_conv(x.view(B, size[0], size[1], C), self.sr)).reshape(B, -1, C)
         k, v = self.kv(x).view(B, -1, 2, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)
 
         if self.fused_attn:
@@ -252,7 +237,7 @@ class PosConv(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Patch embedding (conv kernel == stride, then LayerNorm eps 1e-5) from and to (B, H, W, C) layout."""
+    """Patch embedding (conv kernel == stride, then LayerNorm eps 1e-5): NCHW map in, (B, N, C) tokens out."""
 
     def __init__(
             self,
@@ -271,8 +256,12 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size_]:
-        x = self.norm(patch_linear(x, self.proj, self.padding))
-        B, H, W, C = x.shape
+        if self.padding == 'corner':
+            p = self.patch_size[0]
+            x = F.pad(x, (0, (p - x.shape[-1] % p) % p, 0, (p - x.shape[-2] % p) % p))
+        x = self.proj(x)
+        B, C, H, W = x.shape
+        x = self.norm(x.permute(0, 2, 3, 1))
         return x.reshape(B, H * W, C), (H, W)
 
 
@@ -438,7 +427,7 @@ class Twins(nn.Module):
                 f'got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image.')
 
     def _run_stage(self, i: int, x: torch.Tensor) -> Tuple[torch.Tensor, Size_]:
-        """Patch embedding + blocks (+ PEG after the first) + optional stage norm; (B,H,W,C) in, tokens out."""
+        """Patch embedding + blocks (+ PEG after the first) + optional stage norm; NCHW in, tokens out."""
         x, size = self.patch_embeds[i](x)
         x = self.pos_drops[i](x)
         for j, blk in enumerate(self.blocks[i]):
@@ -480,20 +469,21 @@ class Twins(nn.Module):
         num_stages = len(self.blocks) if torch.jit.is_scripting() or not stop_early else max_index + 1
 
         B = x.shape[0]
-        x = x.permute(0, 2, 3, 1)
         for i in range(num_stages):
             x, size = self._run_stage(i, x)
-            if i in take_indices:
-                feat = self.norm(x) if norm and i == last_idx else x
-                feat = feat.reshape(B, size[0], size[1], -1)
-                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat)
             if i < last_idx:
-                x = x.reshape(B, size[0], size[1], -1)
+                # the NCHW map is both the next stage's input and the feature handed out
+                x = x.reshape(B, size[0], size[1], -1).permute(0, 3, 1, 2).contiguous()
+                feat = x
+            else:
+                feat = (self.norm(x) if norm else x).reshape(B, size[0], size[1], -1).permute(0, 3, 1, 2)
+            if i in take_indices:
+                intermediates.append(feat.contiguous() if output_fmt == 'NCHW' else feat.permute(0, 2, 3, 1))
 
         if intermediates_only:
             return intermediates
         if num_stages - 1 == last_idx:
-            x = self.norm(x)
+            x = self.norm(x)  # tokens (B, N, C), as forward_features returns them
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -523,11 +513,10 @@ class Twins(nn.Module):
         """Final-stage tokens (B, N, C) after the final norm, as timm's Twins returns them."""
         self._check_input(x)
         B = x.shape[0]
-        x = x.permute(0, 2, 3, 1)
         for i in range(len(self.blocks)):
             x, size = self._run_stage(i, x)
             if i < len(self.blocks) - 1:
-                x = x.reshape(B, size[0], size[1], -1)
+                x = x.reshape(B, size[0], size[1], -1).permute(0, 3, 1, 2).contiguous()
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

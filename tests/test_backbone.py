@@ -1,0 +1,395 @@
+"""The six Twins backbones as timm models: registration, parity with timm, dense features, options."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import timm
+import timm.models.twins as timm_twins
+from safetensors.torch import save_file
+
+import twins_timm
+from mmseg_reference import randomize_
+from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
+
+VARIANTS = [f'twins_{a}_{s}' for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
+SMALL = ['twins_pcpvt_small', 'twins_svt_small']
+
+
+def ours(name, seed=0, **kwargs):
+    """Our model with seeded random weights (meta-device build + fast fill: timm's init is slow on CPU)."""
+    model = timm.create_model(name, device='meta', **kwargs).to_empty(device='cpu')
+    return randomize_(model, seed).eval()
+
+
+@torch.no_grad()
+def timm_like_init_(model, seed=0):
+    """Seeded weights on the scale of timm's own init (Linear std .02, conv fan-out), norms perturbed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(t):
+        return torch.randn(t.shape, generator=g)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.copy_(randn(m.weight) * .02)
+            m.bias.copy_(randn(m.bias) * .02)
+        elif isinstance(m, torch.nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            m.weight.copy_(randn(m.weight) * (2.0 / fan_out) ** 0.5)
+            m.bias.copy_(randn(m.bias) * .02)
+        elif isinstance(m, torch.nn.LayerNorm):
+            m.weight.copy_(1 + .1 * randn(m.weight))
+            m.bias.copy_(randn(m.bias) * .02)
+    return model
+
+
+def timm_reference(name, state_dict):
+    """timm's own Twins class, built by timm's own entry point (still reachable on its module)."""
+    ref = getattr(timm_twins, name)(pretrained=False, device='meta').to_empty(device='cpu').eval()
+    assert type(ref) is timm_twins.Twins
+    ref.load_state_dict(state_dict, strict=True)
+    return ref
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------- registration
+
+def test_import_registers_all_six_without_warnings():
+    code = textwrap.dedent('''
+        import timm, twins_timm
+        for n in %r:
+            m = timm.create_model(n, pretrained=False, device='meta')
+            print(type(m).__module__)
+    ''' % VARIANTS)
+    res = subprocess.run([sys.executable, '-W', 'error', '-c', code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ['twins_timm.models.twins'] * 6
+    assert 'Overwriting' not in res.stderr
+
+
+def test_pretrained_tags_are_timms():
+    tags = set(timm.list_pretrained('twins_*'))
+    assert {f'{v}.in1k' for v in VARIANTS} <= tags
+    for v in VARIANTS:
+        cfg = timm.models.get_pretrained_cfg(f'{v}.in1k')
+        assert cfg.hf_hub_id == f'timm/{v}.in1k'
+        assert timm.models.is_model_pretrained(v)
+
+
+def test_pretrained_file_overlay_loads_strictly(tmp_path):
+    src = ours('twins_svt_small')
+    sd = {k: torch.randn_like(v) for k, v in src.state_dict().items()}
+    path = tmp_path / 'weights.safetensors'
+    save_file(sd, str(path))
+    m = timm.create_model('twins_svt_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+
+    sd['blocks.0.0.extra'] = torch.zeros(1)
+    save_file(sd, str(path))
+    with pytest.raises(RuntimeError, match='blocks.0.0.extra'):
+        timm.create_model('twins_svt_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def _fake_hf_cache(root, repo_id, files):
+    """A local HF hub cache (models--org--name/snapshots/<rev>/...), as huggingface_hub lays it out."""
+    rev = 'a' * 40
+    repo_dir = root / ('models--' + repo_id.replace('/', '--'))
+    snap = repo_dir / 'snapshots' / rev
+    snap.mkdir(parents=True)
+    (repo_dir / 'refs').mkdir()
+    (repo_dir / 'refs' / 'main').write_text(rev)
+    for name, write in files.items():
+        write(snap / name)
+
+
+def test_timm_hub_weights_load_offline_from_local_cache(tmp_path):
+    import json
+    src = ours('twins_pcpvt_small')
+    sd = {k: torch.randn_like(v) for k, v in src.state_dict().items()}
+    cfg = dict(architecture='twins_pcpvt_small', num_classes=1000,
+               pretrained_cfg=dict(timm.models.get_pretrained_cfg('twins_pcpvt_small.in1k').to_dict()))
+    _fake_hf_cache(tmp_path / 'hub', 'timm/twins_pcpvt_small.in1k', {
+        'model.safetensors': lambda p: save_file(sd, str(p)),
+        'config.json': lambda p: p.write_text(json.dumps(cfg)),
+    })
+    torch.save(sd, tmp_path / 'expected.pt')
+    code = textwrap.dedent(f'''
+        import torch, timm, twins_timm
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        for m in (timm.create_model('twins_pcpvt_small.in1k', pretrained=True),
+                  timm.create_model('hf-hub:timm/twins_pcpvt_small.in1k', pretrained=True)):
+            assert type(m).__module__ == 'twins_timm.models.twins', type(m)
+            assert all(torch.equal(v, expected[k]) for k, v in m.state_dict().items())
+        print('ok')
+    ''')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path))
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == 'ok'
+
+
+# ---------------------------------------------------------------------------------- timm parity
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_same_numbers_as_timm(name):
+    # PCPVT is bit-identical to timm; SVT's windows run through one fused-attention call (timm: math
+    # fallback), which leaves fp32 rounding differences of a few 1e-6 on maps of magnitude ~10.
+    m = timm_like_init_(timm.create_model(name, device='meta').to_empty(device='cpu')).eval()
+    ref = timm_reference(name, m.state_dict())
+    for size in ((224, 224), (250, 333)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert max_diff(m(x), ref(x)) <= 1e-5
+            feats = m.forward_intermediates(x, intermediates_only=True)
+            ref_feats = ref.forward_intermediates(x, intermediates_only=True)
+        assert len(feats) == 4
+        for a, b in zip(feats, ref_feats):
+            assert a.shape == b.shape
+            assert max_diff(a, b) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- dense prediction
+
+@pytest.mark.parametrize('name', SMALL)
+def test_features_only_any_size(name):
+    m = ours(name, features_only=True)
+    info = m.feature_info
+    assert info.reduction() == [4, 8, 16, 32]
+    assert info.module_name() == ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.3']
+    assert info.channels() == ([64, 128, 320, 512] if 'pcpvt' in name else [64, 128, 256, 512])
+    for h, w in ((32, 32), (33, 47), (250, 333)):
+        with torch.no_grad():
+            feats = m(torch.randn(2, 3, h, w))
+        expect_h, expect_w = h // 4, w // 4
+        for f, c in zip(feats, info.channels()):
+            assert f.shape == (2, c, expect_h, expect_w)
+            assert f.is_contiguous()
+            expect_h, expect_w = expect_h // 2, expect_w // 2
+
+
+def test_out_indices_honoured():
+    m = ours('twins_svt_small', features_only=True, out_indices=(1, 3))
+    assert m.feature_info.reduction() == [8, 32]
+    feats = m(torch.randn(1, 3, 64, 96))
+    assert [f.shape[1] for f in feats] == [128, 512]
+    assert [f.shape[-1] for f in feats] == [12, 3]
+
+
+@pytest.mark.parametrize('bad, message', [
+    (torch.randn(1, 3, 31, 64), 'at least 32'),
+    (torch.randn(1, 3, 64, 20), 'at least 32'),
+    (torch.randn(3, 64, 64), '4-D image batch'),
+    (torch.randn(1, 64, 64, 3), '3 input channels'),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), 'floating point'),
+])
+def test_bad_input_is_a_clear_value_error(bad, message):
+    for m in (ours('twins_svt_small'), ours('twins_svt_small', features_only=True)):
+        with pytest.raises(ValueError, match=message):
+            m(bad)
+
+
+def test_forward_intermediates_like_timm():
+    m = ours('twins_pcpvt_small')
+    ref = timm_reference('twins_pcpvt_small', m.state_dict())
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        for kwargs in (dict(indices=2), dict(indices=[0, 2]), dict(indices=[-1], norm=True),
+                       dict(indices=[1], stop_early=True)):
+            final, feats = m.forward_intermediates(x, **kwargs)
+            ref_final, ref_feats = ref.forward_intermediates(x, **kwargs)
+            assert len(feats) == len(ref_feats)
+            assert final.shape == ref_final.shape
+            assert max_diff(final, ref_final) <= 1e-5
+            for a, b in zip(feats, ref_feats):
+                assert max_diff(a, b) <= 1e-5
+        nhwc = m.forward_intermediates(x, indices=[0], output_fmt='NHWC', intermediates_only=True)[0]
+        assert nhwc.shape == (2, 24, 32, 64)
+
+
+def test_prune_intermediate_layers():
+    m = ours('twins_svt_small')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = m.forward_intermediates(x, intermediates_only=True)
+    taken = m.prune_intermediate_layers(indices=(0, 1))
+    assert taken == [0, 1]
+    assert len(m.blocks) == 2 and len(m.patch_embeds) == 2 and len(m.pos_block) == 2
+    assert isinstance(m.head, torch.nn.Identity) and isinstance(m.norm, torch.nn.Identity)
+    assert m.num_features == 128
+    with torch.no_grad():
+        pruned = m.forward_intermediates(x, indices=(0, 1), intermediates_only=True)
+        assert m(x).shape == (1, 64, 128)  # global_pool '' after pruning: tokens, as timm
+    for a, b in zip(pruned, full[:2]):
+        assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------- family options
+
+def test_checkpoint_family_args():
+    assert checkpoint_family_args('timm', 'twins_svt_base') == {}
+    assert checkpoint_family_args('official_seg', 'twins_svt_base') == dict(stage_norm=True, window_mask=True)
+    assert checkpoint_family_args('official_seg', 'twins_pcpvt_base') == {}
+    assert checkpoint_family_args('mmseg', 'twins_pcpvt_small') == dict(norm_eps=1e-5, patch_padding='corner')
+    with pytest.raises(ValueError, match='unknown checkpoint family'):
+        checkpoint_family_args('detectron', 'twins_svt_base')
+    m = ours('twins_svt_small', **checkpoint_family_args('mmseg', 'twins_svt_small'))
+    assert m.norm.eps == 1e-5 and m.blocks[2][3].norm1.eps == 1e-5 and m.stage_norms[3].eps == 1e-5
+    assert m.patch_embeds[0].norm.eps == 1e-5 and m.blocks[0][1].attn.norm.eps == 1e-5
+    assert ours('twins_svt_small').blocks[0][0].norm1.eps == 1e-6
+    assert 'stage_norms.0.weight' in m.state_dict()
+    with pytest.raises(ValueError, match='patch_padding'):
+        timm.create_model('twins_svt_small', patch_padding='reflect')
+
+
+def test_window_mask_quirk():
+    # both pads > 0: pairs with exactly one padded token are masked
+    mask = window_attn_mask(5, 6, 2, 1, 7, torch.device('cpu'), torch.float32)
+    assert mask.shape == (1, 49, 49)
+    pad = torch.zeros(7, 7)
+    pad[5:, :] = 1
+    pad[:, 6:] = 1
+    pad = pad.flatten()
+    expected = torch.where(pad[:, None] != pad[None, :], -1000.0, 0.0)
+    assert torch.equal(mask[0], expected)
+
+    # one pad == 0: the original mask is uniform, i.e. plain zero padding -- same output as no mask
+    torch.manual_seed(0)
+    attn_masked = timm_twins.LocallyGroupedAttn  # noqa: F841 (timm's has no mask: plain padding)
+    from twins_timm.models.twins import LocallyGroupedAttn
+    plain = LocallyGroupedAttn(32, 2, ws=7).eval()
+    masked = LocallyGroupedAttn(32, 2, ws=7, window_mask=True).eval()
+    masked.load_state_dict(plain.state_dict())
+    for h, w, same in ((14, 10, True), (10, 14, True), (10, 10, False), (14, 14, True)):
+        x = torch.randn(2, h * w, 32)
+        with torch.no_grad():
+            diff = max_diff(plain(x, (h, w)), masked(x, (h, w)))
+        assert (diff == 0) == same, (h, w, diff)
+
+
+def test_stage_norm_is_inside_the_trunk():
+    m = ours('twins_svt_small', stage_norm=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for norm in m.stage_norms:
+            norm.weight.normal_()
+        feats = m.forward_intermediates(x, intermediates_only=True)
+        m.stage_norms[0].weight.mul_(2)
+        changed = m.forward_intermediates(x, intermediates_only=True)
+    # the stage-1 norm feeds stage 2: every later map changes
+    assert all(max_diff(a, b) > 1e-3 for a, b in zip(feats, changed))
+
+
+# -------------------------------------------------------------- independent reference: mmseg
+
+@pytest.fixture(scope='module')
+def mmseg_backbones():
+    from mmseg_reference import model_config, randomize_, require_mmseg
+    require_mmseg()
+    from mmseg.registry import MODELS
+    from twins_timm.convert.engine import apply_rules
+    from twins_timm.convert.rules import table_for
+    out = {}
+    for name in SMALL:
+        family = 'svt' if '_svt_' in name else 'pcpvt'
+        torch.manual_seed(0)
+        ref = randomize_(MODELS.build(model_config(family, 'small', 'fpn')['backbone']), seed=1).eval()
+        sd = apply_rules(table_for('mmseg', 'backbone'), ref.state_dict()).state_dict
+        out[name] = (ref, sd)
+    return out
+
+
+def _rel_diffs(model, ref, x):
+    with torch.no_grad():
+        feats = model.forward_intermediates(x, intermediates_only=True)
+        ref_feats = list(ref(x))
+    assert [f.shape for f in feats] == [f.shape for f in ref_feats]
+    return [max_diff(a, b) / b.abs().max().item() for a, b in zip(feats, ref_feats)]
+
+
+def _ours_from(name, sd, **kwargs):
+    m = timm.create_model(name, num_classes=0, device='meta', **kwargs).to_empty(device='cpu').eval()
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert sorted(missing) == ['norm.bias', 'norm.weight'] and not unexpected  # mmseg has no final norm
+    return m
+
+
+@pytest.mark.parametrize('name', SMALL)
+@pytest.mark.parametrize('size', [(512, 512), (448, 640), (250, 333)])
+def test_mmseg_family_options_match_mmseg(mmseg_backbones, name, size):
+    ref, sd = mmseg_backbones[name]
+    m = _ours_from(name, sd, **checkpoint_family_args('mmseg', name))
+    torch.manual_seed(2)
+    rel = _rel_diffs(m, ref, torch.randn(2, 3, *size))
+    assert max(rel) <= 2e-6, rel
+
+
+@pytest.mark.parametrize('option, size', [
+    ('norm_eps', (448, 640)), ('stage_norm', (448, 640)), ('window_mask', (512, 512)), ('patch_padding', (250, 333)),
+])
+def test_each_mmseg_option_is_needed(mmseg_backbones, option, size):
+    """Dropping any one option breaks parity: the reference test above can fail for each of them."""
+    name = 'twins_svt_small'
+    ref, sd = mmseg_backbones[name]
+    args = checkpoint_family_args('mmseg', name)
+    args.pop(option)
+    if option == 'stage_norm':
+        sd = {k: v for k, v in sd.items() if not k.startswith('stage_norms.')}
+    m = _ours_from(name, sd, **args)
+    x = torch.randn(1, 3, *size)
+    if option == 'patch_padding':
+        with pytest.raises(AssertionError):
+            _rel_diffs(m, ref, x)  # floor vs ceil: the maps don't even have the same size
+    else:
+        assert max(_rel_diffs(m, ref, x)) > 2e-6
+
+
+# --------------------------------------------------------------------------------------- training
+
+def test_drop_path_linear_decay():
+    m = timm.create_model('twins_svt_small', drop_path_rate=0.3, device='meta')
+    rates = [0.0 if isinstance(b.drop_path1, torch.nn.Identity) else b.drop_path1.drop_prob
+             for stage in m.blocks for b in stage]
+    expected = torch.linspace(0, 0.3, len(rates))
+    assert torch.allclose(torch.tensor(rates), expected)
+    assert rates[0] == 0 and abs(rates[-1] - 0.3) < 1e-7
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_grad_checkpointing_recomputes_and_gives_same_gradients(name):
+    m = ours(name, drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 64, 96)
+
+    def grads(checkpointing):
+        m.zero_grad()
+        m.set_grad_checkpointing(checkpointing)
+        calls = []
+        blk = m.blocks[2][0]
+        blk.forward = lambda *a, _f=type(blk).forward: calls.append(1) or _f(blk, *a)  # hooks skip re-computation
+        sum(f.square().mean() for f in m.forward_intermediates(x, intermediates_only=True)).backward()
+        del blk.forward
+        return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}, len(calls)
+
+    plain, plain_calls = grads(False)
+    ckpt, ckpt_calls = grads(True)
+    assert plain_calls == 1 and ckpt_calls == 2  # forward, then re-computed in backward
+    assert plain.keys() == ckpt.keys() and len(plain) > 100
+    for k in plain:
+        assert torch.allclose(plain[k], ckpt[k], atol=1e-6, rtol=1e-5), k
+
+
+def test_channels_last_input_accepted():
+    m = ours('twins_svt_small')
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        assert max_diff(m(x), m(x.contiguous(memory_format=torch.channels_last))) <= 1e-6
+
+
+def test_version():
+    assert twins_timm.__version__
+    assert isinstance(ours('twins_svt_small'), Twins)
