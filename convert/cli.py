@@ -13,7 +13,11 @@ Reads official Twins classification files (pcpvt_*.pth, alt_gvt_*.pth), official
 files (mmseg 0.x), mmsegmentation 1.x Twins checkpoints, and timm state dicts / .safetensors. The
 format, family (PCPVT/SVT), size, task and number of classes are detected from the keys and shapes;
 every key must map onto the target model, or nothing is written. Files are read without unpickling
-code, and the output is written atomically."""
+code, and the output is written atomically.
+
+Leaving parts out is explicit (--drop) and always reported. One drop is on by default: official
+segmentation files keep their backbone's ImageNet classifier (backbone.head.*, and for segmenters the
+final backbone.norm.*), which the segmentation model never uses; the summary lists them."""
 
 EPILOG = """examples:
   # official ImageNet classifier -> timm Hub folder (config.json, model.safetensors, README.md)

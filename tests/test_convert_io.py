@@ -65,6 +65,12 @@ def test_namespace_training_checkpoint_loads(tmp_path):
     assert torch.equal(res.state_dict['head.weight'], sd['head.weight'])
     # the allow-list is scoped to our load: torch's global one is unchanged afterwards
     assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    # files from torch < 1.6 (legacy, non-zip layout) too
+    legacy = tmp_path / 'legacy.pth'
+    torch.save({'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(lr=0.1)}, legacy,
+               _use_new_zipfile_serialization=False)
+    obj = load_file(legacy)
+    assert obj['args'].lr == 0.1 and torch.equal(obj['model']['w'], torch.ones(2))
 
 
 @pytest.mark.parametrize('case', ['empty', 'truncated', 'random', 'truncated_safetensors', 'text'])
