@@ -69,12 +69,9 @@ class ConversionResult:
 # ------------------------------------------------------------------------------- family settings
 def family_args(fmt: str, variant: str) -> Dict[str, Any]:
     """Backbone kwargs reproducing the computation of the checkpoint's family (see FORMATS.md)."""
-    from twins_timm.models import twins
+    from twins_timm.models.twins import checkpoint_family_args
 
-    fn = getattr(twins, 'checkpoint_family_args', None)
-    if fn is None:  # backbone without the family options (stand-in): only the timm defaults exist
-        return {}
-    return dict(fn(fmt, variant))
+    return dict(checkpoint_family_args(fmt, variant))
 
 
 def _read_folder_config(path: Path) -> Tuple[Path, Dict[str, Any]]:
@@ -231,7 +228,7 @@ def convert_checkpoint(src: Union[PathLike, Mapping[str, Any]], variant: Optiona
     """
     obj, source, is_st, folder_cfg = _load_source(src, progress)
     sd, wrapper, meta = unwrap(obj)
-    det = detect(sd, wrapper, meta, is_safetensors=is_st)
+    det = detect(sd, wrapper, is_safetensors=is_st)
     if variant:
         wanted = normalize_variant(variant)
         if wanted != det.variant:
@@ -414,7 +411,7 @@ def save(res: ConversionResult, dst: PathLike, to: str = 'timm', force: bool = F
     model = build_model(res)
     par = reference_parity(res, model) if parity else None
     source_sha = sha256_file(res.source) if res.source and Path(res.source).is_file() else None
-    model = hub.cast(model, dt)
+    model = model if dt is None else model.to(dt)
     if res.is_segmenter:
         hub.save_segmenter_folder(res, model, dst, force, par, source_sha)
         kind = 'segmenter folder'
@@ -422,7 +419,7 @@ def save(res: ConversionResult, dst: PathLike, to: str = 'timm', force: bool = F
         hub.save_timm_folder(res, model, dst, force, par, source_sha)
         kind = 'timm folder'
     _verify_written(dst / hub.WEIGHTS_NAME, model.state_dict())
-    return SaveInfo(dst, kind, dst / hub.WEIGHTS_NAME, hub.folder_sha256(dst), par)
+    return SaveInfo(dst, kind, dst / hub.WEIGHTS_NAME, sha256_file(dst / hub.WEIGHTS_NAME), par)
 
 
 def _verify_written(weights: Path, expected: Mapping[str, torch.Tensor]) -> None:

@@ -142,8 +142,7 @@ def _backbone_layout(keys: List[str]) -> Dict[str, Tuple[str, str]]:
     return found
 
 
-def detect(sd: Mapping[str, torch.Tensor], wrapper: str = '', meta: Optional[Mapping[str, Any]] = None,
-           is_safetensors: bool = False) -> Detection:
+def detect(sd: Mapping[str, torch.Tensor], wrapper: str = '', is_safetensors: bool = False) -> Detection:
     """Detect format, family, size, task and number of classes; raise DetectionError if not Twins."""
     keys = list(sd)
     layouts = _backbone_layout(keys)

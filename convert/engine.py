@@ -152,7 +152,6 @@ def apply_rules(rules: Sequence[object], state_dict: Mapping[str, torch.Tensor],
         else:
             unmapped.append(key)
 
-    # split pieces whose first piece was never seen (reverse) and were skipped above
     problems: Dict[str, List[str]] = {}
     if unmapped:
         problems['unmapped source keys'] = unmapped

@@ -9,10 +9,9 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
 from torch import nn
 
-from .io import sha256_file, write_folder
+from .io import write_folder
 
 WEIGHTS_NAME = 'model.safetensors'
 
@@ -124,10 +123,6 @@ def _provenance(res, parity: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def folder_sha256(folder) -> str:
-    return sha256_file(Path(folder) / WEIGHTS_NAME)
-
-
 def push_to_hub(folder, repo_id: str, private: bool = False, token: Optional[str] = None,
                 commit_message: str = 'Add Twins weights converted with twins-timm') -> str:
     """Upload a written folder to the Hugging Face Hub; returns the repo URL."""
@@ -137,7 +132,3 @@ def push_to_hub(folder, repo_id: str, private: bool = False, token: Optional[str
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
     return str(url)
-
-
-def cast(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
-    return model if dtype is None else model.to(dtype)
