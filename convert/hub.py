@@ -21,6 +21,15 @@ LICENCE_NOTE = (
     'Apache-2.0. Models trained on ImageNet-1k or ADE20K are also subject to those datasets\' terms of use; '
     'check them before redistributing.')
 
+# what each backbone setting (twins_timm.models.twins) means, for the model card
+SETTING_TEXT = {
+    'stage_norm': lambda v: 'a LayerNorm after every stage, inside the trunk' if v else 'no per-stage norms',
+    'norm_eps': lambda v: 'LayerNorm eps %g in the blocks and stage norms' % v,
+    'window_mask': lambda v: 'the official padding mask in SVT window attention' if v else 'plain window padding',
+    'patch_padding': lambda v: 'inputs zero-padded bottom/right to a patch multiple' if v == 'corner'
+    else 'patch embedding floors odd sizes',
+}
+
 FORMAT_NAMES = {
     'timm': 'timm state dict',
     'official_cls': 'official Twins classification checkpoint (Meituan-AutoML/Twins)',
@@ -64,18 +73,19 @@ def model_card(res, parity: Optional[Dict[str, Any]] = None, source_sha256: Opti
         lines.append('| dropped | %s |' % '; '.join('%s: %s' % kv for kv in res.dropped_parts.items()))
     lines += ['', '## Numerics', '']
     if res.model_args:
-        lines.append('The backbone settings above reproduce the computation of the source family '
-                     '(see FORMATS.md in twins-timm); they are stored in `config.json` and applied on load.')
+        said = [SETTING_TEXT[k](v) for k, v in sorted(res.model_args.items()) if k in SETTING_TEXT]
+        lines.append('The backbone settings above reproduce the computation of the source family (%s); they are '
+                     'stored in `config.json` and applied on load.' % '; '.join(said))
     else:
         lines.append('The source family computes exactly as timm\'s Twins; no extra settings are needed.')
     lines.append('')
     if parity:
         lines.append('Parity at conversion: %s.' % parity['text'])
     else:
-        lines.append('Parity: twins-timm ships no implementation of the source family besides these settings, so '
-                     'none is measured at conversion; its test suite checks them against the family\'s own code '
-                     '(official segmentation computation, mmsegmentation) to <= 1e-5 max abs difference on '
-                     'features.')
+        lines.append('Parity: twins-timm ships no other implementation of the source family, so none is measured '
+                     'at conversion; its test suite checks these settings against the family\'s own computation '
+                     '(official segmentation code, mmsegmentation) to float32 rounding (about 1e-5 relative) on '
+                     'features and logits.')
     lines.append('The written weights were read back and compared bit for bit with the converted ones.')
     lines += ['', '## Usage', '', '```python']
     if seg:
