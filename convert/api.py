@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .detect import DetectionError, detect, meta_classes, normalize_variant, unwrap
-from .engine import apply_rules
+from .engine import MappingError, apply_rules
 from .io import PathLike, load_file
 from .rules import ENCODER_PREFIX, MMSEG_BACKBONE, PARTS, SEG_BACKBONE_PREFIX, SEG_HEADS, prefixed, table_for
 
@@ -285,7 +285,11 @@ def convert_checkpoint(src: Union[PathLike, Mapping[str, Any]], variant: Optiona
 
     rules = table_for(det.format, task, det.src_prefix)
     expected = target_shapes(det.variant, task, num_classes, model_args, aux)
-    report = apply_rules(rules, sd, drop=drop_set, expected=expected)
+    try:
+        report = apply_rules(rules, sd, drop=drop_set, expected=expected)
+    except MappingError as e:  # say what the file was taken for: often the clue to what is wrong
+        raise MappingError('%s looks like a %s %s checkpoint (%s) but %s' % (
+            source or 'the state dict', det.variant, task, det.format, e), e.problems) from None
     for p in user_drop:
         if p not in report.dropped_parts:
             raise ValueError('--drop %s: the checkpoint has no %s to drop' % (p, PARTS[p]))
