@@ -18,6 +18,7 @@ from segmentation_models_pytorch.base.modules import Activation
 
 from . import ade20k
 from .encoder import TwinsEncoder
+from .loss import AUX_WEIGHT, MAIN_WEIGHT
 from .modules import FCNHead, resize
 
 MMSEG_MEAN = (123.675, 116.28, 103.53)
@@ -69,11 +70,13 @@ class TwinsSegmentationModel(SegmentationModel):
     Eval mode: `model(x)` -> logits (B, classes, H, W) for a normalised (B, 3, H, W) batch.
     Train mode: `(logits, aux_logits)` when the model has an auxiliary head, else `logits`;
     mmseg weighs the two cross-entropy losses 1.0 and 0.4 (`loss_weights`, see `mmseg_loss`).
+    Multi-GPU (DDP under torchrun): `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)` before
+    wrapping, as mmseg's SyncBN configs train; `set_grad_checkpointing()` saves backbone memory.
     """
 
     requires_divisible_input_shape = False
     _is_torch_scriptable = False
-    loss_weights = (1.0, 0.4)
+    loss_weights = (MAIN_WEIGHT, AUX_WEIGHT)
     model_type = ''
 
     def _build_common(self, encoder_name: str, encoder_weights: Optional[Union[bool, str]],
