@@ -72,6 +72,20 @@ class TwinsSegmentationModel(SegmentationModel):
     mmseg weighs the two cross-entropy losses 1.0 and 0.4 (`loss_weights`, see `mmseg_loss`).
     Multi-GPU (DDP under torchrun): `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)` before
     wrapping, as mmseg's SyncBN configs train; `set_grad_checkpointing()` saves backbone memory.
+
+    Arguments shared by TwinsUPerNet and TwinsFPN:
+        encoder_name: 'twins_{pcpvt,svt}_{small,base,large}'.
+        classes: number of output classes (ADE20K: 150).
+        encoder_args: backbone options, e.g.
+            `twins_timm.models.twins.checkpoint_family_args('mmseg', encoder_name)`.
+        aux_head: mmseg's auxiliary FCNHead on stage 3 (training only; `aux_channels` wide).
+        encoder_weights: True loads timm's ImageNet backbone weights (download); None: random.
+        in_channels: input channels.
+        decoder_dropout: Dropout2d before the classifier (mmseg: 0.1).
+        class_names, palette: per-class names and RGB colours (default: ADE20K's for 150
+            classes); stored in config.json for inference tools.
+        mean, std: input normalisation on 0-255 RGB (default: mmseg's).
+        activation: optional activation on the logits, as in SMP (None: raw logits).
     """
 
     requires_divisible_input_shape = False

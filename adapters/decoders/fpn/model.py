@@ -13,22 +13,9 @@ from .decoder import FPNDecoder
 class TwinsFPN(TwinsSegmentationModel):
     """Semantic FPN on a Twins backbone with mmsegmentation's numerics (Twins ADE20K FPN models).
 
-    Args:
-        encoder_name: 'twins_{pcpvt,svt}_{small,base,large}'.
-        classes: number of output classes (ADE20K: 150).
-        encoder_args: backbone options, e.g.
-            `twins_timm.models.twins.checkpoint_family_args('mmseg', encoder_name)`.
-        aux_head: add an auxiliary FCNHead on stage 3 (mmseg's Twins FPN models have none).
-        encoder_weights: True loads timm's ImageNet backbone weights (download); None: random.
-        in_channels: input channels.
+    Args (see `TwinsSegmentationModel` for the shared ones; mmseg's FPN models have no aux_head):
         decoder_pyramid_channels: FPN neck width (mmseg: 256).
         decoder_segmentation_channels: FPNHead width (mmseg: 128).
-        decoder_dropout: Dropout2d before the classifier (mmseg: 0.1).
-        aux_channels: auxiliary head width (256, as in the UPerNet models).
-        class_names, palette: per-class names and RGB colours (default: ADE20K's for 150
-            classes); stored in config.json for inference tools.
-        mean, std: input normalisation on 0-255 RGB (default: mmseg's).
-        activation: optional activation on the logits, as in SMP (None: raw logits).
     """
 
     model_type = 'twins-fpn'

@@ -13,22 +13,9 @@ from .decoder import UPerNetDecoder
 class TwinsUPerNet(TwinsSegmentationModel):
     """UPerNet on a Twins backbone with mmsegmentation's numerics (Twins ADE20K UPerNet models).
 
-    Args:
-        encoder_name: 'twins_{pcpvt,svt}_{small,base,large}'.
-        classes: number of output classes (ADE20K: 150).
-        encoder_args: backbone options, e.g.
-            `twins_timm.models.twins.checkpoint_family_args('mmseg', encoder_name)`.
-        aux_head: add mmseg's auxiliary FCNHead on stage 3 (used in training only).
-        encoder_weights: True loads timm's ImageNet backbone weights (download); None: random.
-        in_channels: input channels.
+    Args (see `TwinsSegmentationModel` for the shared ones; aux_head defaults to True here):
         decoder_channels: UPerHead width (mmseg: 512).
         pool_scales: pyramid pooling output sizes (mmseg: 1, 2, 3, 6).
-        decoder_dropout: Dropout2d before the classifier (mmseg: 0.1).
-        aux_channels: auxiliary head width (mmseg: 256).
-        class_names, palette: per-class names and RGB colours (default: ADE20K's for 150
-            classes); stored in config.json for inference tools.
-        mean, std: input normalisation on 0-255 RGB (default: mmseg's).
-        activation: optional activation on the logits, as in SMP (None: raw logits).
     """
 
     model_type = 'twins-upernet'
