@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
@@ -91,6 +91,10 @@ class LocallyGroupedAttn(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.attend(x, size)))
+
+    def attend(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        """Attention output before the output projection, (B, N, C) (may be a strided view)."""
         B, N, C = x.shape
         H, W = size
         ws, nh = self.ws, self.num_heads
@@ -121,7 +125,6 @@ class LocallyGroupedAttn(nn.Module):
         x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
         if pad_b or pad_r:
             x = x[:, :H, :W]
-        x = self.proj_drop(self.proj(x))
         return x.reshape(B, N, C)
 
 
@@ -160,6 +163,10 @@ class GlobalSubSampleAttn(nn.Module):
             self.norm = None
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.attend(x, size)))
+
+    def attend(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        """Attention output before the output projection, (B, N, C)."""
         B, N, C = x.shape
         nh = self.num_heads
         q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)
@@ -173,8 +180,7 @@ class GlobalSubSampleAttn(nn.Module):
             attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
             x = attn @ v
 
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).reshape(B, N, C)
 
 
 class Block(nn.Module):
@@ -204,13 +210,23 @@ class Block(nn.Module):
             self.attn = LocallyGroupedAttn(dim, num_heads, attn_drop, proj_drop, ws, window_mask, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=InplaceGELU, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), size))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
+        # Each branch output is a fresh tensor that nothing saves for backward, so the residual is added
+        # into it in place: one allocation less per branch, and bit-identical (IEEE addition commutes).
+        x = self.drop_path1(self.attn(self.norm1(x), size)).add_(x)
+        return self.drop_path2(self.mlp(self.norm2(x))).add_(x)
+
+
+class InplaceGELU(nn.GELU):
+    """GELU that overwrites its input when no gradient is recorded (inference): saves an allocation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        return torch.ops.aten.gelu_(x)
 
 
 class PosConv(nn.Module):
@@ -229,7 +245,7 @@ class PosConv(nn.Module):
         feat = x.view(B, size[0], size[1], C).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
         out = self.proj(feat)
         if self.stride == 1:
-            out = out + feat
+            out += feat  # conv output is fresh and not saved for backward
         return out.permute(0, 2, 3, 1).reshape(B, -1, C)
 
     def no_weight_decay(self):
@@ -329,7 +345,7 @@ class Twins(nn.Module):
 
         self.blocks = nn.ModuleList()
         self.feature_info = []
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # linear stochastic depth decay
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # linear stochastic depth decay
         cur = 0
         for k in range(len(depths)):
             self.blocks.append(nn.ModuleList([Block(
