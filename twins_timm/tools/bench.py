@@ -1,0 +1,846 @@
+"""Benchmark our Twins against timm's Twins and mmseg's segmenters; print a table, write JSON.
+
+In one run, with the same seeded weights and inputs on both sides:
+  * backbones: ours vs timm's Twins (features_only semantics: `forward_intermediates(x,
+    intermediates_only=True)`), eval, inference mode, eager and `torch.compile`d: images/s, the
+    ratio, GFLOP/s (counted with torch.utils.flop_counter) and the % of the fp32 matmul rate
+    measured in the same run;
+  * segmenters: our TwinsFPN / TwinsUPerNet vs mmsegmentation's own models end to end (only when
+    mmsegmentation is installed; it is never needed otherwise);
+  * peak training memory (forward + backward) with and without gradient checkpointing;
+  * on a CUDA device, all of the above again under bf16 autocast.
+Speeds are the median of repeated runs after warm-up, ours and the reference interleaved
+(A B A B ...) so that machine noise hits both alike. The JSON holds every measurement, the machine
+and the method of each measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+DESCRIPTION = __doc__
+EPILOG = """examples:
+  twins-timm bench --quick                      # S variants, 2x512x512, a few minutes on 2 cores
+  twins-timm bench --json bench.json --force    # everything: six variants, two sizes (long)
+  twins-timm bench --variants twins_svt_small --sizes 2x512x512,32x224x224 --no-segmenters
+  twins-timm bench --threads 2 --repeats 5 --no-compile --no-memory
+"""
+
+VARIANTS = ('twins_pcpvt_small', 'twins_pcpvt_base', 'twins_pcpvt_large',
+            'twins_svt_small', 'twins_svt_base', 'twins_svt_large')
+QUICK_VARIANTS = ('twins_pcpvt_small', 'twins_svt_small')
+DEFAULT_SIZES = '2x512x512,32x224x224'
+QUICK_SIZES = '2x512x512'
+HEADS = ('fpn', 'upernet')
+DEFAULT_JSON = 'twins-timm-bench.json'
+MMAP_THRESHOLD = 128 * 1024  # bytes; glibc malloc setting of the memory subprocesses
+
+# The issue's targets, checked against the ratios this benchmark measures.
+EAGER_TARGET = {'pcpvt': 1.3, 'svt': 1.2}
+COMPILED_TARGET = 1.0
+COMPILED_MATMUL_TARGET = 60.0  # % of the matmul rate, S models at 512x512
+SEGMENTER_TARGET = 1.5
+MEMORY_TARGET = 0.5
+
+METHODS = {
+    'timing': 'warm-up runs, then the median of --repeats runs; the compared models run interleaved '
+              '(A B A B ...) on the same input so that machine noise hits both alike',
+    'backbone': 'features_only semantics: forward_intermediates(x, intermediates_only=True) -> 4 NCHW maps; '
+                'eval, torch.inference_mode(); our seeded random weights loaded strictly into '
+                "timm's own timm.models.twins.Twins",
+    'flops': 'torch.utils.flop_counter.FlopCounterMode over one forward of our model per input '
+             '(matmuls, convolutions and attention; 2 FLOPs per multiply-add); the same count is used '
+             "for the reference, which computes the same function, so GFLOP/s compare work done",
+    'matmul_rate': 'N x N @ N x N matmul (2 N^3 FLOPs) in the benchmark dtype, median of repeats, '
+                   'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s',
+    'compile': "torch.compile(model) (default mode, backend --compile-backend) of both models; "
+               'compilation happens in the warm-up and is reported separately as compile_s',
+    'segmenters': "our TwinsFPN / TwinsUPerNet forward vs mmseg's EncoderDecoder.encode_decode (whole-image "
+                  "inference) built from mmseg's own ADE20K config (SyncBN -> BN), seeded random weights "
+                  'converted with twins_timm.convert; logits at the input size',
+    'memory_cpu': 'fresh subprocess per configuration: peak RSS after one forward + backward of our backbone '
+                  '(train mode, loss = sum of the 4 feature means) minus the RSS after model and input creation; '
+                  'the high-water mark is reset first (/proc/self/clear_refs, read as VmHWM), else '
+                  'resource.getrusage ru_maxrss before and after; glibc MALLOC_MMAP_THRESHOLD_=131072 so that '
+                  'freed tensors leave the RSS',
+    'memory_cuda': 'torch.cuda.max_memory_allocated after one forward + backward minus the memory allocated '
+                   'after model and input creation',
+}
+
+
+# ------------------------------------------------------------------------------------ arguments
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--quick', action='store_true',
+                        help='short run: S variants, 2x512x512, 3 repeats, no torch.compile, segmenters and memory '
+                             'for the first variant only (options given explicitly still win)')
+    parser.add_argument('--variants', metavar='LIST',
+                        help='comma-separated Twins variants (default: all six; --quick: %s)'
+                             % ','.join(QUICK_VARIANTS))
+    parser.add_argument('--sizes', metavar='LIST',
+                        help='comma-separated BATCHxHEIGHTxWIDTH backbone inputs (default %s; --quick: %s)'
+                             % (DEFAULT_SIZES, QUICK_SIZES))
+    parser.add_argument('--repeats', type=int, metavar='N', help='timed runs per model (default 10; --quick: 3)')
+    parser.add_argument('--warmup', type=int, metavar='N', help='untimed runs first (default 2; --quick: 1)')
+    parser.add_argument('--threads', type=int, metavar='N',
+                        help='torch CPU threads (default: all cores available to this process)')
+    parser.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (default: cuda if present)")
+    parser.add_argument('--matmul-size', type=int, default=2048, metavar='N',
+                        help='N of the N x N reference matmul (default 2048)')
+    parser.add_argument('--compile', dest='compile', action='store_true', default=None,
+                        help='include the torch.compile comparison (default: yes, except with --quick)')
+    parser.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile comparison')
+    parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend (default inductor)')
+    parser.add_argument('--no-segmenters', action='store_true', help="skip our segmenters vs mmseg's")
+    parser.add_argument('--heads', default=','.join(HEADS), metavar='LIST',
+                        help='segmenter heads to compare (default fpn,upernet)')
+    parser.add_argument('--segmenter-size', default='2x512x512', metavar='BxHxW',
+                        help='segmenter input (default 2x512x512)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak training memory measurement')
+    parser.add_argument('--memory-size', default='2x512x512', metavar='BxHxW',
+                        help='training memory input (default 2x512x512)')
+    parser.add_argument('--json', metavar='PATH', default=DEFAULT_JSON,
+                        help='where to write the results (default ./%s)' % DEFAULT_JSON)
+    parser.add_argument('--force', action='store_true', help='overwrite an existing --json file')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
+    parser.add_argument('--quiet', action='store_true', help='no progress lines (the table is still printed)')
+
+
+def parse_size(text: str) -> Tuple[int, int, int]:
+    """'2x512x512' -> (2, 512, 512)."""
+    parts = text.lower().strip().split('x')
+    try:
+        b, h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError('size %r is not BATCHxHEIGHTxWIDTH, e.g. 2x512x512' % text) from None
+    if b < 1 or h < 32 or w < 32:
+        raise ValueError('size %r: batch must be >= 1 and height, width >= 32' % text)
+    return b, h, w
+
+
+def _split(text: str) -> List[str]:
+    return [t.strip() for t in text.split(',') if t.strip()]
+
+
+def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Validate the arguments up front (before minutes of measuring) and fill in the defaults."""
+    quick = bool(args.quick)
+    variants = _split(args.variants) if args.variants else list(QUICK_VARIANTS if quick else VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError('unknown variant(s) %s; choose from %s' % (', '.join(unknown) or '(none)', ', '.join(VARIANTS)))
+    sizes = [parse_size(s) for s in _split(args.sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))]
+    if not sizes:
+        raise ValueError('--sizes is empty; give e.g. 2x512x512')
+    heads = _split(args.heads)
+    if any(h not in HEADS for h in heads):
+        raise ValueError('--heads must be a comma-separated subset of %s, got %r' % (','.join(HEADS), args.heads))
+    repeats = args.repeats if args.repeats is not None else (3 if quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    if repeats < 1 or warmup < 0:
+        raise ValueError('--repeats must be >= 1 and --warmup >= 0')
+    if args.device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    elif args.device in ('cpu', 'cuda'):
+        device = args.device
+        if device == 'cuda' and not torch.cuda.is_available():
+            raise ValueError('--device cuda: no CUDA device is available; use --device cpu')
+    else:
+        raise ValueError("--device must be 'cpu', 'cuda' or 'auto', got %r" % args.device)
+    threads = args.threads if args.threads is not None else _available_cores()
+    if threads < 1:
+        raise ValueError('--threads must be >= 1')
+    if args.matmul_size < 64:
+        raise ValueError('--matmul-size must be >= 64')
+    json_path = Path(args.json)
+    if json_path.exists() and not args.force:
+        raise ValueError('%s exists; pass --force to overwrite it or --json to choose another file' % json_path)
+    if not json_path.parent.is_dir():
+        raise ValueError('the folder of --json %s does not exist; create it first' % json_path)
+    return dict(
+        quick=quick, variants=variants, sizes=sizes, heads=heads, repeats=repeats, warmup=warmup,
+        device=device, threads=threads, matmul_size=args.matmul_size,
+        compile=(not quick) if args.compile is None else bool(args.compile),
+        compile_backend=args.compile_backend,
+        segmenters=not args.no_segmenters, segmenter_size=parse_size(args.segmenter_size),
+        memory=not args.no_memory, memory_size=parse_size(args.memory_size),
+        memory_variants=variants[:1] if quick and not args.variants else variants,
+        segmenter_variants=variants[:1] if quick and not args.variants else variants,
+        precisions=['fp32'] + (['bf16'] if device == 'cuda' else []),
+        json=str(json_path), seed=args.seed, quiet=bool(args.quiet),
+    )
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------ model building
+class Intermediates(nn.Module):
+    """features_only semantics for any Twins: the 4 NCHW stage maps from forward_intermediates."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_intermediates(x, intermediates_only=True)
+
+
+@torch.no_grad()
+def seeded_fill_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Deterministic random values in every parameter and buffer (also after `to_empty`).
+
+    Matrices get fan-in scaled normals, 1-D weights (norms) 1 + noise, biases and running means small
+    noise, running variances 0.5..1.5, integer buffers 0: fast (no trunc_normal) and numerically sane.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:
+        leaf = name.rsplit('.', 1)[-1]
+        if not t.is_floating_point():
+            t.zero_()
+            continue
+        shape = t.shape
+        if leaf == 'running_var':
+            value = 0.5 + torch.rand(shape, generator=gen)
+        elif t.ndim >= 2:
+            value = torch.randn(shape, generator=gen) / max(t[0].numel(), 1) ** 0.5
+        elif leaf == 'weight':
+            value = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            value = 0.1 * torch.randn(shape, generator=gen)
+        t.copy_(value.to(t.dtype))
+    return model
+
+
+def _materialize(build: Callable[..., nn.Module], device: str, seed: int) -> nn.Module:
+    """Build on the meta device (no slow trunc_normal init), allocate on `device`, seeded fill."""
+    model = build(device='meta')
+    return seeded_fill_(model.to_empty(device=device), seed).eval()
+
+
+def build_backbone_pair(variant: str, device: str, seed: int) -> Tuple[nn.Module, nn.Module]:
+    """(ours, timm's) Twins with identical weights, wrapped for features_only semantics."""
+    import timm
+    import timm.models.twins as timm_twins
+
+    import twins_timm  # noqa: F401  registers ours under the timm names
+    ours = _materialize(lambda **kw: timm.create_model(variant, pretrained=False, **kw), device, seed)
+    ref = getattr(timm_twins, variant)(pretrained=False, device='meta')
+    if type(ref).__module__ != 'timm.models.twins':  # pragma: no cover - guard against a mix-up
+        raise RuntimeError('expected timm\'s own Twins as the reference, got %s' % type(ref))
+    ref = ref.to_empty(device=device)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return Intermediates(ours).eval(), Intermediates(ref.eval()).eval()
+
+
+# ----------------------------------------------------------------------------------- measuring
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def precision_context(precision: str, device: str) -> contextlib.AbstractContextManager:
+    if precision == 'bf16':
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def time_interleaved(fns: Dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                     device: str) -> Dict[str, Dict[str, Any]]:
+    """Warm-up, then `repeats` rounds of A B A B ...; per function the median and all times (s)."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    first_call: Dict[str, float] = {}
+    for i in range(warmup):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i == 0:
+                first_call[name] = time.perf_counter() - t0
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: {'seconds': statistics.median(v), 'all_seconds': v,
+                'first_call_seconds': first_call.get(k)} for k, v in times.items()}
+
+
+def matmul_rate(n: int, device: str, dtype: torch.dtype, warmup: int, repeats: int) -> Dict[str, Any]:
+    """GFLOP/s of an n x n matmul (2 n^3 FLOPs)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        res = time_interleaved({'mm': lambda: torch.mm(a, b)}, max(warmup, 1), max(repeats, 3), device)['mm']
+    flops = 2 * n ** 3
+    return {'n': n, 'dtype': str(dtype).replace('torch.', ''), 'flops': flops,
+            'seconds': res['seconds'], 'gflops': flops / res['seconds'] / 1e9}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    if isinstance(a, torch.Tensor):
+        return float((a.float() - b.float()).abs().max())
+    return max(max_abs_diff(x, y) for x, y in zip(a, b))
+
+
+def _speed(seconds: float, batch: int, flops: int, mm_gflops: float) -> Dict[str, float]:
+    gflops = flops / seconds / 1e9
+    return {'seconds': seconds, 'images_per_s': batch / seconds, 'gflops': gflops,
+            'pct_matmul': 100.0 * gflops / mm_gflops}
+
+
+def compile_unavailable_reason(device: str, backend: str) -> Optional[str]:
+    """Why torch.compile cannot run here (None when it can): inductor on CPU needs a C++ compiler."""
+    if not hasattr(torch, 'compile'):
+        return 'this torch has no torch.compile'
+    if backend == 'inductor' and device == 'cpu':
+        try:
+            from torch._inductor import config as inductor_config
+            cxx = inductor_config.cpp.cxx
+            candidates = [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c] + ['g++', 'c++', 'clang++']
+        except Exception:  # pragma: no cover - private API moved
+            candidates = ['g++', 'c++', 'clang++']
+        if not any(shutil.which(c) for c in candidates):
+            return 'no C++ compiler found (%s); inductor needs one on CPU' % ', '.join(candidates)
+    if backend == 'inductor' and device == 'cuda':
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return 'triton is not installed; inductor needs it on CUDA'
+    return None
+
+
+def _short_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return '%s: %s' % (type(e).__name__, text[0][:300] if text else '')
+
+
+# ------------------------------------------------------------------------------- the sections
+class Bench:
+    def __init__(self, settings: Dict[str, Any]):
+        self.s = settings
+        self.device = settings['device']
+        self.results: Dict[str, Any] = {}
+
+    def log(self, msg: str) -> None:
+        if not self.s['quiet']:
+            print('[bench %s] %s' % (time.strftime('%H:%M:%S'), msg), file=sys.stderr, flush=True)
+
+    def _input(self, size: Tuple[int, int, int], seed_offset: int = 0) -> torch.Tensor:
+        b, h, w = size
+        gen = torch.Generator().manual_seed(self.s['seed'] + 1000 + seed_offset)
+        return torch.randn(b, 3, h, w, generator=gen).to(self.device)
+
+    # matmul rate ---------------------------------------------------------------------------
+    def matmul(self) -> Dict[str, Any]:
+        out = {}
+        for precision in self.s['precisions']:
+            dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+            self.log('matmul rate %d x %d %s' % (self.s['matmul_size'], self.s['matmul_size'], precision))
+            out[precision] = matmul_rate(self.s['matmul_size'], self.device, dtype,
+                                         self.s['warmup'], self.s['repeats'])
+        return out
+
+    # backbones ------------------------------------------------------------------------------
+    def backbones(self, mm: Dict[str, Any], compile_reason: Optional[str]) -> List[Dict[str, Any]]:
+        rows = []
+        for variant in self.s['variants']:
+            self.log('building %s (ours and timm\'s, same weights)' % variant)
+            ours, ref = build_backbone_pair(variant, self.device, self.s['seed'])
+            for size in self.s['sizes']:
+                x = self._input(size)
+                for precision in self.s['precisions']:
+                    rows.extend(self._backbone_size(variant, ours, ref, x, size, precision, mm[precision]['gflops'],
+                                                    compile_reason))
+            del ours, ref
+            gc.collect()
+        return rows
+
+    def _backbone_size(self, variant: str, ours: nn.Module, ref: nn.Module, x: torch.Tensor,
+                       size: Tuple[int, int, int], precision: str, mm_gflops: float,
+                       compile_reason: Optional[str]) -> List[Dict[str, Any]]:
+        b, h, w = size
+        base = {'variant': variant, 'batch': b, 'height': h, 'width': w, 'precision': precision}
+        rows = []
+        with torch.inference_mode(), precision_context(precision, self.device):
+            flops = count_flops(lambda: ours(x))
+            diff = max_abs_diff(ours(x), ref(x))
+            self.log('%s %dx%dx%d %s eager: %.1f GFLOP per batch, max |ours - timm| %.2e'
+                     % (variant, b, h, w, precision, flops / 1e9, diff))
+            t = time_interleaved({'ours': lambda: ours(x), 'timm': lambda: ref(x)},
+                                 self.s['warmup'], self.s['repeats'], self.device)
+            rows.append(dict(base, mode='eager', flops=flops, max_abs_diff=diff,
+                             ours=dict(_speed(t['ours']['seconds'], b, flops, mm_gflops),
+                                       all_seconds=t['ours']['all_seconds']),
+                             timm=dict(_speed(t['timm']['seconds'], b, flops, mm_gflops),
+                                       all_seconds=t['timm']['all_seconds']),
+                             ratio=t['timm']['seconds'] / t['ours']['seconds']))
+        if not self.s['compile']:
+            return rows
+        if compile_reason:
+            rows.append(dict(base, mode='compiled', error='compile unavailable: ' + compile_reason))
+            return rows
+        self.log('%s %dx%dx%d %s compiled (%s): compiling both, then timing'
+                 % (variant, b, h, w, precision, self.s['compile_backend']))
+        try:
+            torch._dynamo.reset()
+            c_ours = torch.compile(ours, backend=self.s['compile_backend'])
+            c_ref = torch.compile(ref, backend=self.s['compile_backend'])
+            with torch.inference_mode(), precision_context(precision, self.device):
+                t = time_interleaved({'ours': lambda: c_ours(x), 'timm': lambda: c_ref(x)},
+                                     max(self.s['warmup'], 1) + 1, self.s['repeats'], self.device)
+                diff = max_abs_diff(c_ours(x), ours(x))
+        except Exception as e:  # compile problems are results, not crashes
+            rows.append(dict(base, mode='compiled', error='compile failed: ' + _short_error(e)))
+            return rows
+        finally:
+            torch._dynamo.reset()
+        rows.append(dict(base, mode='compiled', flops=flops, max_abs_diff_vs_eager=diff,
+                         ours=dict(_speed(t['ours']['seconds'], b, flops, mm_gflops),
+                                   all_seconds=t['ours']['all_seconds'],
+                                   compile_s=t['ours']['first_call_seconds']),
+                         timm=dict(_speed(t['timm']['seconds'], b, flops, mm_gflops),
+                                   all_seconds=t['timm']['all_seconds'],
+                                   compile_s=t['timm']['first_call_seconds']),
+                         ratio=t['timm']['seconds'] / t['ours']['seconds']))
+        return rows
+
+    # segmenters -----------------------------------------------------------------------------
+    def segmenters(self, mm: Dict[str, Any]) -> Dict[str, Any]:
+        reason = mmseg_unavailable_reason()
+        if reason:
+            return {'available': False, 'reason': reason, 'results': []}
+        rows = []
+        b, h, w = size = self.s['segmenter_size']
+        x = self._input(size, seed_offset=1)
+        for variant in self.s['segmenter_variants']:
+            for head in self.s['heads']:
+                self.log('segmenter %s %s: building mmseg\'s and ours (converted weights)' % (variant, head))
+                try:
+                    ref = build_mmseg_segmenter(variant, head, self.device, self.s['seed'])
+                    ours = convert_mmseg_segmenter(ref, self.device)
+                except Exception as e:
+                    rows.append({'variant': variant, 'head': head, 'error': 'build failed: ' + _short_error(e)})
+                    continue
+                metas = [dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w))] * b
+                for precision in self.s['precisions']:
+                    with torch.inference_mode(), precision_context(precision, self.device):
+                        flops = count_flops(lambda: ours(x))
+                        diff = max_abs_diff(ours(x), ref.encode_decode(x, metas))
+                        t = time_interleaved({'ours': lambda: ours(x), 'mmseg': lambda: ref.encode_decode(x, metas)},
+                                             self.s['warmup'], self.s['repeats'], self.device)
+                    g = mm[precision]['gflops']
+                    rows.append({'variant': variant, 'head': head, 'batch': b, 'height': h, 'width': w,
+                                 'precision': precision, 'flops': flops, 'max_abs_diff': diff,
+                                 'ours': dict(_speed(t['ours']['seconds'], b, flops, g),
+                                              all_seconds=t['ours']['all_seconds']),
+                                 'mmseg': dict(_speed(t['mmseg']['seconds'], b, flops, g),
+                                               all_seconds=t['mmseg']['all_seconds']),
+                                 'ratio': t['mmseg']['seconds'] / t['ours']['seconds']})
+                del ref, ours
+                gc.collect()
+        return {'available': True, 'reason': None, 'results': rows}
+
+    # memory ---------------------------------------------------------------------------------
+    def memory(self) -> Dict[str, Any]:
+        rows = []
+        b, h, w = self.s['memory_size']
+        method = METHODS['memory_cuda' if self.device == 'cuda' else 'memory_cpu']
+        for variant in self.s['memory_variants']:
+            for precision in self.s['precisions']:
+                peaks = {}
+                for ckpt in (False, True):
+                    self.log('training memory %s %dx%dx%d %s, gradient checkpointing %s'
+                             % (variant, b, h, w, precision, 'on' if ckpt else 'off'))
+                    spec = dict(variant=variant, size=[b, h, w], checkpointing=ckpt, device=self.device,
+                                precision=precision, threads=self.s['threads'], seed=self.s['seed'])
+                    try:
+                        peaks[ckpt] = (measure_training_memory(spec) if self.device == 'cuda'
+                                       else _memory_in_subprocess(spec))
+                    except Exception as e:
+                        peaks[ckpt] = {'error': _short_error(e)}
+                row = {'variant': variant, 'batch': b, 'height': h, 'width': w, 'precision': precision,
+                       'without_checkpointing': peaks[False], 'with_checkpointing': peaks[True]}
+                off, on = peaks[False].get('peak_bytes'), peaks[True].get('peak_bytes')
+                if off and on:
+                    row['ratio'] = on / off
+                rows.append(row)
+        return {'method': method, 'results': rows}
+
+    # all ------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        torch.set_num_threads(self.s['threads'])
+        started = time.time()
+        out: Dict[str, Any] = {'machine': machine_info(self.s), 'settings': _json_settings(self.s),
+                               'methods': METHODS}
+        out['matmul'] = mm = self.matmul()
+        compile_reason = compile_unavailable_reason(self.device, self.s['compile_backend']) \
+            if self.s['compile'] else 'skipped (--no-compile, or --quick without --compile)'
+        out['compile'] = {'available': compile_reason is None, 'reason': compile_reason,
+                          'backend': self.s['compile_backend']}
+        out['backbones'] = self.backbones(mm, compile_reason if self.s['compile'] else None)
+        out['segmenters'] = self.segmenters(mm) if self.s['segmenters'] else \
+            {'available': False, 'reason': 'skipped (--no-segmenters)', 'results': []}
+        out['memory'] = self.memory() if self.s['memory'] else \
+            {'method': None, 'reason': 'skipped (--no-memory)', 'results': []}
+        out['targets'] = check_targets(out)
+        out['total_seconds'] = time.time() - started
+        return out
+
+
+def _json_settings(s: Dict[str, Any]) -> Dict[str, Any]:
+    d = dict(s)
+    d['sizes'] = ['%dx%dx%d' % t for t in s['sizes']]
+    for k in ('segmenter_size', 'memory_size'):
+        d[k] = '%dx%dx%d' % s[k]
+    return d
+
+
+def machine_info(s: Dict[str, Any]) -> Dict[str, Any]:
+    import timm
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {'cpu': cpu, 'cores_available': _available_cores(), 'threads': s['threads'],
+            'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
+            'platform': platform.platform(), 'device': s['device']}
+    if s['device'] == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name()
+    return info
+
+
+# ------------------------------------------------------------------------------------- memory
+def measure_training_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """One forward + backward of our backbone; peak bytes above the state after model creation."""
+    import timm
+
+    import twins_timm  # noqa: F401
+    torch.set_num_threads(int(spec['threads']))
+    device = spec['device']
+    b, h, w = spec['size']
+    model = _materialize(lambda **kw: timm.create_model(spec['variant'], pretrained=False, num_classes=0, **kw),
+                         device, int(spec['seed'])).train()
+    model.set_grad_checkpointing(bool(spec['checkpointing']))
+    x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(1)).to(device)
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        gc.collect()
+        base = _reset_peak_rss()
+    with precision_context(spec['precision'], device):
+        feats = model.forward_intermediates(x, intermediates_only=True)
+        loss = sum(f.float().mean() for f in feats)
+    loss.backward()
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _peak_rss()
+    return {'peak_bytes': peak - base, 'baseline_bytes': base}
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's RSS high-water mark where Linux allows it; the baseline in bytes.
+
+    Writing 5 to /proc/self/clear_refs sets VmHWM to the current RSS, so transient peaks of imports and
+    model creation drop out; elsewhere the baseline is ru_maxrss (the peak so far), which can hide small
+    activations under an earlier transient.
+    """
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        rss = _proc_status_bytes('VmRSS')
+        if rss is not None and _proc_status_bytes('VmHWM') is not None:
+            return rss
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _peak_rss() -> int:
+    hwm = _proc_status_bytes('VmHWM')
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _memory_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """CPU peak RSS is per process, so every configuration gets a fresh one."""
+    code = ('import json, sys; from twins_timm.tools.bench import measure_training_memory; '
+            'print("RESULT " + json.dumps(measure_training_memory(json.loads(sys.argv[1]))))')
+    # A fixed mmap threshold makes glibc hand every large block straight back to the OS when it is freed,
+    # so RSS follows the live tensors instead of the allocator's free lists.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    proc = subprocess.run([sys.executable, '-c', code, json.dumps(spec)], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith('RESULT '):
+            return json.loads(line[len('RESULT '):])
+    tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+    raise RuntimeError('memory subprocess exited with %d: %s' % (proc.returncode, tail))
+
+
+# ------------------------------------------------------------------------------------- mmseg
+_MMSEG_CONFIGS = {
+    'fpn': 'twins_{family}-{s}_fpn_fpnhead_8xb4-80k_ade20k-512x512.py',
+    'upernet': 'twins_{family}-{s}_uperhead_8xb{bs}-160k_ade20k-512x512.py',
+}
+
+
+def mmseg_unavailable_reason() -> Optional[str]:
+    """None when mmsegmentation (with mmcv and mmengine) can build its Twins models here."""
+    import importlib.util
+    for mod in ('mmengine', 'mmcv', 'mmseg'):
+        if importlib.util.find_spec(mod) is None:
+            return '%s is not installed (pip install twins-timm[reference])' % mod
+    try:
+        _import_mmseg()
+    except Exception as e:
+        return 'mmseg does not import: ' + _short_error(e)
+    return None
+
+
+def _import_mmseg() -> None:
+    """mmcv-lite has no compiled ops; mmseg imports a few at module level that Twins never uses."""
+    import types
+    if 'mmcv.ops' not in sys.modules:
+        try:
+            import mmcv.ops  # noqa: F401  full mmcv
+        except Exception:
+            def unavailable(*args: Any, **kwargs: Any):
+                raise NotImplementedError('mmcv.ops is a benchmark stand-in (mmcv-lite has no compiled ops)')
+            ops = types.ModuleType('mmcv.ops')
+            for name in ('point_sample', 'sigmoid_focal_loss', 'CrissCrossAttention', 'PSAMask',
+                         'DeformConv2d', 'ModulatedDeformConv2d'):
+                setattr(ops, name, unavailable)
+            sys.modules['mmcv.ops'] = ops
+            import mmcv
+            mmcv.ops = ops
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # mmcv-lite / deprecation chatter, nothing about Twins
+        import mmseg.models  # noqa: F401  registers the models
+        from mmseg.utils import register_all_modules
+        register_all_modules(init_default_scope=True)
+
+
+def _bn_instead_of_syncbn(cfg: Any) -> Any:
+    if isinstance(cfg, dict):
+        out = {k: _bn_instead_of_syncbn(v) for k, v in cfg.items()}
+        if out.get('type') == 'SyncBN':
+            out['type'] = 'BN'
+        return out
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(_bn_instead_of_syncbn(v) for v in cfg)
+    return cfg
+
+
+def build_mmseg_segmenter(variant: str, head: str, device: str, seed: int) -> nn.Module:
+    """mmseg's own ADE20K Twins EncoderDecoder (SyncBN -> BN, no downloads), seeded weights, eval."""
+    _import_mmseg()
+    import mmseg
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+    _, family, size = variant.split('_')
+    batch = '4' if (family, size) == ('pcpvt', 'small') else '2'
+    name = _MMSEG_CONFIGS[head].format(family=family, s=size[0], bs=batch)
+    path = Path(mmseg.__file__).parent / '.mim' / 'configs' / 'twins' / name
+    if not path.exists():
+        raise OSError('mmseg config %s not found in the installed mmsegmentation' % path)
+    cfg = _bn_instead_of_syncbn(Config.fromfile(str(path)).model.to_dict())
+    cfg['backbone'].pop('init_cfg', None)
+    cfg['backbone']['pretrained'] = None
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model = MODELS.build(cfg)
+    return seeded_fill_(model, seed).to(device).eval()
+
+
+def convert_mmseg_segmenter(mmseg_model: nn.Module, device: str) -> nn.Module:
+    """Our segmenter with the mmseg model's weights, through the package's converter."""
+    from twins_timm.convert import build_model, convert_checkpoint
+    sd = {k: v.detach().clone().cpu() for k, v in mmseg_model.state_dict().items()}
+    res = convert_checkpoint({'meta': {'mmseg_version': '1.2.2'}, 'state_dict': sd})
+    return build_model(res, device=device).eval()
+
+
+# ------------------------------------------------------------------------------------ targets
+def check_targets(out: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The issue's targets against this run's ratios (only those this run measured)."""
+    checks = []
+    for r in out['backbones']:
+        if 'ratio' not in r or r['precision'] != 'fp32':
+            continue
+        arch = 'svt' if '_svt_' in r['variant'] else 'pcpvt'
+        where = '%s %dx%dx%d' % (r['variant'], r['batch'], r['height'], r['width'])
+        if r['mode'] == 'eager':
+            checks.append(_check('eager ours/timm ' + where, r['ratio'], '>=', EAGER_TARGET[arch]))
+        else:
+            checks.append(_check('compiled ours/timm ' + where, r['ratio'], '>=', COMPILED_TARGET))
+            if r['variant'].endswith('_small') and (r['height'], r['width']) == (512, 512):
+                checks.append(_check('compiled %% of matmul rate ' + where, r['ours']['pct_matmul'], '>=',
+                                     COMPILED_MATMUL_TARGET))
+    for r in out['segmenters']['results']:
+        if 'ratio' in r and r['precision'] == 'fp32':
+            checks.append(_check('segmenter ours/mmseg %s %s' % (r['variant'], r['head']), r['ratio'], '>=',
+                                 SEGMENTER_TARGET))
+    for r in out['memory']['results']:
+        if 'ratio' in r and r['precision'] == 'fp32':
+            checks.append(_check('memory ckpt/no-ckpt ' + r['variant'], r['ratio'], '<=', MEMORY_TARGET))
+    return checks
+
+
+def _check(name: str, value: float, op: str, target: float) -> Dict[str, Any]:
+    met = value >= target if op == '>=' else value <= target
+    return {'name': name, 'value': value, 'op': op, 'target': target, 'met': bool(met)}
+
+
+# -------------------------------------------------------------------------------------- output
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Aligned columns: text left, numbers right."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(row[i]) for row in rows) and rows for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append('  '.join(c.rjust(wd) if numeric[i] else c.ljust(wd) for i, (c, wd) in
+                               enumerate(zip(row, widths))).rstrip())
+        if n == 0:
+            lines.append('  '.join('-' * wd for wd in widths))
+    return '\n'.join(lines)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return '%.3g' % v if abs(v) < 0.01 else ('%.2f' % v if abs(v) < 100 else '%.0f' % v)
+    return '-' if v is None else str(v)
+
+
+def render(out: Dict[str, Any]) -> str:
+    m = out['machine']
+    parts = ['twins-timm bench: %s, %d thread(s), device %s, torch %s, timm %s'
+             % (m['cpu'], m['threads'], m['device'], m['torch'], m['timm'])]
+    for prec, r in out['matmul'].items():
+        parts.append('matmul rate (%s, %d x %d): %.1f GFLOP/s' % (prec, r['n'], r['n'], r['gflops']))
+    rows = []
+    for r in out['backbones']:
+        size = '%dx%dx%d' % (r['batch'], r['height'], r['width'])
+        if 'error' in r:
+            rows.append([r['variant'], size, r['precision'], r['mode'], None, None, None, None, None, None, r['error']])
+            continue
+        rows.append([r['variant'], size, r['precision'], r['mode'], r['ours']['images_per_s'],
+                     r['timm']['images_per_s'], r['ratio'], r['ours']['gflops'], r['ours']['pct_matmul'],
+                     r['timm']['pct_matmul'], '%.1e' % r.get('max_abs_diff', r.get('max_abs_diff_vs_eager', 0.0))])
+    if rows:
+        parts += ['', "Backbones, ours vs timm's Twins (features_only, eval, inference mode)",
+                  format_table(['variant', 'BxHxW', 'prec', 'mode', 'ours img/s', 'timm img/s', 'ratio',
+                                'ours GFLOP/s', 'ours %mm', 'timm %mm', 'max|diff|'], rows)]
+    seg = out['segmenters']
+    parts.append('')
+    if not seg['available']:
+        parts.append("Segmenters vs mmseg: not measured (%s)" % seg['reason'])
+    else:
+        rows = []
+        for r in seg['results']:
+            if 'error' in r:
+                rows.append([r['variant'], r['head'], None, None, None, None, None, None, r['error']])
+                continue
+            rows.append([r['variant'], r['head'], '%dx%dx%d' % (r['batch'], r['height'], r['width']),
+                         r['precision'], r['ours']['images_per_s'], r['mmseg']['images_per_s'], r['ratio'],
+                         r['ours']['pct_matmul'], '%.1e' % r['max_abs_diff']])
+        parts += ["Segmenters, ours vs mmseg's own models (end to end, eval)",
+                  format_table(['variant', 'head', 'BxHxW', 'prec', 'ours img/s', 'mmseg img/s', 'ratio',
+                                'ours %mm', 'max|diff|'], rows)]
+    mem = out['memory']
+    parts.append('')
+    if not mem['results']:
+        parts.append('Training memory: not measured (%s)' % mem.get('reason'))
+    else:
+        rows = []
+        for r in mem['results']:
+            off, on = r['without_checkpointing'], r['with_checkpointing']
+            rows.append([r['variant'], '%dx%dx%d' % (r['batch'], r['height'], r['width']), r['precision'],
+                         _mib(off), _mib(on), r.get('ratio'), off.get('error') or on.get('error')])
+        parts += ['Peak training memory (forward + backward), MiB above the model; method: ' + mem['method'],
+                  format_table(['variant', 'BxHxW', 'prec', 'no ckpt', 'ckpt', 'ratio', 'error'], rows)]
+    if out['targets']:
+        parts += ['', 'Targets (issue 7)',
+                  format_table(['check', 'value', 'target', 'met'],
+                               [[t['name'], t['value'], '%s %g' % (t['op'], t['target']),
+                                 'yes' if t['met'] else 'NO'] for t in out['targets']])]
+    parts.append('')
+    return '\n'.join(parts)
+
+
+def _mib(d: Dict[str, Any]) -> Optional[float]:
+    return d['peak_bytes'] / 2 ** 20 if 'peak_bytes' in d else None
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix='.%s.' % path.name, suffix='.tmp', dir=str(path.parent))
+    try:
+        with os.fdopen(fd, 'w') as f:
+            json.dump(data, f, indent=1)
+            f.write('\n')
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = resolve_settings(args)
+    out = Bench(settings).run()
+    print(render(out))
+    write_json_atomic(Path(settings['json']), out)
+    print('results written to %s' % settings['json'])
+    return 0
+
