@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -88,8 +89,8 @@ METHODS = {
 # ------------------------------------------------------------------------------------ arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--quick', action='store_true',
-                        help='short run: S variants, 2x512x512, 3 repeats, no torch.compile, segmenters and memory '
-                             'for the first variant only (options given explicitly still win)')
+                        help='short run: S variants, 2x512x512, 3 repeats, no torch.compile, segmenters (1x512x512) '
+                             'and memory for the first variant only (options given explicitly still win)')
     parser.add_argument('--variants', metavar='LIST',
                         help='comma-separated Twins variants (default: all six; --quick: %s)'
                              % ','.join(QUICK_VARIANTS))
@@ -110,8 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-segmenters', action='store_true', help="skip our segmenters vs mmseg's")
     parser.add_argument('--heads', default=','.join(HEADS), metavar='LIST',
                         help='segmenter heads to compare (default fpn,upernet)')
-    parser.add_argument('--segmenter-size', default='2x512x512', metavar='BxHxW',
-                        help='segmenter input (default 2x512x512)')
+    parser.add_argument('--segmenter-size', metavar='BxHxW',
+                        help='segmenter input (default 2x512x512; --quick: 1x512x512)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak training memory measurement')
     parser.add_argument('--memory-size', default='2x512x512', metavar='BxHxW',
                         help='training memory input (default 2x512x512)')
@@ -178,7 +179,8 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         device=device, threads=threads, matmul_size=args.matmul_size,
         compile=(not quick) if args.compile is None else bool(args.compile),
         compile_backend=args.compile_backend,
-        segmenters=not args.no_segmenters, segmenter_size=parse_size(args.segmenter_size),
+        segmenters=not args.no_segmenters,
+        segmenter_size=parse_size(args.segmenter_size or ('1x512x512' if quick else '2x512x512')),
         memory=not args.no_memory, memory_size=parse_size(args.memory_size),
         memory_variants=variants[:1] if quick and not args.variants else variants,
         segmenter_variants=variants[:1] if quick and not args.variants else variants,
@@ -721,7 +723,7 @@ def check_targets(out: Dict[str, Any]) -> List[Dict[str, Any]]:
         else:
             checks.append(_check('compiled ours/timm ' + where, r['ratio'], '>=', COMPILED_TARGET))
             if r['variant'].endswith('_small') and (r['height'], r['width']) == (512, 512):
-                checks.append(_check('compiled %% of matmul rate ' + where, r['ours']['pct_matmul'], '>=',
+                checks.append(_check('compiled % of matmul rate ' + where, r['ours']['pct_matmul'], '>=',
                                      COMPILED_MATMUL_TARGET))
     for r in out['segmenters']['results']:
         if 'ratio' in r and r['precision'] == 'fp32':
@@ -808,7 +810,8 @@ def render(out: Dict[str, Any]) -> str:
             off, on = r['without_checkpointing'], r['with_checkpointing']
             rows.append([r['variant'], '%dx%dx%d' % (r['batch'], r['height'], r['width']), r['precision'],
                          _mib(off), _mib(on), r.get('ratio'), off.get('error') or on.get('error')])
-        parts += ['Peak training memory (forward + backward), MiB above the model; method: ' + mem['method'],
+        parts += ['Peak training memory (forward + backward), MiB above the model and input',
+                  textwrap.fill('method: ' + mem['method'], 110, subsequent_indent='  '),
                   format_table(['variant', 'BxHxW', 'prec', 'no ckpt', 'ckpt', 'ratio', 'error'], rows)]
     if out['targets']:
         parts += ['', 'Targets (issue 7)',

@@ -1,0 +1,167 @@
+"""`twins-timm bench`: runs end to end on a tiny configuration and writes a complete JSON.
+
+No timed assertions: speeds are only checked to be positive numbers; the numerics it reports
+(ours vs timm's Twins, ours vs mmseg) are checked to agree.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from twins_timm.cli import main
+from twins_timm.tools import bench
+
+TINY = ['bench', '--variants', 'twins_svt_small', '--sizes', '1x64x64', '--repeats', '1', '--warmup', '0',
+        '--threads', '2', '--no-compile', '--heads', 'fpn', '--segmenter-size', '1x64x64',
+        '--memory-size', '1x64x64', '--matmul-size', '256', '--quiet']
+HAS_MMSEG = all(importlib.util.find_spec(m) for m in ('mmseg', 'mmcv', 'mmengine'))
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """One tiny run covering every section (segmenters only where mmseg is installed)."""
+    out = tmp_path_factory.mktemp('bench') / 'bench.json'
+    import io
+    from contextlib import redirect_stdout
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(TINY + ['--json', str(out)])
+    assert rc == 0
+    return json.loads(out.read_text()), buf.getvalue()
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and v > 0
+
+
+def test_json_has_machine_settings_methods(tiny_run):
+    data, _ = tiny_run
+    for key in ('machine', 'settings', 'methods', 'matmul', 'compile', 'backbones', 'segmenters', 'memory',
+                'targets'):
+        assert key in data
+    m = data['machine']
+    assert m['threads'] == 2 and m['torch'] and m['cpu'] and m['device'] == 'cpu'
+    assert data['settings']['sizes'] == ['1x64x64']
+    for key in ('timing', 'flops', 'matmul_rate', 'memory_cpu', 'segmenters'):
+        assert isinstance(data['methods'][key], str) and data['methods'][key]
+    mm = data['matmul']['fp32']
+    assert mm['n'] == 256 and mm['flops'] == 2 * 256 ** 3 and _positive(mm['gflops'])
+    assert data['compile']['available'] is False and 'skipped' in data['compile']['reason']
+
+
+def test_backbone_row_ratios_and_parity(tiny_run):
+    data, _ = tiny_run
+    rows = data['backbones']
+    assert [(r['variant'], r['mode'], r['precision']) for r in rows] == [('twins_svt_small', 'eager', 'fp32')]
+    row = rows[0]
+    assert (row['batch'], row['height'], row['width']) == (1, 64, 64)
+    assert _positive(row['flops']) and _positive(row['ratio'])
+    for side in ('ours', 'timm'):
+        for key in ('seconds', 'images_per_s', 'gflops', 'pct_matmul'):
+            assert _positive(row[side][key]), (side, key)
+        assert len(row[side]['all_seconds']) == 1
+    # same weights, same input: the two implementations agree
+    assert row['max_abs_diff'] < 1e-3
+    assert row['ratio'] == pytest.approx(row['timm']['seconds'] / row['ours']['seconds'])
+    assert any(t['name'].startswith('eager ours/timm twins_svt_small') for t in data['targets'])
+
+
+def test_memory_with_and_without_checkpointing(tiny_run):
+    data, _ = tiny_run
+    mem = data['memory']
+    assert mem['method'] == bench.METHODS['memory_cpu']
+    (row,) = mem['results']
+    for key in ('without_checkpointing', 'with_checkpointing'):
+        assert 'error' not in row[key], row[key]
+        assert _positive(row[key]['peak_bytes'])  # at least the parameter gradients
+    assert _positive(row['ratio'])
+
+
+def test_segmenters_section(tiny_run):
+    data, _ = tiny_run
+    seg = data['segmenters']
+    if not HAS_MMSEG:
+        assert seg['available'] is False and 'not installed' in seg['reason'] and seg['results'] == []
+        return
+    (row,) = seg['results']
+    assert (row['variant'], row['head']) == ('twins_svt_small', 'fpn')
+    assert _positive(row['ratio']) and _positive(row['ours']['images_per_s'])
+    assert _positive(row['mmseg']['images_per_s'])
+    assert row['max_abs_diff'] < 1e-3  # converted weights: same logits as mmseg
+
+
+def test_table_printed(tiny_run):
+    _, text = tiny_run
+    assert "Backbones, ours vs timm's Twins" in text
+    header = next(line for line in text.splitlines() if line.startswith('variant') and 'timm img/s' in line)
+    row = next(line for line in text.splitlines() if line.startswith('twins_svt_small') and 'eager' in line)
+    end = header.index('ratio') + len('ratio')  # numbers are right-aligned under their header
+    assert row[end - 1].isdigit() and row[end:end + 1] in (' ', '')
+    assert 'Peak training memory' in text and 'matmul rate (fp32, 256 x 256)' in text
+
+
+def test_compile_unavailable_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, 'compile_unavailable_reason', lambda device, backend: 'no C++ compiler found (g++)')
+    settings = bench.resolve_settings(bench_args(tmp_path, ['--compile', '--no-segmenters', '--no-memory']))
+    b = bench.Bench(settings)
+    out = b.run()
+    assert out['compile'] == {'available': False, 'reason': 'no C++ compiler found (g++)', 'backend': 'inductor'}
+    compiled = [r for r in out['backbones'] if r['mode'] == 'compiled']
+    assert compiled and compiled[0]['error'] == 'compile unavailable: no C++ compiler found (g++)'
+    assert 'compile unavailable' in bench.render(out)
+
+
+def bench_args(tmp_path: Path, extra):
+    import argparse
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(['--variants', 'twins_pcpvt_small', '--sizes', '1x32x32', '--repeats', '1',
+                              '--warmup', '0', '--matmul-size', '256', '--quiet', '--json', str(tmp_path / 'b.json')] + list(extra))
+
+
+def test_refuses_existing_json_and_bad_arguments(tmp_path, capsys):
+    existing = tmp_path / 'old.json'
+    existing.write_text('keep')
+    assert main(['bench', '--no-compile', '--json', str(existing)]) == 2
+    assert existing.read_text() == 'keep'
+    assert '--force' in capsys.readouterr().err
+    assert main(['bench', '--sizes', '2x512', '--json', str(tmp_path / 'a.json')]) == 2
+    assert 'BATCHxHEIGHTxWIDTH' in capsys.readouterr().err
+    assert main(['bench', '--variants', 'twins_vit_small', '--json', str(tmp_path / 'a.json')]) == 2
+    assert 'unknown variant' in capsys.readouterr().err
+    assert not (tmp_path / 'a.json').exists()
+
+
+def test_quick_defaults(tmp_path):
+    s = bench.resolve_settings(bench_args(tmp_path, []))
+    assert s['compile'] is True and s['repeats'] == 1
+    import argparse
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    q = bench.resolve_settings(parser.parse_args(['--quick', '--json', str(tmp_path / 'q.json')]))
+    assert q['variants'] == list(bench.QUICK_VARIANTS) and q['sizes'] == [(2, 512, 512)]
+    assert q['compile'] is False and q['memory_variants'] == ['twins_pcpvt_small']
+
+
+def test_targets_and_table_helpers():
+    out = {'backbones': [
+        dict(variant='twins_svt_small', batch=2, height=512, width=512, precision='fp32', mode='eager', ratio=1.25),
+        dict(variant='twins_pcpvt_small', batch=2, height=512, width=512, precision='fp32', mode='eager', ratio=1.25),
+        dict(variant='twins_svt_small', batch=2, height=512, width=512, precision='fp32', mode='compiled',
+             ratio=1.1, ours={'pct_matmul': 55.0})],
+        'segmenters': {'results': [dict(variant='twins_svt_small', head='fpn', precision='fp32', ratio=1.6)]},
+        'memory': {'results': [dict(variant='twins_svt_small', precision='fp32', ratio=0.4)]}}
+    met = {t['name']: t['met'] for t in bench.check_targets(out)}
+    assert met == {
+        'eager ours/timm twins_svt_small 2x512x512': True,      # >= 1.2 for SVT
+        'eager ours/timm twins_pcpvt_small 2x512x512': False,   # >= 1.3 for PCPVT
+        'compiled ours/timm twins_svt_small 2x512x512': True,
+        'compiled % of matmul rate twins_svt_small 2x512x512': False,
+        'segmenter ours/mmseg twins_svt_small fpn': True,
+        'memory ckpt/no-ckpt twins_svt_small': True,
+    }
+    table = bench.format_table(['name', 'value'], [['a', 1.5], ['longer', 10.25]]).splitlines()
+    assert table == ['name    value', '------  -----', 'a        1.50', 'longer  10.25']
