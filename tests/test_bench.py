@@ -119,7 +119,8 @@ def bench_args(tmp_path: Path, extra):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     return parser.parse_args(['--variants', 'twins_pcpvt_small', '--sizes', '1x32x32', '--repeats', '1',
-                              '--warmup', '0', '--matmul-size', '256', '--quiet', '--json', str(tmp_path / 'b.json')] + list(extra))
+                              '--warmup', '0', '--matmul-size', '256', '--quiet',
+                              '--json', str(tmp_path / 'b.json')] + list(extra))
 
 
 def test_refuses_existing_json_and_bad_arguments(tmp_path, capsys):
@@ -163,5 +164,5 @@ def test_targets_and_table_helpers():
         'segmenter ours/mmseg twins_svt_small fpn': True,
         'memory ckpt/no-ckpt twins_svt_small': True,
     }
-    table = bench.format_table(['name', 'value'], [['a', 1.5], ['longer', 10.25]]).splitlines()
-    assert table == ['name    value', '------  -----', 'a        1.50', 'longer  10.25']
+    table = bench.format_table(['name', 'value'], [['a', 1.5], ['longer', 10.25], ['none', None]]).splitlines()
+    assert table == ['name    value', '------  -----', 'a        1.50', 'longer  10.25', 'none        -']

@@ -145,7 +145,8 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     variants = _split(args.variants) if args.variants else list(QUICK_VARIANTS if quick else VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
-        raise ValueError('unknown variant(s) %s; choose from %s' % (', '.join(unknown) or '(none)', ', '.join(VARIANTS)))
+        raise ValueError('unknown variant(s) %s; choose from %s'
+                         % (', '.join(unknown) or '(none)', ', '.join(VARIANTS)))
     sizes = [parse_size(s) for s in _split(args.sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))]
     if not sizes:
         raise ValueError('--sizes is empty; give e.g. 2x512x512')
@@ -329,7 +330,8 @@ def compile_unavailable_reason(device: str, backend: str) -> Optional[str]:
         try:
             from torch._inductor import config as inductor_config
             cxx = inductor_config.cpp.cxx
-            candidates = [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c] + ['g++', 'c++', 'clang++']
+            configured = cxx if isinstance(cxx, (list, tuple)) else (cxx,)
+            candidates = [c for c in configured if c] + ['g++', 'c++', 'clang++']
         except Exception:  # pragma: no cover - private API moved
             candidates = ['g++', 'c++', 'clang++']
         if not any(shutil.which(c) for c in candidates):
@@ -745,7 +747,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Aligned columns: text left, numbers right."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(_is_number(row[i]) for row in rows) and rows for i in range(len(headers))]
+    numeric = [any(_is_number(row[i]) for row in rows) and all(_is_number(row[i]) or row[i] is None for row in rows)
+               for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):
         lines.append('  '.join(c.rjust(wd) if numeric[i] else c.ljust(wd) for i, (c, wd) in
