@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='comma-separated BATCHxHEIGHTxWIDTH backbone inputs (default %s; --quick: %s)'
                              % (DEFAULT_SIZES, QUICK_SIZES))
     parser.add_argument('--repeats', type=int, metavar='N', help='timed runs per model (default 10; --quick: 3)')
-    parser.add_argument('--warmup', type=int, metavar='N', help='untimed runs first (default 2; --quick: 1)')
+    parser.add_argument('--warmup', type=int, metavar='N', help='untimed runs first (default 2)')
     parser.add_argument('--threads', type=int, metavar='N',
                         help='torch CPU threads (default: all cores available to this process)')
     parser.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (default: cuda if present)")
@@ -154,7 +154,7 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     if any(h not in HEADS for h in heads):
         raise ValueError('--heads must be a comma-separated subset of %s, got %r' % (','.join(HEADS), args.heads))
     repeats = args.repeats if args.repeats is not None else (3 if quick else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    warmup = args.warmup if args.warmup is not None else 2
     if repeats < 1 or warmup < 0:
         raise ValueError('--repeats must be >= 1 and --warmup >= 0')
     if args.device == 'auto':
