@@ -249,7 +249,7 @@ def test_checkpoint_family_args():
 
 def test_window_mask_quirk():
     # both pads > 0: pairs with exactly one padded token are masked
-    mask = window_attn_mask(5, 6, 2, 1, 7, torch.device('cpu'), torch.float32)
+    mask = window_attn_mask(5, 6, 7, torch.device('cpu'), torch.float32)
     assert mask.shape == (1, 49, 49)
     pad = torch.zeros(7, 7)
     pad[5:, :] = 1
@@ -258,9 +258,11 @@ def test_window_mask_quirk():
     expected = torch.where(pad[:, None] != pad[None, :], -1000.0, 0.0)
     assert torch.equal(mask[0], expected)
 
-    # one pad == 0: the original mask is uniform, i.e. plain zero padding -- same output as no mask
+    for h, w in ((14, 10), (10, 14), (14, 14)):  # one pad == 0: the original's mask is uniform
+        assert not window_attn_mask(h, w, 7, torch.device('cpu'), torch.float32).any()
+
+    # ... i.e. plain zero padding -- same output as no mask
     torch.manual_seed(0)
-    attn_masked = timm_twins.LocallyGroupedAttn  # noqa: F841 (timm's has no mask: plain padding)
     from twins_timm.models.twins import LocallyGroupedAttn
     plain = LocallyGroupedAttn(32, 2, ws=7).eval()
     masked = LocallyGroupedAttn(32, 2, ws=7, window_mask=True).eval()

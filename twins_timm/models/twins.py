@@ -42,19 +42,18 @@ def patch_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-def window_attn_mask(
-        height: int, width: int, pad_b: int, pad_r: int, ws: int, device: torch.device, dtype: torch.dtype,
-) -> torch.Tensor:
-    """Additive (num_windows, L, L) mask of the official segmentation code for a padded map.
+def window_attn_mask(height: int, width: int, ws: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (num_windows, L, L) mask of the official segmentation code for a map padded to ``ws``.
 
-    Pairs where exactly one token is padding get -1000. Only called when both pads are > 0: the
-    original builds its mask with ``[-pad:]`` slices, and ``[-0:]`` marks every token, which makes
-    the mask uniform (plain zero padding) whenever either pad is 0.
+    Pairs where exactly one token is padding get -1000, but only when both height and width are padded:
+    the original builds its mask with ``[-pad:]`` slices, and ``[-0:]`` marks every token, which makes
+    the mask uniform (plain zero padding) whenever either pad is 0. Built from comparisons, with no
+    Python branch on the sizes, so it also traces with symbolic shapes (torch.export).
     """
-    hp, wp = height + pad_b, width + pad_r
-    pad = torch.zeros(hp, wp, device=device)
-    pad[height:, :] = 1
-    pad[:, width:] = 1
+    hp, wp = (height + ws - 1) // ws * ws, (width + ws - 1) // ws * ws
+    pad_rows = torch.arange(hp, device=device) >= height
+    pad_cols = torch.arange(wp, device=device) >= width
+    pad = (pad_rows[:, None] | pad_cols[None, :]) & (pad_rows.any() & pad_cols.any())
     pad = pad.reshape(hp // ws, ws, wp // ws, ws).transpose(1, 2).reshape(-1, ws * ws)
     differs = pad.unsqueeze(1) != pad.unsqueeze(2)
     return torch.zeros(differs.shape, device=device, dtype=dtype).masked_fill_(differs, WINDOW_MASK_VALUE)
@@ -98,19 +97,22 @@ class LocallyGroupedAttn(nn.Module):
         B, N, C = x.shape
         H, W = size
         ws, nh = self.ws, self.num_heads
-        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        gh, gw = (H + ws - 1) // ws, (W + ws - 1) // ws  # windows per column / row
+        Hp, Wp = gh * ws, gw * ws
+        pad_b, pad_r = Hp - H, Wp - W
+        # traced with symbolic sizes (torch.compile / export): no Python branches on them
+        traced = torch.compiler.is_compiling()
+        padded = traced or pad_b > 0 or pad_r > 0
         x = x.view(B, H, W, C)
-        if pad_b or pad_r:
+        if padded:
             # padded tokens get qkv = bias and take part in attention, as in the original
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        gh, gw = Hp // ws, Wp // ws
         qkv = self.qkv(x).view(B, gh, ws, gw, ws, 3, nh, C // nh)
         q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B * gh * gw, nh, ws * ws, C // nh).unbind(0)
 
         attn_mask = None
-        if self.window_mask and pad_b and pad_r:
-            attn_mask = window_attn_mask(H, W, pad_b, pad_r, ws, x.device, q.dtype)
+        if self.window_mask and (traced or (pad_b > 0 and pad_r > 0)):
+            attn_mask = window_attn_mask(H, W, ws, x.device, q.dtype)
             attn_mask = attn_mask.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * gh * gw, 1, ws * ws, ws * ws)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -123,7 +125,7 @@ class LocallyGroupedAttn(nn.Module):
             x = attn @ v
 
         x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
-        if pad_b or pad_r:
+        if padded:
             x = x[:, :H, :W]
         return x.reshape(B, N, C)
 
