@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,6 +25,7 @@ from .common import (add_inference_arguments, add_model_arguments, describe_sett
 from .inference import InferenceSettings, predict_labels
 from .loading import RANDOM_LABEL, load_model, read_image, read_label_map
 from .visualize import class_name_list
+from ..convert.io import atomic_path
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -187,13 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_json(path: Path, payload: dict, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError('%s already exists; pass --force to overwrite' % path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + path.name + '.', suffix='.tmp', dir=str(path.parent))
-    with os.fdopen(fd, 'w') as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    with atomic_path(path, force=overwrite) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
 
 
 def run(args: argparse.Namespace) -> int:

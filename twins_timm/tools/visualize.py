@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import colorsys
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..convert.io import atomic_path
 
 
 def make_palette(num_classes: int, palette: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
@@ -118,17 +119,6 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
 
 def save_png(img: Image.Image, path: os.PathLike, overwrite: bool = False) -> Path:
     """Write ``img`` as PNG through a temporary file and a rename; refuse to replace unless asked."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError('%s already exists; pass --force to overwrite' % path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + path.name + '.', suffix='.tmp', dir=str(path.parent))
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            img.save(f, format='PNG')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path, force=overwrite) as tmp:
+        img.save(tmp, format='PNG')
+    return Path(path)
