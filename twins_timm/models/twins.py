@@ -10,9 +10,9 @@ families (see `checkpoint_family_args`):
   * ``window_mask``: the official segmentation window-attention mask, quirk included,
   * ``patch_padding``: ``'corner'`` zero-pads bottom/right to a patch multiple (mmseg) instead of flooring.
 
-Tokens stay in (B, H*W, C) row-major layout through the whole trunk: the patch embeddings, the
-attention's spatial reduction and the positional conv run on channels-last views of it, so the only
-layout copies are the window partition and the NCHW feature maps handed out.
+Inside a stage tokens stay in (B, H*W, C) layout: the attention's spatial reduction and the positional
+conv run on channels-last views of it. Between stages the NCHW map (also the feature handed out) feeds
+the next patch embedding exactly as in timm, which keeps PCPVT bit-identical to timm's Twins.
 """
 import math
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -90,10 +90,6 @@ class LocallyGroupedAttn(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.attend(x, size)))
-
-    def attend(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        """Attention output before the output projection, (B, N, C) (may be a strided view)."""
         B, N, C = x.shape
         H, W = size
         ws, nh = self.ws, self.num_heads
@@ -127,7 +123,7 @@ class LocallyGroupedAttn(nn.Module):
         x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
         if padded:
             x = x[:, :H, :W]
-        return x.reshape(B, N, C)
+        return self.proj_drop(self.proj(x)).reshape(B, N, C)
 
 
 class GlobalSubSampleAttn(nn.Module):
@@ -165,10 +161,6 @@ class GlobalSubSampleAttn(nn.Module):
             self.norm = None
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.attend(x, size)))
-
-    def attend(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        """Attention output before the output projection, (B, N, C)."""
         B, N, C = x.shape
         nh = self.num_heads
         q = self.q(x).view(B, N, nh, C // nh).transpose(1, 2)
@@ -182,7 +174,7 @@ class GlobalSubSampleAttn(nn.Module):
             attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
             x = attn @ v
 
-        return x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
 class Block(nn.Module):
