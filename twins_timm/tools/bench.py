@@ -26,7 +26,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import warnings
@@ -829,24 +828,18 @@ def _mib(d: Dict[str, Any]) -> Optional[float]:
     return d['peak_bytes'] / 2 ** 20 if 'peak_bytes' in d else None
 
 
-def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix='.%s.' % path.name, suffix='.tmp', dir=str(path.parent))
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(data, f, indent=1)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def write_json(path: Path, data: Dict[str, Any], force: bool) -> None:
+    """Atomic write (temp file + rename) through the project's one implementation."""
+    from ..convert.io import atomic_path
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + '\n')
 
 
 def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     out = Bench(settings).run()
     print(render(out))
-    write_json_atomic(Path(settings['json']), out)
+    write_json(Path(settings['json']), out, force=args.force)
     print('results written to %s' % settings['json'])
     return 0
 
