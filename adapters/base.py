@@ -23,7 +23,7 @@ from .modules import FCNHead, resize
 
 MMSEG_MEAN = (123.675, 116.28, 103.53)
 MMSEG_STD = (58.395, 57.12, 57.375)
-MIN_INPUT_SIZE = 32
+from twins_timm.models.twins import MIN_INPUT_SIZE  # noqa: E402  one definition, the backbone's
 AUX_STAGE = 2  # mmseg's auxiliary FCNHead reads stage 3 (in_index=2)
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
