@@ -16,6 +16,7 @@ from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.base import initialization as init
 from segmentation_models_pytorch.base.modules import Activation
 
+from ..models.twins import MIN_INPUT_SIZE
 from . import ade20k
 from .encoder import TwinsEncoder
 from .loss import AUX_WEIGHT, MAIN_WEIGHT
@@ -23,7 +24,6 @@ from .modules import FCNHead, resize
 
 MMSEG_MEAN = (123.675, 116.28, 103.53)
 MMSEG_STD = (58.395, 57.12, 57.375)
-from twins_timm.models.twins import MIN_INPUT_SIZE  # noqa: E402  one definition, the backbone's
 AUX_STAGE = 2  # mmseg's auxiliary FCNHead reads stage 3 (in_index=2)
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
