@@ -62,7 +62,6 @@ def window_attn_mask(height: int, width: int, ws: int, device: torch.device, dty
 @register_notrace_module  # FX can't trace the shape-dependent padding
 class LocallyGroupedAttn(nn.Module):
     """LSA: self attention inside non-overlapping ws x ws windows (zero padding right/bottom)."""
-    fused_attn: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -81,7 +80,6 @@ class LocallyGroupedAttn(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.fused_attn = use_fused_attn()
         self.ws = ws
         self.window_mask = window_mask
         self.qkv = nn.Linear(dim, dim * 3, bias=True, **dd)
@@ -103,27 +101,28 @@ class LocallyGroupedAttn(nn.Module):
         if padded:
             # padded tokens get qkv = bias and take part in attention, as in the original
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        qkv = self.qkv(x).view(B, gh, ws, gw, ws, 3, nh, C // nh)
-        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B * gh * gw, nh, ws * ws, C // nh).unbind(0)
+        # The projection sees the window-grouped view, as timm's does (linear on a strided input: matmul,
+        # then the bias added), which keeps the rounding identical to timm's.
+        qkv = self.qkv(x.view(B, gh, ws, gw, ws, C).transpose(2, 3)).view(B * gh * gw, ws * ws, 3, nh, C // nh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
         attn_mask = None
         if self.window_mask and (traced or (pad_b > 0 and pad_r > 0)):
             attn_mask = window_attn_mask(H, W, ws, x.device, q.dtype)
             attn_mask = attn_mask.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * gh * gw, 1, ws * ws, ws * ws)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                attn = attn + attn_mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
+        # Windows hold 49 tokens: batched matmuls beat the fused kernel here. q and k are scaled by
+        # sqrt(scale) each, as torch's own math path (timm's 5-D call) does, which keeps us bit-identical.
+        root_scale = self.scale ** 0.5
+        attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
+        if attn_mask is not None:
+            attn = attn + attn_mask
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = attn @ v
 
         x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
         if padded:
             x = x[:, :H, :W]
-        return self.proj_drop(self.proj(x)).reshape(B, N, C)
+        return self.proj_drop(self.proj(x.reshape(B, N, C)))
 
 
 class GlobalSubSampleAttn(nn.Module):
@@ -211,7 +210,37 @@ class Block(nn.Module):
         # Each branch output is a fresh tensor that nothing saves for backward, so the residual is added
         # into it in place: one allocation less per branch, and bit-identical (IEEE addition commutes).
         x = self.drop_path1(self.attn(self.norm1(x), size)).add_(x)
+        if self._row_chunks(x) > 1:
+            return self._mlp_by_rows(x)
         return self.drop_path2(self.mlp(self.norm2(x))).add_(x)
+
+    def _row_chunks(self, x: torch.Tensor) -> int:
+        """How many row chunks the inference MLP takes (1: run it whole, as in training or compiling)."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_scripting():
+            return 1
+        return x.numel() // x.shape[-1] // _mlp_chunk_rows(self.mlp.fc1.out_features)
+
+    def _mlp_by_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference MLP over cache-sized chunks of tokens, added into ``x`` in place.
+
+        Row by row the same arithmetic as the whole-tensor MLP (bit-identical as long as chunks are not
+        tiny), but the hidden activation (mlp_ratio x wider than the tokens) stays in cache and is never
+        allocated at full size.
+        """
+        tokens = x.view(-1, x.shape[-1])
+        for chunk in tokens.tensor_split(self._row_chunks(x)):  # equal chunks: no tiny last one
+            hidden = self.mlp.act(self.mlp.fc1(self.norm2(chunk)))
+            chunk.add_(self.mlp.fc2(hidden))
+        return x
+
+
+MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB in fp32, cache-sized
+MLP_CHUNK_MIN_ROWS = 512
+
+
+def _mlp_chunk_rows(hidden: int) -> int:
+    """Tokens per inference MLP chunk (whole-tensor hidden activations leave the caches and page-fault)."""
+    return max(MLP_CHUNK_MIN_ROWS, MLP_CHUNK_ELEMENTS // hidden)
 
 
 class InplaceGELU(nn.GELU):
