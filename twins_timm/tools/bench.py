@@ -302,9 +302,19 @@ def matmul_rate(n: int, device: str, dtype: torch.dtype, warmup: int, repeats: i
             'seconds': res['seconds'], 'gflops': flops / res['seconds'] / 1e9}
 
 
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call; attention included (torch's counter has no formula for the CPU flash kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    mapping = {}
+    cpu_flash = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+    if cpu_flash is not None:
+        mapping[cpu_flash] = _cpu_flash_attention_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())
 
