@@ -210,28 +210,22 @@ class Block(nn.Module):
         # Each branch output is a fresh tensor that nothing saves for backward, so the residual is added
         # into it in place: one allocation less per branch, and bit-identical (IEEE addition commutes).
         x = self.drop_path1(self.attn(self.norm1(x), size)).add_(x)
-        if self._row_chunks(x) > 1:
-            return self._mlp_by_rows(x)
+        chunks = self._row_chunks(x)
+        if chunks > 1:
+            args = (self.norm2.weight, self.norm2.bias, self.norm2.eps, self.mlp.fc1.weight, self.mlp.fc1.bias,
+                    self.mlp.fc2.weight, self.mlp.fc2.bias, chunks)
+            if torch.compiler.is_compiling():  # an opaque kernel to the compiler: no unrolled chunk loop
+                return torch.ops.twins_timm.mlp_residual_by_rows(x, *args)
+            return _mlp_residual_by_rows(x, *args, out=x)
         return self.drop_path2(self.mlp(self.norm2(x))).add_(x)
 
     def _row_chunks(self, x: torch.Tensor) -> int:
-        """How many row chunks the inference MLP takes (1: run it whole, as in training or compiling)."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_scripting():
+        """How many row chunks the inference MLP takes (1: whole tensor, as in training or export)."""
+        if (self.training or torch.is_grad_enabled() or torch.compiler.is_exporting()
+                or torch.jit.is_scripting() or not isinstance(self.mlp.act, InplaceGELU)
+                or self.mlp.act.approximate != 'none'):
             return 1
         return x.numel() // x.shape[-1] // _mlp_chunk_rows(self.mlp.fc1.out_features)
-
-    def _mlp_by_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference MLP over cache-sized chunks of tokens, added into ``x`` in place.
-
-        Row by row the same arithmetic as the whole-tensor MLP (bit-identical as long as chunks are not
-        tiny), but the hidden activation (mlp_ratio x wider than the tokens) stays in cache and is never
-        allocated at full size.
-        """
-        tokens = x.view(-1, x.shape[-1])
-        for chunk in tokens.tensor_split(self._row_chunks(x)):  # equal chunks: no tiny last one
-            hidden = self.mlp.act(self.mlp.fc1(self.norm2(chunk)))
-            chunk.add_(self.mlp.fc2(hidden))
-        return x
 
 
 MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB in fp32, cache-sized
@@ -241,6 +235,40 @@ MLP_CHUNK_MIN_ROWS = 512
 def _mlp_chunk_rows(hidden: int) -> int:
     """Tokens per inference MLP chunk (whole-tensor hidden activations leave the caches and page-fault)."""
     return max(MLP_CHUNK_MIN_ROWS, MLP_CHUNK_ELEMENTS // hidden)
+
+
+def _mlp_residual_by_rows(
+        x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+        fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
+        chunks: int, out: torch.Tensor,
+) -> torch.Tensor:
+    """``out = x + fc2(gelu(fc1(norm(x))))`` over ``chunks`` equal row chunks (inference only).
+
+    Row by row the same arithmetic as the whole-tensor MLP (bit-identical unless chunks are tiny), but
+    the hidden activation (mlp_ratio x wider than the tokens) stays in cache and is never allocated at
+    full size. ``out`` may be ``x`` itself.
+    """
+    dim = x.shape[-1]
+    for x_rows, out_rows in zip(x.view(-1, dim).tensor_split(chunks), out.view(-1, dim).tensor_split(chunks)):
+        hidden = F.linear(F.layer_norm(x_rows, (dim,), norm_weight, norm_bias, eps), fc1_weight, fc1_bias)
+        torch.add(x_rows, F.linear(torch.ops.aten.gelu_(hidden), fc2_weight, fc2_bias), out=out_rows)
+    return out
+
+
+@torch.library.custom_op('twins_timm::mlp_residual_by_rows', mutates_args=())
+def _mlp_residual_by_rows_op(
+        x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+        fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
+        chunks: int,
+) -> torch.Tensor:
+    """The row-chunked MLP as one operator, so that torch.compile calls it instead of unrolling it."""
+    return _mlp_residual_by_rows(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                 chunks, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@_mlp_residual_by_rows_op.register_fake
+def _(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, chunks):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 class InplaceGELU(nn.GELU):
