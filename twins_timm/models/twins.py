@@ -42,6 +42,18 @@ def patch_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+def window_token_index(height: int, width: int, ws: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every token of the ws x ws windows (zero padding right/bottom), window-major.
+
+    1-D integer arithmetic on one arange: with symbolic sizes (torch.export) nothing is reshaped or
+    broadcast along a size that depends on the input, so no fact about H, W has to be proven.
+    """
+    gw = (width + ws - 1) // ws
+    n = torch.arange((height + ws - 1) // ws * gw * ws * ws, device=device)
+    window, pos = n // (ws * ws), n % (ws * ws)
+    return window // gw * ws + pos // ws, window % gw * ws + pos % ws
+
+
 def window_attn_mask(height: int, width: int, ws: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Additive (num_windows, L, L) mask of the official segmentation code for a map padded to ``ws``.
 
@@ -50,12 +62,10 @@ def window_attn_mask(height: int, width: int, ws: int, device: torch.device, dty
     the mask uniform (plain zero padding) whenever either pad is 0. Built from comparisons, with no
     Python branch on the sizes, so it also traces with symbolic shapes (torch.export).
     """
-    hp, wp = (height + ws - 1) // ws * ws, (width + ws - 1) // ws * ws
-    pad_rows = torch.arange(hp, device=device) >= height
-    pad_cols = torch.arange(wp, device=device) >= width
-    pad = (pad_rows[:, None] | pad_cols[None, :]) & (pad_rows.any() & pad_cols.any())
-    pad = pad.reshape(hp // ws, ws, wp // ws, ws).transpose(1, 2).reshape(-1, ws * ws)
-    differs = pad.unsqueeze(1) != pad.unsqueeze(2)
+    rows, cols = window_token_index(height, width, ws, device)
+    pad_row, pad_col = rows >= height, cols >= width
+    pad = ((pad_row | pad_col) & (pad_row.any() & pad_col.any())).unflatten(0, (-1, ws * ws))
+    differs = pad.unsqueeze(-2) != pad.unsqueeze(-1)
     return torch.zeros(differs.shape, device=device, dtype=dtype).masked_fill_(differs, WINDOW_MASK_VALUE)
 
 
@@ -91,23 +101,20 @@ class LocallyGroupedAttn(nn.Module):
         B, N, C = x.shape
         H, W = size
         ws, nh = self.ws, self.num_heads
-        gh, gw = (H + ws - 1) // ws, (W + ws - 1) // ws  # windows per column / row
-        Hp, Wp = gh * ws, gw * ws
-        pad_b, pad_r = Hp - H, Wp - W
-        # traced with symbolic sizes (torch.compile / export): no Python branches on them
-        traced = torch.compiler.is_compiling()
-        padded = traced or pad_b > 0 or pad_r > 0
-        x = x.view(B, H, W, C)
-        if padded:
-            # padded tokens get qkv = bias and take part in attention, as in the original
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        # The projection sees the window-grouped view, as timm's does (linear on a strided input: matmul,
-        # then the bias added), which keeps the rounding identical to timm's.
-        qkv = self.qkv(x.view(B, gh, ws, gw, ws, C).transpose(2, 3)).view(B * gh * gw, ws * ws, 3, nh, C // nh)
+        if torch.compiler.is_compiling():  # symbolic sizes possible
+            return self._forward_traced(x, size)
+        padded = H % ws > 0 or W % ws > 0
+        # padded tokens get qkv = bias and take part in attention, as in the original
+        windows = self._windows(x.view(B, H, W, C)) if padded else \
+            x.view(B, H // ws, ws, W // ws, ws, C).transpose(2, 3)
+        gh, gw = windows.shape[1], windows.shape[2]  # windows per column / row
+        # The projection sees the window-grouped strided view, as timm's does (linear on a strided input:
+        # matmul, then the bias added), which keeps the rounding identical to timm's.
+        qkv = self.qkv(windows).view(B * gh * gw, ws * ws, 3, nh, C // nh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
         attn_mask = None
-        if self.window_mask and (traced or (pad_b > 0 and pad_r > 0)):
+        if self.window_mask and H % ws > 0 and W % ws > 0:
             attn_mask = window_attn_mask(H, W, ws, x.device, q.dtype)
             attn_mask = attn_mask.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * gh * gw, 1, ws * ws, ws * ws)
         # Windows hold 49 tokens: batched matmuls beat the fused kernel here. q and k are scaled by
@@ -119,10 +126,50 @@ class LocallyGroupedAttn(nn.Module):
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = attn @ v
 
-        x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
-        if padded:
-            x = x[:, :H, :W]
+        x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, gh * ws * gw * ws, C)
+        if padded:  # gather the H x W tokens back (an index, not a slice: no size arithmetic to prove)
+            rows = torch.arange(H, device=x.device)[:, None] * (gw * ws) + torch.arange(W, device=x.device)
+            x = x.index_select(1, rows.view(-1))
         return self.proj_drop(self.proj(x.reshape(B, N, C)))
+
+    def _forward_traced(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        """The same computation for torch.compile / torch.export, where H and W may be symbolic.
+
+        Tokens move between the map and the windows by gathers with computed indices, and reshapes only
+        split off static sizes, so the exporter needs no divisibility facts about H and W.
+        """
+        B, N, C = x.shape
+        H, W = size
+        ws, nh = self.ws, self.num_heads
+        dev = x.device
+        rows, cols = window_token_index(H, W, ws, dev)
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, ws - 1, 0, ws - 1))  # zero tokens past the bottom/right
+        num_windows = ((H + ws - 1) // ws) * ((W + ws - 1) // ws)
+        n = torch.arange(num_windows, device=dev)[:, None] * (ws * ws) + torch.arange(ws * ws, device=dev)
+        x = x[:, rows[n], cols[n]]  # (B, nW, L, C): indexed into shape, no reshape of a symbolic size
+        # bias added after the product, as the eager path's strided linear does (same rounding)
+        qkv = (F.linear(x, self.qkv.weight) + self.qkv.bias).unflatten(-1, (3, nh, C // nh))  # (B, nW, L, 3, nh, d)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nh, L, d)
+        root_scale = self.scale ** 0.5
+        attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
+        if self.window_mask:
+            attn = attn + window_attn_mask(H, W, ws, dev, q.dtype)[None, :, None]
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(2, 3).flatten(-2)  # (B, nW, L, C)
+        t = torch.arange(H * W, device=dev)
+        h, w = t // W, t % W
+        x = x[:, h // ws * ((W + ws - 1) // ws) + w // ws, h % ws * ws + w % ws]  # (B, H*W, C)
+        return self.proj_drop(self.proj(x))
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> zero-padded (B, gh, gw, ws, ws, C) window view, gh = ceil(H / ws).
+
+        Padding by ws - 1 and cutting windows with ``unfold`` gives exactly ceil(H / ws) of them without
+        computing the padded size, so symbolic sizes (torch.export) need no divisibility facts.
+        """
+        ws = self.ws
+        x = F.pad(x, (0, 0, 0, ws - 1, 0, ws - 1))
+        return x.unfold(1, ws, ws).unfold(2, ws, ws).permute(0, 1, 2, 4, 5, 3)
 
 
 class GlobalSubSampleAttn(nn.Module):
