@@ -166,3 +166,11 @@ def test_targets_and_table_helpers():
     }
     table = bench.format_table(['name', 'value'], [['a', 1.5], ['longer', 10.25], ['none', None]]).splitlines()
     assert table == ['name    value', '------  -----', 'a        1.50', 'longer  10.25', 'none        -']
+
+
+def test_flop_count_includes_cpu_attention():
+    # torch's counter has no formula for the CPU flash kernel; without ours attention would count 0
+    import torch
+    q, k = torch.randn(2, 3, 64, 16), torch.randn(2, 3, 32, 16)
+    flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k))
+    assert flops == 2 * (2 * 2 * 3 * 64 * 32 * 16)  # q @ k^T and attn @ v, 2 FLOPs per multiply-add
