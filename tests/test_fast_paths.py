@@ -1,15 +1,23 @@
 """Every inference fast path of the backbone computes what the plain (training / autograd) path computes.
 
-The fast paths: the MLP run over row chunks with the residual added in place (inference only), and the
-window attention as batched matmuls. Chunk sizes are shrunk here so that small inputs take several
-ragged chunks; the plain path is the same model with autograd recording (no chunking, no in-place).
+The fast paths: linear layers through oneDNN (a 1x1 conv on a channels-last view), the MLP run over row
+chunks with the residual added in place (inference only), and the window attention as batched matmuls.
+Chunk sizes are shrunk here so that small inputs take several ragged chunks; the plain path is the same
+model with autograd recording (F.linear, no chunking, no in-place). Differences are measured against
+the output's scale (see numerics.py).
 """
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 import timm
+from torch.overrides import TorchFunctionMode
 
 import twins_timm.models.twins as twins_mod
-from twins_timm.models.twins import Block, checkpoint_family_args
+from numerics import FP32_TOL, scaled_diff
+from twins_timm.models.twins import Block, checkpoint_family_args, linear
 
 SIZES = [(64, 64), (97, 131), (250, 333)]
 
@@ -72,9 +80,8 @@ def test_chunked_inference_equals_plain_path(small_chunks, name, family, size):
     with torch.inference_mode():
         fast = model.forward_intermediates(x, intermediates_only=True)
     assert len(calls) - n_plain > n_plain  # the inference run really went through row chunks
-    for a, b in zip(fast, plain):
-        assert a.shape == b.shape
-        assert (a - b).abs().max().item() <= 1e-5
+    assert [a.shape for a in fast] == [b.shape for b in plain]
+    assert scaled_diff(fast, plain) <= FP32_TOL
 
 
 def test_no_grad_also_takes_the_fast_path_and_leaves_input_alone(small_chunks):
@@ -87,7 +94,7 @@ def test_no_grad_also_takes_the_fast_path_and_leaves_input_alone(small_chunks):
         fast = model.forward_intermediates(x, intermediates_only=True)
     assert len(calls) > sum(model.depths)
     assert torch.equal(x, x0)
-    assert max((a - b).abs().max().item() for a, b in zip(fast, plain)) <= 1e-5
+    assert scaled_diff(fast, plain) <= FP32_TOL
 
 
 def test_training_mode_never_chunks(small_chunks):
@@ -107,7 +114,7 @@ def test_default_chunking_at_512_matches_plain_path():
         fast = model.forward_intermediates(x, intermediates_only=True)
     assert len(calls) > sum(model.depths)
     plain = _plain(model, x)
-    assert max((a - b).abs().max().item() for a, b in zip(fast, plain)) <= 1e-5
+    assert scaled_diff(fast, plain) <= FP32_TOL
 
 
 @pytest.mark.parametrize('size', [(70, 70), (75, 90), (100, 64)])
@@ -160,5 +167,78 @@ def test_compiled_inference_calls_the_chunked_operator(small_chunks):
         compiled = torch.compile(lambda t: model.forward_intermediates(t, intermediates_only=True),
                                  backend=recording_backend, fullgraph=True)
         out = compiled(x)
-    assert sum('mlp_residual_by_rows' in t for t in targets) == sum(model.depths[:2])  # stages 1-2 chunk here
-    assert max((a - b).abs().max().item() for a, b in zip(out, plain)) <= 1e-5
+    assert sum('mlp_residual_by_rows' in t for t in targets) == sum(model.depths)  # every inference MLP
+    assert scaled_diff(out, plain) <= FP32_TOL
+
+
+# ------------------------------------------------------------------------------ oneDNN linear
+class _CountCalls(TorchFunctionMode):
+    """How often F.linear and F.conv2d are called (torch functions, seen before dispatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {F.linear: 0, F.conv2d: 0}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.counts:
+            self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _calls(model, x, grad=False, exact=False):
+    twins_mod.set_onednn_linear(not exact)
+    try:
+        with torch.set_grad_enabled(grad), _CountCalls() as mode:
+            model.forward_intermediates(x, intermediates_only=True)
+    finally:
+        twins_mod.set_onednn_linear(True)
+    return mode.counts[F.linear], mode.counts[F.conv2d]
+
+
+def test_inference_linears_run_as_onednn_convs():
+    model = _model('twins_svt_small')
+    x = torch.randn(1, 3, 64, 64)
+    convs_only = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())  # patch embeds, PEGs, reductions
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.blocks.modules())
+    assert (convs_only, n_linear) == (4 + 4 + 7, 9 * 4 + 9 * 5)  # SVT-S: 9 LSA and 9 GSA blocks
+    assert _calls(model, x) == (0, convs_only + n_linear)  # every linear layer of every block, MLPs included
+    assert _calls(model, x, grad=True) == (n_linear, convs_only)  # autograd: timm's F.linear
+    assert _calls(model, x, exact=True) == (n_linear, convs_only)  # set_onednn_linear(False)
+
+
+@pytest.mark.parametrize('shape,k,n', [((5, 7, 64), 64, 192), ((2, 300, 320), 320, 1280), ((1000, 1024), 1024, 256)])
+@pytest.mark.parametrize('bias', [True, False])
+def test_onednn_linear_equals_f_linear(shape, k, n, bias):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    w, b = torch.randn(n, k) / k ** .5, (torch.randn(n) if bias else None)
+    with torch.no_grad():
+        out = linear(x, w, b)
+        assert out.shape == (*shape[:-1], n) and out.is_contiguous()
+        assert scaled_diff(out, F.linear(x, w, b)) <= FP32_TOL
+        strided = x.transpose(0, -2) if x.ndim == 3 else x[::2]  # non-contiguous rows are gathered first
+        assert scaled_diff(linear(strided, w, b), F.linear(strided, w, b)) <= FP32_TOL
+        if k <= 192:  # short products: the same sums in the same order as MKL on this machine
+            assert torch.equal(out, F.linear(x, w, b))
+
+
+def test_onednn_linear_follows_autograd_and_bf16():
+    w, b = torch.randn(64, 32), torch.randn(64)
+    x = torch.randn(10, 32, requires_grad=True)
+    linear(x, w, b).sum().backward()  # grad enabled: F.linear, differentiable
+    assert torch.allclose(x.grad, w.sum(0).expand(10, 32))
+    with torch.no_grad():
+        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        out = linear(xb, wb, bb)
+        assert out.dtype == torch.bfloat16
+        assert scaled_diff(out.float(), F.linear(xb, wb, bb).float()) <= 1e-2
+
+
+def test_onednn_linear_switch_from_environment():
+    code = ('import torch, twins_timm.models.twins as t; x = torch.randn(4, 8); '
+            'print(torch.no_grad()(t.use_onednn_linear)(x))')
+    for value, expect in (('0', 'False'), ('1', 'True')):
+        env = dict(__import__('os').environ, TWINS_TIMM_ONEDNN_LINEAR=value)
+        res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.strip() == expect
