@@ -49,6 +49,8 @@ def test_json_has_machine_settings_methods(tiny_run):
         assert isinstance(data['methods'][key], str) and data['methods'][key]
     mm = data['matmul']['fp32']
     assert mm['n'] == 256 and mm['flops'] == 2 * 256 ** 3 and _positive(mm['gflops'])
+    assert _positive(mm['onednn_gflops'])  # the kernel of our inference linear, timed on the same product
+    assert mm['best_gflops'] == max(mm['gflops'], mm['onednn_gflops'])
     assert data['compile']['available'] is False and 'skipped' in data['compile']['reason']
 
 
@@ -59,12 +61,15 @@ def test_backbone_row_ratios_and_parity(tiny_run):
     row = rows[0]
     assert (row['batch'], row['height'], row['width']) == (1, 64, 64)
     assert _positive(row['flops']) and _positive(row['ratio'])
-    for side in ('ours', 'timm'):
-        for key in ('seconds', 'images_per_s', 'gflops', 'pct_matmul'):
+    for side in ('ours', 'timm', 'exact'):
+        for key in ('seconds', 'images_per_s', 'gflops', 'pct_matmul', 'pct_gemm'):
             assert _positive(row[side][key]), (side, key)
         assert len(row[side]['all_seconds']) == 1
-    # same weights, same input: the two implementations agree
-    assert row['max_abs_diff'] < 1e-3
+        assert row[side]['pct_gemm'] <= row[side]['pct_matmul']
+    # same weights, same input: the two implementations agree (F.linear: timm's kernels)
+    assert row['scaled_diff'] <= 1e-5 and row['exact']['scaled_diff'] <= 1e-5
+    assert row['max_abs_diff'] < 1e-3 and row['exact']['max_abs_diff'] < 1e-3
+    assert row['exact']['ratio'] == pytest.approx(row['timm']['seconds'] / row['exact']['seconds'])
     assert row['ratio'] == pytest.approx(row['timm']['seconds'] / row['ours']['seconds'])
     assert any(t['name'].startswith('eager ours/timm twins_svt_small') for t in data['targets'])
 

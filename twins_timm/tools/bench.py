@@ -69,7 +69,13 @@ METHODS = {
              '(matmuls, convolutions and attention; 2 FLOPs per multiply-add); the same count is used '
              "for the reference, which computes the same function, so GFLOP/s compare work done",
     'matmul_rate': 'N x N @ N x N matmul (2 N^3 FLOPs) in the benchmark dtype, median of repeats, '
-                   'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s',
+                   'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s. On CPU the same '
+                   "product is also timed through oneDNN (twins_timm's inference linear, a 1x1 convolution): "
+                   'onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
+    'exact': "ours with twins_timm.models.twins.set_onednn_linear(False): linear layers through F.linear (MKL), "
+             "as timm's; bit-identical to timm's Twins. Timed in the same interleaved rounds",
+    'diff': 'max_abs_diff = max |ours - reference| over all outputs; scaled_diff divides each output\'s by '
+            'max(1, max |reference|)',
     'compile': "torch.compile(model) (default mode, backend --compile-backend) of both models; "
                'compilation happens in the warm-up and is reported separately as compile_s',
     'segmenters': "our TwinsFPN / TwinsUPerNet forward vs mmseg's EncoderDecoder.encode_decode (whole-image "
@@ -298,8 +304,15 @@ def matmul_rate(n: int, device: str, dtype: torch.dtype, warmup: int, repeats: i
     with torch.inference_mode():
         res = time_interleaved({'mm': lambda: torch.mm(a, b)}, max(warmup, 1), max(repeats, 3), device)['mm']
     flops = 2 * n ** 3
-    return {'n': n, 'dtype': str(dtype).replace('torch.', ''), 'flops': flops,
-            'seconds': res['seconds'], 'gflops': flops / res['seconds'] / 1e9}
+    out = {'n': n, 'dtype': str(dtype).replace('torch.', ''), 'flops': flops,
+           'seconds': res['seconds'], 'gflops': flops / res['seconds'] / 1e9, 'onednn_gflops': None}
+    if device == 'cpu' and torch.backends.mkldnn.is_available():
+        from ..models.twins import linear
+        with torch.inference_mode():
+            res = time_interleaved({'mm': lambda: linear(a, b)}, max(warmup, 1), max(repeats, 3), device)['mm']
+        out['onednn_gflops'] = flops / res['seconds'] / 1e9
+    out['best_gflops'] = max(out['gflops'], out['onednn_gflops'] or 0.0)
+    return out
 
 
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -325,10 +338,30 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return max(max_abs_diff(x, y) for x, y in zip(a, b))
 
 
-def _speed(seconds: float, batch: int, flops: int, mm_gflops: float) -> Dict[str, float]:
+def scaled_diff(a: Any, b: Any) -> float:
+    """max_abs_diff per output divided by max(1, max |b|): rounding grows with the numbers' size."""
+    if isinstance(a, torch.Tensor):
+        return max_abs_diff(a, b) / max(1.0, float(b.float().abs().max()))
+    return max(scaled_diff(x, y) for x, y in zip(a, b))
+
+
+def _speed(seconds: float, batch: int, flops: int, mm: Dict[str, Any]) -> Dict[str, float]:
     gflops = flops / seconds / 1e9
     return {'seconds': seconds, 'images_per_s': batch / seconds, 'gflops': gflops,
-            'pct_matmul': 100.0 * gflops / mm_gflops}
+            'pct_matmul': 100.0 * gflops / mm['gflops'], 'pct_gemm': 100.0 * gflops / mm['best_gflops']}
+
+
+def exact_linear(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with our linear layers through F.linear (timm's kernels) instead of oneDNN."""
+    from ..models.twins import set_onednn_linear
+
+    def run() -> Any:
+        set_onednn_linear(False)
+        try:
+            return fn()
+        finally:
+            set_onednn_linear(True)
+    return run
 
 
 def compile_unavailable_reason(device: str, backend: str) -> Optional[str]:
@@ -393,30 +426,38 @@ class Bench:
             for size in self.s['sizes']:
                 x = self._input(size)
                 for precision in self.s['precisions']:
-                    rows.extend(self._backbone_size(variant, ours, ref, x, size, precision, mm[precision]['gflops'],
+                    rows.extend(self._backbone_size(variant, ours, ref, x, size, precision, mm[precision],
                                                     compile_reason))
             del ours, ref
             gc.collect()
         return rows
 
     def _backbone_size(self, variant: str, ours: nn.Module, ref: nn.Module, x: torch.Tensor,
-                       size: Tuple[int, int, int], precision: str, mm_gflops: float,
+                       size: Tuple[int, int, int], precision: str, mm: Dict[str, Any],
                        compile_reason: Optional[str]) -> List[Dict[str, Any]]:
         b, h, w = size
         base = {'variant': variant, 'batch': b, 'height': h, 'width': w, 'precision': precision}
         rows = []
         with torch.inference_mode(), precision_context(precision, self.device):
             flops = count_flops(lambda: ours(x))
-            diff = max_abs_diff(ours(x), ref(x))
-            self.log('%s %dx%dx%d %s eager: %.1f GFLOP per batch, max |ours - timm| %.2e'
-                     % (variant, b, h, w, precision, flops / 1e9, diff))
-            t = time_interleaved({'ours': lambda: ours(x), 'timm': lambda: ref(x)},
+            want = ref(x)
+            diff, scaled = max_abs_diff(ours(x), want), scaled_diff(ours(x), want)
+            exact_out = exact_linear(lambda: ours(x))()
+            exact_diff, exact_scaled = max_abs_diff(exact_out, want), scaled_diff(exact_out, want)
+            self.log('%s %dx%dx%d %s eager: %.1f GFLOP per batch, max |ours - timm| %.2e (scaled %.1e; exact '
+                     'linear %.1e)' % (variant, b, h, w, precision, flops / 1e9, diff, scaled, exact_diff))
+            t = time_interleaved({'ours': lambda: ours(x), 'timm': lambda: ref(x),
+                                  'exact': exact_linear(lambda: ours(x))},
                                  self.s['warmup'], self.s['repeats'], self.device)
-            rows.append(dict(base, mode='eager', flops=flops, max_abs_diff=diff,
-                             ours=dict(_speed(t['ours']['seconds'], b, flops, mm_gflops),
+            rows.append(dict(base, mode='eager', flops=flops, max_abs_diff=diff, scaled_diff=scaled,
+                             ours=dict(_speed(t['ours']['seconds'], b, flops, mm),
                                        all_seconds=t['ours']['all_seconds']),
-                             timm=dict(_speed(t['timm']['seconds'], b, flops, mm_gflops),
+                             timm=dict(_speed(t['timm']['seconds'], b, flops, mm),
                                        all_seconds=t['timm']['all_seconds']),
+                             exact=dict(_speed(t['exact']['seconds'], b, flops, mm),
+                                        all_seconds=t['exact']['all_seconds'], max_abs_diff=exact_diff,
+                                        scaled_diff=exact_scaled,
+                                        ratio=t['timm']['seconds'] / t['exact']['seconds']),
                              ratio=t['timm']['seconds'] / t['ours']['seconds']))
         if not self.s['compile']:
             return rows
@@ -432,17 +473,17 @@ class Bench:
             with torch.inference_mode(), precision_context(precision, self.device):
                 t = time_interleaved({'ours': lambda: c_ours(x), 'timm': lambda: c_ref(x)},
                                      max(self.s['warmup'], 1) + 1, self.s['repeats'], self.device)
-                diff = max_abs_diff(c_ours(x), ours(x))
+                diff, scaled = max_abs_diff(c_ours(x), ours(x)), scaled_diff(c_ours(x), ours(x))
         except Exception as e:  # compile problems are results, not crashes
             rows.append(dict(base, mode='compiled', error='compile failed: ' + _short_error(e)))
             return rows
         finally:
             torch._dynamo.reset()
-        rows.append(dict(base, mode='compiled', flops=flops, max_abs_diff_vs_eager=diff,
-                         ours=dict(_speed(t['ours']['seconds'], b, flops, mm_gflops),
+        rows.append(dict(base, mode='compiled', flops=flops, max_abs_diff_vs_eager=diff, scaled_diff_vs_eager=scaled,
+                         ours=dict(_speed(t['ours']['seconds'], b, flops, mm),
                                    all_seconds=t['ours']['all_seconds'],
                                    compile_s=t['ours']['first_call_seconds']),
-                         timm=dict(_speed(t['timm']['seconds'], b, flops, mm_gflops),
+                         timm=dict(_speed(t['timm']['seconds'], b, flops, mm),
                                    all_seconds=t['timm']['all_seconds'],
                                    compile_s=t['timm']['first_call_seconds']),
                          ratio=t['timm']['seconds'] / t['ours']['seconds']))
@@ -469,12 +510,13 @@ class Bench:
                 for precision in self.s['precisions']:
                     with torch.inference_mode(), precision_context(precision, self.device):
                         flops = count_flops(lambda: ours(x))
-                        diff = max_abs_diff(ours(x), ref.encode_decode(x, metas))
+                        want = ref.encode_decode(x, metas)
+                        diff, scaled = max_abs_diff(ours(x), want), scaled_diff(ours(x), want)
                         t = time_interleaved({'ours': lambda: ours(x), 'mmseg': lambda: ref.encode_decode(x, metas)},
                                              self.s['warmup'], self.s['repeats'], self.device)
-                    g = mm[precision]['gflops']
+                    g = mm[precision]
                     rows.append({'variant': variant, 'head': head, 'batch': b, 'height': h, 'width': w,
-                                 'precision': precision, 'flops': flops, 'max_abs_diff': diff,
+                                 'precision': precision, 'flops': flops, 'max_abs_diff': diff, 'scaled_diff': scaled,
                                  'ours': dict(_speed(t['ours']['seconds'], b, flops, g),
                                               all_seconds=t['ours']['all_seconds']),
                                  'mmseg': dict(_speed(t['mmseg']['seconds'], b, flops, g),
@@ -782,20 +824,28 @@ def render(out: Dict[str, Any]) -> str:
     parts = ['twins-timm bench: %s, %d thread(s), device %s, torch %s, timm %s'
              % (m['cpu'], m['threads'], m['device'], m['torch'], m['timm'])]
     for prec, r in out['matmul'].items():
-        parts.append('matmul rate (%s, %d x %d): %.1f GFLOP/s' % (prec, r['n'], r['n'], r['gflops']))
+        line = 'matmul rate (%s, %d x %d): %.1f GFLOP/s' % (prec, r['n'], r['n'], r['gflops'])
+        if r.get('onednn_gflops'):
+            line += '; the same product through oneDNN (our inference linear): %.1f GFLOP/s' % r['onednn_gflops']
+        parts.append(line)
     rows = []
     for r in out['backbones']:
         size = '%dx%dx%d' % (r['batch'], r['height'], r['width'])
         if 'error' in r:
-            rows.append([r['variant'], size, r['precision'], r['mode'], None, None, None, None, None, None, r['error']])
+            rows.append([r['variant'], size, r['precision'], r['mode']] + [None] * 9 + [r['error']])
             continue
+        exact = r.get('exact', {})
         rows.append([r['variant'], size, r['precision'], r['mode'], r['ours']['images_per_s'],
-                     r['timm']['images_per_s'], r['ratio'], r['ours']['gflops'], r['ours']['pct_matmul'],
-                     r['timm']['pct_matmul'], '%.1e' % r.get('max_abs_diff', r.get('max_abs_diff_vs_eager', 0.0))])
+                     r['timm']['images_per_s'], r['ratio'], exact.get('ratio'), r['ours']['gflops'],
+                     r['ours']['pct_matmul'], r['timm']['pct_matmul'], r['ours'].get('pct_gemm'),
+                     '%.1e' % r.get('max_abs_diff', r.get('max_abs_diff_vs_eager', 0.0)),
+                     '%.1e' % r.get('scaled_diff', r.get('scaled_diff_vs_eager', 0.0))])
     if rows:
-        parts += ['', "Backbones, ours vs timm's Twins (features_only, eval, inference mode)",
+        parts += ['', "Backbones, ours vs timm's Twins (features_only, eval, inference mode; compiled: diff vs "
+                      "our eager; exact: ours with F.linear, bit-identical to timm)",
                   format_table(['variant', 'BxHxW', 'prec', 'mode', 'ours img/s', 'timm img/s', 'ratio',
-                                'ours GFLOP/s', 'ours %mm', 'timm %mm', 'max|diff|'], rows)]
+                                'exact ratio', 'ours GFLOP/s', 'ours %mm', 'timm %mm', 'ours %gemm', 'max|diff|',
+                                'scaled'], rows)]
     seg = out['segmenters']
     parts.append('')
     if not seg['available']:
@@ -804,14 +854,15 @@ def render(out: Dict[str, Any]) -> str:
         rows = []
         for r in seg['results']:
             if 'error' in r:
-                rows.append([r['variant'], r['head'], None, None, None, None, None, None, r['error']])
+                rows.append([r['variant'], r['head']] + [None] * 8 + [r['error']])
                 continue
             rows.append([r['variant'], r['head'], '%dx%dx%d' % (r['batch'], r['height'], r['width']),
                          r['precision'], r['ours']['images_per_s'], r['mmseg']['images_per_s'], r['ratio'],
-                         r['ours']['pct_matmul'], '%.1e' % r['max_abs_diff']])
+                         r['ours']['pct_matmul'], r['ours'].get('pct_gemm'), '%.1e' % r['max_abs_diff'],
+                         '%.1e' % r.get('scaled_diff', 0.0)])
         parts += ["Segmenters, ours vs mmseg's own models (end to end, eval)",
                   format_table(['variant', 'head', 'BxHxW', 'prec', 'ours img/s', 'mmseg img/s', 'ratio',
-                                'ours %mm', 'max|diff|'], rows)]
+                                'ours %mm', 'ours %gemm', 'max|diff|', 'scaled'], rows)]
     mem = out['memory']
     parts.append('')
     if not mem['results']:
