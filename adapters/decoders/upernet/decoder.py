@@ -12,7 +12,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ...modules import ConvNormAct, resize
+import torch.nn.functional as F
+
+from ...modules import ConvNormAct, fast_inference, resize, upsampled_conv3x3
 
 
 class UPerNetDecoder(nn.Module):
@@ -47,5 +49,20 @@ class UPerNetDecoder(nn.Module):
             levels[i - 1] = levels[i - 1] + resize(levels[i], levels[i - 1].shape[-2:])
         outs = [conv(level) for conv, level in zip(self.fpn_convs, levels)] + [levels[-1]]
         size = outs[0].shape[-2:]
+        if fast_inference():
+            return self.fused_bottleneck(outs)
         outs = [outs[0]] + [resize(o, size) for o in outs[1:]]
         return self.fpn_bottleneck(torch.cat(outs, dim=1))
+
+    def fused_bottleneck(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`fpn_bottleneck(cat([outs[0], *resized outs[1:]]))` without resizing or concatenating.
+
+        The 3x3 conv over the concatenation is a sum of convs over its parts; each coarse part runs
+        through `upsampled_conv3x3`. Half of UPerHead's FLOPs at mmseg's sizes go away.
+        """
+        conv = self.fpn_bottleneck.conv
+        parts = conv.weight.split([o.shape[1] for o in outs], dim=1)
+        x = F.conv2d(outs[0], parts[0], conv.bias, padding=1)
+        for out, weight in zip(outs[1:], parts[1:]):
+            x += upsampled_conv3x3(out, weight, x.shape[-2:])
+        return self.fpn_bottleneck.norm_act(x)

@@ -1,0 +1,98 @@
+"""The segmenters' inference shortcuts compute what their plain (autograd) path computes.
+
+Shortcuts: UPerHead's fusion conv over the concatenated pyramid run as a sum of per-level convs, the
+coarse levels through `upsampled_conv3x3` (channel mixing at the small size, resize as matmuls); the
+head on channels-last maps; FPN sums in place. Differences are measured against the output's scale
+(see numerics.py). Input sizes are odd so that every resize has a non-integer factor somewhere.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import twins_timm  # noqa: F401  registers the Twins variants with timm
+from numerics import FP32_TOL, scaled_diff
+from twins_timm.adapters import TwinsFPN, TwinsUPerNet
+from twins_timm.adapters import modules
+from twins_timm.adapters.modules import resize, shifted_resize_matrices, upsampled_conv3x3
+from twins_timm.models.twins import checkpoint_family_args
+
+SHALLOW = {'twins_pcpvt_small': [1, 1, 1, 1], 'twins_svt_small': [2, 2, 2, 2]}
+
+
+@pytest.mark.parametrize('small,size', [((16, 16), (64, 64)), ((8, 12), (64, 96)), ((17, 25), (70, 100)),
+                                        ((1, 1), (4, 7)), ((5, 3), (5, 3))])
+def test_upsampled_conv3x3_is_conv_of_resized_map(small, size):
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, *small)
+    weight = torch.randn(16, 24, 3, 3) / 24 ** .5
+    with torch.no_grad():
+        want = F.conv2d(resize(x, size), weight, padding=1)
+        got = upsampled_conv3x3(x, weight, size)
+    assert got.shape == want.shape == (2, 16, *size)
+    assert scaled_diff(got, want) <= FP32_TOL
+
+
+def test_shifted_resize_matrices_are_resize_weights_moved_by_one():
+    like = torch.zeros(1)
+    mats = shifted_resize_matrices(5, 12, like)
+    assert mats.shape == (3, 12, 5)
+    x = torch.randn(5)
+    resized = resize(x.view(1, 1, 5, 1), (12, 1)).view(12)
+    assert torch.allclose(mats[1] @ x, resized, atol=1e-6)
+    assert torch.allclose(mats[0][1:] @ x, resized[:-1], atol=1e-6) and (mats[0][0] == 0).all()
+    assert torch.allclose(mats[2][:-1] @ x, resized[1:], atol=1e-6) and (mats[2][-1] == 0).all()
+
+
+def _segmenter(cls, variant):
+    torch.manual_seed(0)
+    args = dict(checkpoint_family_args('mmseg', variant), depths=SHALLOW[variant])
+    model = cls(encoder_name=variant, classes=7, encoder_args=args).eval()
+    with torch.no_grad():  # BN statistics away from the identity, so folding them in would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, .2)
+                m.running_var.uniform_(.5, 2)
+                m.weight.normal_(1, .2)
+                m.bias.normal_(0, .2)
+    return model
+
+
+def _plain(model, x):
+    with torch.enable_grad():
+        return model(x.clone().requires_grad_()).detach()
+
+
+@pytest.mark.parametrize('variant', list(SHALLOW))
+@pytest.mark.parametrize('size', [(64, 64), (97, 130), (250, 333)])
+def test_upernet_inference_equals_plain_path(variant, size, monkeypatch):
+    model = _segmenter(TwinsUPerNet, variant)
+    calls = []
+    fused = modules.upsampled_conv3x3
+    monkeypatch.setattr('twins_timm.adapters.decoders.upernet.decoder.upsampled_conv3x3',
+                        lambda *a: calls.append(a[0].shape) or fused(*a))
+    x = torch.randn(2, 3, *size)
+    plain = _plain(model, x)
+    assert calls == []  # autograd: the concatenation path, as mmseg computes it
+    with torch.inference_mode():
+        fast = model(x)
+    assert len(calls) == 3  # the three coarse levels went through the fused conv
+    assert fast.shape == plain.shape == (2, 7, *size) and fast.is_contiguous()
+    assert scaled_diff(fast, plain) <= FP32_TOL
+
+
+@pytest.mark.parametrize('variant', list(SHALLOW))
+@pytest.mark.parametrize('size', [(64, 64), (97, 130)])
+def test_fpn_inference_equals_plain_path(variant, size):
+    model = _segmenter(TwinsFPN, variant)
+    x = torch.randn(2, 3, *size)
+    plain = _plain(model, x)
+    with torch.no_grad():
+        fast = model(x)
+    assert fast.shape == plain.shape and fast.is_contiguous()
+    assert scaled_diff(fast, plain) <= FP32_TOL
+
+
+def test_training_mode_with_grad_keeps_aux_and_plain_path():
+    model = _segmenter(TwinsUPerNet, 'twins_pcpvt_small').train()
+    logits, aux = model(torch.randn(2, 3, 64, 64))
+    assert logits.requires_grad and aux.requires_grad and logits.shape == aux.shape == (2, 7, 64, 64)
