@@ -24,6 +24,28 @@ def fast_inference() -> bool:
     return not torch.is_grad_enabled() and not torch.compiler.is_exporting()
 
 
+def adaptive_pool_matrix(n: int, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """(bins, n): `adaptive_avg_pool` along one axis as a matrix (bin i averages [i*n//bins, ceil((i+1)*n/bins))).
+
+    Built from `n` by arithmetic, so it stays right for every size of an exported graph, where ONNX
+    would fix `adaptive_avg_pool2d`'s kernel at the size seen while exporting.
+    """
+    i = torch.arange(bins, device=like.device)[:, None]
+    r = torch.arange(n, device=like.device)[None, :]
+    start, end = i * n // bins, ((i + 1) * n + bins - 1) // bins
+    inside = ((r >= start) & (r < end)).to(like.dtype)
+    return inside / (end - start).to(like.dtype)
+
+
+def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """`F.adaptive_avg_pool2d(x, bins)` as two matmuls (the export path of the pyramid pooling)."""
+    if bins == 1:  # a plain mean (the exporter cannot prove a 1-row product's reshapes for free sizes)
+        return x.mean((-2, -1), keepdim=True)
+    rows = adaptive_pool_matrix(x.shape[-2], bins, x)
+    cols = adaptive_pool_matrix(x.shape[-1], bins, x)
+    return rows @ x @ cols.T
+
+
 def shifted_resize_matrices(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     """(3, size, n): `resize` from n to size along one axis as a matrix, then moved by -1, 0, +1 rows.
 

@@ -96,3 +96,11 @@ def test_training_mode_with_grad_keeps_aux_and_plain_path():
     model = _segmenter(TwinsUPerNet, 'twins_pcpvt_small').train()
     logits, aux = model(torch.randn(2, 3, 64, 64))
     assert logits.requires_grad and aux.requires_grad and logits.shape == aux.shape == (2, 7, 64, 64)
+
+
+@pytest.mark.parametrize('bins', [1, 2, 3, 6])
+@pytest.mark.parametrize('size', [(2, 3), (7, 7), (16, 21), (9, 40)])
+def test_export_pooling_equals_adaptive_avg_pool(bins, size):
+    # the pyramid pooling's export path: the same bins as adaptive_avg_pool2d, also where they overlap
+    x = torch.randn(2, 5, *size)
+    assert scaled_diff(modules.adaptive_avg_pool(x, bins), F.adaptive_avg_pool2d(x, bins)) <= FP32_TOL

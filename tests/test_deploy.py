@@ -130,11 +130,17 @@ def exported_backbone():
 
 @pytest.fixture(scope='module')
 def exported_segmenter():
-    # FPN: UPerNet's pyramid pooling exports with torch.export too, but ONNX turns adaptive_avg_pool2d
-    # into AveragePool kernels fixed at the export size (right there, wrong at other sizes)
     # timm-family backbone options: mmseg's patch_padding='corner' exports as well, but its padding
     # arithmetic at every stage makes tracing ~10x slower (~1 min here)
     model = segmenter(TwinsFPN, 'twins_pcpvt_small', family='timm')
+    return model, export(model)
+
+
+@pytest.fixture(scope='module')
+def exported_upernet():
+    # the pyramid pooling exports as matmuls with bins computed from the size: ONNX would otherwise fix
+    # adaptive_avg_pool2d's kernel at the export size (right there, wrong at other sizes)
+    model = segmenter(TwinsUPerNet, 'twins_pcpvt_small', family='timm')
     return model, export(model)
 
 
@@ -157,6 +163,10 @@ def test_export_backbone_dynamic_hw_svt():
 
 def test_export_segmenter_dynamic_hw(exported_segmenter):
     check_exported(*exported_segmenter)
+
+
+def test_export_upernet_dynamic_hw(exported_upernet):
+    check_exported(*exported_upernet)
 
 
 # -------------------------------------------------------------------------------------- ONNX
@@ -185,6 +195,10 @@ def test_onnx_backbone_dynamic_hw(exported_backbone, tmp_path):
 
 def test_onnx_segmenter_dynamic_hw(exported_segmenter, tmp_path):
     check_onnx(*exported_segmenter, tmp_path, 'fpn')
+
+
+def test_onnx_upernet_dynamic_hw(exported_upernet, tmp_path):
+    check_onnx(*exported_upernet, tmp_path, 'upernet')
 
 
 # ------------------------------------------------------------------------------ channels_last

@@ -624,11 +624,12 @@ class Twins(nn.Module):
         num_stages = len(self.blocks) if torch.jit.is_scripting() or not stop_early else max_index + 1
 
         B = x.shape[0]
+        fast = use_onednn_linear(x)
         for i in range(num_stages):
             x, size = self._run_stage(i, x)
             if i < last_idx:
                 # the NCHW map is both the next stage's input and the feature handed out
-                x = x.reshape(B, size[0], size[1], -1).permute(0, 3, 1, 2).contiguous()
+                x = self._next_stage_input(x, size, fast)
                 feat = x
             else:
                 feat = (self.norm(x) if norm else x).reshape(B, size[0], size[1], -1).permute(0, 3, 1, 2)
@@ -667,12 +668,22 @@ class Twins(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final-stage tokens (B, N, C) after the final norm, as timm's Twins returns them."""
         self._check_input(x)
-        B = x.shape[0]
+        fast = use_onednn_linear(x)
         for i in range(len(self.blocks)):
             x, size = self._run_stage(i, x)
             if i < len(self.blocks) - 1:
-                x = x.reshape(B, size[0], size[1], -1).permute(0, 3, 1, 2).contiguous()
+                x = self._next_stage_input(x, size, fast)
         return self.norm(x)
+
+    @staticmethod
+    def _next_stage_input(x: torch.Tensor, size: Size_, fast: bool) -> torch.Tensor:
+        """Tokens (B, N, C) -> NCHW map: timm's contiguous copy, or in fast inference the channels-last view.
+
+        The view costs nothing and oneDNN's patch conv reads it directly; the copy keeps the conv's
+        input layout, and with it the exact numbers, of timm's Twins.
+        """
+        x = x.reshape(x.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
+        return x if fast else x.contiguous()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':

@@ -14,7 +14,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from ...modules import ConvNormAct, fast_inference, resize, upsampled_conv3x3
+from ...modules import ConvNormAct, adaptive_avg_pool, fast_inference, resize, upsampled_conv3x3
 
 
 class UPerNetDecoder(nn.Module):
@@ -38,7 +38,11 @@ class UPerNetDecoder(nn.Module):
 
     def pyramid_pooling(self, top: torch.Tensor) -> torch.Tensor:
         size = top.shape[-2:]
-        pooled = [resize(branch(top), size) for branch in self.psp_modules]
+        if torch.compiler.is_exporting():  # pooling bins computed from the symbolic size (ONNX-safe)
+            pooled = [resize(conv(adaptive_avg_pool(top, scale)), size)
+                      for scale, (_, conv) in zip(self.pool_scales, self.psp_modules)]
+        else:
+            pooled = [resize(branch(top), size) for branch in self.psp_modules]
         return self.bottleneck(torch.cat([top, *pooled], dim=1))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
