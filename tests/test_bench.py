@@ -119,6 +119,13 @@ def test_compile_unavailable_is_reported_not_raised(monkeypatch, tmp_path):
     assert 'compile unavailable' in bench.render(out)
 
 
+def test_no_backbones_skips_the_backbone_section(tmp_path):
+    out = bench.Bench(bench.resolve_settings(bench_args(tmp_path, ['--no-backbones', '--no-segmenters',
+                                                                    '--no-memory']))).run()
+    assert out['backbones'] == [] and not any(t['name'].startswith('eager') for t in out['targets'])
+    assert "Backbones, ours vs timm's Twins" not in bench.render(out)
+
+
 def bench_args(tmp_path: Path, extra):
     import argparse
     parser = argparse.ArgumentParser()

@@ -40,6 +40,7 @@ EPILOG = """examples:
   twins-timm bench --quick                      # S variants, 2x512x512, a few minutes on 2 cores
   twins-timm bench --json bench.json --force    # everything: six variants, two sizes (long)
   twins-timm bench --variants twins_svt_small --sizes 2x512x512,32x224x224 --no-segmenters
+  twins-timm bench --no-backbones --no-memory --repeats 3   # segmenters vs mmseg only
   twins-timm bench --threads 2 --repeats 5 --no-compile --no-memory
 """
 
@@ -113,6 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='include the torch.compile comparison (default: yes, except with --quick)')
     parser.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile comparison')
     parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend (default inductor)')
+    parser.add_argument('--no-backbones', action='store_true', help="skip the backbones (ours vs timm's Twins)")
     parser.add_argument('--no-segmenters', action='store_true', help="skip our segmenters vs mmseg's")
     parser.add_argument('--heads', default=','.join(HEADS), metavar='LIST',
                         help='segmenter heads to compare (default fpn,upernet)')
@@ -185,7 +187,7 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         device=device, threads=threads, matmul_size=args.matmul_size,
         compile=(not quick) if args.compile is None else bool(args.compile),
         compile_backend=args.compile_backend,
-        segmenters=not args.no_segmenters,
+        backbones=not args.no_backbones, segmenters=not args.no_segmenters,
         segmenter_size=parse_size(args.segmenter_size or ('1x512x512' if quick else '2x512x512')),
         memory=not args.no_memory, memory_size=parse_size(args.memory_size),
         memory_variants=variants[:1] if quick and not args.variants else variants,
@@ -563,7 +565,8 @@ class Bench:
             if self.s['compile'] else 'skipped (--no-compile, or --quick without --compile)'
         out['compile'] = {'available': compile_reason is None, 'reason': compile_reason,
                           'backend': self.s['compile_backend']}
-        out['backbones'] = self.backbones(mm, compile_reason if self.s['compile'] else None)
+        out['backbones'] = self.backbones(mm, compile_reason if self.s['compile'] else None) \
+            if self.s['backbones'] else []
         out['segmenters'] = self.segmenters(mm) if self.s['segmenters'] else \
             {'available': False, 'reason': 'skipped (--no-segmenters)', 'results': []}
         out['memory'] = self.memory() if self.s['memory'] else \
