@@ -20,7 +20,7 @@ from ..models.twins import MIN_INPUT_SIZE
 from . import ade20k
 from .encoder import TwinsEncoder
 from .loss import AUX_WEIGHT, MAIN_WEIGHT
-from .modules import FCNHead, fast_inference, resize
+from .modules import FCNHead, resize
 
 MMSEG_MEAN = (123.675, 116.28, 103.53)
 MMSEG_STD = (58.395, 57.12, 57.375)
@@ -149,11 +149,7 @@ class TwinsSegmentationModel(SegmentationModel):
             self.check_input_shape(x)
         size = x.shape[-2:]
         features = self.encoder(x)
-        if fast_inference():  # oneDNN's convs are faster on channels-last maps; the logits go back to NCHW
-            head_in = [f.contiguous(memory_format=torch.channels_last) for f in features]
-            logits = resize(self.segmentation_head(self.decoder(head_in)).contiguous(), size)
-        else:
-            logits = resize(self.segmentation_head(self.decoder(features)), size)
+        logits = resize(self.segmentation_head(self.decoder(features)), size)
         logits = self.activation(logits)
         if self.training and self.aux_head is not None:
             stage = features[-4:][AUX_STAGE]

@@ -75,8 +75,9 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int]
     along_w = linear(taps[:, 0], cols[0])
     for kx in (1, 2):
         along_w += linear(taps[:, kx], cols[kx])  # (b, (ky, o, r), width)
-    along_w = along_w.view(b, 3, out_ch, h * width).transpose(1, 2).reshape(b, out_ch, 3 * h, width)
-    return rows.permute(1, 0, 2).reshape(height, 3 * h) @ along_w  # (b, o, height, width)
+    along_w = along_w.view(b, 3, out_ch, h, width).permute(0, 1, 3, 4, 2).reshape(b, 3 * h, width * out_ch)
+    out = rows.permute(1, 0, 2).reshape(height, 3 * h) @ along_w  # (b, height, (width, o)): one GEMM
+    return out.view(b, height, width, out_ch).permute(0, 3, 1, 2)  # NCHW, channels-last memory
 
 
 class ConvNormAct(nn.Module):
@@ -98,8 +99,14 @@ class ConvNormAct(nn.Module):
         return self.norm_act(self.conv(x))
 
     def norm_act(self, x: torch.Tensor) -> torch.Tensor:
-        """What follows the conv: BatchNorm and ReLU (each if present)."""
-        if self.bn is not None:
+        """What follows the conv: BatchNorm and ReLU (each if present); `x` must be the fresh conv output."""
+        if self.bn is not None and not self.bn.training and fast_inference():
+            # eval BN is one affine map per channel: applied in place, no second full-size map
+            bn = self.bn
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            x = torch.addcmul(shift[:, None, None], x, scale[:, None, None], out=x)
+        elif self.bn is not None:
             x = self.bn(x)
         if self.activate is not None:
             x = self.activate(x)

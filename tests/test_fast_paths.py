@@ -242,3 +242,11 @@ def test_onednn_linear_switch_from_environment():
         res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
         assert res.stdout.strip() == expect
+
+
+def test_mlp_row_chunks_only_on_cpu():
+    blk = Block(64, 1, mlp_ratio=8).eval()
+    with torch.no_grad():
+        assert blk._row_chunks(torch.empty(2, 16384, 64)) > 1
+        assert blk._row_chunks(torch.empty(2, 16384, 64, device='meta')) == 1  # GPUs: one product
+    assert blk._row_chunks(torch.empty(2, 16384, 64)) == 0  # autograd: the plain path

@@ -313,6 +313,8 @@ class Block(nn.Module):
                 or torch.jit.is_scripting() or not isinstance(self.mlp.act, InplaceGELU)
                 or self.mlp.act.approximate != 'none'):
             return 0
+        if x.device.type != 'cpu':  # cache-sized chunks are a CPU matter; a GPU wants one big product
+            return 1
         return max(1, x.numel() // x.shape[-1] // _mlp_chunk_rows(self.mlp.fc1.out_features))
 
 
