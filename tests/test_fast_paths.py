@@ -250,3 +250,30 @@ def test_mlp_row_chunks_only_on_cpu():
         assert blk._row_chunks(torch.empty(2, 16384, 64)) > 1
         assert blk._row_chunks(torch.empty(2, 16384, 64, device='meta')) == 1  # GPUs: one product
     assert blk._row_chunks(torch.empty(2, 16384, 64)) == 0  # autograd: the plain path
+
+
+@pytest.mark.parametrize('heads,keys', [(1, 49), (5, 16), (8, 100)])
+def test_token_attention_equals_sdpa(heads, keys, monkeypatch):
+    monkeypatch.setattr(twins_mod, 'ATTN_CHUNK_ELEMENTS', 1)  # 64-row chunks: ragged last chunk
+    torch.manual_seed(0)
+    d, n = 64, 150
+    q, k, v = torch.randn(2, n, heads * d), torch.randn(2, keys, heads, d), torch.randn(2, keys, heads, d)
+    with torch.no_grad():
+        got = twins_mod.token_attention(q, k, v, d ** -0.5)
+        want = F.scaled_dot_product_attention(q.view(2, n, heads, d).transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2)).transpose(1, 2).reshape(2, n, heads * d)
+    assert got.shape == want.shape and scaled_diff(got, want) <= FP32_TOL
+
+
+def test_pcpvt_inference_attention_runs_as_convs():
+    # PCPVT's 64-wide heads take token_attention in CPU inference; SVT's 32-wide ones keep torch's kernel
+    calls = []
+    _patch.setattr(twins_mod, 'token_attention', lambda *a: calls.append(1) or _token_attention(*a))
+    for name, expect in (('twins_pcpvt_small', 16), ('twins_svt_small', 0)):
+        calls.clear()
+        with torch.no_grad():
+            _model(name).forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
+        assert len(calls) == expect, name
+
+
+_token_attention = twins_mod.token_attention

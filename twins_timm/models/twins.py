@@ -213,6 +213,35 @@ class LocallyGroupedAttn(nn.Module):
         return x.unfold(1, ws, ws).unfold(2, ws, ws).permute(0, 1, 2, 4, 5, 3)
 
 
+ONEDNN_ATTN_MIN_HEAD_DIM = 64  # narrower heads (SVT's 32) run faster in torch's fused attention kernel
+ATTN_CHUNK_ELEMENTS = 1 << 20  # attention scores per chunk of query rows: 4 MiB in fp32
+
+
+def token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head, on token-major tensors, as oneDNN 1x1 convs (CPU inference).
+
+    q: (B, N, heads * d) as the q projection returns it; k, v: (B, Nk, heads, d). Per image the keys
+    and values are the weights of two grouped 1x1 convs (one group per head), so the scores and the
+    output come out token-major, the output already (B, N, C) for the projection. Query rows go in
+    cache-sized chunks; the scores never exist at full size.
+    """
+    B, N, C = q.shape
+    nk, nh, d = k.shape[1:]
+    out = torch.empty_like(q)
+    rows = max(64, ATTN_CHUNK_ELEMENTS // (nh * nk))
+    for b in range(B):
+        keys = (k[b] * scale).transpose(0, 1).reshape(nh * nk, d, 1, 1)
+        values = v[b].permute(1, 2, 0).reshape(nh * d, nk, 1, 1)
+        for start in range(0, N, rows):
+            q_rows = q[b, start:start + rows]
+            n = q_rows.shape[0]
+            scores = F.conv2d(q_rows.reshape(1, n, 1, C).permute(0, 3, 1, 2), keys, groups=nh)
+            attn = scores.permute(0, 2, 3, 1).reshape(n, nh, nk).softmax(-1)
+            x = F.conv2d(attn.view(1, n, 1, nh * nk).permute(0, 3, 1, 2), values, groups=nh)
+            out[b, start:start + n] = x.permute(0, 2, 3, 1).reshape(n, C)
+    return out
+
+
 class GlobalSubSampleAttn(nn.Module):
     """GSA: every token attends to a spatially sub-sampled (sr x sr patch conv) summary of the map."""
     fused_attn: torch.jit.Final[bool]
@@ -250,10 +279,15 @@ class GlobalSubSampleAttn(nn.Module):
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
         B, N, C = x.shape
         nh = self.num_heads
-        q = linear(x, self.q.weight, self.q.bias).view(B, N, nh, C // nh).transpose(1, 2)
+        q = linear(x, self.q.weight, self.q.bias)
         if self.sr is not None:
             x = self.norm(patch_conv(x.view(B, size[0], size[1], C), self.sr)).reshape(B, -1, C)
-        k, v = linear(x, self.kv.weight, self.kv.bias).view(B, -1, 2, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)
+        kv = linear(x, self.kv.weight, self.kv.bias).view(B, -1, 2, nh, C // nh)
+        if C // nh >= ONEDNN_ATTN_MIN_HEAD_DIM and use_onednn_linear(q) and not torch.compiler.is_compiling():
+            return self.proj_drop(linear(token_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale),
+                                         self.proj.weight, self.proj.bias))
+        q = q.view(B, N, nh, C // nh).transpose(1, 2)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
 
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
