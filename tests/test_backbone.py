@@ -57,11 +57,11 @@ def timm_reference(name, state_dict):
 
 
 @pytest.fixture
-def exact_linear():
+def exact_inference():
     """Linear layers through F.linear (timm's kernels), for bit-level comparisons with timm's Twins."""
-    twins_mod.set_onednn_linear(False)
+    twins_mod.set_onednn_inference(False)
     yield
-    twins_mod.set_onednn_linear(True)
+    twins_mod.set_onednn_inference(True)
 
 
 # ----------------------------------------------------------------------------------- registration
@@ -163,7 +163,7 @@ def test_same_numbers_as_timm(name):
 
 
 @pytest.mark.parametrize('name', VARIANTS)
-def test_same_bits_as_timm_with_exact_linear(name, exact_linear):
+def test_same_bits_as_timm_with_exact_inference(name, exact_inference):
     # Measured bit-identical (0.0) for all six: the same kernels on the same rows in the same order. The
     # inference MLP runs in row chunks; BLAS may block a chunk differently on other CPUs, hence 1e-5.
     assert _timm_parity(name)[0] <= 1e-5

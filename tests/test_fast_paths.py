@@ -186,12 +186,12 @@ class _CountCalls(TorchFunctionMode):
 
 
 def _calls(model, x, grad=False, exact=False):
-    twins_mod.set_onednn_linear(not exact)
+    twins_mod.set_onednn_inference(not exact)
     try:
         with torch.set_grad_enabled(grad), _CountCalls() as mode:
             model.forward_intermediates(x, intermediates_only=True)
     finally:
-        twins_mod.set_onednn_linear(True)
+        twins_mod.set_onednn_inference(True)
     return mode.counts[F.linear], mode.counts[F.conv2d]
 
 
@@ -203,7 +203,7 @@ def test_inference_linears_run_as_onednn_convs():
     assert (convs_only, n_linear) == (4 + 4 + 7, 9 * 4 + 9 * 5)  # SVT-S: 9 LSA and 9 GSA blocks
     assert _calls(model, x) == (0, convs_only + n_linear)  # every linear layer of every block, MLPs included
     assert _calls(model, x, grad=True) == (n_linear, convs_only)  # autograd: timm's F.linear
-    assert _calls(model, x, exact=True) == (n_linear, convs_only)  # set_onednn_linear(False)
+    assert _calls(model, x, exact=True) == (n_linear, convs_only)  # set_onednn_inference(False)
 
 
 @pytest.mark.parametrize('shape,k,n', [((5, 7, 64), 64, 192), ((2, 300, 320), 320, 1280), ((1000, 1024), 1024, 256)])
@@ -236,9 +236,9 @@ def test_onednn_linear_follows_autograd_and_bf16():
 
 def test_onednn_linear_switch_from_environment():
     code = ('import torch, twins_timm.models.twins as t; x = torch.randn(4, 8); '
-            'print(torch.no_grad()(t.use_onednn_linear)(x))')
+            'print(torch.no_grad()(t.use_onednn_inference)(x))')
     for value, expect in (('0', 'False'), ('1', 'True')):
-        env = dict(__import__('os').environ, TWINS_TIMM_ONEDNN_LINEAR=value)
+        env = dict(__import__('os').environ, TWINS_TIMM_ONEDNN=value)
         res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
         assert res.stdout.strip() == expect

@@ -10,12 +10,13 @@ families (see `checkpoint_family_args`):
   * ``window_mask``: the official segmentation window-attention mask, quirk included,
   * ``patch_padding``: ``'corner'`` zero-pads bottom/right to a patch multiple (mmseg) instead of flooring.
 
-In CPU inference the linear layers run through oneDNN (see ``linear``); ``set_onednn_linear(False)``
-restores timm's kernels and numbers bit for bit.
-
 Inside a stage tokens stay in (B, H*W, C) layout: the attention's spatial reduction and the positional
 conv run on channels-last views of it. Between stages the NCHW map (also the feature handed out) feeds
 the next patch embedding exactly as in timm, which keeps PCPVT bit-identical to timm's Twins.
+
+CPU inference takes oneDNN shortcuts on top (linear layers and PCPVT's attention as 1x1 convs, stage
+maps handed on as channels-last views), equal to timm's numbers within ~1e-6 of their magnitude;
+``set_onednn_inference(False)`` keeps timm's kernels and its numbers bit for bit.
 """
 import math
 import os
@@ -32,7 +33,7 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 from timm.models._manipulate import checkpoint
 
-__all__ = ['Twins', 'checkpoint_family_args', 'set_onednn_linear', 'MIN_INPUT_SIZE']
+__all__ = ['Twins', 'checkpoint_family_args', 'set_onednn_inference', 'MIN_INPUT_SIZE']
 
 Size_ = Tuple[int, int]
 
@@ -46,24 +47,25 @@ def patch_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-
-_ONEDNN_LINEAR = os.environ.get('TWINS_TIMM_ONEDNN_LINEAR', '1') != '0'
+_ONEDNN_INFERENCE = os.environ.get('TWINS_TIMM_ONEDNN', '1') != '0'
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()  # once: torch.compile can't trace the query
 
 
-def set_onednn_linear(enable: bool = True) -> None:
-    """Run the linear layers of CPU inference through oneDNN (the default) or through ``F.linear``.
+def set_onednn_inference(enable: bool = True) -> None:
+    """Take the oneDNN shortcuts of CPU inference (the default) or timm's kernels and layouts throughout.
 
-    ``False`` gives timm's Twins bit for bit at about half the CPU speed on machines where MKL runs its AVX2
-    kernels (AMD); the environment variable ``TWINS_TIMM_ONEDNN_LINEAR=0`` sets it at import.
+    The shortcuts: linear layers as 1x1 convs (``linear``), PCPVT's global attention as grouped 1x1 convs
+    (``token_attention``), stage maps handed on as channels-last views. ``False`` gives timm's Twins bit
+    for bit, at about half the speed on CPUs where MKL runs its AVX2 kernels (AMD); the environment
+    variable ``TWINS_TIMM_ONEDNN=0`` sets it at import.
     """
-    global _ONEDNN_LINEAR
-    _ONEDNN_LINEAR = bool(enable)
+    global _ONEDNN_INFERENCE
+    _ONEDNN_INFERENCE = bool(enable)
 
 
-def use_onednn_linear(x: torch.Tensor) -> bool:
-    """Whether products on ``x`` take the oneDNN path: CPU inference (no autograd), eager or compiled, not export."""
-    return (_ONEDNN_LINEAR and x.device.type == 'cpu' and not torch.is_grad_enabled()
+def use_onednn_inference(x: torch.Tensor) -> bool:
+    """Whether work on ``x`` takes the oneDNN shortcuts: CPU inference (no autograd), eager or compiled, not export."""
+    return (_ONEDNN_INFERENCE and x.device.type == 'cpu' and not torch.is_grad_enabled()
             and x.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN
             and not torch.compiler.is_exporting() and not torch.jit.is_scripting())
 
@@ -76,12 +78,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     192, ~1e-7 relative per layer) at 2-4x the rate there. The view costs nothing: (rows, features) memory
     is a (1, features, rows, 1) channels-last image, and the output comes back in that layout.
     """
-    if not use_onednn_linear(x):
+    if not use_onednn_inference(x):
         return F.linear(x, weight, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     image = x.reshape(1, -1, 1, k).permute(0, 3, 1, 2)
     out = F.conv2d(image, weight.view(weight.shape[0], k, 1, 1), bias)
     return out.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
+
 
 def window_token_index(height: int, width: int, ws: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row and column of every token of the ws x ws windows (zero padding right/bottom), window-major.
@@ -150,7 +153,7 @@ class LocallyGroupedAttn(nn.Module):
             x.view(B, H // ws, ws, W // ws, ws, C).transpose(2, 3)
         gh, gw = windows.shape[1], windows.shape[2]  # windows per column / row
         # The projection sees the window-grouped strided view, as timm's does (linear on a strided input:
-        # matmul, then the bias added), which keeps the rounding identical to timm's.
+        # matmul, then the bias added), which keeps the rounding identical to timm's (with F.linear).
         qkv = linear(windows, self.qkv.weight, self.qkv.bias).view(B * gh * gw, ws * ws, 3, nh, C // nh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -283,7 +286,7 @@ class GlobalSubSampleAttn(nn.Module):
         if self.sr is not None:
             x = self.norm(patch_conv(x.view(B, size[0], size[1], C), self.sr)).reshape(B, -1, C)
         kv = linear(x, self.kv.weight, self.kv.bias).view(B, -1, 2, nh, C // nh)
-        if C // nh >= ONEDNN_ATTN_MIN_HEAD_DIM and use_onednn_linear(q) and not torch.compiler.is_compiling():
+        if C // nh >= ONEDNN_ATTN_MIN_HEAD_DIM and use_onednn_inference(q) and not torch.compiler.is_compiling():
             return self.proj_drop(linear(token_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale),
                                          self.proj.weight, self.proj.bias))
         q = q.view(B, N, nh, C // nh).transpose(1, 2)
@@ -660,7 +663,7 @@ class Twins(nn.Module):
         num_stages = len(self.blocks) if torch.jit.is_scripting() or not stop_early else max_index + 1
 
         B = x.shape[0]
-        fast = use_onednn_linear(x)
+        fast = use_onednn_inference(x)
         for i in range(num_stages):
             x, size = self._run_stage(i, x)
             if i < last_idx:
@@ -704,7 +707,7 @@ class Twins(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final-stage tokens (B, N, C) after the final norm, as timm's Twins returns them."""
         self._check_input(x)
-        fast = use_onednn_linear(x)
+        fast = use_onednn_inference(x)
         for i in range(len(self.blocks)):
             x, size = self._run_stage(i, x)
             if i < len(self.blocks) - 1:

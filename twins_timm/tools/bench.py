@@ -73,8 +73,8 @@ METHODS = {
                    'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s. On CPU the same '
                    "product is also timed through oneDNN (twins_timm's inference linear, a 1x1 convolution): "
                    'onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
-    'exact': "ours with twins_timm.models.twins.set_onednn_linear(False): linear layers through F.linear (MKL), "
-             "as timm's; bit-identical to timm's Twins. Timed in the same interleaved rounds",
+    'exact': "ours with twins_timm.set_onednn_inference(False): timm's kernels and layouts (F.linear through MKL, "
+             "fused attention), bit-identical to timm's Twins. Timed in the same interleaved rounds",
     'diff': 'max_abs_diff = max |ours - reference| over all outputs; scaled_diff divides each output\'s by '
             'max(1, max |reference|)',
     'compile': "torch.compile(model) (default mode, backend --compile-backend) of both models; "
@@ -353,16 +353,16 @@ def _speed(seconds: float, batch: int, flops: int, mm: Dict[str, Any]) -> Dict[s
             'pct_matmul': 100.0 * gflops / mm['gflops'], 'pct_gemm': 100.0 * gflops / mm['best_gflops']}
 
 
-def exact_linear(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run with our linear layers through F.linear (timm's kernels) instead of oneDNN."""
-    from ..models.twins import set_onednn_linear
+def exact_inference(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run without our oneDNN shortcuts (timm's kernels, timm's numbers)."""
+    from ..models.twins import set_onednn_inference
 
     def run() -> Any:
-        set_onednn_linear(False)
+        set_onednn_inference(False)
         try:
             return fn()
         finally:
-            set_onednn_linear(True)
+            set_onednn_inference(True)
     return run
 
 
@@ -444,12 +444,12 @@ class Bench:
             flops = count_flops(lambda: ours(x))
             want = ref(x)
             diff, scaled = max_abs_diff(ours(x), want), scaled_diff(ours(x), want)
-            exact_out = exact_linear(lambda: ours(x))()
+            exact_out = exact_inference(lambda: ours(x))()
             exact_diff, exact_scaled = max_abs_diff(exact_out, want), scaled_diff(exact_out, want)
             self.log('%s %dx%dx%d %s eager: %.1f GFLOP per batch, max |ours - timm| %.2e (scaled %.1e; exact '
-                     'linear %.1e)' % (variant, b, h, w, precision, flops / 1e9, diff, scaled, exact_diff))
+                     '%.1e)' % (variant, b, h, w, precision, flops / 1e9, diff, scaled, exact_diff))
             t = time_interleaved({'ours': lambda: ours(x), 'timm': lambda: ref(x),
-                                  'exact': exact_linear(lambda: ours(x))},
+                                  'exact': exact_inference(lambda: ours(x))},
                                  self.s['warmup'], self.s['repeats'], self.device)
             rows.append(dict(base, mode='eager', flops=flops, max_abs_diff=diff, scaled_diff=scaled,
                              ours=dict(_speed(t['ours']['seconds'], b, flops, mm),

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from ...modules import ConvNormAct, adaptive_avg_pool, fast_inference, resize, upsampled_conv3x3
 
