@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import twins_timm  # noqa: F401  registers our Twins
+from numerics import max_diff
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models.twins import checkpoint_family_args
 
@@ -48,13 +49,6 @@ def segmenter(cls, variant: str, family: str = 'mmseg') -> nn.Module:
 
 def image(size, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(a, b) -> float:
-    if isinstance(a, torch.Tensor):
-        return float((a - b).abs().max())
-    assert len(a) == len(b)
-    return max(max_diff(x, y) for x, y in zip(a, b))
 
 
 def has_cxx() -> bool:
