@@ -2,28 +2,11 @@
 
 Two computations of the same function in fp32 differ by rounding, which grows with the size of the
 numbers: 1e-5 is ~80 float32 steps at magnitude 1 but only ~5 at magnitude 20 (deep Twins features).
-``scaled_diff`` divides by max(1, max |reference|), so 1e-5 means the same everywhere.
+``scaled_diff`` divides by max(1, max |reference|), so 1e-5 means the same everywhere. The functions are
+the benchmark's own, so tests and `twins-timm bench` report the same measure.
 """
-from typing import Sequence, Union
+from twins_timm.tools.bench import max_abs_diff as max_diff, scaled_diff
 
-import torch
+__all__ = ['FP32_TOL', 'max_diff', 'scaled_diff']
 
-Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 FP32_TOL = 1e-5
-
-
-def _pairs(a: Outputs, b: Outputs):
-    if isinstance(a, torch.Tensor):
-        return [(a, b)]
-    assert len(a) == len(b)
-    return list(zip(a, b))
-
-
-def max_diff(a: Outputs, b: Outputs) -> float:
-    """Largest absolute difference over one tensor or matching lists of tensors."""
-    return max(float((x - y).abs().max()) for x, y in _pairs(a, b))
-
-
-def scaled_diff(a: Outputs, b: Outputs) -> float:
-    """Largest absolute difference, each pair divided by max(1, max |b|)."""
-    return max(float((x - y).abs().max()) / max(1.0, float(y.abs().max())) for x, y in _pairs(a, b))

@@ -268,12 +268,10 @@ def test_token_attention_equals_sdpa(heads, keys, monkeypatch):
 def test_pcpvt_inference_attention_runs_as_convs():
     # PCPVT's 64-wide heads take token_attention in CPU inference; SVT's 32-wide ones keep torch's kernel
     calls = []
-    _patch.setattr(twins_mod, 'token_attention', lambda *a: calls.append(1) or _token_attention(*a))
+    original = twins_mod.token_attention
+    _patch.setattr(twins_mod, 'token_attention', lambda *a: calls.append(1) or original(*a))
     for name, expect in (('twins_pcpvt_small', 16), ('twins_svt_small', 0)):
         calls.clear()
         with torch.no_grad():
             _model(name).forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
         assert len(calls) == expect, name
-
-
-_token_attention = twins_mod.token_attention

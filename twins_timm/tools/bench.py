@@ -347,6 +347,11 @@ def scaled_diff(a: Any, b: Any) -> float:
     return max(scaled_diff(x, y) for x, y in zip(a, b))
 
 
+def diffs(got: Any, want: Any) -> Tuple[float, float]:
+    """(max_abs_diff, scaled_diff) of one output against its reference."""
+    return max_abs_diff(got, want), scaled_diff(got, want)
+
+
 def _speed(seconds: float, batch: int, flops: int, mm: Dict[str, Any]) -> Dict[str, float]:
     gflops = flops / seconds / 1e9
     return {'seconds': seconds, 'images_per_s': batch / seconds, 'gflops': gflops,
@@ -443,9 +448,8 @@ class Bench:
         with torch.inference_mode(), precision_context(precision, self.device):
             flops = count_flops(lambda: ours(x))
             want = ref(x)
-            diff, scaled = max_abs_diff(ours(x), want), scaled_diff(ours(x), want)
-            exact_out = exact_inference(lambda: ours(x))()
-            exact_diff, exact_scaled = max_abs_diff(exact_out, want), scaled_diff(exact_out, want)
+            diff, scaled = diffs(ours(x), want)
+            exact_diff, exact_scaled = diffs(exact_inference(lambda: ours(x))(), want)
             self.log('%s %dx%dx%d %s eager: %.1f GFLOP per batch, max |ours - timm| %.2e (scaled %.1e; exact '
                      '%.1e)' % (variant, b, h, w, precision, flops / 1e9, diff, scaled, exact_diff))
             t = time_interleaved({'ours': lambda: ours(x), 'timm': lambda: ref(x),
@@ -475,7 +479,7 @@ class Bench:
             with torch.inference_mode(), precision_context(precision, self.device):
                 t = time_interleaved({'ours': lambda: c_ours(x), 'timm': lambda: c_ref(x)},
                                      max(self.s['warmup'], 1) + 1, self.s['repeats'], self.device)
-                diff, scaled = max_abs_diff(c_ours(x), ours(x)), scaled_diff(c_ours(x), ours(x))
+                diff, scaled = diffs(c_ours(x), ours(x))
         except Exception as e:  # compile problems are results, not crashes
             rows.append(dict(base, mode='compiled', error='compile failed: ' + _short_error(e)))
             return rows
@@ -513,7 +517,7 @@ class Bench:
                     with torch.inference_mode(), precision_context(precision, self.device):
                         flops = count_flops(lambda: ours(x))
                         want = ref.encode_decode(x, metas)
-                        diff, scaled = max_abs_diff(ours(x), want), scaled_diff(ours(x), want)
+                        diff, scaled = diffs(ours(x), want)
                         t = time_interleaved({'ours': lambda: ours(x), 'mmseg': lambda: ref.encode_decode(x, metas)},
                                              self.s['warmup'], self.s['repeats'], self.device)
                     g = mm[precision]
