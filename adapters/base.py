@@ -8,6 +8,7 @@ check: the Twins backbone and the heads handle any size).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -116,7 +117,10 @@ class TwinsSegmentationModel(SegmentationModel):
             config.update(class_names=names, palette=colours,
                           mean=list(self.mean), std=list(self.std),
                           encoder_args=dict(self.encoder_args),
-                          encoder_weights=None)  # saved weights already hold the encoder
+                          encoder_weights=None,  # saved weights already hold the encoder
+                          # for timm's local-dir: / hf-hub: loader, which then says this is a segmenter
+                          # (twins_timm.models.twins.checkpoint_filter_fn) instead of a KeyError
+                          architecture=encoder_name, pretrained_cfg={})
 
     def _build_aux_head(self, enabled: bool, channels: int, dropout: float) -> None:
         self.aux_head = None
@@ -156,6 +160,20 @@ class TwinsSegmentationModel(SegmentationModel):
             aux = self.activation(resize(self.aux_head(stage), size))
             return logits, aux
         return logits
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> Any:
+        """SMP's save_pretrained; the written files then get the modes the umask gives.
+
+        (safetensors writes model.safetensors 0600, unreadable for a container running as another user.)
+        """
+        from twins_timm.convert.io import honour_umask
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        for name in ('config.json', 'model.safetensors', 'README.md'):
+            path = os.path.join(save_directory, name)
+            if os.path.isfile(path):
+                honour_umask(path)
+        return result
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """Model card that says how to load with twins_timm (plain SMP does not know the class)."""

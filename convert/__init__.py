@@ -2,12 +2,12 @@
 
     from twins_timm.convert import convert_checkpoint, build_model, save
 """
-from .api import (ConversionResult, SaveInfo, build_model, convert_checkpoint, family_args, make_model,
+from twins_timm.convert.api import (ConversionResult, SaveInfo, build_model, convert_checkpoint, family_args, make_model,
                   reference_parity, save, target_shapes, to_mmseg)
-from .detect import Detection, DetectionError, detect, normalize_variant, unwrap
-from .engine import MappingError, apply_rules
-from .hub import push_to_hub
-from .io import CheckpointReadError, UnsafeCheckpointError, load_file, sha256_file
+from twins_timm.convert.detect import Detection, DetectionError, detect, normalize_variant, unwrap
+from twins_timm.convert.engine import MappingError, apply_rules
+from twins_timm.convert.hub import push_to_hub
+from twins_timm.convert.io import CheckpointReadError, UnsafeCheckpointError, load_file, sha256_file
 
 __all__ = [
     'ConversionResult', 'SaveInfo', 'build_model', 'convert_checkpoint', 'family_args', 'make_model',

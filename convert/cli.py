@@ -109,7 +109,7 @@ def _print_summary(s: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from .api import convert_checkpoint, save
+        from twins_timm.convert.api import convert_checkpoint, save
     except ImportError as e:  # pragma: no cover - broken installation
         raise OSError('twins-timm is not installed completely (%s); reinstall it with pip install twins-timm' % e)
 
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(s)
     if args.push_to_hub and info is not None:
-        from .hub import push_to_hub
+        from twins_timm.convert.hub import push_to_hub
         try:
             url = push_to_hub(info.path, args.push_to_hub, private=args.private)
         except Exception as e:  # network / auth errors of huggingface_hub come in many types
@@ -149,6 +149,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """``python -m twins_timm.convert.cli SRC DST``: the same command without the top-level dispatcher."""
+    p = argparse.ArgumentParser(prog='twins-timm convert', description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:
+        print('twins-timm convert: error: %s' % e, file=sys.stderr)
+        return 2
+
+
 if __name__ == '__main__':  # pragma: no cover
-    from twins_timm.cli import main
-    sys.exit(main(['convert'] + sys.argv[1:]))
+    sys.exit(main())

@@ -11,9 +11,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .rules import ENCODER_PREFIX, SEG_BACKBONE_PREFIX
-
-FORMATS = ('timm', 'official_cls', 'official_seg', 'mmseg')
+from twins_timm.convert.formats import FORMATS, Evidence, recognise
+from twins_timm.convert.rules import ENCODER_PREFIX, SEG_BACKBONE_PREFIX
 TASKS = ('classification', 'backbone', 'fpn', 'upernet')
 
 # (family, depths, widths) -> size; the published Twins configurations (timm / official code).
@@ -181,17 +180,13 @@ def detect(sd: Mapping[str, torch.Tensor], wrapper: str = '', is_safetensors: bo
                              'the published variants (%s)' % (family.upper(), list(depths), list(widths),
                                                                ', '.join(VARIANTS)))
 
-    # format
-    if kind == 'mmseg':
-        fmt = 'mmseg'
-    elif kind == 'timm':
-        fmt = 'timm'
-    elif prefix == SEG_BACKBONE_PREFIX or any(k.startswith(('decode_head.', 'neck.')) for k in keys):
-        fmt = 'official_seg'
-    elif any('.norm_list.' in k or k.startswith('norm_list.') for k in keys):
-        fmt = 'official_seg'
-    else:
-        fmt = 'timm' if (is_safetensors or not wrapper) else 'official_cls'
+    # format: the first record (formats.py) that recognises the evidence
+    evidence = Evidence(layout=kind, prefix=prefix, keys=tuple(keys), wrapper=wrapper, is_safetensors=is_safetensors,
+                        segmentor=any(k.startswith(('decode_head.', 'neck.')) for k in keys))
+    found = recognise(evidence)
+    if found is None:  # pragma: no cover - the records cover every layout detection yields
+        raise DetectionError('a Twins checkpoint in no known format (%s)' % ', '.join(FORMATS))
+    fmt = found.name
 
     # task and classes
     aux = False

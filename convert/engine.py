@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .rules import Rename, Split
+from twins_timm.convert.rules import Rename, Split
 
 _PLACEHOLDERS = {'i': r'\d+', 'j': r'\d+', 'k': r'\d+', 'w': r'weight|bias', 'x': r'.+'}
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
+
+from huggingface_hub import ModelCard, ModelCardData
 
 from torch import nn
 
-from .io import write_folder
+from twins_timm.convert.io import write_folder
 
 WEIGHTS_NAME = 'model.safetensors'
 
@@ -30,42 +32,51 @@ SETTING_TEXT = {
     else 'patch embedding floors odd sizes',
 }
 
-FORMAT_NAMES = {
-    'timm': 'timm state dict',
-    'official_cls': 'official Twins classification checkpoint (Meituan-AutoML/Twins)',
-    'official_seg': 'official Twins segmentation checkpoint (Meituan-AutoML/Twins, mmseg 0.x)',
-    'mmseg': 'mmsegmentation 1.x checkpoint',
-}
+def _format_display(fmt: str) -> str:
+    from twins_timm.convert.formats import FORMATS
+    return FORMATS[fmt].display if fmt in FORMATS else fmt
 
 
-def model_card(res, parity: Optional[Dict[str, Any]] = None, source_sha256: Optional[str] = None) -> str:
-    """Markdown model card: where the weights come from and how faithfully they were converted."""
+def model_card(res, parity: Optional[Dict[str, Any]] = None, source_sha256: Optional[str] = None,
+               card: Optional[Mapping[str, Any]] = None) -> ModelCard:
+    """The model card (huggingface_hub.ModelCard): where the weights come from, how faithfully they were converted.
+
+    ``card`` adds provenance: source_url, name, dataset, licence, metrics (published scores).
+    """
+    card = dict(card or {})
     seg = res.is_segmenter
     name = Path(res.source).name if res.source else '(in-memory state dict)'
     tags = ['image-segmentation', 'segmentation-models-pytorch'] if seg else ['image-classification', 'timm']
+    data = ModelCardData(library_name='segmentation-models-pytorch' if seg else 'timm', license='apache-2.0',
+                         tags=tags + ['twins', 'twins-timm'],
+                         pipeline_tag='image-segmentation' if seg else 'image-classification',
+                         datasets=['ade20k' if card.get('dataset') == 'ADE20K' else 'imagenet-1k']
+                         if card.get('dataset') else None)
+    title = card.get('name') or '%s (%s)' % (res.variant, res.task)
     lines = [
-        '---',
-        'library_name: %s' % ('segmentation-models-pytorch' if seg else 'timm'),
-        'license: apache-2.0',
-        'tags:',
-        *['- %s' % t for t in tags + ['twins', 'twins-timm']],
-        '---',
+        '# %s' % title,
         '',
-        '# %s (%s)' % (res.variant, res.task),
-        '',
-        'Converted with `twins-timm convert` from `%s`.' % name,
+        'Converted with `twins-timm convert` from `%s`.' % (card.get('source_url') or name),
         '',
         '| | |',
         '|---|---|',
-        '| source file | `%s` |' % name,
     ]
+    if card.get('source_url'):
+        lines.append('| source URL | %s |' % card['source_url'])
+    lines.append('| source file | `%s` |' % name)
     if source_sha256:
         lines.append('| source sha256 | `%s` |' % source_sha256)
     lines += [
-        '| source format | %s |' % FORMAT_NAMES.get(res.format, res.format),
+        '| source format | %s |' % _format_display(res.format),
         '| variant | `%s` (%s, %s) |' % (res.variant, res.family.upper(), res.size),
         '| task | %s |' % res.task,
         '| classes | %d |' % res.num_classes,
+    ]
+    if card.get('dataset'):
+        lines.append('| dataset | %s |' % card['dataset'])
+    for metric, value in (card.get('metrics') or {}).items():
+        lines.append('| published %s | %s |' % (metric, value))
+    lines += [
         '| backbone settings | `%s` |' % json.dumps(res.model_args, sort_keys=True),
         '| keys mapped | %d of %d source keys |' % (res.n_mapped, res.n_source_keys),
     ]
@@ -90,44 +101,50 @@ def model_card(res, parity: Optional[Dict[str, Any]] = None, source_sha256: Opti
     lines += ['', '## Usage', '', '```python']
     if seg:
         lines += ['from twins_timm.adapters import from_pretrained',
-                  "model = from_pretrained('PATH_OR_REPO').eval()",
+                  "model = from_pretrained('%s').eval()" % (card.get('name') or 'PATH_OR_REPO'),
                   '# normalised float NCHW -> logits (B, %d, H, W)' % res.num_classes]
     else:
         lines += ['import timm, twins_timm',
-                  "model = timm.create_model('hf-hub:REPO_ID', pretrained=True)  # or 'local-dir:PATH'"]
-    lines += ['```', '', '## Licence', '', LICENCE_NOTE, '']
-    return '\n'.join(lines)
+                  "model = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:REPO_ID'"]
+    lines += ['```', '', '## Licence', '']
+    if card.get('licence'):
+        lines += ['Licence of the published weights: %s.' % card['licence'], '']
+    lines += [LICENCE_NOTE, '']
+    return ModelCard('---\n%s\n---\n\n%s' % (data.to_yaml(), '\n'.join(lines)))
 
 
 def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Optional[Dict[str, Any]] = None,
-                     source_sha256: Optional[str] = None) -> Path:
+                     source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None) -> Path:
     """timm Hub folder: config.json (architecture, num_classes, model_args, pretrained_cfg), weights, card."""
-    from timm.models._hub import save_for_hf
+    from timm.models import save_for_hf
 
     def fill(tmp: Path) -> None:
         save_for_hf(model, tmp, model_args=dict(res.model_args), safe_serialization=True)
         cfg_path = tmp / 'config.json'
         cfg = json.loads(cfg_path.read_text())
-        cfg['twins_timm'] = _provenance(res, parity)
+        cfg['twins_timm'] = _provenance(res, parity, card)
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        (tmp / 'README.md').write_text(model_card(res, parity, source_sha256))
+        model_card(res, parity, source_sha256, card).save(tmp / 'README.md')
 
     return write_folder(dst, fill, force)
 
 
 def save_segmenter_folder(res, model: nn.Module, dst, force: bool = False, parity: Optional[Dict[str, Any]] = None,
-                          source_sha256: Optional[str] = None) -> Path:
+                          source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None) -> Path:
     """SMP Hub folder through the adapter's own ``save_pretrained``, loadable by ``from_pretrained``."""
     def fill(tmp: Path) -> None:
+        # the converter's card is the folder's card: the hub mixin writes its own only where none exists
+        model_card(res, parity, source_sha256, card).save(tmp / 'README.md')
         model.save_pretrained(str(tmp))
-        (tmp / 'README.md').write_text(model_card(res, parity, source_sha256))
 
     return write_folder(dst, fill, force)
 
 
-def _provenance(res, parity: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def _provenance(res, parity: Optional[Dict[str, Any]], card: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     out = {'source': Path(res.source).name if res.source else None, 'format': res.format,
            'variant': res.variant, 'task': res.task, 'dropped': sorted(res.dropped_parts)}
+    if card and card.get('source_url'):
+        out['source_url'] = card['source_url']
     if parity:
         out['parity_max_abs_diff'] = parity.get('max_abs_diff')
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import os
 import pickle
 import re
@@ -26,9 +25,6 @@ PathLike = Union[str, os.PathLike]
 # classification script stores its argparse.Namespace under 'args'. Nothing else is allowed.
 SAFE_EXTRA_GLOBALS = (argparse.Namespace,)
 
-# Files at least this big get a progress bar while being read.
-PROGRESS_MIN_BYTES = 32 * 2 ** 20
-
 
 class UnsafeCheckpointError(ValueError):
     """The file needs code execution (a non-allow-listed pickled global) to load."""
@@ -36,25 +32,6 @@ class UnsafeCheckpointError(ValueError):
 
 class CheckpointReadError(ValueError):
     """The file is not a readable checkpoint (empty, truncated, corrupted or not a checkpoint)."""
-
-
-def _read_bytes(path: Path, progress: Optional[bool]) -> bytes:
-    size = path.stat().st_size
-    show = progress if progress is not None else size >= PROGRESS_MIN_BYTES
-    if not show:
-        return path.read_bytes()
-    from tqdm.auto import tqdm
-
-    buf = bytearray()
-    with path.open('rb') as f, tqdm(total=size, unit='B', unit_scale=True, desc='reading %s' % path.name,
-                                    leave=False) as bar:
-        while True:
-            chunk = f.read(8 * 2 ** 20)
-            if not chunk:
-                break
-            buf += chunk
-            bar.update(len(chunk))
-    return bytes(buf)
 
 
 def load_file(path: PathLike, progress: Optional[bool] = None) -> Any:
@@ -71,18 +48,19 @@ def load_file(path: PathLike, progress: Optional[bool] = None) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointReadError('%s is empty (0 bytes): the download or copy probably failed; '
                                   'fetch the file again' % path)
-    data = _read_bytes(path, progress)
-    if path.suffix == '.safetensors' or data[8:9] == b'{' and not data.startswith(b'PK'):
-        return _load_safetensors_bytes(path, data)
-    return _load_torch_bytes(path, data)
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if path.suffix == '.safetensors' or head[8:9] == b'{' and not head.startswith(b'PK'):
+        return _load_safetensors(path)
+    return _load_torch(path)
 
 
-def _load_safetensors_bytes(path: Path, data: bytes) -> Dict[str, torch.Tensor]:
+def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors.torch import load_file as st_load_file
 
     try:
-        return load(data)
+        return st_load_file(str(path))  # memory-mapped
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise CheckpointReadError('%s is not a valid safetensors file (%s); it may be truncated or corrupted, '
                                   'fetch it again' % (path, _first_line(e))) from None
@@ -96,10 +74,20 @@ def _first_line(e: BaseException) -> str:
 _UNSUPPORTED_GLOBAL = re.compile(r'\bGLOBAL ([\w.]+)')
 
 
-def _load_torch_bytes(path: Path, data: bytes) -> Any:
+def _torch_load(path: Path) -> Any:
+    """Memory-mapped where the file allows it (zip format); old-style pickles are read whole."""
+    with torch.serialization.safe_globals(list(SAFE_EXTRA_GLOBALS)):
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if 'mmap' not in str(e) and 'zipfile' not in str(e):
+                raise
+            return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _load_torch(path: Path) -> Any:
     try:
-        with torch.serialization.safe_globals(list(SAFE_EXTRA_GLOBALS)):
-            return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+        return _torch_load(path)
     except pickle.UnpicklingError as e:
         msg = str(e)
         m = _UNSUPPORTED_GLOBAL.search(msg)
@@ -119,11 +107,8 @@ def _load_torch_bytes(path: Path, data: bytes) -> Any:
 
 
 def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(2 ** 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 # ----------------------------------------------------------------------------------- atomic writing
@@ -161,11 +146,39 @@ def check_destination(dst: PathLike, force: bool) -> Path:
     return dst
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set-and-restore."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open`` would have.
+
+    Some writers (safetensors' ``save_file``, temp files) create files 0600; outputs must be readable
+    wherever the user's umask says so, e.g. by a container running under another uid.
+    """
+    mask = current_umask()
+    path = Path(path)
+    items = [path] + (sorted(path.rglob('*')) if path.is_dir() else [])
+    for p in items:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(dst: PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path to write (a file or a folder); rename it onto ``dst`` on success.
 
-    On any exception the temporary is removed and ``dst`` is untouched. A killed process leaves only
+    The result gets the modes the umask gives (see ``honour_umask``). On any exception the temporary is removed and ``dst`` is untouched. A killed process leaves only
     a hidden ``.NAME.partial-PID-*`` sibling, which the next write to the same destination removes.
     """
     dst = check_destination(dst, force)
@@ -177,6 +190,7 @@ def atomic_path(dst: PathLike, force: bool = False) -> Iterator[Path]:
         if not tmp.exists():
             raise OSError('internal error: nothing was written to %s' % tmp)
         check_destination(dst, force)  # it may have appeared meanwhile
+        honour_umask(tmp)
         if tmp.is_dir() and dst.exists():
             old = dst.parent / (_PARTIAL % (dst.name, os.getpid(), uuid.uuid4().hex[:8]))
             os.replace(dst, old)

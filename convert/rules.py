@@ -1,4 +1,4 @@
-"""Key-mapping rules, one table per checkpoint format, kept as data.
+"""Key-mapping rules as data; each format's record (``formats.py``) names its backbone table.
 
 A rule maps a *source-side* key pattern to a *target-side* (timm / SMP) pattern. Patterns use
 placeholders: ``{i}``, ``{j}``, ``{k}`` (an index), ``{w}`` (``weight`` or ``bias``), ``{x}`` (any
@@ -12,7 +12,7 @@ no slot on that side": it can only be dropped, never mapped.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Split:
     part: Optional[str] = None
 
 
-Rule = object  # Rename | Split
+Rule = Union[Rename, Split]
 
 # Parts the user may drop (``--drop``), with what they are.
 PARTS = {
@@ -83,6 +83,13 @@ MMSEG_BACKBONE = (
     Rename(None, 'norm.{w}', part='norm'),
 )
 
+# mmseg's ImageNet backbones (mmsegmentation/v0.5/pretrain/twins/*.pth, made by its twins2mmseg.py from the
+# official classifiers): mmseg names, no head, but the classifier's final norm kept.
+MMSEG_PRETRAIN_BACKBONE = MMSEG_BACKBONE[:-2] + (
+    Rename(None, 'head.{w}', part='head'),
+    Rename('norm.{w}', 'norm.{w}', part='norm'),
+)
+
 # ------------------------------------------------------------------------------ decoder heads
 # Shared by official segmentation and mmseg (both are mmseg segmentors); targets are the adapter's names.
 SEG_HEADS = (
@@ -117,24 +124,17 @@ def prefixed(rules: Sequence[Rule], src_prefix: str, dst_prefix: str) -> Tuple[R
     return tuple(out)
 
 
-BACKBONE_TABLES = {
-    'timm': TIMM_BACKBONE,
-    'official_cls': TIMM_BACKBONE,
-    'official_seg': OFFICIAL_SEG_BACKBONE,
-    'mmseg': MMSEG_BACKBONE,
-}
-
-
 def table_for(fmt: str, task: str, src_prefix: str = '') -> Tuple[Rule, ...]:
     """The rule table converting a checkpoint of format ``fmt`` holding a model for ``task``.
 
     ``src_prefix`` is where the backbone sits in the source (``backbone.`` in mmseg segmentors).
     Classification / backbone tasks target bare timm names; fpn / upernet target the segmenter.
     """
-    if fmt not in BACKBONE_TABLES:
-        raise ValueError('unknown checkpoint format %r (known: %s)' % (fmt, ', '.join(BACKBONE_TABLES)))
+    from twins_timm.convert.formats import get_format  # the format records hold the tables
+
+    table = get_format(fmt).backbone_rules
     segmenter = task in ('fpn', 'upernet')
     if fmt == 'timm' and segmenter:
         return SEGMENTER_IDENTITY
-    backbone = prefixed(BACKBONE_TABLES[fmt], src_prefix, ENCODER_PREFIX if segmenter else '')
+    backbone = prefixed(table, src_prefix, ENCODER_PREFIX if segmenter else '')
     return backbone + (SEG_HEADS if segmenter else ())

@@ -742,29 +742,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Twins) -> D
     for wrapper in ('model', 'state_dict'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
+    if any(k.startswith(('encoder.model.', 'segmentation_head.')) for k in state_dict):
+        where = (getattr(model, 'pretrained_cfg', None) or {}).get('file') or 'these weights'
+        raise ValueError(f'{where} holds a twins_timm segmenter (TwinsUPerNet / TwinsFPN), not a timm backbone: '
+                         f'load it with twins_timm.adapters.from_pretrained({str(where)!r}) (its backbone is '
+                         f'model.encoder.model)')
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
-# Model arguments that reproduce each checkpoint family's computation (see shared FORMATS.md).
-_FAMILY_ARGS = {
-    'timm': {},
-    'official_cls': {},
-    'official_seg': {'svt': dict(stage_norm=True, window_mask=True)},
-    'mmseg': {
-        'svt': dict(stage_norm=True, norm_eps=1e-5, window_mask=True, patch_padding='corner'),
-        'pcpvt': dict(norm_eps=1e-5, patch_padding='corner'),
-    },
-}
-
-
 def checkpoint_family_args(family: str, variant: str) -> Dict[str, Any]:
-    """Model kwargs reproducing ``family`` ('timm', 'official_cls', 'official_seg', 'mmseg') for ``variant``."""
-    if family not in _FAMILY_ARGS:
-        raise ValueError(f'unknown checkpoint family {family!r}; expected one of {sorted(_FAMILY_ARGS)}')
-    arch = 'svt' if '_svt_' in variant else 'pcpvt' if '_pcpvt_' in variant else None
-    if arch is None:
-        raise ValueError(f'{variant!r} is not a Twins variant (twins_pcpvt_* / twins_svt_*)')
-    return dict(_FAMILY_ARGS[family].get(arch, {}))
+    """Model kwargs reproducing ``family`` ('timm', 'official_cls', 'official_seg', 'mmseg', 'mmseg_pretrain').
+
+    The facts live in the converter's format records (``twins_timm.convert.formats``).
+    """
+    from twins_timm.convert.formats import family_args
+    return family_args(family, variant)
 
 
 def _create_twins(variant: str, pretrained: bool = False, **kwargs) -> Twins:

@@ -1,0 +1,57 @@
+"""Reading job: a checkpoint path, Hub folder or in-memory mapping -> the loaded object and its folder config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from twins_timm.convert.io import PathLike, load_file
+
+
+def read_folder_config(path: Path) -> Tuple[Path, Dict[str, Any]]:
+    cfg_file = path / 'config.json'
+    weights = path / 'model.safetensors'
+    if not weights.exists() and (path / 'pytorch_model.bin').exists():  # older Hub folders
+        weights = path / 'pytorch_model.bin'
+    if not weights.exists():
+        raise FileNotFoundError('%s is a folder without model.safetensors (or pytorch_model.bin); pass a checkpoint '
+                                'file or a Hub folder written by twins-timm / timm / SMP' % path)
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    return weights, cfg
+
+
+def config_model_args(cfg: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """Backbone kwargs recorded in a timm or SMP config.json, without the generic ones."""
+    if 'encoder_args' in cfg:
+        return dict(cfg.get('encoder_args') or {})
+    if 'model_args' in cfg:
+        skip = ('num_classes', 'in_chans', 'global_pool', 'img_size', 'pretrained_cfg_overlay')
+        return {k: v for k, v in cfg['model_args'].items() if k not in skip}
+    return None
+
+
+
+def read_source(src: Union[PathLike, Mapping[str, Any]], progress: Optional[bool]
+                 ) -> Tuple[Any, Optional[str], bool, Optional[Dict[str, Any]]]:
+    """(loaded object, source name, is_safetensors, folder config) for a path, folder or mapping."""
+    if isinstance(src, Mapping):
+        return src, None, False, None
+    path = Path(src)
+    cfg = None
+    if path.is_dir():
+        path, cfg = read_folder_config(path)
+    elif path.suffix == '.safetensors' and (path.parent / 'config.json').exists():
+        cfg = json.loads((path.parent / 'config.json').read_text())
+    return load_file(path, progress=progress), str(path), path.suffix == '.safetensors', cfg
+
+
+def _parse_drop(drop: Union[str, Iterable[str], None]) -> List[str]:
+    if not drop:
+        return []
+    items = drop.split(',') if isinstance(drop, str) else [p for d in drop for p in str(d).split(',')]
+    parts = [p.strip().replace('-', '_') for p in items if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError('cannot drop %s: the parts that can be dropped are %s'
+                         % (', '.join(map(repr, unknown)), '; '.join('%s = %s' % kv for kv in PARTS.items())))
+    return parts
