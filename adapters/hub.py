@@ -2,24 +2,55 @@
 
 SMP's own `smp.from_pretrained` looks the class up in `segmentation_models_pytorch`, which does not
 hold ours; this reads `_model_class` from config.json and dispatches to our classes.
-Works on a local folder, a Hub repo id, or a repo in the local HF cache (`HF_HUB_OFFLINE=1`).
+Works on a local folder, a published model name (`twins_timm.zoo`, e.g. 'upernet_twins_svt_large.ade20k'),
+an http(s) checkpoint URL, a Hub repo id, or a repo in the local HF cache (`HF_HUB_OFFLINE=1`).
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Type, Union
 
 from huggingface_hub import hf_hub_download
 
-from .base import TwinsSegmentationModel
-from .decoders.fpn.model import TwinsFPN
-from .decoders.upernet.model import TwinsUPerNet
+from twins_timm.adapters.base import TwinsSegmentationModel
+from twins_timm.adapters.decoders.fpn.model import TwinsFPN
+from twins_timm.adapters.decoders.upernet.model import TwinsUPerNet
 
 MODEL_CLASSES: Dict[str, Type[TwinsSegmentationModel]] = {
     cls.__name__: cls for cls in (TwinsUPerNet, TwinsFPN)}
 CONFIG_NAME = 'config.json'
+
+
+_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$')
+
+
+def _resolve(name_or_path: str) -> str:
+    """A local folder for published names and URLs (fetched once, cached); a clear error for what cannot be."""
+    from twins_timm import zoo
+
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if zoo.is_url(name_or_path) or name_or_path in zoo.MODELS:
+        record = None if zoo.is_url(name_or_path) else zoo.get(name_or_path)
+        if record is not None and not record.is_segmenter:
+            raise ValueError(f'{name_or_path} is a published ImageNet {record.task} ({record.variant}), not a '
+                             f'segmenter; build it with twins_timm.zoo.create_model({name_or_path!r}), or load a '
+                             f'segmenter such as {zoo.DEFAULT_SEGMENTER!r} (`twins-timm models` lists them)')
+        return str(zoo.fetch(name_or_path))
+    if os.path.exists(name_or_path):
+        raise NotADirectoryError(f'{name_or_path} is a file; from_pretrained takes a folder written by '
+                                 'save_pretrained() / `twins-timm convert`. Convert a checkpoint file first: '
+                                 f'twins-timm convert {name_or_path} OUT_DIR')
+    if not _HUB_ID.match(name_or_path) or '..' in name_or_path:
+        close = difflib.get_close_matches(name_or_path, list(zoo.MODELS), n=2, cutoff=0.6)
+        raise FileNotFoundError(f'{name_or_path} does not exist: it is not a folder, a published model name'
+                                + (f' (did you mean {" or ".join(close)}?)' if close else '')
+                                + ' (`twins-timm models`), an http(s) URL or a Hub repo id (owner/name)')
+    return name_or_path
 
 
 def _config_file(name_or_path: str, kwargs: Dict[str, Any]) -> str:
@@ -37,7 +68,7 @@ def _config_file(name_or_path: str, kwargs: Dict[str, Any]) -> str:
 
 def read_config(name_or_path: Union[str, Path], **hub_kwargs: Any) -> Dict[str, Any]:
     """config.json of a saved segmenter (folder or Hub repo id)."""
-    with open(_config_file(str(name_or_path), hub_kwargs), encoding='utf-8') as f:
+    with open(_config_file(_resolve(str(name_or_path)), hub_kwargs), encoding='utf-8') as f:
         return json.load(f)
 
 
@@ -48,10 +79,30 @@ def from_pretrained(name_or_path: Union[str, Path], *, strict: bool = True,
     Extra keyword arguments are the hub mixin's (revision, cache_dir, token, local_files_only,
     force_download) or constructor overrides, as for `TwinsUPerNet.from_pretrained`.
     """
+    name_or_path = _resolve(str(name_or_path))
     config = read_config(name_or_path, **kwargs)
     class_name = config.get('_model_class')
     if class_name not in MODEL_CLASSES:
-        raise ValueError(
-            f'{name_or_path} holds a {class_name or "model without _model_class"}, not a twins_timm '
-            f'segmenter ({", ".join(MODEL_CLASSES)}); load it with the library that saved it')
-    return MODEL_CLASSES[class_name].from_pretrained(str(name_or_path), strict=strict, **kwargs)
+        raise ValueError(f'{name_or_path} holds {_what(config)}, not a twins_timm segmenter '
+                         f'({", ".join(MODEL_CLASSES)}). {_instead(name_or_path, config)}')
+    return MODEL_CLASSES[class_name].from_pretrained(name_or_path, strict=strict, **kwargs)
+
+
+def _what(config: Dict[str, Any]) -> str:
+    arch = config.get('architecture')
+    if arch and str(arch).startswith('twins_'):
+        head = config.get('num_classes', (config.get('pretrained_cfg') or {}).get('num_classes'))
+        return (f'a timm {arch} backbone without a classifier' if head == 0
+                else f'a timm {arch} ImageNet classifier ({head} classes)')
+    if config.get('_model_class'):
+        return f'a {config["_model_class"]}'
+    return f'a {arch} model' if arch else 'a model without _model_class'
+
+
+def _instead(name_or_path: str, config: Dict[str, Any]) -> str:
+    if str(config.get('architecture', '')).startswith('twins_'):
+        return (f"Load it with timm: timm.create_model('local-dir:{name_or_path}', pretrained=True) after "
+                "`import twins_timm`. To segment, use a segmenter: a published one by name (`twins-timm models`, "
+                "e.g. upernet_twins_svt_large.ade20k) or a converted mmseg / official segmentation checkpoint")
+    return 'Load it with the library that saved it'
+

@@ -30,8 +30,10 @@ def manifest(name: str) -> dict:
 
 
 def kind_of(name: str) -> str:
-    """'official_cls' | 'official_seg' | 'mmseg' from the manifest's format string."""
+    """'official_cls' | 'official_seg' | 'mmseg' | 'mmseg_pretrain' from the manifest's format string."""
     fmt = manifest(name)['format']
+    if fmt.startswith('mmsegmentation ImageNet pretrain'):
+        return 'mmseg_pretrain'
     if fmt.startswith('mmsegmentation'):
         return 'mmseg'
     return 'official_cls' if fmt == 'twins-official-classification' else 'official_seg'
@@ -73,6 +75,8 @@ def class_meta(n: int = NUM_CLASSES_SEG, seed: int = 0):
 def wrap(name: str, sd: Dict[str, torch.Tensor], training_extras: bool = False) -> dict:
     """The object the real file of this manifest holds."""
     kind = kind_of(name)
+    if kind == 'mmseg_pretrain':  # twins2mmseg saves the bare state dict
+        return dict(sd)
     if kind == 'official_cls':
         obj = {'model': sd}
         if training_extras:  # what the official main.py saves
@@ -101,3 +105,35 @@ def write_checkpoint(name: str, path, seed: int = 0, training_extras: bool = Fal
     sd = random_state_dict(name, seed) if sd is None else sd
     torch.save(wrap(name, sd, training_extras), path)
     return path
+
+
+def twins2mmseg(sd: Dict[str, torch.Tensor], family: str) -> Dict[str, torch.Tensor]:
+    """What mmseg's tools/model_converters/twins2mmseg.py (``convert_twins``) makes of an official classifier.
+
+    Its output is the format of mmseg's published ImageNet backbones (mmsegmentation/v0.5/pretrain/twins/
+    *.pth, format ``mmseg_pretrain``): mmseg names, ``head.*`` left out, the final ``norm.*`` kept, q and
+    kv stacked into ``attn.in_proj_*``, saved as a bare state dict. Same rules, written here.
+    """
+    out = {}
+    for k, v in sd.items():
+        new_k, new_v = k, v
+        if k.startswith('head'):
+            continue
+        if k.startswith('patch_embeds'):
+            new_k = k.replace('proj.', 'projection.') if 'proj.' in k else k
+        elif k.startswith('blocks'):
+            if 'attn.q.' in k:
+                new_k = k.replace('q.', 'attn.in_proj_')
+                new_v = torch.cat([v, sd[k.replace('attn.q.', 'attn.kv.')]], dim=0)
+            elif 'mlp.fc1' in k:
+                new_k = k.replace('mlp.fc1', 'ffn.layers.0.0')
+            elif 'mlp.fc2' in k:
+                new_k = k.replace('mlp.fc2', 'ffn.layers.1')
+            elif 'attn.proj.' in k and (family == 'pcpvt' or int(k.split('.')[2]) % 2 == 1):
+                new_k = k.replace('proj.', 'attn.out_proj.')  # global (sub-sampled) attention: nn.MultiheadAttention
+            new_k = new_k.replace('blocks.', 'layers.')
+        elif k.startswith('pos_block'):
+            new_k = k.replace('pos_block', 'position_encodings').replace('proj.0.', 'proj.')
+        if 'attn.kv.' not in k:
+            out[new_k] = new_v
+    return out

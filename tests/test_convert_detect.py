@@ -18,7 +18,7 @@ def expected_from_name(name):
         task, classes = 'fpn', 150
     elif 'uper' in stem:
         task, classes = 'upernet', 150
-    elif stem.startswith('seg_'):
+    elif stem.startswith('seg_') or name.startswith('mmseg_pretrain/'):
         task, classes = 'backbone', 0
     else:
         task, classes = 'classification', 1000
@@ -36,7 +36,7 @@ def test_detects_every_manifest_and_maps_every_key(name):
     assert det.aux_head == (task == 'upernet')
 
     # the whole mapping onto the target model (built with meta weights) accounts for every key
-    res = convert_checkpoint({m['wrapper']: sd, 'meta': {}})
+    res = convert_checkpoint({m['wrapper']: sd, 'meta': {}} if m['wrapper'] else sd)
     assert res.variant == 'twins_%s_%s' % (family, size)
     dropped = set(res.dropped)
     assert res.n_mapped + len(dropped) == len(sd)
@@ -50,7 +50,7 @@ def test_detects_every_manifest_and_maps_every_key(name):
                    for k in res.state_dict)
         assert not any(k.startswith('encoder.model.' + p) for k in res.state_dict for p in ('head.', 'norm.'))
     stage_norms = any('stage_norms.' in k for k in res.state_dict)
-    assert stage_norms == (family == 'svt' and kind_of(name) != 'official_cls')
+    assert stage_norms == (family == 'svt' and kind_of(name) in ('official_seg', 'mmseg'))
     assert res.model_args.get('stage_norm', False) == stage_norms
 
 

@@ -109,3 +109,14 @@ def test_dropping_parts_is_explicit_and_reported():
     with pytest.raises(MappingError, match="drop part 'norm'"):
         to_mmseg(cls)
     assert 'norm.weight' not in to_mmseg(cls, drop='norm')
+
+
+@pytest.mark.parametrize('name,family', [('official/alt_gvt_small', 'svt'), ('official/pcpvt_small_v0', 'pcpvt')])
+def test_mmseg_pretrain_backbone_maps_back_to_the_official_classifier_exactly(name, family):
+    """mmseg's published ImageNet backbones (twins2mmseg.py output): every tensor lands where it came from."""
+    from checkpoint_factory import twins2mmseg
+
+    official = random_state_dict(name, seed=3)
+    res = convert_checkpoint(twins2mmseg(official, family))
+    assert (res.format, res.task, res.num_classes, res.model_args) == ('mmseg_pretrain', 'backbone', 0, {})
+    _same(res.state_dict, {k: v for k, v in official.items() if not k.startswith('head.')})

@@ -21,9 +21,10 @@ def _pair(values: Optional[Sequence[int]], name: str) -> Optional[Tuple[int, int
 def add_model_arguments(parser: argparse.ArgumentParser, random_fallback: bool) -> None:
     fallback = (', or a labelled random-initialised model when it is not available' if random_fallback
                 else ' (an error when it is not available: metrics need trained weights)')
-    parser.add_argument('--model', metavar='DIR_OR_HUB_ID', default=None,
-                        help='converted model: a folder from `twins-timm convert` / save_pretrained, '
-                             'a checkpoint file, or a Hub id (the local cache is tried first). '
+    parser.add_argument('--model', metavar='NAME_OR_PATH', default=None,
+                        help='a published model name (`twins-timm models`; downloaded and converted once, then '
+                             'cached), an http(s) URL of a checkpoint, a folder from `twins-timm convert` / '
+                             'save_pretrained, a checkpoint file, or a Hub id (the local cache is tried first). '
                              'Default: %s%s' % (DEFAULT_MODEL_ID, fallback))
     parser.add_argument('--device', default='auto',
                         help="torch device: 'cpu', 'cuda', 'cuda:1', 'mps' (default: cuda if available)")

@@ -2,11 +2,13 @@
 
 Images are decoded with Pillow into HxWx3 uint8 RGB (what mmseg's loader hands its pipeline:
 greyscale and palette images expanded to RGB, alpha dropped).  Models come from a folder written
-by ``save_pretrained`` (or ``twins-timm convert``), a local Hub cache, the Hub itself when online,
-or -- for the default model only -- a clearly labelled random-initialised stand-in.
+by ``save_pretrained`` (or ``twins-timm convert``), a published model by name or an http(s) URL
+(``twins_timm.zoo``: downloaded, verified, converted and cached once), a Hub repo, or -- for the
+default model only -- a clearly labelled random-initialised stand-in.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -19,10 +21,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-# Hub repository under which the converted ADE20K Twins-SVT-L UPerNet (mmseg's best ADE20K Twins
-# row) is looked up when --model is not given.  Stored as save_pretrained output (config.json +
-# model.safetensors) by `twins-timm convert`.
-DEFAULT_MODEL_ID = 'twins-timm/twins_svt_large_upernet_ade20k'
+# Without --model: the best published ADE20K model by name (twins_timm.zoo; UPerNet SVT-L, 49.65 mIoU).
+DEFAULT_MODEL_ID = 'upernet_twins_svt_large.ade20k'
 # Backbone of the random-initialised stand-in used when DEFAULT_MODEL_ID is not available.
 RANDOM_FALLBACK_ENCODER = 'twins_svt_small'
 RANDOM_LABEL = 'RANDOM WEIGHTS - not a trained model'
@@ -146,20 +146,18 @@ def _download(repo_id: str) -> Optional[str]:
 
 
 def _from_folder(folder: str) -> nn.Module:
-    if not os.path.isfile(os.path.join(folder, 'config.json')):
-        raise FileNotFoundError(
-            '%s has no config.json: --model needs a folder written by `twins-timm convert` or '
-            'save_pretrained(), a checkpoint file, or a Hub id' % folder)
     from twins_timm.adapters import from_pretrained
-    return from_pretrained(folder)
+    return from_pretrained(folder)  # says what a folder holds when it is not a segmenter
 
 
 def _from_checkpoint(path: str) -> nn.Module:
     from twins_timm.convert import build_model, convert_checkpoint
     res = convert_checkpoint(path)
     if res.task not in ('upernet', 'fpn'):
-        raise ValueError('%s holds a %s checkpoint, not a segmentation model (UPerNet or FPN)'
-                         % (path, res.task))
+        raise ValueError('%s holds a Twins %s %s (%s), not a segmentation model (UPerNet or FPN). Segment with a '
+                         'segmenter instead: a published one by name (`twins-timm models`, e.g. --model %s) or a '
+                         'converted segmentation checkpoint' % (path, res.variant, res.task, res.format,
+                                                                DEFAULT_MODEL_ID))
     return build_model(res)
 
 
@@ -178,12 +176,32 @@ def random_model(num_classes: int = 150) -> nn.Module:
     return model
 
 
-def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, log=None) -> LoadedModel:
-    """Find a segmenter: a folder, a checkpoint file, or a Hub id (local cache first).
+def _zoo_segmenter(spec: str) -> LoadedModel:
+    """A published model by name or an http(s) URL: cached, or downloaded + verified + converted now."""
+    from twins_timm import zoo
+    if not zoo.is_url(spec):
+        record = zoo.get(spec)
+        if not record.is_segmenter:
+            raise ValueError('%s is a published %s (%s, %s), not a segmentation model. Pass a segmenter, e.g. '
+                             '--model %s (`twins-timm models` lists them); use %s in Python with '
+                             'twins_timm.zoo.create_model(%r)' % (spec, 'ImageNet classifier' if record.task ==
+                                                                 'classification' else 'ImageNet backbone without '
+                                                                 'a head', record.variant, record.dataset,
+                                                                 DEFAULT_MODEL_ID, spec, spec))
+    was_cached = zoo.cached_path(spec) is not None
+    folder = zoo.fetch(spec)
+    return LoadedModel(_from_folder(str(folder)).eval(), '%s (%s%s)' % (spec, folder, '' if was_cached else
+                                                                       ', downloaded and converted now'))
 
-    ``spec=None`` means DEFAULT_MODEL_ID; only then (or with ``allow_random=True``) does a missing
-    model fall back to :func:`random_model`, announced on ``log`` (default stderr).
+
+def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, log=None) -> LoadedModel:
+    """Find a segmenter: a folder, a checkpoint file, a published name, an http(s) URL, or a Hub id.
+
+    ``spec=None`` means DEFAULT_MODEL_ID; only then (or with ``allow_random=True``) does a model that
+    cannot be had fall back to :func:`random_model`, announced on ``log`` (default stderr).
     """
+    from twins_timm import zoo
+
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if allow_random is None:
         allow_random = spec is None
@@ -193,25 +211,35 @@ def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, 
         return LoadedModel(_from_folder(expanded).eval(), 'folder %s' % expanded)
     if os.path.isfile(expanded):
         return LoadedModel(_from_checkpoint(expanded).eval(), 'checkpoint %s' % expanded)
-    if _looks_like_path(spec):
-        raise FileNotFoundError('model %s does not exist; give a folder written by `twins-timm convert`, '
-                                'a checkpoint file, or a Hub id such as %s' % (spec, DEFAULT_MODEL_ID))
-    folder = _cached_snapshot(spec)
-    where = 'Hub cache'
-    if folder is None:
-        folder, where = _download(spec), 'Hub'
-    if folder is not None:
-        return LoadedModel(_from_folder(folder).eval(), '%s %s (%s)' % (where, spec, folder))
-    why = ('not in the local Hub cache and HF_HUB_OFFLINE is set' if _hub_offline()
-           else 'not in the local Hub cache and could not be downloaded')
-    if not allow_random:
-        raise FileNotFoundError(
-            'model %s: %s. Convert a checkpoint with `twins-timm convert` and pass the folder '
-            'with --model DIR, or download the Hub repository while online.' % (spec, why))
-    log('No converted weights found for %s (%s).\n'
+    if zoo.is_url(spec) or spec in zoo.MODELS:
+        try:
+            return _zoo_segmenter(spec)
+        except zoo.ZooError as e:
+            if not allow_random:
+                raise
+            why = str(e)
+    elif _looks_like_path(spec):
+        close = difflib.get_close_matches(spec, list(zoo.MODELS), n=2, cutoff=0.6)
+        raise FileNotFoundError('model %s does not exist: not a folder, a checkpoint file, a published model name%s '
+                                '(`twins-timm models`), an http(s) URL or a Hub id (owner/name)'
+                                % (spec, ' (did you mean %s?)' % ' or '.join(close) if close else ''))
+    else:
+        folder = _cached_snapshot(spec)
+        where = 'Hub cache'
+        if folder is None:
+            folder, where = _download(spec), 'Hub'
+        if folder is not None:
+            return LoadedModel(_from_folder(folder).eval(), '%s %s (%s)' % (where, spec, folder))
+        why = ('not in the local Hub cache and HF_HUB_OFFLINE is set' if _hub_offline()
+               else 'not in the local Hub cache and could not be downloaded')
+        if not allow_random:
+            raise FileNotFoundError(
+                'model %s: %s. Convert a checkpoint with `twins-timm convert` and pass the folder '
+                'with --model DIR, or download the Hub repository while online.' % (spec, why))
+    log('No converted weights found for %s: %s\n'
         'Running with a RANDOM-INITIALISED %s UPerNet instead: the output shows the pipeline '
         'working, not a real segmentation.\n'
-        'For real results convert a checkpoint (`twins-timm convert --help`) and pass --model DIR.'
-        % (spec, why, RANDOM_FALLBACK_ENCODER))
+        'Get the real model with one command (with internet, once): twins-timm models --download %s'
+        % (spec, why, RANDOM_FALLBACK_ENCODER, spec))
     return LoadedModel(random_model().eval(), 'random-initialised %s UPerNet (%s)'
                        % (RANDOM_FALLBACK_ENCODER, RANDOM_LABEL), random_weights=True)

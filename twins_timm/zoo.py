@@ -1,0 +1,400 @@
+"""Published Twins models by name: download once, verify, convert, cache; then offline.
+
+    >>> from twins_timm import zoo
+    >>> folder = zoo.fetch('upernet_twins_svt_large.ade20k')   # converted Hub folder in the cache
+    >>> model = zoo.create_model('upernet_twins_svt_large.ade20k')
+
+Names follow timm's ``arch.tag``: ``{upernet,fpn}_twins_{pcpvt,svt}_{small,base,large}.ade20k`` (mmseg's
+ADE20K segmenters), ``twins_*.in1k_mmseg`` (mmseg's converted ImageNet backbones, no head) and
+``twins_*.in1k`` (timm's ImageNet classifiers on the Hugging Face Hub). ``twins-timm models`` lists them.
+
+Downloads go through ``torch.hub.download_url_to_file`` (progress bar, sha256 prefix from the file
+name checked) into a private temporary folder, then through the converter (safe loading, every key
+accounted for); the converted folder is renamed into ``cache_dir()/NAME`` only when complete.
+``TWINS_TIMM_CACHE`` moves the cache; ``TWINS_TIMM_MIRROR=http://host:port`` replaces scheme and host
+of every download (same path); ``TWINS_TIMM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` never touches the network.
+This module imports torch only when something is fetched, so listing stays fast.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+from urllib.parse import urlsplit
+
+MMSEG_ROOT = 'https://download.openmmlab.com/mmsegmentation/v0.5/'
+MMSEG_LICENCE = ('apache-2.0 (OpenMMLab mmsegmentation); trained on ImageNet-1k and ADE20K, whose terms of use '
+                 'also apply')
+TIMM_LICENCE = 'apache-2.0 (timm); trained on ImageNet-1k, whose terms of use also apply'
+DOWNLOAD_TIMEOUT_S = 60.0
+# torch.hub's convention: the file name ends in -<first hex digits of the file's sha256>.<ext>
+HASH_IN_NAME = re.compile(r'-([a-f0-9]{6,64})\.[A-Za-z0-9]+$')
+WEIGHTS = 'model.safetensors'
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One published model: where it is, what it is, what it scored."""
+    name: str
+    task: str                      # 'upernet' | 'fpn' | 'backbone' | 'classification'
+    variant: str                   # twins_{pcpvt,svt}_{small,base,large}
+    dataset: str
+    classes: int
+    url: str                       # the exact published file (or Hub repo)
+    params: int                    # parameters in the published weights
+    miou: Optional[float] = None           # published single-scale mIoU
+    miou_ms: Optional[float] = None        # published multi-scale + flip mIoU
+    licence: str = MMSEG_LICENCE
+    origin: str = 'mmsegmentation'         # 'mmsegmentation' | 'timm' (Hugging Face Hub)
+
+    @property
+    def is_segmenter(self) -> bool:
+        return self.task in ('upernet', 'fpn')
+
+    @property
+    def hub_repo(self) -> Optional[str]:
+        """Hugging Face repo id of Hub-hosted models (timm's classifiers), else None."""
+        return self.url.split('huggingface.co/', 1)[1] if self.origin == 'timm' else None
+
+    @property
+    def sha256_prefix(self) -> Optional[str]:
+        return hash_prefix(self.url)
+
+    @property
+    def download_bytes(self) -> int:
+        """Approximate download size: float32 weights (the files hold little else)."""
+        return 4 * self.params
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d.update(sha256_prefix=self.sha256_prefix, download_bytes=self.download_bytes, is_segmenter=self.is_segmenter)
+        return d
+
+
+def _seg(decoder: str, fam: str, size: str, path: str, miou: float, miou_ms: float, params: int) -> ZooModel:
+    return ZooModel('%s_twins_%s_%s.ade20k' % (decoder, fam, size), decoder, 'twins_%s_%s' % (fam, size), 'ADE20K',
+                    150, MMSEG_ROOT + 'twins/' + path, params, miou, miou_ms)
+
+
+def _mmseg_backbone(fam: str, size: str, file: str, params: int) -> ZooModel:
+    return ZooModel('twins_%s_%s.in1k_mmseg' % (fam, size), 'backbone', 'twins_%s_%s' % (fam, size), 'ImageNet-1k',
+                    0, MMSEG_ROOT + 'pretrain/twins/' + file, params)
+
+
+def _timm(fam: str, size: str, params: int) -> ZooModel:
+    name = 'twins_%s_%s.in1k' % (fam, size)
+    return ZooModel(name, 'classification', 'twins_%s_%s' % (fam, size), 'ImageNet-1k', 1000,
+                    'https://huggingface.co/timm/' + name, params, licence=TIMM_LICENCE, origin='timm')
+
+
+# Weights URLs copied from mmsegmentation 1.2.2's configs/twins/metafile.yaml (its SVT-L UPerNet entry is
+# misnamed twins_pcpvt-l_uperhead...; the URL is SVT-L's) and configs/twins/*.py (`checkpoint = ...`).
+# Parameters: counted on the converted model (UPerNet includes the auxiliary head, backbones the final norm).
+MODELS: Dict[str, ZooModel] = {m.name: m for m in (
+    _seg('fpn', 'pcpvt', 'small', 'twins_pcpvt-s_fpn_fpnhead_8x4_512x512_80k_ade20k/'
+         'twins_pcpvt-s_fpn_fpnhead_8x4_512x512_80k_ade20k_20211201_204132-41acd132.pth', 43.26, 44.11, 27858838),
+    _seg('upernet', 'pcpvt', 'small', 'twins_pcpvt-s_uperhead_8x4_512x512_160k_ade20k/'
+         'twins_pcpvt-s_uperhead_8x4_512x512_160k_ade20k_20211201_233537-8e99c07a.pth', 46.04, 46.92, 54080044),
+    _seg('fpn', 'pcpvt', 'base', 'twins_pcpvt-b_fpn_fpnhead_8x4_512x512_80k_ade20k/'
+         'twins_pcpvt-b_fpn_fpnhead_8x4_512x512_80k_ade20k_20211130_141019-d396db72.pth', 45.66, 46.48, 47581078),
+    _seg('upernet', 'pcpvt', 'base', 'twins_pcpvt-b_uperhead_8x2_512x512_160k_ade20k/'
+         'twins_pcpvt-b_uperhead_8x2_512x512_160k_ade20k_20211130_141020-02094ea5.pth', 47.91, 48.64, 73802284),
+    _seg('fpn', 'pcpvt', 'large', 'twins_pcpvt-l_fpn_fpnhead_8x4_512x512_80k_ade20k/'
+         'twins_pcpvt-l_fpn_fpnhead_8x4_512x512_80k_ade20k_20211201_105226-bc6d61dc.pth', 45.94, 46.70, 64742294),
+    _seg('upernet', 'pcpvt', 'large', 'twins_pcpvt-l_uperhead_8x2_512x512_160k_ade20k/'
+         'twins_pcpvt-l_uperhead_8x2_512x512_160k_ade20k_20211201_075053-c6095c07.pth', 49.35, 50.08, 90963500),
+    _seg('fpn', 'svt', 'small', 'twins_svt-s_fpn_fpnhead_8x4_512x512_80k_ade20k/'
+         'twins_svt-s_fpn_fpnhead_8x4_512x512_80k_ade20k_20211130_141006-0a0d3317.pth', 44.47, 45.42, 27798934),
+    _seg('upernet', 'svt', 'small', 'twins_svt-s_uperhead_8x2_512x512_160k_ade20k/'
+         'twins_svt-s_uperhead_8x2_512x512_160k_ade20k_20211130_141005-e48a2d94.pth', 46.08, 46.96, 53856300),
+    _seg('fpn', 'svt', 'base', 'twins_svt-b_fpn_fpnhead_8x4_512x512_80k_ade20k/'
+         'twins_svt-b_fpn_fpnhead_8x4_512x512_80k_ade20k_20211201_113849-88b2907c.pth', 46.77, 47.47, 59676438),
+    _seg('upernet', 'svt', 'base', 'twins_svt-b_uperhead_8x2_512x512_160k_ade20k/'
+         'twins_svt-b_uperhead_8x2_512x512_160k_ade20k_20211202_040826-0943a1f1.pth', 48.04, 48.87, 87724460),
+    _seg('fpn', 'svt', 'large', 'twins_svt-l_fpn_fpnhead_8x4_512x512_80k_ade20k/'
+         'twins_svt-l_fpn_fpnhead_8x4_512x512_80k_ade20k_20211130_141005-1d59bee2.pth', 46.55, 47.74, 102744214),
+    _seg('upernet', 'svt', 'large', 'twins_svt-l_uperhead_8x2_512x512_160k_ade20k/'
+         'twins_svt-l_uperhead_8x2_512x512_160k_ade20k_20211130_141005-3e2cae61.pth', 49.65, 50.63, 132782892),
+    _mmseg_backbone('pcpvt', 'small', 'pcpvt_small_20220308-e638c41c.pth', 23593216),
+    _mmseg_backbone('pcpvt', 'base', 'pcpvt_base_20220308-0621964c.pth', 43315456),
+    _mmseg_backbone('pcpvt', 'large', 'pcpvt_large_20220308-37579dc6.pth', 60476672),
+    _mmseg_backbone('svt', 'small', 'alt_gvt_small_20220308-7e1c3695.pth', 23547776),
+    _mmseg_backbone('svt', 'base', 'alt_gvt_base_20220308-1b7eb711.pth', 55301952),
+    _mmseg_backbone('svt', 'large', 'alt_gvt_large_20220308-fb5936f3.pth', 98246400),
+    _timm('pcpvt', 'small', 24106216),
+    _timm('pcpvt', 'base', 43828456),
+    _timm('pcpvt', 'large', 60989672),
+    _timm('svt', 'small', 24060776),
+    _timm('svt', 'base', 56070952),
+    _timm('svt', 'large', 99271400),
+)}
+
+# The best published ADE20K model: what `twins-timm segment` uses without --model.
+DEFAULT_SEGMENTER = 'upernet_twins_svt_large.ade20k'
+
+
+class ZooError(OSError):
+    """A published model could not be fetched (network, server, offline and not cached)."""
+
+
+class ChecksumError(ValueError):
+    """A download does not match the sha256 its published file name carries."""
+
+
+# ------------------------------------------------------------------------------------- lookup
+def list_models(task: Optional[str] = None) -> List[ZooModel]:
+    return [m for m in MODELS.values() if task is None or m.task == task]
+
+
+def is_url(spec: Union[str, os.PathLike]) -> bool:
+    return isinstance(spec, str) and spec.lower().startswith(('http://', 'https://'))
+
+
+def get(name: str) -> ZooModel:
+    """The record of a published model; a ValueError naming close matches otherwise."""
+    if name in MODELS:
+        return MODELS[name]
+    close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.5)
+    raise ValueError('%r is not a published model name%s; `twins-timm models` lists them all'
+                     % (name, ' (did you mean %s?)' % ', '.join(close) if close else ''))
+
+
+def hash_prefix(url: str) -> Optional[str]:
+    """The sha256 prefix a published file name carries (torch.hub's ``NAME-<hex>.pth``), else None."""
+    m = HASH_IN_NAME.search(urlsplit(url).path)
+    return m.group(1) if m else None
+
+
+# ------------------------------------------------------------------------------------ locations
+def cache_dir() -> Path:
+    """``$TWINS_TIMM_CACHE``, else ``$XDG_CACHE_HOME/twins_timm``, else ``~/.cache/twins_timm``."""
+    if os.environ.get('TWINS_TIMM_CACHE'):
+        return Path(os.environ['TWINS_TIMM_CACHE']).expanduser()
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache')
+    return Path(base).expanduser() / 'twins_timm'
+
+
+def mirrored(url: str) -> str:
+    """``url`` with scheme and host replaced by ``$TWINS_TIMM_MIRROR`` (path kept), if it is set."""
+    mirror = os.environ.get('TWINS_TIMM_MIRROR', '').strip()
+    if not mirror:
+        return url
+    m, u = urlsplit(mirror), urlsplit(url)
+    if m.scheme not in ('http', 'https') or not m.netloc:
+        raise ValueError('TWINS_TIMM_MIRROR=%r is not an http(s)://host[:port] address' % mirror)
+    return '%s://%s%s%s' % (m.scheme, m.netloc, m.path.rstrip('/'), u.path + ('?' + u.query if u.query else ''))
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on')
+               for v in ('TWINS_TIMM_OFFLINE', 'HF_HUB_OFFLINE'))
+
+
+def _url_folder_name(url: str) -> str:
+    stem = re.sub(r'[^\w.-]+', '_', Path(urlsplit(url).path).stem)[:80] or 'checkpoint'
+    return 'url/%s-%s' % (stem, hashlib.sha256(url.encode()).hexdigest()[:8])
+
+
+def folder_for(spec: str) -> Path:
+    """Where the converted folder of a zoo name or URL lives (whether or not it is there yet)."""
+    return cache_dir() / (_url_folder_name(spec) if is_url(spec) else get(spec).name)
+
+
+def cached_path(spec: str) -> Optional[Path]:
+    """The usable local folder of ``spec`` (zoo name or URL), or None if it has not been fetched."""
+    if not is_url(spec) and get(spec).origin == 'timm':
+        return _hub_cached(get(spec))
+    folder = folder_for(spec)
+    return folder if (folder / 'config.json').is_file() and (folder / WEIGHTS).is_file() else None
+
+
+def raw_path(url: str) -> Path:
+    """Where a raw published file is kept (``keep_raw``) or may be put by hand for offline use."""
+    return cache_dir() / 'downloads' / Path(urlsplit(url).path).name
+
+
+def manual_steps(spec: str) -> str:
+    """How to get and convert the file by hand (for air-gapped machines)."""
+    url = spec if is_url(spec) else get(spec).url
+    if not is_url(spec) and get(spec).origin == 'timm':
+        return ('download the Hub repository %s on a machine with internet (huggingface-cli download %s) and copy the '
+                'Hugging Face cache, or set HF_ENDPOINT to a mirror' % (get(spec).hub_repo, get(spec).hub_repo))
+    return ('download %s by hand (or serve it from a mirror and set TWINS_TIMM_MIRROR=http://host:port), then either '
+            'put it at %s (it is then verified and converted on first use), or convert it yourself: '
+            '`twins-timm convert %s ./%s` and pass --model ./%s'
+            % (url, raw_path(url), Path(urlsplit(url).path).name, _short(spec), _short(spec)))
+
+
+def _short(spec: str) -> str:
+    return Path(urlsplit(spec).path).stem if is_url(spec) else spec
+
+
+# ------------------------------------------------------------------------------------- fetching
+def fetch(spec: str, progress: Optional[bool] = None, keep_raw: bool = False, force: bool = False) -> Path:
+    """The converted local folder of a zoo name or an http(s) URL: cached, or downloaded and converted now.
+
+    Raises ZooError (network / offline and not cached), ChecksumError (the file is not the published one)
+    and the converter's errors for a file that is not a supported Twins checkpoint; nothing is cached then.
+    """
+    record = None if is_url(spec) else get(spec)
+    if record is not None and record.origin == 'timm':
+        return _fetch_hub(record, progress)
+    cached = cached_path(spec)
+    if cached is not None and not force:
+        return cached
+    url = spec if record is None else record.url
+    expected = hash_prefix(url)
+    progress = sys.stderr.isatty() if progress is None else progress
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_downloads(root)
+    work = Path(tempfile.mkdtemp(prefix='.download-%d-' % os.getpid(), dir=root))
+    try:
+        kept = raw_path(url)
+        if kept.is_file():
+            raw = kept
+            _check_hash(raw, expected, 'the kept file %s' % raw)
+        else:
+            raw = work / kept.name
+            _download(url, raw, expected, progress)
+        dst = folder_for(spec)
+        _convert(raw, dst, url, record, progress, force)
+        if keep_raw and raw != kept:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(raw, kept)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dst
+
+
+def _download(url: str, dst: Path, expected: Optional[str], progress: bool) -> None:
+    from urllib.error import HTTPError, URLError
+
+    from torch.hub import download_url_to_file
+
+    source = mirrored(url)
+    if offline():
+        raise ZooError('%s is not cached and TWINS_TIMM_OFFLINE / HF_HUB_OFFLINE is set, so it is not downloaded. '
+                       'Unset it with internet access, or %s' % (url, manual_steps(url)))
+    if progress:
+        print('Downloading %s' % source, file=sys.stderr)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a stalled server is an error, not a hang
+    try:
+        download_url_to_file(source, str(dst), hash_prefix=expected, progress=progress)
+    except HTTPError as e:
+        raise ZooError('downloading %s failed: HTTP %d %s. Check the address%s; or %s'
+                       % (source, e.code, e.reason, ' and TWINS_TIMM_MIRROR' if source != url else '',
+                          manual_steps(url))) from None
+    except (URLError, OSError, socket.timeout) as e:
+        reason = getattr(e, 'reason', None) or e
+        raise ZooError('downloading %s failed (%s): no internet access, or the server is down. Nothing was cached. '
+                       'Retry with internet, or %s' % (source, reason, manual_steps(url))) from None
+    except RuntimeError as e:
+        m = re.search(r'expected "([0-9a-f]+)", got "([0-9a-f]+)"', str(e))
+        if not m:
+            raise
+        raise ChecksumError('the file downloaded from %s is not the published one: its sha256 is %s, but the file '
+                            'name promises one starting with %s (an incomplete download, a changed file or a bad '
+                            'mirror). Nothing was cached; retry, or fetch it by hand from %s'
+                            % (source, m.group(2), m.group(1), url)) from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
+    if not expected:
+        return
+    with open(path, 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
+    if not digest.startswith(expected):
+        raise ChecksumError('%s is not the published file: its sha256 is %s, but the file name promises one starting '
+                            'with %s. Delete it and fetch it again' % (what, digest, expected))
+
+
+def _convert(raw: Path, dst: Path, url: str, record: Optional[ZooModel], progress: bool, force: bool) -> None:
+    from twins_timm.convert import convert_checkpoint, save
+
+    res = convert_checkpoint(raw, progress=progress)
+    if record is not None and (res.variant, res.task) != (record.variant, record.task):
+        raise ValueError('%s holds a %s %s, but %s is listed as a %s %s; the zoo record is wrong, please report it'
+                         % (url, res.variant, res.task, record.name, record.variant, record.task))
+    card: Dict[str, Any] = {'source_url': url}
+    if record is not None:
+        card.update(name=record.name, dataset=record.dataset, licence=record.licence)
+        if record.miou is not None:
+            card['metrics'] = {'mIoU (single scale)': record.miou, 'mIoU (multi-scale + flip)': record.miou_ms}
+    save(res, dst, force=force, card=card)
+
+
+def _remove_stale_downloads(root: Path) -> None:
+    """Temporary download folders of killed processes (never taken for good files: removed here)."""
+    for p in root.glob('.download-*-*'):
+        m = re.match(r'^\.download-(\d+)-', p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------- timm's Hub classifiers
+def _hub_endpoint() -> Optional[str]:
+    mirror = os.environ.get('TWINS_TIMM_MIRROR', '').strip()
+    return mirror.rstrip('/') or None
+
+
+def _hub_cached(record: ZooModel) -> Optional[Path]:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(record.hub_repo, WEIGHTS)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _fetch_hub(record: ZooModel, progress: Optional[bool]) -> Path:
+    cached = _hub_cached(record)
+    if cached is not None:
+        return cached
+    if offline():
+        raise ZooError('%s is not in the local Hugging Face cache and TWINS_TIMM_OFFLINE / HF_HUB_OFFLINE is set; %s'
+                       % (record.name, manual_steps(record.name)))
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(record.hub_repo, allow_patterns=['config.json', WEIGHTS],
+                                      endpoint=_hub_endpoint()))
+    except Exception as e:  # huggingface_hub's network errors come in many types
+        raise ZooError('downloading %s from the Hugging Face Hub failed (%s); %s'
+                       % (record.hub_repo, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                          manual_steps(record.name))) from None
+
+
+# ------------------------------------------------------------------------------------- models
+def create_model(spec: str, **kwargs: Any):
+    """The model of a zoo name or URL, fetched if needed: an SMP segmenter, or a timm backbone / classifier."""
+    folder = fetch(spec)
+    record = None if is_url(spec) else get(spec)
+    import json
+
+    cfg = json.loads((folder / 'config.json').read_text())
+    if (record is not None and record.is_segmenter) or '_model_class' in cfg:
+        from twins_timm.adapters import from_pretrained
+        return from_pretrained(str(folder), **kwargs)
+    import timm
+
+    import twins_timm  # noqa: F401  registers our Twins
+    return timm.create_model('local-dir:%s' % folder, pretrained=True, **kwargs)
