@@ -7,7 +7,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from twins_timm.convert.build import build_model, load_into
+from twins_timm.convert.build import load_into
 
 
 def reference_parity(res, model: Optional[nn.Module] = None, size: int = 224,
@@ -21,9 +21,15 @@ def reference_parity(res, model: Optional[nn.Module] = None, size: int = 224,
         return None
     import timm.models.twins as timm_twins
 
-    model = build_model(res) if model is None else model
+    sd = res.state_dict
+    if any(v.is_floating_point() and v.dtype != torch.float32 for v in sd.values()):  # compare in float32
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        model = None
+    if model is None:
+        from twins_timm.convert.build import make_for
+        model = load_into(lambda device=None: make_for(res, device), sd).eval()
     ref = load_into(lambda device=None: getattr(timm_twins, res.variant)(  # timm's own, not our registration
-        pretrained=False, num_classes=res.num_classes, device=device), res.state_dict)
+        pretrained=False, num_classes=res.num_classes, device=device), sd)
     if type(ref) is not timm_twins.Twins:
         return None
     ref.eval()

@@ -1,0 +1,373 @@
+"""Published models by name: download (local HTTP server only), verify, convert once, cache, reuse offline.
+
+The server on 127.0.0.1 serves generated small checkpoints (PCPVT-S, fp16); the real zoo records are
+never changed: tests add their own records, reached through TWINS_TIMM_MIRROR, or use plain URLs.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from checkpoint_factory import random_state_dict, twins2mmseg, wrap
+from twins_timm import cli, zoo
+from twins_timm.convert import convert_checkpoint
+
+SEG_MANIFEST = 'mmseg/twins_pcpvt-s_fpn_ade20k'
+REAL_HOST = 'https://download.example.invalid'   # test records' host: only reachable through the mirror
+
+
+# ---------------------------------------------------------------------------------- the server
+class _Handler(BaseHTTPRequestHandler):
+    files: dict = {}       # path -> bytes
+    modes: dict = {}       # path -> 'ok' | 'die' (half the body, then the connection closes) | 'stall'
+    hits: dict = {}
+    release = threading.Event()
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_GET(self):
+        path = self.path.split('?')[0]
+        self.hits[path] = self.hits.get(path, 0) + 1
+        if path not in self.files:
+            self.send_error(404, 'Not Found')
+            return
+        body, mode = self.files[path], self.modes.get(path, 'ok')
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/octet-stream')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        if mode == 'ok':
+            self.wfile.write(body)
+            return
+        self.wfile.write(body[:len(body) // 2] if mode == 'die' else body[:1 << 20])
+        self.wfile.flush()
+        if mode == 'stall':  # until the test is over (the client is killed meanwhile)
+            self.release.wait(60)
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class Server:
+    def __init__(self, files):
+        handler = type('Handler', (_Handler,), {'files': dict(files), 'modes': {}, 'hits': {},
+                                                 'release': threading.Event()})
+        self.handler = handler
+        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), handler)
+        self.httpd.daemon_threads = True
+        self.root = 'http://127.0.0.1:%d' % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return self.root + path
+
+    def stop(self) -> None:
+        self.handler.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _named(stem: str, data: bytes) -> str:
+    """torch.hub's convention: the first 8 hex digits of the sha256 in the file name."""
+    return '%s-%s.pth' % (stem, hashlib.sha256(data).hexdigest()[:8])
+
+
+def _to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _half(sd):
+    return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+@pytest.fixture(scope='module')
+def files():
+    """path -> bytes: an mmseg FPN PCPVT-S segmenter and an mmseg ImageNet backbone (twins2mmseg), fp16."""
+    seg_sd = _half(random_state_dict(SEG_MANIFEST, seed=5))
+    seg = _to_bytes(wrap(SEG_MANIFEST, seg_sd))
+    backbone = _to_bytes(twins2mmseg(_half(random_state_dict('official/pcpvt_small_v0', seed=6)), 'pcpvt'))
+    return {
+        '/mmsegmentation/v0.5/twins/fpn/' + _named('fpn_pcpvt_s_test', seg): seg,
+        '/mmsegmentation/v0.5/pretrain/twins/' + _named('pcpvt_small_test', backbone): backbone,
+        '/plain/fpn_pcpvt_s.pth': seg,                                   # a URL without a hash in its name
+        '/mmsegmentation/v0.5/twins/fpn/fpn_pcpvt_s_test-deadbeef.pth': seg,   # the wrong hash
+    }
+
+
+def _path(files, stem):
+    return next(p for p in files if stem in p)
+
+
+@pytest.fixture
+def server(files):
+    s = Server(files)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty zoo cache, online (no offline switches), no mirror."""
+    root = tmp_path / 'zoo_cache'
+    monkeypatch.setenv('TWINS_TIMM_CACHE', str(root))
+    for var in ('TWINS_TIMM_OFFLINE', 'HF_HUB_OFFLINE', 'TWINS_TIMM_MIRROR'):
+        monkeypatch.delenv(var, raising=False)
+    return root
+
+
+def _record(files, stem, name, task='fpn', **kw) -> zoo.ZooModel:
+    """A test-only zoo record whose URL lives on REAL_HOST (reached through the mirror)."""
+    variant = 'twins_pcpvt_small'
+    return zoo.ZooModel(name, task, variant, 'ADE20K' if task == 'fpn' else 'ImageNet-1k',
+                        150 if task == 'fpn' else 0, REAL_HOST + _path(files, stem), 1, **kw)
+
+
+@pytest.fixture
+def seg_record(files, monkeypatch):
+    rec = _record(files, 'fpn_pcpvt_s_test-', 'fpn_twins_pcpvt_small.test', miou=12.34, miou_ms=23.45)
+    assert rec.sha256_prefix and rec.sha256_prefix != 'deadbeef'
+    monkeypatch.setitem(zoo.MODELS, rec.name, rec)
+    return rec
+
+
+def _leftovers(root: Path):
+    return sorted(p.name for p in root.rglob('*') if '.download-' in p.name or '.partial' in p.name)
+
+
+# ------------------------------------------------------------------------------------- success
+def test_fetch_by_name_through_mirror_then_offline_with_server_gone(server, cache, seg_record, files, monkeypatch):
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    old = os.umask(0o027)
+    try:
+        folder = zoo.fetch(seg_record.name)
+    finally:
+        os.umask(old)
+    assert folder == cache / seg_record.name and zoo.cached_path(seg_record.name) == folder
+    assert server.handler.hits == {_path(files, 'fpn_pcpvt_s_test-'): 1}   # the mirror, same path
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    for p in [folder] + list(folder.iterdir()):   # the umask decides, not the writer (safetensors writes 0600)
+        assert p.stat().st_mode & 0o777 == (0o750 if p.is_dir() else 0o640), p
+    card = (folder / 'README.md').read_text()
+    data = files[_path(files, 'fpn_pcpvt_s_test-')]
+    for needle in (seg_record.url, hashlib.sha256(data).hexdigest(), '12.34', '23.45', 'apache-2.0', 'ADE20K'):
+        assert needle in card, needle
+    assert not list(cache.rglob('*.pth')) and not _leftovers(cache)   # the raw file is not kept
+
+    server.stop()   # the second use needs nothing from the network
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', 'http://127.0.0.1:9')
+    from twins_timm.adapters import from_pretrained
+    model = from_pretrained(seg_record.name)
+    expected = convert_checkpoint(torch.load(io.BytesIO(data), weights_only=True)).state_dict
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k].to(expected[k].dtype), expected[k]) for k in expected)
+    assert type(model).__name__ == 'TwinsFPN' and model.classes == 150
+
+
+def test_backbone_by_name_and_keep_raw(server, cache, files, monkeypatch):
+    import timm
+    rec = _record(files, 'pcpvt_small_test-', 'twins_pcpvt_small.test_mmseg', task='backbone')
+    monkeypatch.setitem(zoo.MODELS, rec.name, rec)
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    assert cli.main(['models', '--download', rec.name, '--keep-raw']) == 0
+    assert zoo.raw_path(rec.url).is_file()   # kept on request, under its published name
+    model = zoo.create_model(rec.name)
+    assert isinstance(model, timm.models.VisionTransformer) is False and model.num_classes == 0
+    raw = twins2mmseg(_half(random_state_dict('official/pcpvt_small_v0', seed=6)), 'pcpvt')
+    assert torch.equal(model.state_dict()['norm.weight'].half(), raw['norm.weight'])
+    with pytest.raises(ValueError, match='not a segmenter'):
+        from twins_timm.adapters import from_pretrained
+        from_pretrained(rec.name)
+
+
+def test_url_as_model_segments_and_is_cached(server, cache, files, tmp_path, capsys):
+    url = server.url(_path(files, 'fpn_pcpvt_s_test-'))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / 'p.png')
+    args = ['segment', str(tmp_path / 'p.png'), '--model', url, '--scale', '64', '48', '--quiet']
+    assert cli.main(args + ['--out', str(tmp_path / 'a')]) == 0
+    assert cli.main(args + ['--out', str(tmp_path / 'b')]) == 0
+    assert server.handler.hits[_path(files, 'fpn_pcpvt_s_test-')] == 1   # the second run used the cache
+    a, b = (np.asarray(Image.open(next((tmp_path / d).glob('p*.png')))) for d in 'ab')
+    assert np.array_equal(a, b)
+    assert zoo.cached_path(url) is not None and 'RANDOM' not in capsys.readouterr().out
+
+
+def test_plain_url_without_hash_is_downloaded_and_converted(server, cache, files):
+    url = server.url('/plain/fpn_pcpvt_s.pth')
+    folder = zoo.fetch(url)
+    cfg = json.loads((folder / 'config.json').read_text())
+    assert cfg['_model_class'] == 'TwinsFPN' and url in (folder / 'README.md').read_text()
+
+
+# -------------------------------------------------------------------------------------- failures
+def test_hash_mismatch_names_url_and_both_hashes_and_caches_nothing(server, cache, files):
+    path = _path(files, '-deadbeef')
+    url = server.url(path)
+    with pytest.raises(zoo.ChecksumError) as e:
+        zoo.fetch(url)
+    msg = str(e.value)
+    assert url in msg and 'deadbeef' in msg and hashlib.sha256(files[path]).hexdigest() in msg
+    assert zoo.cached_path(url) is None and not _leftovers(cache)
+    assert cli.main(['segment', '--model', url, '--out', str(cache / 'o')]) == 2
+
+
+def test_404_is_a_clear_error(server, cache, monkeypatch, capsys):
+    url = server.url('/mmsegmentation/v0.5/twins/nothing-12345678.pth')
+    with pytest.raises(zoo.ZooError, match='HTTP 404'):
+        zoo.fetch(url)
+    assert cli.main(['models', '--download', url]) == 2
+    err = capsys.readouterr().err
+    assert '404' in err and 'twins-timm convert' in err and 'Traceback' not in err
+    assert not _leftovers(cache) and zoo.cached_path(url) is None
+
+
+def test_server_dying_mid_download_caches_nothing(server, cache, seg_record, files, monkeypatch):
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    for path in (_path(files, 'fpn_pcpvt_s_test-'), '/plain/fpn_pcpvt_s.pth'):
+        server.handler.modes[path] = 'die'
+    with pytest.raises(zoo.ChecksumError, match='incomplete download'):   # the hash catches the short file
+        zoo.fetch(seg_record.name)
+    with pytest.raises(ValueError, match='truncated|corrupted'):           # without a hash: the safe reader does
+        zoo.fetch(server.url('/plain/fpn_pcpvt_s.pth'))
+    assert zoo.cached_path(seg_record.name) is None and not _leftovers(cache)
+    assert [p.name for p in cache.iterdir() if not p.name.startswith('.')] == []
+
+
+def test_killed_download_leaves_nothing_a_later_run_takes(server, cache, files):
+    path = _path(files, 'fpn_pcpvt_s_test-')
+    url = server.url(path)
+    server.handler.modes[path] = 'stall'
+    child = subprocess.Popen([sys.executable, '-c', textwrap.dedent('''
+        import sys
+        from twins_timm import zoo
+        zoo.fetch(sys.argv[1], progress=False)
+        '''), url], env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not [p for p in cache.rglob('*.partial') if p.stat().st_size > 0]:
+            assert child.poll() is None and time.time() < deadline, 'the download never started'
+            time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert zoo.cached_path(url) is None and _leftovers(cache)   # only a hidden temporary, named as such
+    server.handler.modes[path] = 'ok'
+    folder = zoo.fetch(url)                                       # the next run starts over and cleans up
+    assert (folder / 'model.safetensors').is_file() and not _leftovers(cache)
+
+
+def test_offline_and_not_cached_says_how_to_get_it_by_hand(cache, monkeypatch):
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    name = zoo.DEFAULT_SEGMENTER
+    with pytest.raises(zoo.ZooError) as e:
+        zoo.fetch(name)
+    msg = str(e.value)
+    assert zoo.MODELS[name].url in msg and 'twins-timm convert' in msg and str(zoo.raw_path(zoo.MODELS[name].url)) in msg
+
+
+def test_file_put_by_hand_is_verified_and_converted_offline(cache, seg_record, files, monkeypatch):
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    raw = zoo.raw_path(seg_record.url)
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(files[_path(files, 'fpn_pcpvt_s_test-')][:-10])   # damaged: refused
+    with pytest.raises(zoo.ChecksumError):
+        zoo.fetch(seg_record.name)
+    raw.write_bytes(files[_path(files, 'fpn_pcpvt_s_test-')])
+    assert (zoo.fetch(seg_record.name) / 'model.safetensors').is_file()
+
+
+def test_segment_default_offline_falls_back_with_the_command_that_fixes_it(cache, monkeypatch, tmp_path, capsys):
+    from twins_timm.tools import loading
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    assert loading.DEFAULT_MODEL_ID == zoo.DEFAULT_SEGMENTER == 'upernet_twins_svt_large.ade20k'
+    loaded = loading.load_model(None)
+    assert loaded.random_weights
+    assert 'twins-timm models --download upernet_twins_svt_large.ade20k' in capsys.readouterr().err
+    with pytest.raises(zoo.ZooError):
+        loading.load_model(zoo.DEFAULT_SEGMENTER)   # asked for by name: no silent random weights
+
+
+# ------------------------------------------------------------------------------------- the list
+def test_zoo_records_are_mmsegs_published_ones():
+    """URLs and scores as in mmsegmentation's own metafile / configs (installed wheel), names unique."""
+    yaml = pytest.importorskip('yaml')
+    mmseg = pytest.importorskip('mmseg')
+    root = Path(mmseg.__file__).parent / '.mim' / 'configs'
+    published = {m['Weights']: m['Results']['Metrics'] for m in
+                 yaml.safe_load((root / 'twins' / 'metafile.yaml').read_text())['Models']}
+    configs = '\n'.join(p.read_text() for p in root.rglob('twins*.py'))
+    segs = zoo.list_models('upernet') + zoo.list_models('fpn')
+    assert len(segs) == 12 and len(zoo.list_models('backbone')) == 6 and len(zoo.list_models('classification')) == 6
+    for m in segs:
+        assert m.url in published, m.name
+        assert (m.miou, m.miou_ms) == (published[m.url]['mIoU'], published[m.url]['mIoU(ms+flip)'])
+        assert m.sha256_prefix and m.url.endswith('-%s.pth' % m.sha256_prefix)
+        assert m.variant.replace('twins_', '').split('_')[0] in m.url
+    for m in zoo.list_models('backbone'):
+        assert "'%s'" % m.url in configs, m.name
+    best = max(segs, key=lambda m: m.miou)
+    assert best.name == zoo.DEFAULT_SEGMENTER and best.miou == 49.65 and 'svt-l_uperhead' in best.url
+
+
+@pytest.mark.parametrize('name', ['upernet_twins_pcpvt_small.ade20k', 'fpn_twins_svt_small.ade20k',
+                                  'twins_svt_small.in1k_mmseg', 'twins_pcpvt_small.in1k'])
+def test_listed_parameter_counts(name):
+    from twins_timm.convert import family_args, target_shapes
+    m = zoo.MODELS[name]
+    fmt = {'upernet': 'mmseg', 'fpn': 'mmseg'}.get(m.task, 'timm')
+    shapes = target_shapes(m.variant, m.task, m.classes, family_args(fmt, m.variant), aux_head=m.task == 'upernet')
+    assert m.params == sum(int(np.prod(s)) for k, s in shapes.items()
+                           if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
+
+
+def test_models_command_table_and_json(cache, capsys):
+    assert cli.main(['models']) == 0
+    out = capsys.readouterr().out
+    assert 'upernet_twins_svt_large.ade20k' in out and '49.65' in out and '50.63' in out
+    assert cli.main(['models', '--json']) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r['name']: r['url'] for r in rows} == {m.name: m.url for m in zoo.list_models()}
+    assert all(r['cached'] is False for r in rows if r['task'] != 'classification')
+
+
+def test_mirror_replaces_scheme_and_host_only(monkeypatch):
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', 'http://10.0.0.5:8080')
+    url = zoo.MODELS[zoo.DEFAULT_SEGMENTER].url
+    assert zoo.mirrored(url) == 'http://10.0.0.5:8080' + url[len('https://download.openmmlab.com'):]
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', 'ftp:/x')
+    with pytest.raises(ValueError, match='TWINS_TIMM_MIRROR'):
+        zoo.mirrored(url)
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.delenv('TWINS_TIMM_CACHE', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert zoo.cache_dir() == tmp_path / 'xdg' / 'twins_timm'
+    monkeypatch.delenv('XDG_CACHE_HOME')
+    monkeypatch.setenv('HOME', str(tmp_path))
+    assert zoo.cache_dir() == tmp_path / '.cache' / 'twins_timm'
+
+
+def test_unknown_name_suggests_close_ones():
+    with pytest.raises(ValueError, match='did you mean upernet_twins_svt_large.ade20k'):
+        zoo.get('upernet_twins_svt_larg.ade20k')
