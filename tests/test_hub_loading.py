@@ -1,0 +1,101 @@
+"""Loading the wrong kind of model says what it is and what to do; every written file honours the umask."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from checkpoint_factory import write_checkpoint
+from twins_timm import cli
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def _modes(folder):
+    return {p.name: p.stat().st_mode & 0o777 for p in [folder] + sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope='module')
+def classifier_ckpt(tmp_path_factory):
+    return write_checkpoint('official/pcpvt_small_v0', tmp_path_factory.mktemp('ckpt') / 'pcpvt_small.pth')
+
+
+@pytest.fixture(scope='module')
+def segmenter_folder(tmp_path_factory):
+    from twins_timm.adapters import TwinsFPN
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp('seg') / 'fpn'
+    TwinsFPN(encoder_name='twins_pcpvt_small', classes=4, decoder_pyramid_channels=16, decoder_segmentation_channels=16).save_pretrained(str(folder))
+    return folder
+
+
+def test_every_convert_output_honours_the_umask(classifier_ckpt, tmp_path, umask_027):
+    out = tmp_path / 'cls'
+    assert cli.main(['convert', str(classifier_ckpt), str(out), '--no-parity']) == 0
+    assert _modes(out) == {'cls': 0o750, 'README.md': 0o640, 'config.json': 0o640, 'model.safetensors': 0o640}
+    assert cli.main(['convert', str(classifier_ckpt), str(tmp_path / 'b.safetensors'), '--drop', 'head']) == 0
+    assert cli.main(['convert', str(out), str(tmp_path / 'm.pth'), '--to', 'mmseg', '--drop', 'head,norm']) == 0
+    for name in ('b.safetensors', 'm.pth'):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_save_pretrained_honours_the_umask(tmp_path, umask_027):
+    from twins_timm.adapters import TwinsFPN
+    model = TwinsFPN(encoder_name='twins_pcpvt_small', classes=3, decoder_pyramid_channels=16, decoder_segmentation_channels=16)
+    model.save_pretrained(str(tmp_path / 'seg'))
+    modes = _modes(tmp_path / 'seg')
+    assert modes['model.safetensors'] == modes['config.json'] == modes['README.md'] == 0o640
+
+
+def test_classifier_or_backbone_folder_given_to_segment_says_what_it_is(classifier_ckpt, tmp_path, capsys):
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / 'p.png')
+    cls_dir, bb_dir = tmp_path / 'cls', tmp_path / 'bb'
+    assert cli.main(['convert', str(classifier_ckpt), str(cls_dir), '--no-parity']) == 0
+    assert cli.main(['convert', str(classifier_ckpt), str(bb_dir), '--drop', 'head', '--no-parity']) == 0
+    capsys.readouterr()
+    for folder, what in ((cls_dir, 'ImageNet classifier (1000 classes)'), (bb_dir, 'backbone without a classifier')):
+        assert cli.main(['segment', str(tmp_path / 'p.png'), '--model', str(folder), '--out', str(tmp_path / 'o')]) == 2
+        err = ' '.join(capsys.readouterr().err.split())
+        assert what in err and "timm.create_model('local-dir:" in err and 'upernet_twins_svt_large.ade20k' in err
+        assert 'Traceback' not in err
+    # a classification checkpoint file says the same kind of thing
+    assert cli.main(['segment', str(tmp_path / 'p.png'), '--model', str(classifier_ckpt),
+                     '--out', str(tmp_path / 'o')]) == 2
+    assert 'not a segmentation model' in capsys.readouterr().err
+
+
+def test_timm_local_dir_of_a_segmenter_says_it_is_one(segmenter_folder):
+    import timm
+
+    import twins_timm  # noqa: F401
+    with pytest.raises(ValueError, match='holds a twins_timm segmenter.*from_pretrained'):
+        timm.create_model('local-dir:%s' % segmenter_folder, pretrained=True)
+    from twins_timm.adapters import from_pretrained
+    assert type(from_pretrained(str(segmenter_folder))).__name__ == 'TwinsFPN'   # the extra keys do not disturb SMP
+
+
+def test_from_pretrained_missing_folder_and_unknown_name(monkeypatch):
+    from twins_timm.adapters import from_pretrained
+    from twins_timm.adapters import hub as adapters_hub
+
+    def no_network(*a, **k):
+        raise AssertionError('the Hub must not be asked')
+
+    monkeypatch.setattr(adapters_hub, 'hf_hub_download', no_network)
+    with pytest.raises(FileNotFoundError, match=r'\./nope does not exist'):
+        from_pretrained('./nope')
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError, match='nope does not exist.*published model name'):
+        from_pretrained('nope')
+    assert time.monotonic() - t0 < 5   # an answer, not 23 s of retries (generous bound: not a timing test)
+    with pytest.raises(FileNotFoundError, match='did you mean upernet_twins_svt_large.ade20k'):
+        from_pretrained('upernet_twins_svt_large')
