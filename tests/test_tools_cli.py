@@ -44,6 +44,7 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('TWINS_TIMM_CACHE', str(tmp_path / 'zoo_cache'))  # published models: none cached
     return cache
 
 
@@ -191,7 +192,7 @@ def test_eval_never_falls_back_to_random_weights(tmp_path, offline_hub, capsys):
     data = _ade_folder(tmp_path / 'ade', 1, 5)
     assert cli.main(['eval', '--data', str(data)]) == 2
     err = ' '.join(capsys.readouterr().err.split())
-    assert 'twins-timm/twins_svt_large_upernet_ade20k: not in the local Hub cache' in err
+    assert 'upernet_twins_svt_large.ade20k: ' in err and 'is not cached' in err
 
 
 # ----------------------------------------------------------------------------- real adapter
@@ -244,7 +245,8 @@ def test_hub_id_found_in_local_cache(offline_hub, saved_segmenter):
 
 
 def test_main_job_default_model_from_cache(offline_hub, saved_segmenter, tmp_path, capsys):
-    _put_in_hub_cache(offline_hub, loading.DEFAULT_MODEL_ID, saved_segmenter)
+    from twins_timm import zoo
+    shutil.copytree(saved_segmenter, zoo.folder_for(loading.DEFAULT_MODEL_ID))  # fetched earlier
     out = tmp_path / 'out'
     assert cli.main(['segment', '--out', str(out), '--quiet', '--scale', '96', '64']) == 0
     std = capsys.readouterr()

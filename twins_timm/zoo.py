@@ -247,6 +247,14 @@ def fetch(spec: str, progress: Optional[bool] = None, keep_raw: bool = False, fo
     record = None if is_url(spec) else get(spec)
     if record is not None and record.origin == 'timm':
         return _fetch_hub(record, progress)
+    try:
+        return _fetch_file(spec, record, progress, keep_raw, force)
+    except ZooError as e:
+        raise ZooError('%s: %s' % (record.name, e) if record is not None else str(e)) from None
+
+
+def _fetch_file(spec: str, record: Optional[ZooModel], progress: Optional[bool], keep_raw: bool,
+                force: bool) -> Path:
     cached = cached_path(spec)
     if cached is not None and not force:
         return cached
