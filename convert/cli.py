@@ -10,7 +10,8 @@ from pathlib import Path
 DESCRIPTION = """Convert a Twins checkpoint into a timm backbone or an SMP segmenter (or back to mmseg).
 
 Reads official Twins classification files (pcpvt_*.pth, alt_gvt_*.pth), official Twins segmentation
-files (mmseg 0.x), mmsegmentation 1.x Twins checkpoints, and timm state dicts / .safetensors. The
+files (mmseg 0.x), mmsegmentation Twins checkpoints, mmseg's ImageNet backbones (pretrain/twins/*.pth,
+made by its twins2mmseg.py), and timm state dicts / .safetensors. The
 format, family (PCPVT/SVT), size, task and number of classes are detected from the keys and shapes;
 every key must map onto the target model, or nothing is written. Files are read without unpickling
 code, and the output is written atomically.
