@@ -1,0 +1,97 @@
+"""What a careless user can do to the command line: nothing is lost, mistakes fail before the work,
+every user error is one paragraph with exit code 2 (issue 14)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tools_standin import TinySegmenter
+from twins_timm import cli
+from twins_timm.tools import evaluate as evaluate_mod
+from twins_timm.tools import loading
+from twins_timm.tools import segment as segment_mod
+from twins_timm.tools.inference import InferenceSettings, merged_bands, ms_flip_settings, predict_labels
+from twins_timm.tools.loading import LoadedModel
+
+
+def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _one_paragraph(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.startswith('twins-timm %s: error: ' % command), err
+    return ' '.join(err.split())
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    model = TinySegmenter().eval()
+    fake = lambda spec=None, **kw: LoadedModel(model, 'stand-in')  # noqa: E731
+    monkeypatch.setattr(segment_mod, 'load_model', fake)
+    monkeypatch.setattr(evaluate_mod, 'load_model', fake)
+    return model
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command gets as far as loading a model."""
+    def fail(*a, **k):
+        raise AssertionError('the model was loaded before the mistake was reported')
+    monkeypatch.setattr(segment_mod, 'load_model', fail)
+    monkeypatch.setattr(evaluate_mod, 'load_model', fail)
+
+
+# ----------------------------------------------------------------------------- data loss
+
+# ----------------------------------------------------------------------------- fail before the work
+
+# ----------------------------------------------------------------------------- the dispatcher
+
+def test_unknown_command_version_and_bugs(monkeypatch, capsys):
+    assert cli.main(['segmnet', 'x.png']) == 2
+    err = capsys.readouterr().err
+    assert "'segmnet'" in err and "Did you mean 'segment'" in err and 'convert, segment, eval' in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(['--version'])
+    assert e.value.code == 0 and 'twins-timm 0.1.0' in capsys.readouterr().out
+
+    def buggy(args):
+        raise KeyError('architecture')
+    monkeypatch.setattr(segment_mod, 'run', buggy)
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        cli.main(['segment'])
+
+
+def test_top_level_help_imports_no_command_module():
+    code = ('import sys, contextlib, io\n'
+            'from twins_timm import cli\n'
+            'with contextlib.redirect_stdout(io.StringIO()) as out:\n'
+            '    try: cli.main(["--help"])\n'
+            '    except SystemExit: pass\n'
+            'assert "segment" in out.getvalue() and "Convert a Twins checkpoint" in out.getvalue()\n'
+            'print(sorted(m for m in sys.modules if m.startswith(("twins_timm.tools", "twins_timm.convert", '
+            '"twins_timm.adapters", "segmentation_models_pytorch"))))\n')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == '[]'
+
+
+# ----------------------------------------------------------------------------- feedback
+
+# ----------------------------------------------------------------------------- honest hints
+
