@@ -58,7 +58,25 @@ def no_model_load(monkeypatch):
 
 # ----------------------------------------------------------------------------- data loss
 
+def test_convert_never_replaces_its_source(tmp_path, capsys):
+    src = tmp_path / 'w.safetensors'
+    src.write_bytes(b'not really weights')
+    assert cli.main(['convert', str(src), str(src), '--force']) == 2
+    assert 'would overwrite the input' in _one_paragraph(capsys, 'convert')
+    assert cli.main(['convert', str(src), str(tmp_path), '--force']) == 2
+    assert 'holds SRC' in _one_paragraph(capsys, 'convert')
+    assert src.read_bytes() == b'not really weights'
+
+
 # ----------------------------------------------------------------------------- fail before the work
+
+def test_convert_to_an_unwritable_place_is_one_paragraph(tmp_path, capsys):
+    src = tmp_path / 'x.pth'
+    torch.save({'a': torch.zeros(1)}, src)
+    assert cli.main(['convert', str(src), '/proc/self/foo.safetensors']) == 2
+    err = _one_paragraph(capsys, 'convert')
+    assert 'not writable' in err and '.tmp' not in err and 'partial' not in err
+
 
 # ----------------------------------------------------------------------------- the dispatcher
 
