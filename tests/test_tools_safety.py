@@ -113,3 +113,12 @@ def test_top_level_help_imports_no_command_module():
 
 # ----------------------------------------------------------------------------- honest hints
 
+def test_uint8_input_hint_names_the_segmenters_own_normalisation():
+    from twins_timm.adapters import TwinsFPN
+    model = TwinsFPN(encoder_name='twins_pcpvt_small', classes=3, decoder_pyramid_channels=16,
+                     decoder_segmentation_channels=16, mean=(10.0, 20.0, 30.0), std=(2.0, 3.0, 4.0)).eval()
+    with pytest.raises(ValueError) as e:
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    msg = str(e.value)
+    assert 'mean=[10.0, 20.0, 30.0]' in msg and 'std=[2.0, 3.0, 4.0]' in msg
+    assert 'do not divide by 255' in msg
