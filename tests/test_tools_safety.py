@@ -111,6 +111,25 @@ def test_top_level_help_imports_no_command_module():
 
 # ----------------------------------------------------------------------------- feedback
 
+def test_tta_holds_one_view_at_a_time(standin):
+    """Memory: each flipped copy has its own forward, and a view is released before the next."""
+    standin.calls.clear()
+    settings = ms_flip_settings(scale=(64, 48))
+    predict_labels(standin, _rgb(40, 48), settings)
+    assert [c[0] for c in standin.calls] == [1] * 12  # batch 1: no plain + flip pair in one forward
+    refs = []
+
+    def views():
+        for _ in range(4):
+            assert not refs or refs[-1]() is None, 'the previous view is still held'
+            v = torch.randn(1, 5, 12, 16)
+            refs.append(weakref.ref(v))
+            yield v
+            del v
+    (_, _, merged), = list(merged_bands(views(), (9, 11)))
+    assert merged.shape == (1, 5, 9, 11)
+
+
 # ----------------------------------------------------------------------------- honest hints
 
 def test_uint8_input_hint_names_the_segmenters_own_normalisation():
