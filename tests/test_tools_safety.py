@@ -139,6 +139,8 @@ def test_small_crop_size_says_so(tmp_path, no_model_load, capsys):
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--mode', 'slide', '--crop-size', '16',
                      '--out', str(tmp_path / 'o')]) == 2
     assert '--crop-size 16 is too small' in _one_paragraph(capsys, 'segment')
+    assert cli.main(['segment', str(tmp_path / 'x.png'), '--scale', '0', '0', '--out', str(tmp_path / 'o')]) == 2
+    assert '--scale takes two positive integers' in _one_paragraph(capsys, 'segment')
 
 
 def test_huge_images_clear_error_and_limit_option(tmp_path, no_model_load, capsys):

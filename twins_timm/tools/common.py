@@ -63,6 +63,9 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
     ratios = args.ratios or (MS_RATIOS if args.tta else (1.0,))
     if args.crop_batch < 1:
         raise ValueError('--crop-batch must be at least 1')
+    if min(args.scale) < 1:
+        raise ValueError('--scale takes two positive integers (LONG SHORT), got %s; the ADE20K test scale is '
+                         '--scale %d %d' % (' '.join(map(str, args.scale)), *ADE20K_TEST_SCALE))
     crop = _pair(args.crop_size, '--crop-size')
     if args.mode == 'slide' and min(crop) < MIN_CROP_SIZE:
         raise ValueError('--crop-size %s is too small: Twins segmenters need crops of at least %dx%d pixels '
