@@ -157,6 +157,8 @@ def test_huge_images_clear_error_and_limit_option(tmp_path, no_model_load, capsy
         assert loading.check_image(big, max_pixels=0)[0] == (15000, 12000)
     with pytest.raises(ValueError, match='max_pixels'):
         loading.read_image(large, max_pixels=1000)
+    with pytest.raises(ValueError, match='15000x12000'):
+        loading.read_label_map(big)  # an annotation that large: the same clear error, no traceback
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard is back for everyone else
 
 

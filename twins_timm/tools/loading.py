@@ -127,7 +127,8 @@ def read_label_map(path: os.PathLike) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError('%s: no such annotation file' % path)
     try:
-        with Image.open(path) as im:
+        with _own_pixel_limit(), Image.open(path) as im:
+            _check_pixels(path, im.size, DEFAULT_MAX_PIXELS)
             if im.mode not in ('L', 'P', 'I', 'I;16'):
                 raise ValueError('%s: annotation has mode %r; expected a single-channel class-index '
                                  'PNG (mode L or P)' % (path, im.mode))
