@@ -209,6 +209,24 @@ def test_corrupt_image_in_a_batch_is_skipped_and_reported(tmp_path, standin, cap
                                                      'c_overlay.png']
 
 
+def test_image_the_model_refuses_is_skipped_and_reported(tmp_path, standin, monkeypatch, capsys):
+    forward = standin.forward
+
+    def picky(x):  # as the Twins segmenters: inputs below 32 pixels are a ValueError
+        if min(x.shape[-2:]) < 32:
+            raise ValueError('input %dx%d is too small' % tuple(x.shape[-2:]))
+        return forward(x)
+    monkeypatch.setattr(standin, 'forward', picky)
+    Image.fromarray(_rgb(8, 8)).save(tmp_path / 'tiny.png')
+    Image.fromarray(_rgb(40, 48)).save(tmp_path / 'ok.png')
+    out = tmp_path / 'out'
+    assert cli.main(['segment', str(tmp_path / 'tiny.png'), str(tmp_path / 'ok.png'), '--no-resize',
+                     '--out', str(out)]) == 1
+    err = ' '.join(capsys.readouterr().err.split())
+    assert 'tiny.png: input 8x8 is too small (skipped)' in err and '1 of 2 image(s)' in err
+    assert sorted(p.name for p in out.iterdir()) == ['ok_labels.png', 'ok_overlay.png']
+
+
 def test_tta_progress_counts_views(tmp_path, standin, capsys):
     Image.fromarray(_rgb(40, 48)).save(tmp_path / 'x.png')
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--tta', '--scale', '64', '48',

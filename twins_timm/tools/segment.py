@@ -9,9 +9,10 @@ its outputs are named <name>_labels_RANDOM-WEIGHTS.png / <name>_overlay_RANDOM-W
 carries a red banner and both PNGs a "Warning" text chunk.
 
 Safety: no output ever replaces an input (not even with --force); every input header, the output
-folder and the existing outputs are checked before the model loads.  An image whose data turns out
-corrupt while decoding is skipped and listed at the end; the others are still written, and the exit
-code is 1 (0: all written; 2: nothing done, the error says why).
+folder and the existing outputs are checked before the model loads.  An image that fails later (its
+data turns out corrupt while decoding, or it is too small for the model) is skipped and listed at the
+end; the others are still written, and the exit code is 1 (0: all written; 2: nothing done, the
+error says why).
 """
 from __future__ import annotations
 
@@ -169,8 +170,14 @@ def run(args: argparse.Namespace) -> int:
             groups[arr.shape].append(i)
         for idx in groups.values():
             batch = torch.from_numpy(np.stack([decoded[i] for i in idx])).permute(0, 3, 1, 2)
-            labels = predict_labels(model, batch, settings, device=device,
-                                    on_view=lambda: bar.update(len(idx))).numpy()
+            try:
+                labels = predict_labels(model, batch, settings, device=device,
+                                        on_view=lambda: bar.update(len(idx))).numpy()
+            except ValueError as e:  # e.g. an image too small for the model: skip it, go on
+                tqdm.write('error: %s: %s (skipped)' % (', '.join(str(images[i]) for i in idx), e),
+                           file=sys.stderr)
+                failed.extend(str(images[i]) for i in idx)
+                continue
             for i, lab in zip(idx, labels):
                 label_path, overlay_path = outputs[i]
                 save_png(label_image(lab, colours), label_path, overwrite=args.force, text=text)
@@ -184,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if banner:
         print('(made with %s)' % RANDOM_LABEL)
     if failed:
-        print('error: %d of %d image(s) could not be decoded and were skipped: %s'
+        print('error: %d of %d image(s) could not be segmented and were skipped: %s'
               % (len(failed), len(images), ', '.join(failed)), file=sys.stderr)
         return 1
     return 0
