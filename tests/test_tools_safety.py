@@ -256,6 +256,20 @@ def test_tta_holds_one_view_at_a_time(standin):
     assert merged.shape == (1, 5, 9, 11)
 
 
+def test_tta_frees_each_network_size_view_before_the_next_forward(standin, monkeypatch):
+    forward, outputs = standin.forward, []
+
+    def tracked(x):
+        assert all(r() is None for r in outputs), 'a previous view is still held during a forward'
+        out = forward(x)
+        outputs.append(weakref.ref(out))
+        return out
+    monkeypatch.setattr(standin, 'forward', tracked)
+    seen = []
+    predict_labels(standin, _rgb(40, 48), ms_flip_settings(scale=(64, 48)), on_view=lambda: seen.append(1))
+    assert len(outputs) == 12 and len(seen) == 12
+
+
 def test_quiet_silences_the_loader(tmp_path, capsys):
     from twins_timm.adapters import TwinsFPN
     torch.manual_seed(0)

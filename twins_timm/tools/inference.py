@@ -236,8 +236,15 @@ def augmented_logits(model: nn.Module, images: torch.Tensor, settings: Inference
         x = normalize(resize_uint8(images, (new_h, new_w), settings.resize_method), mean, std)
         yield model_logits(model, x, settings)
         if settings.flip:
-            yield model_logits(model, x.flip(-1), settings).flip(-1)
+            yield _unflip(model_logits(model, x.flip(-1), settings))
         del x
+
+
+def _unflip(logits: torch.Tensor, channels: int = 16) -> torch.Tensor:
+    """``logits.flip(-1)`` in place, a few channels at a time: no second network-size score map."""
+    for c in range(0, logits.shape[1], channels):
+        logits[:, c:c + channels] = logits[:, c:c + channels].flip(-1)
+    return logits
 
 
 # ----------------------------------------------------------------------------- merge at image size
@@ -284,10 +291,12 @@ def merged_bands(views: Iterable[torch.Tensor], out_hw: Tuple[int, int], band_ro
         del first  # no network-size map is held while the next view is computed
         for v in views:
             acc = acc.softmax(dim=1) if n == 1 else acc
-            acc = acc + _resized_rows(v, out_hw, 0, h_out).softmax(dim=1)
-            del v
+            resized = _resized_rows(v, out_hw, 0, h_out)
+            del v  # the network-size map goes before the softmax is allocated
+            acc.add_(resized.softmax(dim=1))
+            del resized
             n += 1
-        yield 0, h_out, acc if n == 1 else acc / n
+        yield 0, h_out, acc if n == 1 else acc.div_(n)
         return
     kept = [first] + list(views)
     step = min(band_rows, rows_fit)
@@ -336,10 +345,16 @@ def _prepare(model: nn.Module, images: Union[np.ndarray, torch.Tensor], device) 
 
 
 def _counted(views: Iterator[torch.Tensor], on_view: Optional[Callable[[], None]]) -> Iterator[torch.Tensor]:
-    """Call ``on_view()`` once each view has been merged (when the next one is asked for)."""
-    for v in views:
-        yield v
-        del v
+    """Call ``on_view()`` once each view has been merged (when the next one is asked for).
+
+    Holds no reference to the view it hands on (``yield next(...)``), so the consumer can free it.
+    """
+    views = iter(views)
+    while True:
+        try:
+            yield next(views)
+        except StopIteration:
+            return
         if on_view is not None:
             on_view()
 
