@@ -138,6 +138,11 @@ class TwinsSegmentationModel(SegmentationModel):
         """Any size from 32 x 32 up (no divisible-by-32 rule: the model does not need one)."""
         if x.ndim != 4:
             raise ValueError(f'expected a (B, C, H, W) batch, got shape {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise ValueError(
+                f'{type(self).__name__} expects a normalised float image, got {x.dtype}; from 0-255 RGB use '
+                f'(x.float() - mean) / std with this model\'s mean={list(self.mean)} and std={list(self.std)} '
+                f'(model.mean / model.std, on the 0-255 scale: do not divide by 255 first)')
         h, w = x.shape[-2:]
         if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
             raise ValueError(f'input {h}x{w} is too small: height and width must be at least '

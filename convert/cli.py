@@ -108,6 +108,18 @@ def _print_summary(s: dict) -> None:
         print('%s : %s' % (k.ljust(width), v))
 
 
+def _check_dst(src: Path, dst: Path, force: bool) -> None:
+    """Before any work: DST is not SRC (nor a folder holding it), is new unless --force, and writable."""
+    from twins_timm.tools.paths import check_writable_dir, refuse_inputs_as_outputs
+    refuse_inputs_as_outputs([dst], [src], 'Choose another DST.')
+    if dst.is_dir() and src.resolve().is_relative_to(dst.resolve()):
+        raise ValueError('DST %s is the folder that holds SRC %s; replacing it would delete the input, even with '
+                         '--force. Choose another DST.' % (dst, src))
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise FileExistsError('%s already exists; choose another output path or pass --force to replace it' % dst)
+    check_writable_dir(dst.parent, 'the folder of DST')
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from twins_timm.convert.api import convert_checkpoint, save
@@ -121,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError('--push-to-hub needs a written folder; drop --dry-run')
     if args.push_to_hub and args.dst and Path(args.dst).suffix:
         raise ValueError('--push-to-hub uploads a Hub folder; give a folder path as DST (not %s)' % args.dst)
+    if args.dst is not None and not args.dry_run:
+        _check_dst(Path(args.src), Path(args.dst), args.force)
     t0 = time.time()
     drop = [p for d in args.drop for p in d.split(',') if p.strip()]
     # the final norm exists in every timm model; it can only be left out of an mmseg output
@@ -129,8 +143,15 @@ def run(args: argparse.Namespace) -> int:
                              progress=None if sys.stderr.isatty() else False)
     info = None
     if not args.dry_run:
-        info = save(res, args.dst, to=args.to, force=args.force, dtype=args.dtype, parity=not args.no_parity,
-                    mmseg_drop=drop)
+        try:
+            info = save(res, args.dst, to=args.to, force=args.force, dtype=args.dtype,
+                        parity=not args.no_parity, mmseg_drop=drop)
+        except Exception as e:  # safetensors' I/O errors are not OSErrors and name a temporary file
+            if type(e).__name__ != 'SafetensorError':
+                raise
+            raise OSError('writing %s failed (%s); nothing was written. Check the free space and that the '
+                          'folder is writable, or choose another DST' % (args.dst, str(e).split(' at path ')[0])
+                          ) from None
     s = summary(res, info, time.time() - t0)
     if args.json:
         print(json.dumps(s, indent=2))

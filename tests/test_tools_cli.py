@@ -88,13 +88,14 @@ def test_segment_writes_label_and_overlay_pngs(tmp_path, standin, capsys):
             '--batch-size', '2', '--scale', '64', '32', '--device', 'cpu']
     assert cli.main(args) == 0
     std = capsys.readouterr()
-    assert sorted(p.name for p in out.iterdir()) == ['a.png', 'a_overlay.png', 'b.png', 'b_overlay.png']
+    assert sorted(p.name for p in out.iterdir()) == ['a_labels.png', 'a_overlay.png', 'b_labels.png',
+                                                        'b_overlay.png']
     assert '2/2' in std.err  # progress bar
     assert 'alpha channel dropped' in std.out and 'RANDOM' not in std.out
     assert [c[0] for c in standin.calls] == [2]  # both images in one forward
     settings = InferenceSettings(scale=(64, 32))
     for name, img in (('a', a), ('b', b)):
-        saved = Image.open(out / (name + '.png'))
+        saved = Image.open(out / (name + '_labels.png'))
         assert saved.mode == 'P'
         assert np.array_equal(np.asarray(saved), predict_labels(standin, img, settings)[0].numpy())
         overlay = Image.open(out / (name + '_overlay.png'))
@@ -121,11 +122,11 @@ def test_segment_slide_and_tta_options(tmp_path, standin):
     Image.fromarray(_rgb(20, 28)).save(tmp_path / 'x.png')
     out = tmp_path / 'o'
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--out', str(out), '--mode', 'slide',
-                     '--crop-size', '16', '--stride', '8', '--tta', '--scale', '40', '20', '--quiet']) == 0
-    s = InferenceSettings(mode='slide', scale=(40, 20), crop_size=(16, 16), stride=(8, 8),
+                     '--crop-size', '32', '--stride', '16', '--tta', '--scale', '80', '40', '--quiet']) == 0
+    s = InferenceSettings(mode='slide', scale=(80, 40), crop_size=(32, 32), stride=(16, 16),
                           ratios=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True)
     expected = predict_labels(standin, _rgb(20, 28), s)[0].numpy()
-    assert np.array_equal(np.asarray(Image.open(out / 'x.png')), expected)
+    assert np.array_equal(np.asarray(Image.open(out / 'x_labels.png')), expected)
 
 
 def test_missing_model_and_bad_device_are_clear_errors(tmp_path, capsys, offline_hub):
@@ -219,7 +220,7 @@ def test_segment_and_eval_with_real_adapter_folder(tmp_path, saved_segmenter, ca
     assert cli.main(['segment', str(tmp_path / 'p.png'), '--model', str(saved_segmenter),
                      '--out', str(out), '--scale', '96', '48', '--quiet']) == 0
     settings = InferenceSettings(scale=(96, 48))
-    assert np.array_equal(np.asarray(Image.open(out / 'p.png')), predict_labels(model, img, settings)[0].numpy())
+    assert np.array_equal(np.asarray(Image.open(out / 'p_labels.png')), predict_labels(model, img, settings)[0].numpy())
     data = _ade_folder(tmp_path / 'ade', 2, 150, size=(36, 48))
     out_json = tmp_path / 'm.json'
     assert cli.main(['eval', '--data', str(data), '--model', str(saved_segmenter), '--scale', '64', '32',
@@ -251,7 +252,7 @@ def test_main_job_default_model_from_cache(offline_hub, saved_segmenter, tmp_pat
     assert cli.main(['segment', '--out', str(out), '--quiet', '--scale', '96', '64']) == 0
     std = capsys.readouterr()
     assert 'RANDOM' not in std.out + std.err and loading.DEFAULT_MODEL_ID in std.out
-    assert (out / 'coffee.png').exists() and (out / 'coffee_overlay.png').exists()
+    assert (out / 'coffee_labels.png').exists() and (out / 'coffee_overlay.png').exists()
 
 
 def test_main_job_without_weights_runs_labelled_random_model(offline_hub, tmp_path, capsys):
@@ -261,8 +262,14 @@ def test_main_job_without_weights_runs_labelled_random_model(offline_hub, tmp_pa
     std = capsys.readouterr()
     assert 'No converted weights found' in std.err and 'RANDOM WEIGHTS' in std.out
     assert 'sample photo' in std.out and '1/1' in std.err
-    labels = np.asarray(Image.open(out / 'coffee.png'))
+    assert sorted(p.name for p in out.iterdir()) == ['coffee_labels_RANDOM-WEIGHTS.png',
+                                                     'coffee_overlay_RANDOM-WEIGHTS.png']
+    label_png = Image.open(out / 'coffee_labels_RANDOM-WEIGHTS.png')
+    assert 'RANDOM WEIGHTS' in label_png.text['Warning']  # the class map itself says so
+    labels = np.asarray(label_png)
     assert labels.shape == (400, 600) and labels.max() < 150
-    overlay = np.asarray(Image.open(out / 'coffee_overlay.png').convert('RGB'))
+    overlay_png = Image.open(out / 'coffee_overlay_RANDOM-WEIGHTS.png')
+    assert 'RANDOM WEIGHTS' in overlay_png.text['Warning']
+    overlay = np.asarray(overlay_png.convert('RGB'))
     assert overlay.shape[1] > 600 and overlay.shape[0] > 400  # legend panel, red banner on top
     assert tuple(overlay[2, 2]) == (200, 0, 0)

@@ -149,8 +149,8 @@ def test_ms_flip_merge_matches_independent_computation():
     s = ms_flip_settings(scale=(64, 32))
     assert s.ratios == MS_RATIOS and s.flip
     ours = predict_scores(model, img, s)
-    # flipped copy shares the forward: one call per ratio, batch of two
-    assert [c[0] for c in model.calls] == [2] * len(MS_RATIOS)
+    # the flipped copy has its own forward (one view in memory at a time): two calls per ratio
+    assert [c[0] for c in model.calls] == [1] * (2 * len(MS_RATIOS))
     probs = []
     for r in MS_RATIOS:
         size = (int(50 * min(64 * r / 50, 32 * r / 40) + 0.5), int(40 * min(64 * r / 50, 32 * r / 40) + 0.5))

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import argparse
-from typing import List, Optional, Sequence, Tuple
+import contextlib
+import io
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .inference import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
 from .loading import DEFAULT_MODEL_ID
+
+# Smallest slide-mode crop: the segmenters' backbones have an output stride of 32 and refuse smaller
+# inputs (MIN_INPUT_SIZE in twins_timm.models.twins); checked here so the error comes before the work.
+MIN_CROP_SIZE = 32
 
 
 def _pair(values: Optional[Sequence[int]], name: str) -> Optional[Tuple[int, int]]:
@@ -58,12 +64,20 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
     ratios = args.ratios or (MS_RATIOS if args.tta else (1.0,))
     if args.crop_batch < 1:
         raise ValueError('--crop-batch must be at least 1')
+    if min(args.scale) < 1:
+        raise ValueError('--scale takes two positive integers (LONG SHORT), got %s; the ADE20K test scale is '
+                         '--scale %d %d' % (' '.join(map(str, args.scale)), *ADE20K_TEST_SCALE))
+    crop = _pair(args.crop_size, '--crop-size')
+    if args.mode == 'slide' and min(crop) < MIN_CROP_SIZE:
+        raise ValueError('--crop-size %s is too small: Twins segmenters need crops of at least %dx%d pixels '
+                         '(output stride 32); mmseg\'s ADE20K setting is --crop-size 512 --stride 341'
+                         % (' '.join(map(str, args.crop_size)), MIN_CROP_SIZE, MIN_CROP_SIZE))
     return InferenceSettings(
         mode=args.mode,
         scale=None if args.no_resize else tuple(args.scale),
         ratios=tuple(ratios),
         flip=bool(args.flip or args.tta),
-        crop_size=_pair(args.crop_size, '--crop-size'),
+        crop_size=crop,
         stride=_pair(args.stride, '--stride'),
         crop_batch=args.crop_batch,
     )
@@ -79,6 +93,17 @@ def describe_settings(s: InferenceSettings) -> str:
     if s.flip:
         parts.append('flip')
     return ' '.join(parts)
+
+
+@contextlib.contextmanager
+def quiet_stdout(quiet: bool) -> Iterator[None]:
+    """Swallow what libraries print on stdout (e.g. huggingface_hub's "Loading weights from local
+    directory") while ``quiet``; errors still raise."""
+    if not quiet:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def pick_device(name: str) -> torch.device:

@@ -21,9 +21,10 @@ import torch
 from tqdm import tqdm
 
 from .common import (add_inference_arguments, add_model_arguments, describe_settings,
-                     model_classes, pick_device, settings_from_args)
+                     model_classes, pick_device, quiet_stdout, settings_from_args)
 from .inference import InferenceSettings, predict_labels
 from .loading import RANDOM_LABEL, load_model, read_image, read_label_map
+from .paths import check_output_file, refuse_inputs_as_outputs
 from .visualize import class_name_list
 from ..convert.io import atomic_path
 
@@ -181,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--limit', type=int, default=None, metavar='N', help='first N images only')
     parser.add_argument('--json', metavar='FILE', default=None, help='also write the metrics as JSON')
     parser.add_argument('--force', action='store_true', help='overwrite an existing --json file')
-    parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    parser.add_argument('--quiet', action='store_true', help='no progress bar or model-loading messages')
     add_inference_arguments(parser)
 
 
@@ -197,10 +198,16 @@ def run(args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise ValueError('--limit must be at least 1')
         pairs = pairs[:args.limit]
-    if args.json and Path(args.json).exists() and not args.force:
-        raise FileExistsError('%s already exists; pass --force to overwrite' % args.json)
+    if args.json:  # checked before the model loads: a bad path must not cost an evaluation
+        inputs = [p for pair in pairs for p in pair]
+        model_path = Path(args.model) if args.model else None
+        if model_path is not None:
+            inputs += sorted(model_path.iterdir()) if model_path.is_dir() else [model_path]
+        refuse_inputs_as_outputs([args.json], inputs, 'Give --json a new file name.')
+        check_output_file(args.json, '--json', force=args.force)
     device = pick_device(args.device)
-    loaded = load_model(args.model, allow_random=False)
+    with quiet_stdout(args.quiet):
+        loaded = load_model(args.model, allow_random=False)
     model = loaded.model.to(device).eval()
     num_classes, names, _ = model_classes(model)
     names = class_name_list(num_classes, names)

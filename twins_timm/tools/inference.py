@@ -21,7 +21,8 @@ Resize: mmcv resizes with OpenCV's fixed-point ``INTER_LINEAR``; :func:`resize_u
 its integer arithmetic in torch (no OpenCV needed), which matches cv2 on x86 exactly on most
 images and by at most one grey level on ~0.05% of pixels; plain ``F.interpolate`` rounded to
 uint8 (``method='torch'``) is off by one grey level on ~12% of pixels (see the tests).
-Memory: views are merged into one image-size accumulator as they come; for photos whose
+Memory: one view is computed at a time (the flipped copy in its own forward pass) and merged into
+one image-size accumulator as it comes, so TTA holds one network-size score map, not all; for photos whose
 150-class score map would exceed ``full_bytes``, the merge runs in bands of rows instead (see
 :func:`merged_bands`), so only network-size maps are held.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -224,7 +225,8 @@ def augmented_logits(model: nn.Module, images: torch.Tensor, settings: Inference
     """Logits of every test-time view of a batch of same-size uint8 NCHW images, one at a time.
 
     Yields one (B, C, h_r, w_r) tensor per view, already un-flipped, at that view's input size.
-    The flipped copy rides in the same forward as the original.
+    The flipped copy has a forward pass of its own, after the original's logits were handed on:
+    peak memory is that of one view, not of two.
     """
     _, _, h, w = images.shape
     for ratio in settings.ratios:
@@ -232,12 +234,17 @@ def augmented_logits(model: nn.Module, images: torch.Tensor, settings: Inference
         if min(new_w, new_h) < 1:
             raise ValueError('image of %dx%d is too small for scale ratio %g' % (w, h, ratio))
         x = normalize(resize_uint8(images, (new_h, new_w), settings.resize_method), mean, std)
+        yield model_logits(model, x, settings)
         if settings.flip:
-            both = model_logits(model, torch.cat([x, x.flip(-1)]), settings)
-            yield both[:x.shape[0]]
-            yield both[x.shape[0]:].flip(-1)
-        else:
-            yield model_logits(model, x, settings)
+            yield _unflip(model_logits(model, x.flip(-1), settings))
+        del x
+
+
+def _unflip(logits: torch.Tensor, channels: int = 16) -> torch.Tensor:
+    """``logits.flip(-1)`` in place, a few channels at a time: no second network-size score map."""
+    for c in range(0, logits.shape[1], channels):
+        logits[:, c:c + channels] = logits[:, c:c + channels].flip(-1)
+    return logits
 
 
 # ----------------------------------------------------------------------------- merge at image size
@@ -281,11 +288,15 @@ def merged_bands(views: Iterable[torch.Tensor], out_hw: Tuple[int, int], band_ro
     rows_fit = max(1, full_bytes // (b * c * w_out * 4))
     if rows_fit >= h_out and band_rows >= h_out:
         acc, n = _resized_rows(first, out_hw, 0, h_out), 1
+        del first  # no network-size map is held while the next view is computed
         for v in views:
             acc = acc.softmax(dim=1) if n == 1 else acc
-            acc = acc + _resized_rows(v, out_hw, 0, h_out).softmax(dim=1)
+            resized = _resized_rows(v, out_hw, 0, h_out)
+            del v  # the network-size map goes before the softmax is allocated
+            acc.add_(resized.softmax(dim=1))
+            del resized
             n += 1
-        yield 0, h_out, acc if n == 1 else acc / n
+        yield 0, h_out, acc if n == 1 else acc.div_(n)
         return
     kept = [first] + list(views)
     step = min(band_rows, rows_fit)
@@ -333,32 +344,53 @@ def _prepare(model: nn.Module, images: Union[np.ndarray, torch.Tensor], device) 
     return images.to(device)
 
 
+def _counted(views: Iterator[torch.Tensor], on_view: Optional[Callable[[], None]]) -> Iterator[torch.Tensor]:
+    """Call ``on_view()`` once each view has been merged (when the next one is asked for).
+
+    Holds no reference to the view it hands on (``yield next(...)``), so the consumer can free it.
+    """
+    views = iter(views)
+    while True:
+        try:
+            yield next(views)
+        except StopIteration:
+            return
+        if on_view is not None:
+            on_view()
+
+
 def predict_scores(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
-                   settings: Optional[InferenceSettings] = None, device=None) -> torch.Tensor:
+                   settings: Optional[InferenceSettings] = None, device=None,
+                   on_view: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Scores (B, C, H, W) at the original image size: logits for one view, else mean softmax.
 
     ``images``: an HWC uint8 RGB array, or a uint8-valued (B, 3, H, W) tensor of same-size images.
+    ``on_view``: called after each of the ``settings.num_predictions`` views (progress bars).
     """
     settings = settings or InferenceSettings()
     x = _prepare(model, images, device)
     mean, std = _model_norm(model)
     with torch.inference_mode():
-        views = augmented_logits(model, x, settings, mean, std)
+        views = _counted(augmented_logits(model, x, settings, mean, std), on_view)
         bands = merged_bands(views, tuple(x.shape[-2:]), settings.band_rows, settings.full_bytes)
         bands = [band for _, _, band in bands]
         return torch.cat(bands, dim=2)
 
 
 def predict_labels(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
-                   settings: Optional[InferenceSettings] = None, device=None) -> torch.Tensor:
-    """Class index map (B, H, W) int64 at the original image size (argmax of the merged scores)."""
+                   settings: Optional[InferenceSettings] = None, device=None,
+                   on_view: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """Class index map (B, H, W) int64 at the original image size (argmax of the merged scores).
+
+    ``on_view``: called after each of the ``settings.num_predictions`` views (progress bars).
+    """
     settings = settings or InferenceSettings()
     x = _prepare(model, images, device)
     mean, std = _model_norm(model)
     b, _, h, w = x.shape
     labels = torch.empty((b, h, w), dtype=torch.int64)
     with torch.inference_mode():
-        views = augmented_logits(model, x, settings, mean, std)
+        views = _counted(augmented_logits(model, x, settings, mean, std), on_view)
         for r0, r1, band in merged_bands(views, (h, w), settings.band_rows, settings.full_bytes):
             labels[:, r0:r1] = band.argmax(dim=1).cpu()
     return labels

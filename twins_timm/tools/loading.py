@@ -8,10 +8,12 @@ default model only -- a clearly labelled random-initialised stand-in.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,6 +28,10 @@ DEFAULT_MODEL_ID = 'upernet_twins_svt_large.ade20k'
 # Backbone of the random-initialised stand-in used when DEFAULT_MODEL_ID is not available.
 RANDOM_FALLBACK_ENCODER = 'twins_svt_small'
 RANDOM_LABEL = 'RANDOM WEIGHTS - not a trained model'
+# Largest image decoded unless asked (--max-pixels): Pillow's own decompression-bomb error threshold
+# (2 x Image.MAX_IMAGE_PIXELS), so every image Pillow would decode with only a warning is read
+# silently, and larger ones get a clear error that says how to raise the limit.
+DEFAULT_MAX_PIXELS = 178_956_970
 
 # Pillow modes converted to RGB, with the note printed for each.
 _CONVERTED_MODES = {
@@ -49,20 +55,49 @@ def sample_image_path() -> Path:
     return Path(str(resources.files('twins_timm') / 'data' / 'coffee.png'))
 
 
-def check_image(path: os.PathLike) -> Tuple[Tuple[int, int], Optional[str]]:
-    """Open the header of ``path``; return ((w, h), conversion note) or raise a clear error."""
+@contextlib.contextmanager
+def _own_pixel_limit():
+    """Pillow's global decompression-bomb check and warning off: the caller applies its own limit."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _check_pixels(path: Path, size: Tuple[int, int], max_pixels: Optional[int]) -> None:
+    w, h = size
+    if max_pixels and w * h > max_pixels:
+        raise ValueError(
+            '%s is %dx%d = %.1f megapixels, above the limit of %.1f megapixels that guards against '
+            'decompression bombs (decoding it takes about %.1f GB of memory). If the image is genuine, '
+            'raise the limit: twins-timm segment --max-pixels %d (0: no limit), or '
+            'read_image(path, max_pixels=%d) in Python.'
+            % (path, w, h, w * h / 1e6, max_pixels / 1e6, w * h * 3 / 1e9, w * h, w * h))
+
+
+def check_image(path: os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+                ) -> Tuple[Tuple[int, int], Optional[str]]:
+    """Open the header of ``path``; return ((w, h), conversion note) or raise a clear error.
+
+    ``max_pixels`` (None or 0: no limit) replaces Pillow's decompression-bomb warning and error.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError('%s: no such file' % path)
     if path.is_dir():
         raise IsADirectoryError('%s: is a folder, not an image' % path)
     try:
-        with Image.open(path) as im:
+        with _own_pixel_limit(), Image.open(path) as im:
             mode, size = im.mode, im.size
     except UnidentifiedImageError:
         raise ValueError('%s: not an image Pillow can read (PNG, JPEG, BMP, TIFF, WebP, ...)' % path) from None
     except OSError as e:
         raise ValueError('%s: cannot be read as an image: %s' % (path, e)) from None
+    _check_pixels(path, size, max_pixels)
     if mode == 'RGB':
         return size, None
     if mode in _CONVERTED_MODES:
@@ -71,15 +106,18 @@ def check_image(path: os.PathLike) -> Tuple[Tuple[int, int], Optional[str]]:
                      'save it as 8-bit RGB first' % (path, mode))
 
 
-def read_image(path: os.PathLike) -> Tuple[np.ndarray, Optional[str]]:
+def read_image(path: os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+               ) -> Tuple[np.ndarray, Optional[str]]:
     """Decode ``path`` into an HxWx3 uint8 RGB array (EXIF orientation applied) and a note."""
-    _, note = check_image(path)
+    _, note = check_image(path, max_pixels)
     try:
-        with Image.open(path) as im:
+        with _own_pixel_limit(), Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             rgb = np.array(im.convert('RGB'), dtype=np.uint8)
     except (OSError, SyntaxError) as e:  # truncated or corrupt data
         raise ValueError('%s: image data is corrupt or truncated: %s' % (path, e)) from None
+    except MemoryError:
+        raise ValueError('%s: not enough memory to decode this image' % path) from None
     return rgb, note
 
 
@@ -89,7 +127,8 @@ def read_label_map(path: os.PathLike) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError('%s: no such annotation file' % path)
     try:
-        with Image.open(path) as im:
+        with _own_pixel_limit(), Image.open(path) as im:
+            _check_pixels(path, im.size, DEFAULT_MAX_PIXELS)
             if im.mode not in ('L', 'P', 'I', 'I;16'):
                 raise ValueError('%s: annotation has mode %r; expected a single-channel class-index '
                                  'PNG (mode L or P)' % (path, im.mode))

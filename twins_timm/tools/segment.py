@@ -1,10 +1,18 @@
 """Segment images with a converted Twins segmenter; write class-index and overlay PNGs.
 
-For every IMAGE, OUT/<name>.png holds the class index of each pixel (0-based indices into the
+For every IMAGE, OUT/<name>_labels.png holds the class index of each pixel (0-based indices into the
 model's class names; a palette PNG, so it also opens in colour) and OUT/<name>_overlay.png the
 photo blended with the class colours and a legend of the classes present.  Without IMAGE, the
 sample photo shipped with the package is used; without --model, the default converted ADE20K
-model, or -- when it is not available offline -- a random-initialised model that is labelled as such.
+model, or -- when it is not available offline -- a random-initialised model that is labelled as such:
+its outputs are named <name>_labels_RANDOM-WEIGHTS.png / <name>_overlay_RANDOM-WEIGHTS.png, the overlay
+carries a red banner and both PNGs a "Warning" text chunk.
+
+Safety: no output ever replaces an input (not even with --force); every input header, the output
+folder and the existing outputs are checked before the model loads.  An image that fails later (its
+data turns out corrupt while decoding, or it is too small for the model) is skipped and listed at the
+end; the others are still written, and the exit code is 1 (0: all written; 2: nothing done, the
+error says why).
 """
 from __future__ import annotations
 
@@ -18,10 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import (add_inference_arguments, add_model_arguments, describe_settings,
-                     model_classes, pick_device, settings_from_args)
+from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
+                     pick_device, quiet_stdout, settings_from_args)
 from .inference import predict_labels
-from .loading import RANDOM_LABEL, check_image, load_model, read_image, sample_image_path
+from .loading import (DEFAULT_MAX_PIXELS, RANDOM_LABEL, check_image, load_model, read_image,
+                      sample_image_path)
+from .paths import check_writable_dir, refuse_inputs_as_outputs
 from .visualize import class_name_list, label_image, make_palette, overlay_image, save_png
 
 DESCRIPTION = __doc__
@@ -43,23 +53,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='images per forward pass; images of equal size are batched (default 1)')
     parser.add_argument('--opacity', type=float, default=0.5,
                         help='weight of the class colours in the overlay (default 0.5)')
-    parser.add_argument('--force', action='store_true', help='overwrite existing output files')
-    parser.add_argument('--quiet', action='store_true', help='no progress bar or per-image lines')
+    parser.add_argument('--force', action='store_true',
+                        help='replace existing output files (never an input: outputs end in _labels.png / '
+                             '_overlay.png, and an output path equal to an input is always refused)')
+    parser.add_argument('--max-pixels', type=int, default=DEFAULT_MAX_PIXELS, metavar='N',
+                        help='largest image read, in pixels, a guard against decompression bombs '
+                             '(default %d, Pillow\'s own limit; 0: no limit)' % DEFAULT_MAX_PIXELS)
+    parser.add_argument('--quiet', action='store_true',
+                        help='no progress bar, per-image lines or model-loading messages (errors, the '
+                             'summary and the random-weights warning are still shown)')
     add_inference_arguments(parser)
 
 
-def output_paths(images: List[Path], out_dir: Path) -> List[Tuple[Path, Path]]:
-    """(class-index PNG, overlay PNG) per image; refuse two inputs that would share outputs."""
+RANDOM_SUFFIX = '_RANDOM-WEIGHTS'
+
+
+def output_paths(images: List[Path], out_dir: Path, random_weights: bool = False) -> List[Tuple[Path, Path]]:
+    """(class-index PNG, overlay PNG) per image: OUT/<stem>_labels[...].png, OUT/<stem>_overlay[...].png.
+
+    Refuses two inputs that would share outputs, and any output that is one of the inputs.
+    """
+    suffix = RANDOM_SUFFIX if random_weights else ''
     seen: Dict[str, Path] = {}
     paths = []
     for img in images:
         stem = img.stem
         if stem in seen:
-            raise ValueError('%s and %s would both write %s.png in %s; segment them into separate '
-                             '--out folders' % (seen[stem], img, stem, out_dir))
+            raise ValueError('%s and %s would both write %s_labels%s.png in %s; segment them into separate '
+                             '--out folders' % (seen[stem], img, stem, suffix, out_dir))
         seen[stem] = img
-        paths.append((out_dir / (stem + '.png'), out_dir / (stem + '_overlay.png')))
+        paths.append((out_dir / ('%s_labels%s.png' % (stem, suffix)),
+                      out_dir / ('%s_overlay%s.png' % (stem, suffix))))
+    refuse_inputs_as_outputs([p for pair in paths for p in pair], images,
+                             'Rename the input or choose another --out folder.')
     return paths
+
+
+def _check_outputs(outputs: List[Tuple[Path, Path]], force: bool) -> None:
+    if force:
+        return
+    existing = [str(p) for pair in outputs for p in pair if p.exists()]
+    if existing:
+        raise FileExistsError('%d output file(s) already exist (%s%s); pass --force to replace them (inputs '
+                              'are never replaced) or choose another --out'
+                              % (len(existing), ', '.join(existing[:3]), ', ...' if len(existing) > 3 else ''))
 
 
 def _summary(labels: np.ndarray, names: List[str], top: int = 5) -> str:
@@ -73,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError('--batch-size must be at least 1')
     if not 0.0 <= args.opacity <= 1.0:
         raise ValueError('--opacity must be between 0 and 1, got %g' % args.opacity)
+    if args.max_pixels < 0:
+        raise ValueError('--max-pixels must be 0 (no limit) or a positive number of pixels')
     settings = settings_from_args(args)
     images = [Path(p) for p in args.images] or [sample_image_path()]
     if not args.images:
@@ -80,69 +119,84 @@ def run(args: argparse.Namespace) -> int:
     problems = []
     for p in images:
         try:
-            check_image(p)
+            check_image(p, args.max_pixels)
         except (ValueError, OSError) as e:
             problems.append(str(e))
     if problems:
         raise ValueError('cannot read %d of %d input(s), nothing was written. %s'
                          % (len(problems), len(images), ' | '.join(problems)))
     out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError('--out %s is a file, not a folder' % out_dir)
     outputs = output_paths(images, out_dir)
-    if not args.force:
-        existing = [str(p) for pair in outputs for p in pair if p.exists()]
-        if existing:
-            raise FileExistsError('%d output file(s) already exist (%s%s); pass --force to overwrite '
-                                  'or choose another --out' % (len(existing), ', '.join(existing[:3]),
-                                                               ', ...' if len(existing) > 3 else ''))
+    check_writable_dir(out_dir, '--out')
+    _check_outputs(outputs, args.force)
     device = pick_device(args.device)
-    loaded = load_model(args.model)
+    with quiet_stdout(args.quiet):
+        loaded = load_model(args.model, log=None if not args.quiet else _stderr_if_random)
     model = loaded.model.to(device).eval()
     num_classes, names, palette = model_classes(model)
     names = class_name_list(num_classes, names)
     colours = make_palette(num_classes, palette)
     banner = RANDOM_LABEL if loaded.random_weights else None
+    if banner:  # the random model's outputs carry the mark in their names too
+        outputs = output_paths(images, out_dir, random_weights=True)
+        _check_outputs(outputs, args.force)
+    text = {'Software': 'twins-timm', 'Source': loaded.source}
+    if banner:
+        text['Warning'] = '%s: this segmentation is NOT meaningful' % RANDOM_LABEL
     print('Model: %s' % loaded.source)
     if banner:
         print('*** %s: the segmentation below is NOT meaningful ***' % RANDOM_LABEL)
     print('Inference: %s on %s' % (describe_settings(settings), device))
 
-    failed = 0
+    failed: List[str] = []
     written = 0
-    bar = tqdm(total=len(images), unit='img', disable=args.quiet, file=sys.stderr)
+    views = settings.num_predictions
+    bar = tqdm(total=len(images) * views, unit='view' if views > 1 else 'img', disable=args.quiet,
+               file=sys.stderr)
     for start in range(0, len(images), args.batch_size):
         chunk = list(range(start, min(start + args.batch_size, len(images))))
         decoded = {}
         for i in chunk:
             try:
-                decoded[i], note = read_image(images[i])
+                decoded[i], note = read_image(images[i], args.max_pixels)
                 if note and not args.quiet:
                     tqdm.write('%s: %s' % (images[i], note))
-            except ValueError as e:
-                tqdm.write('error: %s' % e, file=sys.stderr)
-                failed += 1
-                bar.update(1)
+            except (ValueError, OSError) as e:
+                tqdm.write('error: %s (skipped)' % e, file=sys.stderr)
+                failed.append(str(images[i]))
+                bar.update(views)
         groups = defaultdict(list)  # same size -> one batch
         for i, arr in decoded.items():
             groups[arr.shape].append(i)
         for idx in groups.values():
             batch = torch.from_numpy(np.stack([decoded[i] for i in idx])).permute(0, 3, 1, 2)
-            labels = predict_labels(model, batch, settings, device=device).numpy()
+            try:
+                labels = predict_labels(model, batch, settings, device=device,
+                                        on_view=lambda: bar.update(len(idx))).numpy()
+            except ValueError as e:  # e.g. an image too small for the model: skip it, go on
+                tqdm.write('error: %s: %s (skipped)' % (', '.join(str(images[i]) for i in idx), e),
+                           file=sys.stderr)
+                failed.extend(str(images[i]) for i in idx)
+                continue
             for i, lab in zip(idx, labels):
                 label_path, overlay_path = outputs[i]
-                save_png(label_image(lab, colours), label_path, overwrite=args.force)
+                save_png(label_image(lab, colours), label_path, overwrite=args.force, text=text)
                 save_png(overlay_image(decoded[i], lab, colours, names, alpha=args.opacity, banner=banner),
-                         overlay_path, overwrite=args.force)
+                         overlay_path, overwrite=args.force, text=text)
                 written += 1
                 if not args.quiet:
                     tqdm.write('%s -> %s: %s' % (images[i].name, overlay_path, _summary(lab, names)))
-                bar.update(1)
     bar.close()
     print('Wrote %d class-index PNG(s) and %d overlay(s) to %s' % (written, written, out_dir))
     if banner:
         print('(made with %s)' % RANDOM_LABEL)
     if failed:
-        print('error: %d image(s) could not be decoded (see above)' % failed, file=sys.stderr)
-        return 2
+        print('error: %d of %d image(s) could not be segmented and were skipped: %s'
+              % (len(failed), len(images), ', '.join(failed)), file=sys.stderr)
+        return 1
     return 0
+
+
+def _stderr_if_random(msg: str) -> None:
+    """With --quiet the random-weights notice still goes to stderr, shortened to its first line."""
+    print(msg.splitlines()[0], file=sys.stderr)

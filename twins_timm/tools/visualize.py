@@ -4,10 +4,11 @@ from __future__ import annotations
 import colorsys
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from ..convert.io import atomic_path
 
@@ -117,8 +118,17 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
     return canvas
 
 
-def save_png(img: Image.Image, path: os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``img`` as PNG through a temporary file and a rename; refuse to replace unless asked."""
+def save_png(img: Image.Image, path: os.PathLike, overwrite: bool = False,
+             text: Optional[Mapping[str, str]] = None) -> Path:
+    """Write ``img`` as PNG through a temporary file and a rename; refuse to replace unless asked.
+
+    ``text``: PNG tEXt chunks (e.g. the model that made it), readable as ``Image.open(p).text``.
+    """
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     with atomic_path(path, force=overwrite) as tmp:
-        img.save(tmp, format='PNG')
+        img.save(tmp, format='PNG', pnginfo=info)
     return Path(path)
