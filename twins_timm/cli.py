@@ -18,6 +18,7 @@ COMMANDS = {
     'segment': 'twins_timm.tools.segment',
     'eval': 'twins_timm.tools.evaluate',
     'bench': 'twins_timm.tools.bench',
+    'train': 'twins_timm.tools.train',
 }
 
 # Errors that mean "the input or the request is wrong": shown as one paragraph, exit code 2.

@@ -26,6 +26,8 @@ from .inference import InferenceSettings, predict_labels
 from .loading import RANDOM_LABEL, load_model, read_image, read_label_map
 from .visualize import class_name_list
 from ..convert.io import atomic_path
+from ..train.data import IMAGE_SUFFIXES, check_pairs, find_pairs, reduce_zero_label  # noqa: F401
+from . import distributed
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -34,19 +36,7 @@ EPILOG = """examples:
   twins-timm eval --data my_set --split val --no-reduce-zero-label --model ./model --limit 50
 """
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-
-
 # ----------------------------------------------------------------------------- metrics
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """ADE20K convention: 0 ("other") -> 255 (ignored), every other class index minus one."""
-    label = np.asarray(label).astype(np.int64)
-    out = label - 1
-    out[label == 0] = 255
-    out[out == 254] = 255  # 255 stays ignored
-    return out
-
 
 def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
                         ignore_index: int = 255) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -131,28 +121,6 @@ def format_table(acc: IoUAccumulator, class_names: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------- data set
 
-def find_pairs(data: Path, split: str) -> List[Tuple[Path, Path]]:
-    """(image, annotation) pairs of an ADE20K-format folder, sorted by name."""
-    img_dir, ann_dir = data / 'images' / split, data / 'annotations' / split
-    for d in (img_dir, ann_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(
-                '%s is not a folder; --data must hold images/%s/*.jpg and annotations/%s/*.png '
-                '(ADE20K layout, e.g. ADEChallengeData2016)' % (d, split, split))
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError('no images (%s) in %s' % (', '.join(IMAGE_SUFFIXES), img_dir))
-    pairs, missing = [], []
-    for img in images:
-        ann = ann_dir / (img.stem + '.png')
-        (pairs if ann.exists() else missing).append((img, ann))
-    if missing:
-        raise FileNotFoundError('%d image(s) have no annotation, e.g. %s for %s; every image needs '
-                                'annotations/%s/<same name>.png' % (len(missing), missing[0][1],
-                                                                    missing[0][0], split))
-    return pairs
-
-
 def evaluate(model: torch.nn.Module, pairs: Sequence[Tuple[Path, Path]], settings: InferenceSettings,
              num_classes: int, device=None, reduce_zero: bool = True, ignore_index: int = 255,
              progress: bool = True) -> IoUAccumulator:
@@ -199,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
         pairs = pairs[:args.limit]
     if args.json and Path(args.json).exists() and not args.force:
         raise FileExistsError('%s already exists; pass --force to overwrite' % args.json)
+    check_pairs(pairs, progress=not args.quiet, what=args.split)  # every file, before the first forward
     device = pick_device(args.device)
+    ctx = distributed.init(device.type, quiet_others=True)  # torchrun: each process evaluates every world-th image
+    device = distributed.device_for(ctx, device)
     loaded = load_model(args.model, allow_random=False)
     model = loaded.model.to(device).eval()
     num_classes, names, _ = model_classes(model)
@@ -209,9 +180,15 @@ def run(args: argparse.Namespace) -> int:
         print('*** %s: these metrics are NOT those of a trained model ***' % RANDOM_LABEL)
     print('Data: %d image(s) from %s/%s; inference: %s on %s'
           % (len(pairs), args.data, args.split, describe_settings(settings), device))
-    acc = evaluate(model, pairs, settings, num_classes, device=device,
+    acc = evaluate(model, distributed.shard(pairs, ctx), settings, num_classes, device=device,
                    reduce_zero=not args.no_reduce_zero_label, ignore_index=args.ignore_index,
-                   progress=not args.quiet)
+                   progress=not args.quiet and ctx.main)
+    acc.intersect, acc.union, acc.pred_area, acc.label_area, (acc.images,) = distributed.all_sum(
+        [acc.intersect, acc.union, acc.pred_area, acc.label_area, [acc.images]], ctx)
+    acc.images = int(acc.images)
+    distributed.finish(ctx)
+    if not ctx.main:
+        return 0
     summary = acc.summary()
     print('\nper-class results:')
     print(format_table(acc, names))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .common import (add_inference_arguments, add_model_arguments, describe_settings,
                      model_classes, pick_device, settings_from_args)
 from .inference import predict_labels
@@ -97,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
                                   'or choose another --out' % (len(existing), ', '.join(existing[:3]),
                                                                ', ...' if len(existing) > 3 else ''))
     device = pick_device(args.device)
+    ctx = distributed.init(device.type, quiet_others=True)  # torchrun: each process takes every world-th image
+    device = distributed.device_for(ctx, device)
+    mine = distributed.shard(list(range(len(images))), ctx)
     loaded = load_model(args.model)
     model = loaded.model.to(device).eval()
     num_classes, names, palette = model_classes(model)
@@ -110,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
 
     failed = 0
     written = 0
-    bar = tqdm(total=len(images), unit='img', disable=args.quiet, file=sys.stderr)
-    for start in range(0, len(images), args.batch_size):
-        chunk = list(range(start, min(start + args.batch_size, len(images))))
+    bar = tqdm(total=len(mine), unit='img', disable=args.quiet or not ctx.main, file=sys.stderr)
+    for start in range(0, len(mine), args.batch_size):
+        chunk = mine[start:start + args.batch_size]
         decoded = {}
         for i in chunk:
             try:
@@ -139,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                     tqdm.write('%s -> %s: %s' % (images[i].name, overlay_path, _summary(lab, names)))
                 bar.update(1)
     bar.close()
+    written, failed = (int(v[0]) for v in distributed.all_sum([[written], [failed]], ctx))
+    distributed.finish(ctx)
     print('Wrote %d class-index PNG(s) and %d overlay(s) to %s' % (written, written, out_dir))
     if banner:
         print('(made with %s)' % RANDOM_LABEL)
