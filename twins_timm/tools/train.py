@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--eval-interval', type=int, default=None, metavar='N',
                         help='iterations between validations (default: at the end; 0: never)')
     parser.add_argument('--log-interval', type=int, default=None, metavar='N', help='(default 50)')
+    parser.add_argument('--drop-path-rate', type=float, default=None, metavar='F',
+                        help="backbone stochastic depth (default: the config's, 0.2 or 0.3)")
     parser.add_argument('--resume', action='store_true', help='continue the run in --out from its newest checkpoint')
     parser.add_argument('--from-scratch', action='store_true',
                         help='HEAD:VARIANT with a random-initialised backbone (no download)')
@@ -92,9 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.classes is not None and not 1 <= args.classes <= 255:
         raise ValueError('--classes must be between 1 and 255 (label 255 means "ignore")')
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:  # fail before loading a model
-        from twins_timm.train.engine import prepare_out
-        prepare_out(out, resume=False)
+    from twins_timm.train.engine import check_out
+    check_out(out, args.resume)  # fail before loading a model
     device = args.device
     if device != 'auto':
         from .common import pick_device
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         ctx = init('cuda' if (device == 'auto' and torch.cuda.is_available()) or device.startswith('cuda') else 'cpu')
         say = print if ctx.main else (lambda *a, **k: None)
         model, source = build_model(args.model, classes=args.classes or (len(names) if names else None),
-                                    class_names=names, from_scratch=args.from_scratch, log=say)
+                                    class_names=names, from_scratch=args.from_scratch,
+                                    drop_path_rate=args.drop_path_rate, log=say)
         say('Model: %s' % source)
         fit(model, args.data, out, iters=args.iters, batch_size=args.batch_size, global_batch=args.global_batch,
             crop_size=args.crop_size, lr=args.lr, save_interval=args.save_interval,

@@ -126,11 +126,17 @@ def checkpoint_folders(out: Path) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prepare_out(out: Path, resume: bool) -> Optional[Path]:
-    """Check ``out`` before any work: writable, and either new/empty or (with resume) one of our runs.
-    Returns the checkpoint to resume from (None: start fresh)."""
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse an ``out`` that cannot hold this run, without creating anything."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError('--out %s is a file, not a folder' % out)
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RunFolderError('--out %s is not writable (%s is %s); choose a folder you can write to' % (
+            out, parent, 'not a folder' if not parent.is_dir() else 'read-only'))
     contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if contents and not resume:
         raise RunFolderError(
@@ -141,6 +147,12 @@ def prepare_out(out: Path, resume: bool) -> Optional[Path]:
         raise RunFolderError('--out %s holds files (%s) but no twins-timm training run (%s); --resume '
                              'needs the --out of an earlier `twins-timm train`' % (out, ', '.join(contents[:3]),
                                                                                   RUN_FILE))
+
+
+def prepare_out(out: Path, resume: bool) -> Optional[Path]:
+    """Check ``out`` (see :func:`check_out`), create it and probe a write.
+    Returns the checkpoint to resume from (None: start fresh)."""
+    check_out(out, resume)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ('.write-test-%d' % os.getpid())

@@ -128,15 +128,16 @@ def param_groups(model, recipe: Recipe) -> List[Dict[str, Any]]:
 
 
 def lr_factor(recipe: Recipe, step: int) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (mmengine LinearLR then PolyLR)."""
+    """Multiplier of the base lr at optimizer step ``step``: mmengine's LinearLR (start_factor at
+    step 0, 1 at the warm-up's last step) then PolyLR (the lr at the run's last step is eta_min)."""
     warm = recipe.warmup_iters
     if step < warm:
-        f = recipe.warmup_start_factor + (1 - recipe.warmup_start_factor) * step / warm
-        return f
-    span = max(recipe.iters - warm, 1)
-    progress = min(max(step - warm, 0), span) / span
+        span = warm - 1  # mmengine: total_iters = end - begin - 1
+        return recipe.warmup_start_factor + (1 - recipe.warmup_start_factor) * (step / span if span else 0.0)
+    span = recipe.iters - warm - 1
+    t = min(max(step - warm, 0), max(span, 0))
     floor = recipe.eta_min / recipe.lr
-    return (1 - floor) * (1 - progress) ** recipe.poly_power + floor
+    return (1 - floor) * ((span - t) / span if span > 0 else 1.0) ** recipe.poly_power + floor
 
 
 def build_optimizer(model, recipe: Recipe):
