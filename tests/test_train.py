@@ -306,8 +306,10 @@ def test_train_command_new_classes_and_help(dataset, model_folder, tmp_path, cap
     names = tmp_path / 'names.txt'
     names.write_text('bg\nred\ngreen\nblue\nextra\n')
     out = tmp_path / 'o'
-    assert _train(dataset, model_folder, out, '--class-names', str(names), '--eval-interval', '0') == 0
+    assert _train(dataset, model_folder, out, '--class-names', str(names), '--eval-interval', '0', '--amp',
+                  '--grad-checkpointing') == 0
     text = capsys.readouterr().out
     assert 'classifiers start from random weights' in text and 'aux_weight' in text
+    assert 'amp_dtype            torch.bfloat16' in text  # autocast on CPU: bfloat16
     model = from_pretrained(str(checkpoint_folders(out)[-1]))
     assert model.classes == 5 and model.class_names[1] == 'red'

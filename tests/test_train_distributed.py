@@ -63,10 +63,19 @@ def test_two_processes_train_like_one(dataset, model_folder, tmp_path):
     start = load_file(str(model_folder / 'model.safetensors'))
     a = load_file(str(checkpoint_folders(one)[-1] / 'model.safetensors'))
     b = load_file(str(checkpoint_folders(two)[-1] / 'model.safetensors'))
-    moved = max((a[k].float() - start[k].float()).abs().max().item() for k in a)
-    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert moved > 1e-3 and diff < 2e-5, (moved, diff)  # SyncBN running stats included
-    assert _last_miou(one) == pytest.approx(_last_miou(two), abs=1e-4)
+    keys = [k for k in a if a[k].is_floating_point() and 'running' not in k]
+    da = torch.cat([(a[k] - start[k]).flatten() for k in keys])
+    db = torch.cat([(b[k] - start[k]).flatten() for k in keys])
+    # AdamW's first steps are ~lr * sign(grad): parameters whose gradient is ~0 may differ by fp32
+    # noise; measured 1e-4 of the elements above 1e-6, update difference 8e-5 of the update norm
+    assert da.abs().max() > 1e-4
+    assert (da - db).norm() / da.norm() < 1e-3 and ((da - db).abs() > 1e-5).float().mean() < 1e-3
+    for k in (k for k in a if 'running' in k):  # SyncBN statistics over both processes' images
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    log = lambda out: [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]  # noqa: E731
+    loss = lambda out: [r['loss'] for r in log(out) if 'loss' in r]  # noqa: E731
+    assert loss(one) == pytest.approx(loss(two), rel=1e-5) and len(loss(one)) == 3
+    assert _last_miou(one) == pytest.approx(_last_miou(two), abs=5e-4)  # measured: identical
 
 
 def test_eval_and_segment_shard_over_processes(dataset, model_folder, tmp_path):
@@ -91,7 +100,7 @@ def test_eval_and_segment_shard_over_processes(dataset, model_folder, tmp_path):
 
 def test_kill_9_then_resume_ends_like_an_uninterrupted_run(dataset, model_folder, tmp_path):
     common = ['--iters', '6', '--save-interval', '2', '--eval-interval', '0', '--batch-size', '2',
-              '--global-batch', '2', '--lr', '5e-4']  # drop path 0.2 (the recipe's): RNG state matters
+              '--global-batch', '2', '--lr', '5e-4', '--log-interval', '1']  # drop path 0.2 (the recipe's): RNG state matters
     killed = tmp_path / 'killed'
     cmd = [sys.executable, '-m', 'twins_timm', *map(str, _train_args(dataset, model_folder, killed, *common))]
     proc = subprocess.Popen(cmd, env=dict(ENV, OMP_NUM_THREADS=str(torch.get_num_threads())),
@@ -117,4 +126,4 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(dataset, model_folder
     assert checkpoint_folders(killed)[-1].name == 'iter_000006'
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
     losses = lambda out: [json.loads(l)['loss'] for l in (out / 'metrics.jsonl').read_text().splitlines()]  # noqa: E731
-    assert losses(killed) == pytest.approx(losses(whole), rel=1e-5)
+    assert len(losses(whole)) == 6 and losses(killed) == pytest.approx(losses(whole), rel=1e-5)

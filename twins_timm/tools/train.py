@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--save-interval', type=int, default=None, metavar='N',
                         help="iterations between checkpoints (default: the config's, 16000 / 8000)")
     parser.add_argument('--eval-interval', type=int, default=None, metavar='N',
-                        help='iterations between validations (default: at the end; 0: never)')
+                        help="iterations between validations (default: the config's, 16000 / 8000; 0: never)")
     parser.add_argument('--log-interval', type=int, default=None, metavar='N', help='(default 50)')
     parser.add_argument('--drop-path-rate', type=float, default=None, metavar='F',
                         help="backbone stochastic depth (default: the config's, 0.2 or 0.3)")

@@ -297,8 +297,9 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
                          'batch)' % (recipe.global_batch, ctx.world, batch_size, recipe.global_batch // ctx.world
                                      or recipe.global_batch))
     accum = recipe.global_batch // per_step
-    save_interval = save_interval or min(16000 if head == 'upernet' else 8000, recipe.iters)
-    eval_interval = recipe.iters if eval_interval is None else eval_interval
+    config_interval = min(16000 if head == 'upernet' else 8000, recipe.iters)  # mmseg's ckpt / val interval
+    save_interval = save_interval or config_interval
+    eval_interval = config_interval if eval_interval is None else eval_interval
     log_interval = log_interval or min(50, recipe.iters)
     if min(save_interval, log_interval) < 1 or eval_interval < 0 or workers < 0:
         raise ValueError('--save-interval must be >= 1, --eval-interval >= 0 and --workers >= 0')
@@ -328,7 +329,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     model.to(dev)
     if ctx.active:
         from .syncbn import convert_sync_batchnorm
-        model = convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, dev.type)
     optimizer, scheduler = build_optimizer(model, recipe)
     use_amp = bool(amp) and dev.type in ('cuda', 'cpu')
     amp_dtype = _amp_dtype(dev)

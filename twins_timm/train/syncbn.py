@@ -1,7 +1,7 @@
 """SyncBatchNorm that also synchronises on CPU (gloo), for torchrun runs without GPUs.
 
-torch's ``nn.SyncBatchNorm`` only synchronises CUDA / XPU tensors.  This subclass keeps torch's
-path there and, for CPU tensors in a process group of more than one, computes the batch mean and
+torch's ``nn.SyncBatchNorm`` only synchronises CUDA / XPU tensors (and DDP refuses it on CPU).
+On CUDA the runs use torch's; on CPU :class:`CPUSyncBatchNorm` computes the batch mean and
 variance over every process with autograd-aware all-reduces (two passes: mean, then centred
 squares), which is what makes N processes x B images train like one process with N*B.
 """
@@ -17,15 +17,24 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
     return all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` with a CPU path (see module docstring)."""
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics span every process of the group (see module docstring).
 
-    def _cpu_sync(self, x: torch.Tensor) -> bool:
-        return (self.training and x.device.type == 'cpu' and dist.is_available() and dist.is_initialized()
+    Not an ``nn.SyncBatchNorm`` subclass: DistributedDataParallel refuses those on CPU.
+    """
+
+    process_group = None
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError('expected at least 2D input (got %dD input)' % x.dim())
+
+    def _sync(self, x: torch.Tensor) -> bool:
+        return (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group or dist.group.WORLD) > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._cpu_sync(x):
+        if not self._sync(x):
             return super().forward(x)
         self._check_input_dim(x)
         dims = [0] + list(range(2, x.ndim))
@@ -48,10 +57,11 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return y
 
 
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """torch's conversion, with this module's class (same state dict keys and numerics)."""
+def convert_sync_batchnorm(model: nn.Module, device_type: str = 'cuda') -> nn.Module:
+    """torch's conversion (same state dict keys); on CPU with this module's CPUSyncBatchNorm."""
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for m in model.modules():
-        if type(m) is nn.SyncBatchNorm:
-            m.__class__ = SyncBatchNorm
+    if device_type == 'cpu':
+        for m in model.modules():
+            if type(m) is nn.SyncBatchNorm:
+                m.__class__ = CPUSyncBatchNorm
     return model
