@@ -99,7 +99,7 @@ def test_eval_and_segment_shard_over_processes(dataset, model_folder, tmp_path):
 
 
 def test_kill_9_then_resume_ends_like_an_uninterrupted_run(dataset, model_folder, tmp_path):
-    common = ['--iters', '6', '--save-interval', '2', '--eval-interval', '0', '--batch-size', '2',
+    common = ['--iters', '4', '--save-interval', '2', '--eval-interval', '0', '--batch-size', '2',
               '--global-batch', '2', '--lr', '5e-4', '--log-interval', '1']  # drop path 0.2 (the recipe's): RNG state matters
     killed = tmp_path / 'killed'
     cmd = [sys.executable, '-m', 'twins_timm', *map(str, _train_args(dataset, model_folder, killed, *common))]
@@ -113,7 +113,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(dataset, model_folder
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     saved = checkpoint_folders(killed)
-    assert saved and saved[-1].name != 'iter_000006'
+    assert saved and saved[-1].name != 'iter_000004'
     for folder in (killed / 'checkpoints').iterdir():  # every visible checkpoint loads
         if not folder.name.startswith('.'):
             assert folder in saved and from_pretrained(str(folder)).classes == 4
@@ -123,7 +123,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(dataset, model_folder
     assert cli_main(list(map(str, _train_args(dataset, model_folder, whole, *common)))) == 0
     a = load_file(str(checkpoint_folders(killed)[-1] / 'model.safetensors'))
     b = load_file(str(checkpoint_folders(whole)[-1] / 'model.safetensors'))
-    assert checkpoint_folders(killed)[-1].name == 'iter_000006'
+    assert checkpoint_folders(killed)[-1].name == 'iter_000004'
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
     losses = lambda out: [json.loads(l)['loss'] for l in (out / 'metrics.jsonl').read_text().splitlines()]  # noqa: E731
-    assert len(losses(whole)) == 6 and losses(killed) == pytest.approx(losses(whole), rel=1e-5)
+    assert len(losses(whole)) == 4 and losses(killed) == pytest.approx(losses(whole), rel=1e-5)

@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ EPILOG = """examples:
   twins-timm eval --data ADEChallengeData2016 --model ./twins_svt_l_upernet
   twins-timm eval --data ADEChallengeData2016 --model ./model --tta --device cuda --json metrics.json
   twins-timm eval --data my_set --split val --no-reduce-zero-label --model ./model --limit 50
+  torchrun --nproc-per-node 4 -m twins_timm eval --data ADEChallengeData2016 --model ./model
+      # images sharded over the processes, counts summed: the same mIoU as one process
 """
 
 # ----------------------------------------------------------------------------- metrics

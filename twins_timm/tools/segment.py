@@ -31,6 +31,7 @@ EPILOG = """examples:
   twins-timm segment photos/*.jpg --model ./twins_svt_l_upernet --out seg/ --batch-size 4
   twins-timm segment room.jpg --model ./model --tta --device cuda --out seg/   # ms+flip
   twins-timm segment big.jpg --model ./model --mode slide --crop-size 512 --stride 341 --out seg/
+  torchrun --nproc-per-node 4 -m twins_timm segment photos/*.jpg --model ./model --out seg/  # sharded
 """
 
 

@@ -94,8 +94,12 @@ def run(args: argparse.Namespace) -> int:
     if args.classes is not None and not 1 <= args.classes <= 255:
         raise ValueError('--classes must be between 1 and 255 (label 255 means "ignore")')
     out = Path(args.out)
+    from twins_timm.train.data import find_pairs
     from twins_timm.train.engine import check_out
     check_out(out, args.resume)  # fail before loading a model
+    find_pairs(args.data, 'training')  # the labels are checked once the classes are known
+    if args.eval_interval != 0:
+        find_pairs(args.data, 'validation')
     device = args.device
     if device != 'auto':
         from .common import pick_device
