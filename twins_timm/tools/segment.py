@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     ctx = distributed.init(device.type, quiet_others=True)  # torchrun: each process takes every world-th image
     device = distributed.device_for(ctx, device)
+    distributed.barrier(ctx)  # every process has checked the outputs before any writes
     mine = distributed.shard(list(range(len(images))), ctx)
     loaded = load_model(args.model)
     model = loaded.model.to(device).eval()
