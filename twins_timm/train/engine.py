@@ -334,7 +334,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     use_amp = bool(amp) and dev.type in ('cuda', 'cpu')
     amp_dtype = _amp_dtype(dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and amp_dtype == torch.float16)
-    start, best, history = 0, dict(miou=None, iter=None), []
+    start, best = 0, dict(miou=None, iter=None)
     if resume_from is not None:
         state = load_training_state(resume_from)
         from safetensors.torch import load_file
