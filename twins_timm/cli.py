@@ -26,6 +26,7 @@ COMMANDS = {
     'eval': 'twins_timm.tools.evaluate',
     'bench': 'twins_timm.tools.bench',
     'models': 'twins_timm.tools.models',
+    'train': 'twins_timm.tools.train',
 }
 
 # Errors that mean "the input or the request is wrong": shown as one paragraph, exit code 2.

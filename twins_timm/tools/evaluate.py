@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,27 +27,19 @@ from .loading import RANDOM_LABEL, load_model, read_image, read_label_map
 from .paths import check_output_file, refuse_inputs_as_outputs
 from .visualize import class_name_list
 from ..convert.io import atomic_path
+from ..train.data import IMAGE_SUFFIXES, check_pairs, find_pairs, reduce_zero_label  # noqa: F401
+from . import distributed
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
   twins-timm eval --data ADEChallengeData2016 --model ./twins_svt_l_upernet
   twins-timm eval --data ADEChallengeData2016 --model ./model --tta --device cuda --json metrics.json
   twins-timm eval --data my_set --split val --no-reduce-zero-label --model ./model --limit 50
+  torchrun --nproc-per-node 4 -m twins_timm eval --data ADEChallengeData2016 --model ./model
+      # images sharded over the processes, counts summed: the same mIoU as one process
 """
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-
-
 # ----------------------------------------------------------------------------- metrics
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """ADE20K convention: 0 ("other") -> 255 (ignored), every other class index minus one."""
-    label = np.asarray(label).astype(np.int64)
-    out = label - 1
-    out[label == 0] = 255
-    out[out == 254] = 255  # 255 stays ignored
-    return out
-
 
 def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
                         ignore_index: int = 255) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -132,28 +124,6 @@ def format_table(acc: IoUAccumulator, class_names: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------- data set
 
-def find_pairs(data: Path, split: str) -> List[Tuple[Path, Path]]:
-    """(image, annotation) pairs of an ADE20K-format folder, sorted by name."""
-    img_dir, ann_dir = data / 'images' / split, data / 'annotations' / split
-    for d in (img_dir, ann_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(
-                '%s is not a folder; --data must hold images/%s/*.jpg and annotations/%s/*.png '
-                '(ADE20K layout, e.g. ADEChallengeData2016)' % (d, split, split))
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError('no images (%s) in %s' % (', '.join(IMAGE_SUFFIXES), img_dir))
-    pairs, missing = [], []
-    for img in images:
-        ann = ann_dir / (img.stem + '.png')
-        (pairs if ann.exists() else missing).append((img, ann))
-    if missing:
-        raise FileNotFoundError('%d image(s) have no annotation, e.g. %s for %s; every image needs '
-                                'annotations/%s/<same name>.png' % (len(missing), missing[0][1],
-                                                                    missing[0][0], split))
-    return pairs
-
-
 def evaluate(model: torch.nn.Module, pairs: Sequence[Tuple[Path, Path]], settings: InferenceSettings,
              num_classes: int, device=None, reduce_zero: bool = True, ignore_index: int = 255,
              progress: bool = True) -> IoUAccumulator:
@@ -201,11 +171,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # checked before the model loads: a bad path must not cost an evaluation
         inputs = [p for pair in pairs for p in pair]
         model_path = Path(args.model) if args.model else None
-        if model_path is not None:
+        if model_path is not None and model_path.exists():
             inputs += sorted(model_path.iterdir()) if model_path.is_dir() else [model_path]
         refuse_inputs_as_outputs([args.json], inputs, 'Give --json a new file name.')
         check_output_file(args.json, '--json', force=args.force)
+    check_pairs(pairs, progress=not args.quiet, what=args.split)  # every file, before the first forward
     device = pick_device(args.device)
+    ctx = distributed.init(device.type, quiet_others=True)  # torchrun: each process evaluates every world-th image
+    device = distributed.device_for(ctx, device)
     with quiet_stdout(args.quiet):
         loaded = load_model(args.model, allow_random=False)
     model = loaded.model.to(device).eval()
@@ -216,9 +189,15 @@ def run(args: argparse.Namespace) -> int:
         print('*** %s: these metrics are NOT those of a trained model ***' % RANDOM_LABEL)
     print('Data: %d image(s) from %s/%s; inference: %s on %s'
           % (len(pairs), args.data, args.split, describe_settings(settings), device))
-    acc = evaluate(model, pairs, settings, num_classes, device=device,
+    acc = evaluate(model, distributed.shard(pairs, ctx), settings, num_classes, device=device,
                    reduce_zero=not args.no_reduce_zero_label, ignore_index=args.ignore_index,
-                   progress=not args.quiet)
+                   progress=not args.quiet and ctx.main)
+    acc.intersect, acc.union, acc.pred_area, acc.label_area, (acc.images,) = distributed.all_sum(
+        [acc.intersect, acc.union, acc.pred_area, acc.label_area, [acc.images]], ctx)
+    acc.images = int(acc.images)
+    distributed.finish(ctx)
+    if not ctx.main:
+        return 0
     summary = acc.summary()
     print('\nper-class results:')
     print(format_table(acc, names))

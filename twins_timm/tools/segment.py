@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
                      pick_device, quiet_stdout, settings_from_args)
 from .inference import predict_labels
@@ -40,6 +41,7 @@ EPILOG = """examples:
   twins-timm segment photos/*.jpg --model ./twins_svt_l_upernet --out seg/ --batch-size 4
   twins-timm segment room.jpg --model ./model --tta --device cuda --out seg/   # ms+flip
   twins-timm segment big.jpg --model ./model --mode slide --crop-size 512 --stride 341 --out seg/
+  torchrun --nproc-per-node 4 -m twins_timm segment photos/*.jpg --model ./model --out seg/  # sharded
 """
 
 
@@ -130,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
     check_writable_dir(out_dir, '--out')
     _check_outputs(outputs, args.force)
     device = pick_device(args.device)
+    ctx = distributed.init(device.type, quiet_others=True)  # torchrun: each process takes every world-th image
+    device = distributed.device_for(ctx, device)
+    distributed.barrier(ctx)  # every process has checked the outputs before any writes
+    mine = distributed.shard(list(range(len(images))), ctx)
     with quiet_stdout(args.quiet):
         loaded = load_model(args.model, log=None if not args.quiet else _stderr_if_random)
     model = loaded.model.to(device).eval()
@@ -151,10 +157,10 @@ def run(args: argparse.Namespace) -> int:
     failed: List[str] = []
     written = 0
     views = settings.num_predictions
-    bar = tqdm(total=len(images) * views, unit='view' if views > 1 else 'img', disable=args.quiet,
-               file=sys.stderr)
-    for start in range(0, len(images), args.batch_size):
-        chunk = list(range(start, min(start + args.batch_size, len(images))))
+    bar = tqdm(total=len(mine) * views, unit='view' if views > 1 else 'img',
+               disable=args.quiet or not ctx.main, file=sys.stderr)
+    for start in range(0, len(mine), args.batch_size):
+        chunk = mine[start:start + args.batch_size]
         decoded = {}
         for i in chunk:
             try:
@@ -187,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
                 if not args.quiet:
                     tqdm.write('%s -> %s: %s' % (images[i].name, overlay_path, _summary(lab, names)))
     bar.close()
+    written = int(distributed.all_sum([[written]], ctx)[0][0])
+    failed = distributed.gather(failed, ctx)
+    distributed.finish(ctx)
     print('Wrote %d class-index PNG(s) and %d overlay(s) to %s' % (written, written, out_dir))
     if banner:
         print('(made with %s)' % RANDOM_LABEL)

@@ -1,0 +1,187 @@
+"""ADE20K-layout data sets: finding image / annotation pairs, checking them, reading them.
+
+The layout is the one ``twins-timm eval`` and mmseg's ADE20KDataset read: DATA/images/<split>/*.jpg
+and DATA/annotations/<split>/<same name>.png, one class index per pixel.  Every pair is checked
+before any work starts (training, evaluation), so a bad file at the end of a set costs seconds, not
+hours: :func:`check_pairs` is the one place for those rules.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+ANNOTATION_MODES = ('L', 'P', 'I', 'I;16')  # single-channel integer class-index images
+IGNORE_INDEX = 255
+Pair = Tuple[Path, Path]
+
+
+class DatasetError(ValueError):
+    """The data folder does not hold a usable ADE20K-layout split."""
+
+
+def find_pairs(data: os.PathLike, split: str) -> List[Pair]:
+    """(image, annotation) pairs of an ADE20K-layout folder, sorted by name."""
+    data = Path(data)
+    img_dir, ann_dir = data / 'images' / split, data / 'annotations' / split
+    for d in (img_dir, ann_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(
+                '%s is not a folder; the data folder must hold images/%s/*.jpg and annotations/%s/*.png '
+                '(ADE20K layout, e.g. ADEChallengeData2016)' % (d, split, split))
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError('no images (%s) in %s' % (', '.join(IMAGE_SUFFIXES), img_dir))
+    pairs, missing = [], []
+    for img in images:
+        ann = ann_dir / (img.stem + '.png')
+        (pairs if ann.is_file() else missing).append((img, ann))
+    if missing:
+        raise FileNotFoundError('%d image(s) have no annotation, e.g. %s for %s; every image needs '
+                                'annotations/%s/<same name>.png' % (len(missing), missing[0][1],
+                                                                    missing[0][0], split))
+    stems = {p.stem for p, _ in pairs}
+    extra = sorted(p for p in ann_dir.iterdir() if p.suffix.lower() == '.png' and p.stem not in stems)
+    if extra:
+        raise DatasetError('%d annotation(s) in %s have no image, e.g. %s; images and annotations must '
+                           'pair up one to one (same name)' % (len(extra), ann_dir, extra[0].name))
+    return pairs
+
+
+def allowed_label_range(num_classes: int, reduce_zero_label: bool) -> Tuple[int, int]:
+    """Smallest and largest raw annotation value (besides the ignore value) for ``num_classes``."""
+    return (0, num_classes) if reduce_zero_label else (0, num_classes - 1)
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """ADE20K convention: 0 ("other") -> 255 (ignored), every other class index minus one."""
+    label = np.asarray(label).astype(np.int64)
+    out = label - 1
+    out[label == 0] = IGNORE_INDEX
+    out[out == IGNORE_INDEX - 1] = IGNORE_INDEX  # 255 stays ignored
+    return out
+
+
+def _oriented_size(im: Image.Image) -> Tuple[int, int]:
+    """(w, h) after the EXIF orientation that the image reader applies."""
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # broken EXIF: the reader ignores it too
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def check_pair(image: Path, annotation: Path, num_classes: Optional[int] = None,
+               reduce_zero: bool = True, ignore_index: int = IGNORE_INDEX) -> Optional[str]:
+    """What is wrong with one pair (None if nothing): readable, annotation mode and size, labels.
+
+    Only headers are read unless ``num_classes`` is given; then the annotation is decoded and its
+    values are checked against the classes (the ignore value is always allowed).
+    """
+    try:
+        with Image.open(image) as im:
+            size = _oriented_size(im)
+    except FileNotFoundError:
+        return '%s: no such file' % image
+    except (UnidentifiedImageError, OSError) as e:
+        return '%s: not a readable image (%s)' % (image, e.__class__.__name__)
+    try:
+        with Image.open(annotation) as an:
+            if an.mode not in ANNOTATION_MODES:
+                return ('%s: annotation has mode %s; it must be a single-channel class-index PNG (mode L or P)'
+                        % (annotation, an.mode))
+            if an.size != size:
+                return '%s is %dx%d but its annotation %s is %dx%d' % (
+                    image, size[0], size[1], annotation, an.size[0], an.size[1])
+            if num_classes is None:
+                return None
+            values = np.unique(np.asarray(an))
+    except FileNotFoundError:
+        return '%s: no such annotation file' % annotation
+    except (UnidentifiedImageError, OSError) as e:
+        return '%s: not a readable annotation PNG (%s)' % (annotation, e.__class__.__name__)
+    lo, hi = allowed_label_range(num_classes, reduce_zero)
+    bad = values[((values < lo) | (values > hi)) & (values != ignore_index)]
+    if bad.size:
+        rule = ('0 = ignored "other", 1..%d the classes' % num_classes if reduce_zero
+                else '0..%d the classes' % (num_classes - 1))
+        return '%s holds label(s) %s but %d classes allow %d..%d (%s; %d ignored)' % (
+            annotation, ', '.join(str(int(v)) for v in bad[:5]), num_classes, lo, hi, rule, ignore_index)
+    return None
+
+
+def check_pairs(pairs: Sequence[Pair], num_classes: Optional[int] = None, reduce_zero: bool = True,
+                ignore_index: int = IGNORE_INDEX, progress: bool = False, what: str = 'data',
+                workers: int = 4, report: Optional[Callable[[List[str]], List[str]]] = None) -> None:
+    """Check every pair (see :func:`check_pair`); raise one :class:`DatasetError` listing the problems.
+
+    ``report`` merges the problems found by other processes (sharded checks under torchrun).
+    """
+    def one(pair: Pair) -> Optional[str]:
+        return check_pair(pair[0], pair[1], num_classes, reduce_zero, ignore_index)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = pool.map(one, pairs)
+        if progress and len(pairs) > 50:
+            from tqdm import tqdm
+            results = tqdm(results, total=len(pairs), desc='checking %s' % what, unit='file', leave=False)
+        problems = [r for r in results if r]
+    if report is not None:
+        problems = report(problems)
+    if problems:
+        more = ' (and %d more)' % (len(problems) - 3) if len(problems) > 3 else ''
+        hint = (' Fix or remove these files, or pass the right --classes / --no-reduce-zero-label.'
+                if num_classes is not None else ' Fix or remove these files.')
+        raise DatasetError('%d of %d %s pair(s) are unusable; nothing was done: %s%s.%s' % (
+            len(problems), len(pairs), what, '; '.join(problems[:3]), more, hint))
+
+
+def read_pair(image: Path, annotation: Path, reduce_zero: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """HxWx3 uint8 RGB image (EXIF orientation applied) and HxW int64 labels (reduced if asked)."""
+    from ..tools.loading import read_image, read_label_map
+    rgb, _ = read_image(image)
+    label = read_label_map(annotation)
+    if reduce_zero:
+        label = reduce_zero_label(label)
+    return rgb, label
+
+
+class SegmentationFolder:
+    """Map-style data set over pairs: ``dataset[i] -> (image float CHW, labels int64 HW)``.
+
+    ``transform(image_uint8_CHW_tensor, mask) -> (image, mask)`` is applied under a random state
+    seeded by (seed, epoch, index), so an image gets the same augmentation whichever process or
+    loader worker reads it: one process and many see the same batches, and a resumed run the same
+    augmentations as an uninterrupted one.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], transform=None, reduce_zero: bool = True, seed: int = 0):
+        self.pairs = list(pairs)
+        self.transform = transform
+        self.reduce_zero = reduce_zero
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        import torch
+        from torchvision import tv_tensors
+        rgb, label = read_pair(*self.pairs[index], reduce_zero=self.reduce_zero)
+        image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+        mask = tv_tensors.Mask(torch.from_numpy(label))
+        if self.transform is None:
+            return image, mask
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.transform(image, mask)

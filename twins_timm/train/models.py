@@ -1,0 +1,109 @@
+"""The model a training run starts from: ``upernet:twins_svt_small``-style specs or a saved model.
+
+``HEAD:VARIANT`` builds fresh mmseg heads on timm's ImageNet backbone (or a random one with
+``from_scratch``), with mmseg's backbone settings (checkpoint_family_args('mmseg', ...)) and the
+recipe's drop-path rate.  Anything else is loaded with the tools' loader (a folder from
+``save_pretrained`` / ``twins-timm convert``, a checkpoint file, a published name) and rebuilt with
+the training drop-path rate; when the number of classes changes, its classifiers start fresh.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+from torch import nn
+
+from .recipe import HEADS, VARIANTS
+
+CLASSIFIERS = ('segmentation_head.conv_seg.', 'aux_head.conv_seg.')
+
+
+def parse_arch(spec: str) -> Optional[Tuple[str, str]]:
+    """('upernet', 'twins_svt_small') for 'upernet:twins_svt_small'; None for other specs."""
+    head, sep, variant = spec.partition(':')
+    if not sep or head.lower() not in HEADS:
+        return None
+    if variant not in VARIANTS:
+        raise ValueError('%s: unknown Twins variant %r; use one of %s' % (spec, variant, ', '.join(VARIANTS)))
+    return head.lower(), variant
+
+
+def head_of(model: nn.Module) -> str:
+    from twins_timm.adapters import TwinsFPN, TwinsUPerNet
+    if isinstance(model, TwinsUPerNet):
+        return 'upernet'
+    if isinstance(model, TwinsFPN):
+        return 'fpn'
+    raise ValueError('%s is not a Twins segmenter (TwinsUPerNet / TwinsFPN); twins-timm train trains those'
+                     % type(model).__name__)
+
+
+def build_arch(head: str, variant: str, classes: int, class_names: Optional[Sequence[str]] = None,
+               pretrained: bool = True, drop_path_rate: float = 0.2) -> nn.Module:
+    """Fresh mmseg heads on a Twins backbone (timm's ImageNet weights unless not ``pretrained``)."""
+    from twins_timm.adapters import TwinsFPN, TwinsUPerNet
+    from twins_timm.models.twins import checkpoint_family_args
+    encoder_args = dict(checkpoint_family_args('mmseg', variant), drop_path_rate=drop_path_rate)
+    cls = TwinsUPerNet if head == 'upernet' else TwinsFPN
+    return cls(encoder_name=variant, classes=classes, encoder_args=encoder_args,
+               encoder_weights=True if pretrained else None, class_names=class_names)
+
+
+def adapt(model: nn.Module, classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+          drop_path_rate: Optional[float] = None) -> nn.Module:
+    """Rebuild a loaded segmenter for training: its weights, the training drop-path rate, and fresh
+    classifiers (mmseg's ``conv_seg``) when ``classes`` differs from the model's."""
+    import torch
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith('_')}
+    classes = classes or model.classes
+    new_classes = classes != model.classes
+    if class_names is not None:
+        config['class_names'] = list(class_names)
+    elif new_classes:
+        config['class_names'] = None
+    if new_classes:
+        config['palette'] = None
+    config['classes'] = classes
+    if drop_path_rate is not None:
+        config['encoder_args'] = dict(config.get('encoder_args') or {}, drop_path_rate=drop_path_rate)
+    config['encoder_weights'] = None
+    rebuilt = type(model)(**config)
+    state = model.state_dict()
+    if new_classes:
+        state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIERS)}
+    with torch.no_grad():
+        missing, unexpected = rebuilt.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not (new_classes and k.startswith(CLASSIFIERS))] + list(unexpected)
+    if bad:  # pragma: no cover - the same class and config always match
+        raise ValueError('could not carry the weights over (%s)' % ', '.join(bad[:5]))
+    return rebuilt
+
+
+def build_model(spec: str, classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+                from_scratch: bool = False, drop_path_rate: Optional[float] = None,
+                log=print) -> Tuple[nn.Module, str]:
+    """(model ready to train, description of its source) for a command-line SPEC."""
+    arch = parse_arch(spec)
+    if arch is not None:
+        from .recipe import recipe_for
+        head, variant = arch
+        if drop_path_rate is None:
+            drop_path_rate = recipe_for(head, variant).drop_path_rate
+        n = classes or (len(class_names) if class_names else 150)
+        model = build_arch(head, variant, n, class_names, pretrained=not from_scratch,
+                           drop_path_rate=drop_path_rate)
+        return model, '%s on a %s %s backbone' % (head, 'random-initialised' if from_scratch
+                                                  else "timm ImageNet", variant)
+    if from_scratch:
+        raise ValueError('--from-scratch only applies to HEAD:VARIANT specs such as upernet:twins_svt_small; '
+                         '%s is a trained model' % spec)
+    from twins_timm.tools.loading import load_model
+    loaded = load_model(spec, allow_random=False)
+    model = loaded.model
+    head = head_of(model)
+    if drop_path_rate is None:
+        from .recipe import recipe_for
+        drop_path_rate = recipe_for(head, model.encoder_name).drop_path_rate
+    if classes and classes != model.classes:
+        log('%s has %d classes; training %d: its classifiers start from random weights'
+            % (spec, model.classes, classes))
+    return adapt(model, classes, class_names, drop_path_rate), loaded.source
