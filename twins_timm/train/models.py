@@ -52,8 +52,12 @@ def adapt(model: nn.Module, classes: Optional[int] = None, class_names: Optional
           drop_path_rate: Optional[float] = None) -> nn.Module:
     """Rebuild a loaded segmenter for training: its weights, the training drop-path rate, and fresh
     classifiers (mmseg's ``conv_seg``) when ``classes`` differs from the model's."""
+    import inspect
+
     import torch
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith('_')}
+    accepted = inspect.signature(type(model).__init__).parameters
+    # config.json also carries keys for other loaders (timm's 'architecture'): keep the constructor's
+    config = {k: v for k, v in dict(model.config).items() if k in accepted}
     classes = classes or model.classes
     new_classes = classes != model.classes
     if class_names is not None:
