@@ -7,9 +7,12 @@ numbers: 1e-5 is ~80 float32 steps at magnitude 1 but only ~5 at magnitude 20 (d
 """
 from typing import Any
 
+import pytest
 import torch
 
-__all__ = ['FP32_TOL', 'max_diff', 'scaled_diff']
+from twins_timm.models import kernels
+
+__all__ = ['FP32_TOL', 'fixed_kernels', 'max_diff', 'scaled_diff']
 
 FP32_TOL = 1e-5
 
@@ -26,3 +29,14 @@ def scaled_diff(a: Any, b: Any) -> float:
     if isinstance(a, torch.Tensor):
         return max_diff(a, b) / max(1.0, float(b.float().abs().max()))
     return max(scaled_diff(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def fixed_kernels():
+    """Tests time nothing: every kernel choice is oneDNN's, the CPU-inference path that differs from timm's.
+
+    Autouse in every test module that imports it (``from numerics import fixed_kernels``); a test that
+    checks the choice itself overrides it with ``kernels.forced_kernel(None)`` and an injected timer.
+    """
+    with kernels.forced_kernel(kernels.ONEDNN):
+        yield

@@ -12,6 +12,7 @@ import timm
 import torch
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
+from numerics import fixed_kernels  # noqa: F401 (autouse fixture)
 from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, TwinsUPerNet,
                                  ade20k, from_pretrained, read_config)
 from twins_timm.models.twins import checkpoint_family_args

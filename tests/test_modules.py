@@ -11,19 +11,13 @@ import timm
 from torch import nn
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
-from numerics import FP32_TOL, scaled_diff
+from numerics import fixed_kernels, FP32_TOL, scaled_diff  # noqa: F401 (autouse fixture)
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models import kernels
 from twins_timm.models.twins import checkpoint_family_args
 
 TINY = dict(depths=[2, 2, 2, 2])
 LORA_TARGETS = r'.*\.(attn\.(qkv|q|kv|proj)|mlp\.(fc1|fc2))$'
-
-
-@pytest.fixture(autouse=True)
-def onednn_kernels():
-    with kernels.forced_kernel(kernels.ONEDNN):  # the CPU fast path, whatever this CPU would choose
-        yield
 
 
 def _backbone(name='twins_svt_small'):

@@ -18,7 +18,9 @@ over the un-resized pyramid. Both are taken only when the modules involved carry
 
 One switch for backbone and decoders: ``set_fast_inference(False)`` (or ``TWINS_TIMM_ONEDNN=0`` in the
 environment at import) gives timm's kernels and layouts everywhere, bit-identical to timm's Twins.
-Nothing here runs on a GPU: on CUDA every layer is the plain PyTorch call timm makes.
+``TWINS_TIMM_KERNEL=plain`` or ``=onednn`` (or ``forced_kernel``) fixes the choice without measuring
+(reproducible runs, tests). Nothing here runs on a GPU: on CUDA every layer is the plain PyTorch call
+timm makes.
 ``calibration_report()`` lists every choice made in this process with the GFLOP/s measured.
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ ATTN_CHUNK_ELEMENTS = 1 << 20  # attention scores per chunk of query rows (oneDN
 _ENABLED = os.environ.get('TWINS_TIMM_ONEDNN', '1') != '0'
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 _CHOICES: Dict[Tuple, Dict] = {}   # calibration key -> {'family', 'shape', 'choice', 'gflops'}
-_FORCED: Optional[str] = None
+_FORCED: Optional[str] = os.environ.get('TWINS_TIMM_KERNEL') or None  # 'plain' / 'onednn': no calibration
 _TIMER: Callable[[], float] = time.perf_counter
 
 
