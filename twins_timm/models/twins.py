@@ -279,8 +279,10 @@ class Block(nn.Module):
         # Each branch output is a fresh tensor that nothing saves for backward, so the residual is added
         # into it in place: one allocation less per branch, and bit-identical (IEEE addition commutes).
         x = self.drop_path1(self.attn(self.norm1(x), size)).add_(x)
-        if not torch.jit.is_scripting() and self._mlp_row_chunks(x) > 1:
-            return self._mlp_by_rows(x, self._mlp_row_chunks(x))
+        if not torch.jit.is_scripting():
+            chunks = self._mlp_row_chunks(x)
+            if chunks > 1:  # CPU inference: the MLP over cache-sized row chunks, through its modules
+                return self._mlp_by_rows(x, chunks)
         return self.drop_path2(self.mlp(self.norm2(x))).add_(x)
 
     @torch.jit.unused
@@ -290,9 +292,10 @@ class Block(nn.Module):
         Whole-tensor hidden activations (mlp_ratio x wider than the tokens) leave the caches; chunks keep
         them cache-sized. Hooks must see whole tensors, so a hooked MLP runs in one piece.
         """
-        if self.training or not kernels.fast_inference(x) or not x.is_contiguous():
+        hidden = getattr(self.mlp.fc1, 'out_features', None)  # a user's own fc1 may not say: no chunks
+        if self.training or not isinstance(hidden, int) or not kernels.fast_inference(x) or not x.is_contiguous():
             return 1
-        chunks = kernels.row_chunks(x, self.mlp.fc1.out_features)
+        chunks = kernels.row_chunks(x, hidden)
         return chunks if chunks > 1 and not kernels.has_hooks(self.norm2, self.mlp) else 1
 
     @torch.jit.unused
