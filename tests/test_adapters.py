@@ -212,7 +212,8 @@ def test_from_local_hf_cache_offline(tmp_path):
             assert torch.equal(model(io['x']), io['y'])
         print('ok')
     ''')
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache'),
+    env = dict(os.environ, TWINS_TIMM_KERNEL='onednn', HF_HUB_OFFLINE='1',  # the kernels of this process
+               HF_HUB_CACHE=str(tmp_path / 'cache'),
                HF_HOME=str(tmp_path / 'home'))
     done = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
                           timeout=300)
