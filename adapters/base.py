@@ -17,11 +17,11 @@ from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.base import initialization as init
 from segmentation_models_pytorch.base.modules import Activation
 
-from ..models.twins import MIN_INPUT_SIZE
-from . import ade20k
-from .encoder import TwinsEncoder
-from .loss import AUX_WEIGHT, MAIN_WEIGHT
-from .modules import FCNHead, resize
+from twins_timm.adapters import ade20k
+from twins_timm.adapters.encoder import TwinsEncoder
+from twins_timm.adapters.loss import AUX_WEIGHT, MAIN_WEIGHT
+from twins_timm.adapters.modules import FCNHead, fold_batchnorm, resize
+from twins_timm.models.twins import MIN_INPUT_SIZE
 
 MMSEG_MEAN = (123.675, 116.28, 103.53)
 MMSEG_STD = (58.395, 57.12, 57.375)
@@ -71,8 +71,8 @@ class TwinsSegmentationModel(SegmentationModel):
     Eval mode: `model(x)` -> logits (B, classes, H, W) for a normalised (B, 3, H, W) batch.
     Train mode: `(logits, aux_logits)` when the model has an auxiliary head, else `logits`;
     mmseg weighs the two cross-entropy losses 1.0 and 0.4 (`loss_weights`, see `mmseg_loss`).
-    Multi-GPU (DDP under torchrun): `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)` before
-    wrapping, as mmseg's SyncBN configs train; `set_grad_checkpointing()` saves backbone memory.
+    Multi-GPU (DDP under torchrun): `timm.layers.convert_sync_batchnorm(model)` before wrapping (the
+    heads are timm `ConvNormAct`s, BN + ReLU in one module), as mmseg's SyncBN configs train; `set_grad_checkpointing()` saves backbone memory.
 
     Arguments shared by TwinsUPerNet and TwinsFPN:
         encoder_name: 'twins_{pcpvt,svt}_{small,base,large}'.
@@ -151,6 +151,14 @@ class TwinsSegmentationModel(SegmentationModel):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing of the backbone (trades compute for activation memory)."""
         self.encoder.set_grad_checkpointing(enable)
+
+    def fold_batchnorm(self) -> 'TwinsSegmentationModel':
+        """Fold the heads' eval BatchNorms into their convs, once (inference deployment; see `modules`).
+
+        Same logits within rounding, one full-size pass less per conv block. Save before folding:
+        the folded model has no `.bn.*` weights.
+        """
+        return fold_batchnorm(self)
 
     def forward(self, x: torch.Tensor) -> Outputs:
         """Logits at the input size; in training also the auxiliary logits if there is a head."""

@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from ..models.twins import use_onednn_inference
+from twins_timm.models import kernels
 
 NUM_STAGES = 4
 
@@ -75,7 +75,7 @@ class TwinsEncoder(nn.Module):
 
     def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The four NCHW stage maps, strides 4, 8, 16, 32 (channels-last views in fast inference)."""
-        if use_onednn_inference(x):  # the backbone's tokens are channels-last maps already: no copies
+        if kernels.fast_inference(x):  # the backbone's tokens are channels-last maps already: no copies
             maps = self.model.forward_intermediates(
                 x, indices=list(range(NUM_STAGES)), intermediates_only=True, output_fmt='NHWC')
             return [m.permute(0, 3, 1, 2) for m in maps]

@@ -1,17 +1,22 @@
 """Building blocks shared by the decoders, named so that mmseg checkpoints load by prefix rename.
 
-mmcv's `ConvModule` stores its parts as `.conv` / `.bn`, and mmseg heads classify with
-`.conv_seg`; keeping those names lets `decoder.<X>` take `decode_head.<X>` unchanged.
+mmcv's `ConvModule` stores its parts as `.conv` / `.bn`, as does timm's `ConvNormAct`, and mmseg
+heads classify with `.conv_seg`; keeping those names lets `decoder.<X>` take `decode_head.<X>`
+unchanged. Every layer is a library module called as a module (hooks, PEFT, swaps work); for
+deployment `fold_batchnorm` folds each eval BatchNorm into its conv once, with torch's fuse helper.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, ConvNormAct
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..models.twins import linear
+from twins_timm.models import kernels
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -19,9 +24,9 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
 
 
-def fast_inference() -> bool:
-    """Whether the decoders take their inference shortcuts (no autograd, not torch.export)."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_exporting()
+def fast_inference(x: torch.Tensor) -> bool:
+    """Whether the decoders take their inference shortcuts: the backbone's switch (CPU inference)."""
+    return kernels.fast_inference(x)
 
 
 def adaptive_pool_matrix(n: int, bins: int, like: torch.Tensor) -> torch.Tensor:
@@ -46,14 +51,22 @@ def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
     return rows @ x @ cols.T
 
 
+def resize_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """(size, n): `resize` from n to size along one axis as a matrix (`resize`'s own weights).
+
+    Built by resizing an identity, so it is exactly what `resize` computes, for any n and size.
+    """
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)[None, None]
+    return resize(eye, (size, n))[0, 0]
+
+
 def shifted_resize_matrices(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     """(3, size, n): `resize` from n to size along one axis as a matrix, then moved by -1, 0, +1 rows.
 
     Row r of matrix k is output position r + k - 1 (zero outside), i.e. what tap k of a padded 3x3
     conv reads along that axis. Built by resizing an identity, so it is `resize`'s own weights.
     """
-    eye = torch.eye(n, dtype=like.dtype, device=like.device)[None, None]
-    rows = F.pad(resize(eye, (size, n))[0, 0], (0, 0, 1, 1))
+    rows = F.pad(resize_matrix(n, size, like), (0, 0, 1, 1))
     return torch.stack([rows[k:k + size] for k in range(3)])
 
 
@@ -72,52 +85,45 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int]
     taps = taps.view(b, 3, 3 * out_ch * h, w)
     cols = shifted_resize_matrices(w, width, x)
     rows = shifted_resize_matrices(h, height, x)
-    along_w = linear(taps[:, 0], cols[0])
+    along_w = kernels.linear(taps[:, 0], cols[0])
     for kx in (1, 2):
-        along_w += linear(taps[:, kx], cols[kx])  # (b, (ky, o, r), width)
+        along_w += kernels.linear(taps[:, kx], cols[kx])  # (b, (ky, o, r), width)
     along_w = along_w.view(b, 3, out_ch, h, width).permute(0, 1, 3, 4, 2).reshape(b, 3 * h, width * out_ch)
     out = rows.permute(1, 0, 2).reshape(height, 3 * h) @ along_w  # (b, height, (width, o)): one GEMM
     return out.view(b, height, width, out_ch).permute(0, 3, 1, 2)  # NCHW, channels-last memory
 
 
-class ConvNormAct(nn.Module):
-    """Conv -> BatchNorm -> ReLU, or a plain biased conv (mmcv `ConvModule` layout).
+def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int,
+                  norm: bool = True, act: bool = True) -> ConvNormAct:
+    """timm's `ConvNormAct`: conv -> BatchNorm + ReLU (mmcv `ConvModule` keys), or a plain biased conv.
 
     With `norm=True` the conv has no bias (BN supplies it); the FPN neck uses `norm=False,
     act=False`, i.e. a conv with bias and nothing else.
     """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
-                 norm: bool = True, act: bool = True):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
-                              padding=kernel_size // 2, bias=not norm)
-        self.bn = nn.BatchNorm2d(out_channels) if norm else None
-        self.activate = nn.ReLU(inplace=True) if act else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_act(self.conv(x))
-
-    def norm_act(self, x: torch.Tensor) -> torch.Tensor:
-        """What follows the conv: BatchNorm and ReLU (each if present); `x` must be the fresh conv output."""
-        if self.bn is not None and not self.bn.training and fast_inference():
-            # eval BN is one affine map per channel: applied in place, no second full-size map
-            bn = self.bn
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            shift = bn.bias - bn.running_mean * scale
-            x = torch.addcmul(shift[:, None, None], x, scale[:, None, None], out=x)
-        elif self.bn is not None:
-            x = self.bn(x)
-        if self.activate is not None:
-            x = self.activate(x)
-        return x
+    return ConvNormAct(in_channels, out_channels, kernel_size, bias=not norm, apply_norm=norm,
+                       apply_act=act)
 
 
-class Upsample2x(nn.Module):
-    """Bilinear x2 (`align_corners=False`); parameter-free slot in FPNHead's scale heads."""
+def upsample2x() -> nn.Upsample:
+    """Bilinear x2 (`align_corners=False`, the same weights as `resize` to twice the size)."""
+    return nn.Upsample(scale_factor=2, mode='bilinear', align_corners=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval BatchNorm of a `ConvNormAct` into its conv (torch's `fuse_conv_bn_eval`), in place.
+
+    A deployment step for inference: the BN's affine map becomes the conv's weight and bias, and the
+    `.bn` slot keeps only its activation. The state dict changes (no `.bn.*` keys), so save the model
+    before folding, not after. Raises if the model is in training mode.
+    """
+    if model.training:
+        raise ValueError('fold_batchnorm folds eval-mode statistics; call model.eval() first')
+    for m in model.modules():
+        if isinstance(m, ConvNormAct) and isinstance(m.bn, BatchNormAct2d) and type(m.conv) is nn.Conv2d:
+            m.conv = fuse_conv_bn_eval(m.conv, m.bn)
+            m.bn = nn.Sequential(OrderedDict(drop=m.bn.drop, act=m.bn.act))
+    return model
 
 
 class SegHead(nn.Module):
@@ -139,7 +145,7 @@ class FCNHead(nn.Module):
                  num_convs: int = 1, dropout: float = 0.1):
         super().__init__()
         self.convs = nn.Sequential(*[
-            ConvNormAct(in_channels if i == 0 else channels, channels, 3)
+            conv_norm_act(in_channels if i == 0 else channels, channels, 3)
             for i in range(num_convs)])
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, classes, kernel_size=1)

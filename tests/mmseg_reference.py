@@ -1,51 +1,25 @@
 """mmsegmentation 1.x reference models on CPU, for parity tests only.
 
-mmseg 1.2.2 with mmcv-lite (no compiled ops) imports `mmcv.ops` at module level in a few files
-that have nothing to do with Twins, so a stand-in `mmcv.ops` is put in `sys.modules` before
-`mmseg.models` is imported. Reference models come from mmseg's own Twins configs (shipped in the
-wheel under `mmseg/.mim/configs/twins/`), with SyncBN replaced by BN, seeded random weights
-(BatchNorm running statistics included) and eval mode.
+Built by the package's one builder (`twins_timm.tools.mmseg_reference`, shared with `twins-timm bench`:
+mmseg's own Twins configs, SyncBN replaced by BN, the `mmcv.ops` stand-in for mmcv-lite), then given
+seeded random weights (BatchNorm running statistics included) and eval mode.
 
 Tests call `require_mmseg()` first: it skips the test when mmseg is not installed.
 """
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-FAMILIES = ('pcpvt', 'svt')
-SIZES = ('small', 'base', 'large')
-HEADS = ('fpn', 'upernet')
+from twins_timm.tools.mmseg_reference import FAMILIES, HEADS, SIZES, config_path, import_mmseg
+from twins_timm.tools.mmseg_reference import model_config as _model_config
 
-_CONFIG_FILES = {
-    'fpn': 'twins_{family}-{s}_fpn_fpnhead_8xb4-80k_ade20k-512x512.py',
-    'upernet': 'twins_{family}-{s}_uperhead_8xb{bs}-160k_ade20k-512x512.py',
-}
-
-
-def _install_mmcv_ops_stand_in() -> None:
-    """Put a stand-in `mmcv.ops` in sys.modules (mmcv-lite has no compiled ops)."""
-    if 'mmcv.ops' in sys.modules:
-        return
-
-    def _unavailable(name: str):
-        def fail(*args: Any, **kwargs: Any):
-            raise NotImplementedError(f'mmcv.ops.{name} is a test stand-in (mmcv-lite has no ops)')
-        return fail
-
-    ops = types.ModuleType('mmcv.ops')
-    for name in ('point_sample', 'sigmoid_focal_loss', 'CrissCrossAttention', 'PSAMask',
-                 'DeformConv2d', 'ModulatedDeformConv2d'):
-        setattr(ops, name, _unavailable(name))
-    sys.modules['mmcv.ops'] = ops
-    import mmcv
-    mmcv.ops = ops
+__all__ = ['FAMILIES', 'HEADS', 'SIZES', 'config_path', 'require_mmseg', 'model_config', 'randomize_',
+           'build_reference', 'mmseg_checkpoint_object', 'save_mmseg_checkpoint', 'reference_logits',
+           'reference_features']
 
 
 def require_mmseg():
@@ -53,41 +27,13 @@ def require_mmseg():
     pytest.importorskip('mmengine')
     pytest.importorskip('mmcv')
     pytest.importorskip('mmseg')
-    _install_mmcv_ops_stand_in()
-    import mmseg.models  # noqa: F401  registers the models
-    from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=True)
-    return mmseg.models
-
-
-def config_path(family: str, size: str, head: str) -> Path:
-    """mmseg's own config file of one of the 12 ADE20K Twins models."""
-    import mmseg
-    batch = '4' if (family, size) == ('pcpvt', 'small') else '2'
-    name = _CONFIG_FILES[head].format(family=family, s=size[0], bs=batch)
-    return Path(mmseg.__file__).parent / '.mim' / 'configs' / 'twins' / name
-
-
-def _syncbn_to_bn(cfg: Any) -> Any:
-    if isinstance(cfg, dict):
-        out = {k: _syncbn_to_bn(v) for k, v in cfg.items()}
-        if out.get('type') == 'SyncBN':
-            out['type'] = 'BN'
-        return out
-    if isinstance(cfg, (list, tuple)):
-        return type(cfg)(_syncbn_to_bn(v) for v in cfg)
-    return cfg
+    return import_mmseg()
 
 
 def model_config(family: str, size: str, head: str) -> dict:
     """The `model` dict of mmseg's config, ready to build on CPU without downloads."""
     require_mmseg()
-    from mmengine.config import Config
-    cfg = Config.fromfile(str(config_path(family, size, head))).model.to_dict()
-    cfg = _syncbn_to_bn(cfg)
-    cfg['backbone'].pop('init_cfg', None)   # would download ImageNet weights
-    cfg['backbone']['pretrained'] = None
-    return cfg
+    return _model_config(family, size, head)
 
 
 @torch.no_grad()

@@ -2,11 +2,41 @@
 
 Two computations of the same function in fp32 differ by rounding, which grows with the size of the
 numbers: 1e-5 is ~80 float32 steps at magnitude 1 but only ~5 at magnitude 20 (deep Twins features).
-``scaled_diff`` divides by max(1, max |reference|), so 1e-5 means the same everywhere. The functions are
-the benchmark's own, so tests and `twins-timm bench` report the same measure.
+``scaled_diff`` divides by max(1, max |reference|), so 1e-5 means the same everywhere (the measure
+`twins-timm bench` reports as scaled_diff).
 """
-from twins_timm.tools.bench import max_abs_diff as max_diff, scaled_diff
+from typing import Any
 
-__all__ = ['FP32_TOL', 'max_diff', 'scaled_diff']
+import pytest
+import torch
+
+from twins_timm.models import kernels
+
+__all__ = ['FP32_TOL', 'fixed_kernels', 'max_diff', 'scaled_diff']
 
 FP32_TOL = 1e-5
+
+
+def max_diff(a: Any, b: Any) -> float:
+    """Largest |a - b| over a tensor or over matching sequences of tensors."""
+    if isinstance(a, torch.Tensor):
+        return float((a.float() - b.float()).abs().max())
+    return max(max_diff(x, y) for x, y in zip(a, b))
+
+
+def scaled_diff(a: Any, b: Any) -> float:
+    """max_diff per output divided by max(1, max |b|): rounding grows with the numbers' size."""
+    if isinstance(a, torch.Tensor):
+        return max_diff(a, b) / max(1.0, float(b.float().abs().max()))
+    return max(scaled_diff(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def fixed_kernels():
+    """Tests time nothing: every kernel choice is oneDNN's, the CPU-inference path that differs from timm's.
+
+    Autouse in every test module that imports it (``from numerics import fixed_kernels``); a test that
+    checks the choice itself overrides it with ``kernels.forced_kernel(None)`` and an injected timer.
+    """
+    with kernels.forced_kernel(kernels.ONEDNN):
+        yield

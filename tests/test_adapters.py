@@ -12,6 +12,7 @@ import timm
 import torch
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
+from numerics import fixed_kernels  # noqa: F401 (autouse fixture)
 from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, TwinsUPerNet,
                                  ade20k, from_pretrained, read_config)
 from twins_timm.models.twins import checkpoint_family_args
@@ -211,7 +212,8 @@ def test_from_local_hf_cache_offline(tmp_path):
             assert torch.equal(model(io['x']), io['y'])
         print('ok')
     ''')
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache'),
+    env = dict(os.environ, TWINS_TIMM_KERNEL='onednn', HF_HUB_OFFLINE='1',  # the kernels of this process
+               HF_HUB_CACHE=str(tmp_path / 'cache'),
                HF_HOME=str(tmp_path / 'home'))
     done = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -76,15 +76,16 @@ def test_short_fine_tuning_lowers_the_loss():
 
 
 def test_sync_batchnorm_conversion():
-    """torch's standard helper makes a DDP-ready model with the same names and numerics."""
+    """timm's helper (the heads are timm ConvNormActs) makes a DDP-ready model with the same names and numerics."""
+    from timm.layers import SyncBatchNormAct, convert_sync_batchnorm
     model = _model(TwinsFPN).eval()
     x, target = _synthetic_batch(48, 56)
     with torch.no_grad():
         expected = model(x)
     keys = list(model.state_dict())
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    synced = convert_sync_batchnorm(model)
     kinds = {type(m) for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    assert kinds == {torch.nn.SyncBatchNorm}
+    assert kinds == {SyncBatchNormAct}
     assert list(synced.state_dict()) == keys
     with torch.no_grad():
         assert torch.equal(synced.eval()(x), expected)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import twins_timm
 import twins_timm.models.twins as twins_mod
 from mmseg_reference import randomize_
-from numerics import FP32_TOL, max_diff, scaled_diff
+from numerics import fixed_kernels, FP32_TOL, max_diff, scaled_diff  # noqa: F401 (autouse fixture)
 from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
 
 VARIANTS = [f'twins_{a}_{s}' for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]

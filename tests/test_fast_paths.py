@@ -1,10 +1,11 @@
 """Every inference fast path of the backbone computes what the plain (training / autograd) path computes.
 
-The fast paths: linear layers through oneDNN (a 1x1 conv on a channels-last view), the MLP run over row
-chunks with the residual added in place (inference only), and the window attention as batched matmuls.
+The fast paths: linear layers and PCPVT's global attention through whichever kernel the calibration
+picked (forced here to oneDNN so the path is exercised), the MLP run over row chunks through its own
+modules with the residual added in place (inference only), and the window attention as batched matmuls.
 Chunk sizes are shrunk here so that small inputs take several ragged chunks; the plain path is the same
 model with autograd recording (F.linear, no chunking, no in-place). Differences are measured against
-the output's scale (see numerics.py).
+the output's scale (see numerics.py). Kernel choice is tested with an injected timer: tests time nothing.
 """
 import subprocess
 import sys
@@ -17,48 +18,53 @@ from torch.overrides import TorchFunctionMode
 
 import twins_timm.models.twins as twins_mod
 from numerics import FP32_TOL, scaled_diff
-from twins_timm.models.twins import Block, checkpoint_family_args, linear
+from twins_timm.models import kernels
+from twins_timm.models.twins import Block, checkpoint_family_args
 
 SIZES = [(64, 64), (97, 131), (250, 333)]
 
 
-_patch = pytest.MonkeyPatch()
-
-
 @pytest.fixture(autouse=True)
-def _undo_patches():
-    yield
-    _patch.undo()
+def onednn_kernels():
+    """Every choice oneDNN (where a oneDNN kernel exists): the fast path runs whatever this CPU prefers."""
+    with kernels.forced_kernel(kernels.ONEDNN):
+        yield
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(twins_mod, 'MLP_CHUNK_ELEMENTS', 1)
-    monkeypatch.setattr(twins_mod, 'MLP_CHUNK_MIN_ROWS', 32)
+    monkeypatch.setattr(kernels, 'MLP_CHUNK_ELEMENTS', 1)
+    monkeypatch.setattr(kernels, 'MLP_CHUNK_MIN_ROWS', 32)
 
 
-def _model(name, family='timm', seed=0):
+def _model(name, family='timm', seed=0, **kwargs):
     torch.manual_seed(seed)
     args = checkpoint_family_args(family, name) if family != 'timm' else {}
-    model = timm.create_model(name, **args).eval()
+    model = timm.create_model(name, **args, **kwargs).eval()
     with torch.no_grad():
         for p in model.parameters():  # move off the init's zero biases / unit norms
             p.add_(torch.randn_like(p) * .05)
     return model
 
 
-def _count_fc1_calls(model):
-    """fc1 applications: one per block on the plain path, one per chunk on the chunked one."""
-    calls = []
-    for m in model.modules():
-        if isinstance(m, Block):
-            m.mlp.fc1.register_forward_hook(lambda *a: calls.append(1))
-    chunked = twins_mod._mlp_residual_by_rows
+def _count_fc1_calls(model, monkeypatch):
+    """fc1 applications: one per block on the plain path, one per chunk on the chunked one.
 
-    def counting(*args, **kwargs):
-        calls.extend([1] * args[8])
-        return chunked(*args, **kwargs)
-    _patch.setattr(twins_mod, '_mlp_residual_by_rows', counting)
+    Counted without hooks (a hook on the MLP turns chunking off): the chunk loop is wrapped instead.
+    """
+    calls = []
+    chunked = Block._mlp_by_rows
+
+    def counting(self, x, chunks):
+        calls.extend([1] * chunks)
+        return chunked(self, x, chunks)
+    original = Block.forward
+
+    def forward(self, x, size):
+        calls.append(0)  # one per block call; chunked calls add their chunks
+        return original(self, x, size)
+    monkeypatch.setattr(Block, '_mlp_by_rows', counting)
+    monkeypatch.setattr(Block, 'forward', forward)
     return calls
 
 
@@ -71,48 +77,65 @@ def _plain(model, x):
 @pytest.mark.parametrize('name,family', [('twins_pcpvt_small', 'timm'), ('twins_svt_small', 'timm'),
                                          ('twins_svt_small', 'official_seg'), ('twins_pcpvt_small', 'mmseg')])
 @pytest.mark.parametrize('size', SIZES)
-def test_chunked_inference_equals_plain_path(small_chunks, name, family, size):
+def test_chunked_inference_equals_plain_path(small_chunks, name, family, size, monkeypatch):
     model = _model(name, family)
-    calls = _count_fc1_calls(model)
+    calls = _count_fc1_calls(model, monkeypatch)
     x = torch.randn(2, 3, *size)
     plain = _plain(model, x.clone())
-    n_plain = len(calls)
+    assert sum(calls) == 0  # autograd: no chunks
     with torch.inference_mode():
         fast = model.forward_intermediates(x, intermediates_only=True)
-    assert len(calls) - n_plain > n_plain  # the inference run really went through row chunks
+    assert sum(calls) > 0  # the inference run really went through row chunks
     assert [a.shape for a in fast] == [b.shape for b in plain]
     assert scaled_diff(fast, plain) <= FP32_TOL
 
 
-def test_no_grad_also_takes_the_fast_path_and_leaves_input_alone(small_chunks):
+def test_no_grad_also_takes_the_fast_path_and_leaves_input_alone(small_chunks, monkeypatch):
     model = _model('twins_svt_small')
     x = torch.randn(1, 3, 96, 96)
     x0 = x.clone()
     plain = _plain(model, x.clone())
-    calls = _count_fc1_calls(model)
+    calls = _count_fc1_calls(model, monkeypatch)
     with torch.no_grad():
         fast = model.forward_intermediates(x, intermediates_only=True)
-    assert len(calls) > sum(model.depths)
+    assert sum(calls) > 0
     assert torch.equal(x, x0)
     assert scaled_diff(fast, plain) <= FP32_TOL
 
 
-def test_training_mode_never_chunks(small_chunks):
+def test_training_mode_never_chunks(small_chunks, monkeypatch):
     model = _model('twins_pcpvt_small').train()
-    calls = _count_fc1_calls(model)
+    calls = _count_fc1_calls(model, monkeypatch)
     with torch.no_grad():
         model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
-    assert len(calls) == sum(model.depths)
+    assert len(calls) == sum(model.depths) and sum(calls) == 0
 
 
-def test_default_chunking_at_512_matches_plain_path():
+def test_hooked_mlp_runs_whole_and_hooks_see_full_tensors(small_chunks, monkeypatch):
+    model = _model('twins_svt_small', depths=[2, 2, 2, 2])
+    calls = _count_fc1_calls(model, monkeypatch)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        chunked = model.forward_intermediates(x, intermediates_only=True)
+    assert sum(calls) > 0
+    calls.clear()
+    seen = []
+    model.blocks[0][0].mlp.fc2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.inference_mode():
+        whole = model.forward_intermediates(x, intermediates_only=True)
+    assert seen == [torch.Size([1, 24 * 24, 64])]  # every token at once
+    assert calls[0] == 0  # the hooked block did not chunk; the others still do
+    assert scaled_diff(whole, chunked) <= FP32_TOL
+
+
+def test_default_chunking_at_512_matches_plain_path(monkeypatch):
     # real chunk sizes: at 512x512 the first two stages' MLPs run in several chunks
     model = _model('twins_pcpvt_small')
     x = torch.randn(1, 3, 512, 512)
-    calls = _count_fc1_calls(model)
+    calls = _count_fc1_calls(model, monkeypatch)
     with torch.inference_mode():
         fast = model.forward_intermediates(x, intermediates_only=True)
-    assert len(calls) > sum(model.depths)
+    assert sum(calls) > 0
     plain = _plain(model, x)
     assert scaled_diff(fast, plain) <= FP32_TOL
 
@@ -140,37 +163,6 @@ def test_masked_window_attention_equals_reference_math(size):
     assert (out - ref).abs().max().item() <= 1e-5
 
 
-def test_chunked_mlp_operator_passes_opcheck():
-    x = torch.randn(2, 50, 16)
-    args = (torch.rand(16) + .5, torch.randn(16), 1e-6, torch.randn(64, 16), torch.randn(64),
-            torch.randn(16, 64), torch.randn(16), 3)
-    torch.library.opcheck(torch.ops.twins_timm.mlp_residual_by_rows.default, (x,) + args)
-    out = torch.ops.twins_timm.mlp_residual_by_rows(x, *args)
-    ln = torch.nn.functional.layer_norm(x, (16,), args[0], args[1], 1e-6)
-    ref = x + torch.nn.functional.linear(torch.nn.functional.gelu(
-        torch.nn.functional.linear(ln, args[3], args[4])), args[5], args[6])
-    assert (out - ref).abs().max().item() <= 1e-5
-
-
-def test_compiled_inference_calls_the_chunked_operator(small_chunks):
-    # fullgraph: the chunk loop is one opaque operator in the captured graph, not a break or an unrolled loop
-    model = _model('twins_svt_small')
-    x = torch.randn(1, 3, 96, 96)
-    plain = _plain(model, x.clone())
-    targets = []
-
-    def recording_backend(gm, example_inputs):
-        targets.extend(str(node.target) for node in gm.graph.nodes)
-        return gm.forward
-
-    with torch.inference_mode():
-        compiled = torch.compile(lambda t: model.forward_intermediates(t, intermediates_only=True),
-                                 backend=recording_backend, fullgraph=True)
-        out = compiled(x)
-    assert sum('mlp_residual_by_rows' in t for t in targets) == sum(model.depths)  # every inference MLP
-    assert scaled_diff(out, plain) <= FP32_TOL
-
-
 # ------------------------------------------------------------------------------ oneDNN linear
 class _CountCalls(TorchFunctionMode):
     """How often F.linear and F.conv2d are called (torch functions, seen before dispatch)."""
@@ -185,23 +177,26 @@ class _CountCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _calls(model, x, grad=False, exact=False):
-    twins_mod.set_onednn_inference(not exact)
+def _calls(model, x, grad=False, exact=False, kernel=kernels.ONEDNN):
+    kernels.set_fast_inference(not exact)
     try:
-        with torch.set_grad_enabled(grad), _CountCalls() as mode:
+        with kernels.forced_kernel(kernel), torch.set_grad_enabled(grad), _CountCalls() as mode:
             model.forward_intermediates(x, intermediates_only=True)
     finally:
-        twins_mod.set_onednn_inference(True)
+        kernels.set_fast_inference(True)
     return mode.counts[F.linear], mode.counts[F.conv2d]
 
 
-def test_inference_linears_run_as_onednn_convs():
+def test_inference_linears_take_the_chosen_kernel():
     model = _model('twins_svt_small')
     x = torch.randn(1, 3, 64, 64)
     convs_only = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())  # patch embeds, PEGs, reductions
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.blocks.modules())
     assert (convs_only, n_linear) == (4 + 4 + 7, 9 * 4 + 9 * 5)  # SVT-S: 9 LSA and 9 GSA blocks
-    assert _calls(model, x) == (0, convs_only + n_linear)  # every linear layer of every block, MLPs included
+    assert all(type(m) is kernels.Linear for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    gsa_blocks = 9  # one image: the global attention as two grouped 1x1 convs per GSA block
+    assert _calls(model, x) == (0, convs_only + n_linear + 2 * gsa_blocks)  # oneDNN chosen everywhere
+    assert _calls(model, x, kernel=kernels.PLAIN) == (n_linear, convs_only)  # plain chosen: timm's F.linear
     assert _calls(model, x, grad=True) == (n_linear, convs_only)  # autograd: timm's F.linear
     assert _calls(model, x, exact=True) == (n_linear, convs_only)  # set_onednn_inference(False)
 
@@ -213,30 +208,30 @@ def test_onednn_linear_equals_f_linear(shape, k, n, bias):
     x = torch.randn(shape)
     w, b = torch.randn(n, k) / k ** .5, (torch.randn(n) if bias else None)
     with torch.no_grad():
-        out = linear(x, w, b)
+        out = kernels.onednn_linear(x, w, b)
         assert out.shape == (*shape[:-1], n) and out.is_contiguous()
         assert scaled_diff(out, F.linear(x, w, b)) <= FP32_TOL
         strided = x.transpose(0, -2) if x.ndim == 3 else x[::2]  # non-contiguous rows are gathered first
-        assert scaled_diff(linear(strided, w, b), F.linear(strided, w, b)) <= FP32_TOL
-        if k <= 192:  # short products: the same sums in the same order as MKL on this machine
-            assert torch.equal(out, F.linear(x, w, b))
+        assert scaled_diff(kernels.onednn_linear(strided, w, b), F.linear(strided, w, b)) <= FP32_TOL
 
 
-def test_onednn_linear_follows_autograd_and_bf16():
-    w, b = torch.randn(64, 32), torch.randn(64)
+def test_linear_module_follows_autograd_and_bf16():
+    torch.manual_seed(0)
+    layer = kernels.Linear(32, 64)
     x = torch.randn(10, 32, requires_grad=True)
-    linear(x, w, b).sum().backward()  # grad enabled: F.linear, differentiable
-    assert torch.allclose(x.grad, w.sum(0).expand(10, 32))
+    layer(x).sum().backward()  # grad enabled: F.linear, differentiable
+    assert torch.allclose(x.grad, layer.weight.sum(0).expand(10, 32), atol=1e-6)
+    assert layer.weight.grad is not None
     with torch.no_grad():
-        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
-        out = linear(xb, wb, bb)
+        xb = x.bfloat16()
+        out = layer.bfloat16()(xb)
         assert out.dtype == torch.bfloat16
-        assert scaled_diff(out.float(), F.linear(xb, wb, bb).float()) <= 1e-2
+        assert scaled_diff(out.float(), F.linear(xb, layer.weight, layer.bias).float()) <= 1e-2
 
 
-def test_onednn_linear_switch_from_environment():
-    code = ('import torch, twins_timm.models.twins as t; x = torch.randn(4, 8); '
-            'print(torch.no_grad()(t.use_onednn_inference)(x))')
+def test_fast_inference_switch_from_environment():
+    code = ('import torch; from twins_timm.models import kernels; x = torch.randn(4, 8); '
+            'print(torch.no_grad()(kernels.fast_inference)(x))')
     for value, expect in (('0', 'False'), ('1', 'True')):
         env = dict(__import__('os').environ, TWINS_TIMM_ONEDNN=value)
         res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
@@ -244,34 +239,139 @@ def test_onednn_linear_switch_from_environment():
         assert res.stdout.strip() == expect
 
 
-def test_mlp_row_chunks_only_on_cpu():
-    blk = Block(64, 1, mlp_ratio=8).eval()
+def test_nothing_cpu_specific_off_the_cpu():
     with torch.no_grad():
-        assert blk._row_chunks(torch.empty(2, 16384, 64)) > 1
-        assert blk._row_chunks(torch.empty(2, 16384, 64, device='meta')) == 1  # GPUs: one product
-    assert blk._row_chunks(torch.empty(2, 16384, 64)) == 0  # autograd: the plain path
+        assert kernels.fast_inference(torch.empty(4, 8))
+        assert not kernels.fast_inference(torch.empty(4, 8, device='meta'))  # GPUs: timm's kernels
+        assert not kernels.fast_inference(torch.empty(4, 8, dtype=torch.float64))
+    assert not kernels.fast_inference(torch.empty(4, 8))  # autograd
+
+
+class _CountSDPA(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_window_attention_off_the_cpu_takes_torch_fused_attention():
+    # on a non-CPU device (meta stands in for CUDA) the windows go through F.scaled_dot_product_attention
+    from twins_timm.models.twins import LocallyGroupedAttn
+    attn = LocallyGroupedAttn(32, 2, ws=7, window_mask=True, device='meta').eval()
+    with torch.no_grad(), _CountSDPA() as mode:
+        out = attn(torch.empty(2, 10 * 12, 32, device='meta'), (10, 12))
+    assert mode.calls == 1 and out.shape == (2, 120, 32)
+    cpu = LocallyGroupedAttn(32, 2, ws=7).eval()
+    with torch.no_grad(), _CountSDPA() as mode:
+        cpu(torch.randn(2, 10 * 12, 32), (10, 12))
+    assert mode.calls == 0  # CPU: 49-token windows as batched matmuls (bit-identical to timm's CPU math)
 
 
 @pytest.mark.parametrize('heads,keys', [(1, 49), (5, 16), (8, 100)])
-def test_token_attention_equals_sdpa(heads, keys, monkeypatch):
-    monkeypatch.setattr(twins_mod, 'ATTN_CHUNK_ELEMENTS', 1)  # 64-row chunks: ragged last chunk
+def test_onednn_attention_equals_sdpa(heads, keys, monkeypatch):
+    monkeypatch.setattr(kernels, 'ATTN_CHUNK_ELEMENTS', 1)  # 64-row chunks: ragged last chunk
     torch.manual_seed(0)
     d, n = 64, 150
     q, k, v = torch.randn(2, n, heads * d), torch.randn(2, keys, heads, d), torch.randn(2, keys, heads, d)
     with torch.no_grad():
-        got = twins_mod.token_attention(q, k, v, d ** -0.5)
-        want = F.scaled_dot_product_attention(q.view(2, n, heads, d).transpose(1, 2), k.transpose(1, 2),
-                                              v.transpose(1, 2)).transpose(1, 2).reshape(2, n, heads * d)
+        got = kernels.onednn_attention(q, k, v, d ** -0.5)
+        want = kernels.sdpa_attention(q, k, v, d ** -0.5)
+        ref = F.scaled_dot_product_attention(q.view(2, n, heads, d).transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2)).transpose(1, 2).reshape(2, n, heads * d)
+    assert torch.equal(want, ref)
     assert got.shape == want.shape and scaled_diff(got, want) <= FP32_TOL
 
 
-def test_pcpvt_inference_attention_runs_as_convs():
-    # PCPVT's 64-wide heads take token_attention in CPU inference; SVT's 32-wide ones keep torch's kernel
+@pytest.mark.parametrize('kernel,expect', [(kernels.ONEDNN, 16), (kernels.PLAIN, 0)])
+def test_pcpvt_inference_attention_follows_the_choice(kernel, expect, monkeypatch):
     calls = []
-    original = twins_mod.token_attention
-    _patch.setattr(twins_mod, 'token_attention', lambda *a: calls.append(1) or original(*a))
-    for name, expect in (('twins_pcpvt_small', 16), ('twins_svt_small', 0)):
-        calls.clear()
-        with torch.no_grad():
-            _model(name).forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
-        assert len(calls) == expect, name
+    original = kernels.onednn_attention
+    monkeypatch.setattr(kernels, 'onednn_attention', lambda *a: calls.append(1) or original(*a))
+    with kernels.forced_kernel(kernel), torch.no_grad():
+        _model('twins_pcpvt_small').forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
+    assert len(calls) == expect
+
+
+# ------------------------------------------------------------------- choosing by measurement
+class FakeTimer:
+    """perf_counter stand-in: each timed call of a candidate 'takes' the seconds given for it."""
+
+    def __init__(self):
+        self.now, self.running = 0.0, None
+
+    def __call__(self):
+        return self.now
+
+
+def _fake_candidates(timer, seconds, calls):
+    def make(name):
+        def run():
+            calls.append(name)
+            timer.now += seconds[name]
+        return run
+    return {name: make(name) for name in seconds}
+
+
+@pytest.mark.parametrize('plain_s,onednn_s,expect', [
+    (1.0, 0.5, kernels.ONEDNN),   # clearly faster: taken
+    (1.0, 0.97, kernels.PLAIN),   # within the margin: timm's kernel stays
+    (1.0, 2.0, kernels.PLAIN),    # slower: never taken
+])
+def test_choice_by_measurement(plain_s, onednn_s, expect):
+    kernels.clear_calibration()
+    timer, calls = FakeTimer(), []
+    cands = _fake_candidates(timer, {kernels.PLAIN: plain_s, kernels.ONEDNN: onednn_s}, calls)
+    with kernels.forced_kernel(None):
+        assert kernels.choose('test', ('shape', plain_s, onednn_s), 1e9, cands, timer=timer) == expect
+        n = len(calls)
+        assert n == 2 * (1 + kernels.CALIBRATION_ROUNDS)  # warm-up + interleaved rounds
+        assert kernels.choose('test', ('shape', plain_s, onednn_s), 1e9, cands, timer=timer) == expect
+        assert len(calls) == n  # cached per process and shape: measured once
+    (rec,) = [r for r in kernels.calibration_report() if r['family'] == 'test']
+    assert rec['choice'] == expect and rec['gflops'][kernels.PLAIN] == pytest.approx(1.0 / plain_s)
+    kernels.clear_calibration()
+
+
+def test_calibration_keeps_the_fastest_round_and_interleaves():
+    kernels.clear_calibration()
+    timer, calls = FakeTimer(), []
+    slow_once = {'n': 0}
+
+    def plain():
+        calls.append('p')
+        slow_once['n'] += 1
+        timer.now += 5.0 if slow_once['n'] == 2 else 1.0  # one disturbed run (another process)
+
+    def onednn():
+        calls.append('o')
+        timer.now += 1.5
+    with kernels.forced_kernel(None):
+        choice = kernels.choose('test', ('noisy',), 1.0, {kernels.PLAIN: plain, kernels.ONEDNN: onednn}, timer=timer)
+    assert choice == kernels.PLAIN  # its best round counts, not the disturbed one
+    assert calls == ['p', 'o'] * (1 + kernels.CALIBRATION_ROUNDS)
+    kernels.clear_calibration()
+
+
+def test_real_calibration_picks_a_kernel_and_records_rates():
+    # no timing asserted: whichever wins, the choice is one of the two and the rates are recorded
+    kernels.clear_calibration()
+    layer = kernels.Linear(64, 96)
+    x = torch.randn(300, 64)
+    with kernels.forced_kernel(None), torch.no_grad():
+        out = layer(x)
+    assert scaled_diff(out, F.linear(x, layer.weight, layer.bias)) <= FP32_TOL
+    (rec,) = kernels.calibration_report()
+    assert rec['family'] == 'linear' and rec['choice'] in (kernels.PLAIN, kernels.ONEDNN)
+    assert rec['shape'][:3] == (512, 64, 96) and all(v > 0 for v in rec['gflops'].values())
+
+
+def test_mlp_row_chunks_only_in_cpu_inference():
+    blk = Block(64, 1, mlp_ratio=8).eval()
+    with torch.no_grad():
+        assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) > 1
+        assert blk._mlp_row_chunks(torch.empty(2, 16384, 64, device='meta')) == 1  # GPUs: one product
+    assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) == 1  # autograd: the plain path

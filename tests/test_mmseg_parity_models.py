@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mmseg_reference as ref
+from numerics import fixed_kernels  # noqa: F401 (autouse fixture)
 
 LOGIT_TOL = 1e-4          # max abs diff of logits
 FEATURE_REL_TOL = 2e-6    # max abs diff of each backbone map / its max abs value

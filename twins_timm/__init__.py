@@ -9,7 +9,8 @@ with warnings.catch_warnings():
     # Replacing timm's registrations is the point of this package, not a conflict worth a warning.
     warnings.filterwarnings('ignore', message=r'Overwriting twins_', category=UserWarning)
     from .models import twins  # noqa: F401
-from .models.twins import Twins, checkpoint_family_args, set_onednn_inference
+from .models.kernels import set_fast_inference, set_onednn_inference
+from .models.twins import Twins, checkpoint_family_args
 
 __version__ = '0.1.0'
-__all__ = ['Twins', 'checkpoint_family_args', 'set_onednn_inference', '__version__']
+__all__ = ['Twins', 'checkpoint_family_args', 'set_fast_inference', 'set_onednn_inference', '__version__']

@@ -14,12 +14,14 @@ Inside a stage tokens stay in (B, H*W, C) layout: the attention's spatial reduct
 conv run on channels-last views of it. Between stages the NCHW map (also the feature handed out) feeds
 the next patch embedding exactly as in timm, which keeps PCPVT bit-identical to timm's Twins.
 
-CPU inference takes oneDNN shortcuts on top (linear layers and PCPVT's attention as 1x1 convs, stage
-maps handed on as channels-last views), equal to timm's numbers within ~1e-6 of their magnitude;
-``set_onednn_inference(False)`` keeps timm's kernels and its numbers bit for bit.
+Every layer is a module called as a module. The linear layers are ``kernels.Linear`` (an ``nn.Linear``):
+in CPU inference it runs the kernel measured fastest for its shape on this machine, and PCPVT's global
+attention likewise (see ``twins_timm.models.kernels``); inference MLPs run over cache-sized row chunks
+when no hook watches them; stage maps are handed on as channels-last views. All of it equals timm's
+numbers within ~1e-6 of their magnitude; ``set_onednn_inference(False)`` keeps timm's kernels and its
+numbers bit for bit. On GPUs the attention takes ``F.scaled_dot_product_attention`` as timm's does.
 """
 import math
-import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -33,57 +35,16 @@ from timm.models._features import feature_take_indices
 from timm.models._features_fx import register_notrace_module
 from timm.models._manipulate import checkpoint
 
+from twins_timm.models import kernels
+from twins_timm.models.kernels import Linear, set_onednn_inference
+
 __all__ = ['Twins', 'checkpoint_family_args', 'set_onednn_inference', 'MIN_INPUT_SIZE']
 
 Size_ = Tuple[int, int]
 
 MIN_INPUT_SIZE = 32  # the last stage needs at least one 32x32 patch
 PATCH_PADDINGS = ('none', 'corner')
-WINDOW_MASK_VALUE = -1000.0  # the official segmentation code's value, not -inf
-
-
-def patch_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A conv on a (B, H, W, C) map through its channels-last view: no layout copy on either side."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-_ONEDNN_INFERENCE = os.environ.get('TWINS_TIMM_ONEDNN', '1') != '0'
-_HAS_ONEDNN = torch.backends.mkldnn.is_available()  # once: torch.compile can't trace the query
-
-
-def set_onednn_inference(enable: bool = True) -> None:
-    """Take the oneDNN shortcuts of CPU inference (the default) or timm's kernels and layouts throughout.
-
-    The shortcuts: linear layers as 1x1 convs (``linear``), PCPVT's global attention as grouped 1x1 convs
-    (``token_attention``), stage maps handed on as channels-last views. ``False`` gives timm's Twins bit
-    for bit, at about half the speed on CPUs where MKL runs its AVX2 kernels (AMD); the environment
-    variable ``TWINS_TIMM_ONEDNN=0`` sets it at import.
-    """
-    global _ONEDNN_INFERENCE
-    _ONEDNN_INFERENCE = bool(enable)
-
-
-def use_onednn_inference(x: torch.Tensor) -> bool:
-    """Whether work on ``x`` takes the oneDNN shortcuts: CPU inference (no autograd), eager or compiled, not export."""
-    return (_ONEDNN_INFERENCE and x.device.type == 'cpu' and not torch.is_grad_enabled()
-            and x.dtype in (torch.float32, torch.bfloat16) and _HAS_ONEDNN
-            and not torch.compiler.is_exporting() and not torch.jit.is_scripting())
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear``; in CPU inference computed by oneDNN as a 1x1 conv on a channels-last view of the rows.
-
-    PyTorch's CPU ``linear`` calls MKL, which on AMD cores runs its AVX2 kernels; oneDNN's 1x1 convolution
-    is the same product (the same multiply-adds; its own summation order once the inner dimension passes
-    192, ~1e-7 relative per layer) at 2-4x the rate there. The view costs nothing: (rows, features) memory
-    is a (1, features, rows, 1) channels-last image, and the output comes back in that layout.
-    """
-    if not use_onednn_inference(x):
-        return F.linear(x, weight, bias)
-    lead, k = x.shape[:-1], x.shape[-1]
-    image = x.reshape(1, -1, 1, k).permute(0, 3, 1, 2)
-    out = F.conv2d(image, weight.view(weight.shape[0], k, 1, 1), bias)
-    return out.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
+WINDOW_MASK_VALUE = -1000.0  # the official segmentation code's value, not -inf (window_attn_mask's default)
 
 
 def window_token_index(height: int, width: int, ws: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +59,10 @@ def window_token_index(height: int, width: int, ws: int, device: torch.device) -
     return window // gw * ws + pos // ws, window % gw * ws + pos % ws
 
 
-def window_attn_mask(height: int, width: int, ws: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def window_attn_mask(
+        height: int, width: int, ws: int, device: torch.device, dtype: torch.dtype,
+        mask_value: float = -1000.0,
+) -> torch.Tensor:
     """Additive (num_windows, L, L) mask of the official segmentation code for a map padded to ``ws``.
 
     Pairs where exactly one token is padding get -1000, but only when both height and width are padded:
@@ -110,7 +74,7 @@ def window_attn_mask(height: int, width: int, ws: int, device: torch.device, dty
     pad_row, pad_col = rows >= height, cols >= width
     pad = ((pad_row | pad_col) & (pad_row.any() & pad_col.any())).unflatten(0, (-1, ws * ws))
     differs = pad.unsqueeze(-2) != pad.unsqueeze(-1)
-    return torch.zeros(differs.shape, device=device, dtype=dtype).masked_fill_(differs, WINDOW_MASK_VALUE)
+    return torch.zeros(differs.shape, device=device, dtype=dtype).masked_fill_(differs, mask_value)
 
 
 @register_notrace_module  # FX can't trace the shape-dependent padding
@@ -136,9 +100,9 @@ class LocallyGroupedAttn(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.ws = ws
         self.window_mask = window_mask
-        self.qkv = nn.Linear(dim, dim * 3, bias=True, **dd)
+        self.qkv = Linear(dim, dim * 3, bias=True, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
@@ -153,29 +117,34 @@ class LocallyGroupedAttn(nn.Module):
             x.view(B, H // ws, ws, W // ws, ws, C).transpose(2, 3)
         gh, gw = windows.shape[1], windows.shape[2]  # windows per column / row
         # The projection sees the window-grouped strided view, as timm's does (linear on a strided input:
-        # matmul, then the bias added), which keeps the rounding identical to timm's (with F.linear).
-        qkv = linear(windows, self.qkv.weight, self.qkv.bias).view(B * gh * gw, ws * ws, 3, nh, C // nh)
+        # matmul, then the bias added), which keeps the rounding identical to timm's.
+        qkv = self.qkv(windows).view(B * gh * gw, ws * ws, 3, nh, C // nh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-        attn_mask = None
+        attn_mask: Optional[torch.Tensor] = None
         if self.window_mask and H % ws > 0 and W % ws > 0:
             attn_mask = window_attn_mask(H, W, ws, x.device, q.dtype)
             attn_mask = attn_mask.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * gh * gw, 1, ws * ws, ws * ws)
-        # Windows hold 49 tokens: batched matmuls beat the fused kernel here. q and k are scaled by
-        # sqrt(scale) each, as torch's own math path (timm's 5-D call) does, which keeps us bit-identical.
-        root_scale = self.scale ** 0.5
-        attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
-        if attn_mask is not None:
-            attn = attn + attn_mask
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = attn @ v
+        if x.device.type != 'cpu':  # GPUs: torch's fused kernels, as timm
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            # CPU: windows hold 49 tokens, where batched matmuls beat the fused kernel. q and k are scaled by
+            # sqrt(scale) each, as torch's own math path (timm's 5-D call) does: bit-identical to timm.
+            root_scale = self.scale ** 0.5
+            attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn + attn_mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
 
         x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, gh * ws * gw * ws, C)
         if padded:  # gather the H x W tokens back (an index, not a slice: no size arithmetic to prove)
             rows = torch.arange(H, device=x.device)[:, None] * (gw * ws) + torch.arange(W, device=x.device)
             x = x.index_select(1, rows.view(-1))
-        return self.proj_drop(linear(x.reshape(B, N, C), self.proj.weight, self.proj.bias))
+        return self.proj_drop(self.proj(x.reshape(B, N, C)))
 
+    @torch.jit.unused
     def _forward_traced(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
         """The same computation for torch.compile / torch.export, where H and W may be symbolic.
 
@@ -191,8 +160,7 @@ class LocallyGroupedAttn(nn.Module):
         num_windows = ((H + ws - 1) // ws) * ((W + ws - 1) // ws)
         n = torch.arange(num_windows, device=dev)[:, None] * (ws * ws) + torch.arange(ws * ws, device=dev)
         x = x[:, rows[n], cols[n]]  # (B, nW, L, C): indexed into shape, no reshape of a symbolic size
-        # bias added after the product, as the eager path's strided linear does (same rounding)
-        qkv = (F.linear(x, self.qkv.weight) + self.qkv.bias).unflatten(-1, (3, nh, C // nh))  # (B, nW, L, 3, nh, d)
+        qkv = self.qkv(x).unflatten(-1, (3, nh, C // nh))  # (B, nW, L, 3, nh, d)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nh, L, d)
         root_scale = self.scale ** 0.5
         attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
@@ -216,35 +184,6 @@ class LocallyGroupedAttn(nn.Module):
         return x.unfold(1, ws, ws).unfold(2, ws, ws).permute(0, 1, 2, 4, 5, 3)
 
 
-ONEDNN_ATTN_MIN_HEAD_DIM = 64  # narrower heads (SVT's 32) run faster in torch's fused attention kernel
-ATTN_CHUNK_ELEMENTS = 1 << 20  # attention scores per chunk of query rows: 4 MiB in fp32
-
-
-def token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v per head, on token-major tensors, as oneDNN 1x1 convs (CPU inference).
-
-    q: (B, N, heads * d) as the q projection returns it; k, v: (B, Nk, heads, d). Per image the keys
-    and values are the weights of two grouped 1x1 convs (one group per head), so the scores and the
-    output come out token-major, the output already (B, N, C) for the projection. Query rows go in
-    cache-sized chunks; the scores never exist at full size.
-    """
-    B, N, C = q.shape
-    nk, nh, d = k.shape[1:]
-    out = torch.empty_like(q)
-    rows = max(64, ATTN_CHUNK_ELEMENTS // (nh * nk))
-    for b in range(B):
-        keys = (k[b] * scale).transpose(0, 1).reshape(nh * nk, d, 1, 1)
-        values = v[b].permute(1, 2, 0).reshape(nh * d, nk, 1, 1)
-        for start in range(0, N, rows):
-            q_rows = q[b, start:start + rows]
-            n = q_rows.shape[0]
-            scores = F.conv2d(q_rows.reshape(1, n, 1, C).permute(0, 3, 1, 2), keys, groups=nh)
-            attn = scores.permute(0, 2, 3, 1).reshape(n, nh, nk).softmax(-1)
-            x = F.conv2d(attn.view(1, n, 1, nh * nk).permute(0, 3, 1, 2), values, groups=nh)
-            out[b, start:start + n] = x.permute(0, 2, 3, 1).reshape(n, C)
-    return out
-
-
 class GlobalSubSampleAttn(nn.Module):
     """GSA: every token attends to a spatially sub-sampled (sr x sr patch conv) summary of the map."""
     fused_attn: torch.jit.Final[bool]
@@ -266,10 +205,10 @@ class GlobalSubSampleAttn(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.fused_attn = use_fused_attn()
-        self.q = nn.Linear(dim, dim, bias=True, **dd)
-        self.kv = nn.Linear(dim, dim * 2, bias=True, **dd)
+        self.q = Linear(dim, dim, bias=True, **dd)
+        self.kv = Linear(dim, dim * 2, bias=True, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
@@ -282,13 +221,16 @@ class GlobalSubSampleAttn(nn.Module):
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
         B, N, C = x.shape
         nh = self.num_heads
-        q = linear(x, self.q.weight, self.q.bias)
+        q = self.q(x)
         if self.sr is not None:
-            x = self.norm(patch_conv(x.view(B, size[0], size[1], C), self.sr)).reshape(B, -1, C)
-        kv = linear(x, self.kv.weight, self.kv.bias).view(B, -1, 2, nh, C // nh)
-        if C // nh >= ONEDNN_ATTN_MIN_HEAD_DIM and use_onednn_inference(q) and not torch.compiler.is_compiling():
-            return self.proj_drop(linear(token_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale),
-                                         self.proj.weight, self.proj.bias))
+            # the reduction conv reads the tokens as a channels-last map: no layout copy on either side
+            x = self.sr(x.view(B, size[0], size[1], C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = self.norm(x).reshape(B, -1, C)
+        kv = self.kv(x).view(B, -1, 2, nh, C // nh)
+        if not torch.jit.is_scripting():
+            fast = kernels.attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)  # CPU inference, if faster
+            if fast is not None:
+                return self.proj_drop(self.proj(fast))
         q = q.view(B, N, nh, C // nh).transpose(1, 2)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -298,7 +240,7 @@ class GlobalSubSampleAttn(nn.Module):
             attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
             x = attn @ v
 
-        return self.proj_drop(linear(x.transpose(1, 2).reshape(B, N, C), self.proj.weight, self.proj.bias))
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
 class Block(nn.Module):
@@ -329,73 +271,39 @@ class Block(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=InplaceGELU, drop=proj_drop, **dd)
+        self.mlp.fc1 = Linear(dim, int(dim * mlp_ratio), **dd)  # timm's Mlp with kernel-choosing linears
+        self.mlp.fc2 = Linear(int(dim * mlp_ratio), dim, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
         # Each branch output is a fresh tensor that nothing saves for backward, so the residual is added
         # into it in place: one allocation less per branch, and bit-identical (IEEE addition commutes).
         x = self.drop_path1(self.attn(self.norm1(x), size)).add_(x)
-        chunks = self._row_chunks(x)
-        if chunks:
-            args = (self.norm2.weight, self.norm2.bias, self.norm2.eps, self.mlp.fc1.weight, self.mlp.fc1.bias,
-                    self.mlp.fc2.weight, self.mlp.fc2.bias, chunks)
-            if torch.compiler.is_compiling():  # an opaque kernel to the compiler: no unrolled chunk loop
-                return torch.ops.twins_timm.mlp_residual_by_rows(x, *args)
-            return _mlp_residual_by_rows(x, *args, out=x)
+        if not torch.jit.is_scripting():
+            chunks = self._mlp_row_chunks(x)
+            if chunks > 1:  # CPU inference: the MLP over cache-sized row chunks, through its modules
+                return self._mlp_by_rows(x, chunks)
         return self.drop_path2(self.mlp(self.norm2(x))).add_(x)
 
-    def _row_chunks(self, x: torch.Tensor) -> int:
-        """How many row chunks the inference MLP takes (0: the plain path, as in training or export)."""
-        if (self.training or torch.is_grad_enabled() or torch.compiler.is_exporting()
-                or torch.jit.is_scripting() or not isinstance(self.mlp.act, InplaceGELU)
-                or self.mlp.act.approximate != 'none'):
-            return 0
-        if x.device.type != 'cpu':  # cache-sized chunks are a CPU matter; a GPU wants one big product
+    @torch.jit.unused
+    def _mlp_row_chunks(self, x: torch.Tensor) -> int:
+        """Row chunks of the inference MLP: >1 only in CPU inference with no hook on norm2 or the MLP.
+
+        Whole-tensor hidden activations (mlp_ratio x wider than the tokens) leave the caches; chunks keep
+        them cache-sized. Hooks must see whole tensors, so a hooked MLP runs in one piece.
+        """
+        hidden = getattr(self.mlp.fc1, 'out_features', None)  # a user's own fc1 may not say: no chunks
+        if self.training or not isinstance(hidden, int) or not kernels.fast_inference(x) or not x.is_contiguous():
             return 1
-        return max(1, x.numel() // x.shape[-1] // _mlp_chunk_rows(self.mlp.fc1.out_features))
+        chunks = kernels.row_chunks(x, hidden)
+        return chunks if chunks > 1 and not kernels.has_hooks(self.norm2, self.mlp) else 1
 
-
-MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB in fp32, cache-sized
-MLP_CHUNK_MIN_ROWS = 512
-
-
-def _mlp_chunk_rows(hidden: int) -> int:
-    """Tokens per inference MLP chunk (whole-tensor hidden activations leave the caches and page-fault)."""
-    return max(MLP_CHUNK_MIN_ROWS, MLP_CHUNK_ELEMENTS // hidden)
-
-
-def _mlp_residual_by_rows(
-        x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
-        fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
-        chunks: int, out: torch.Tensor,
-) -> torch.Tensor:
-    """``out = x + fc2(gelu(fc1(norm(x))))`` over ``chunks`` equal row chunks (inference only).
-
-    Row by row the same arithmetic as the whole-tensor MLP (bit-identical unless chunks are tiny), but
-    the hidden activation (mlp_ratio x wider than the tokens) stays in cache and is never allocated at
-    full size. ``out`` may be ``x`` itself.
-    """
-    dim = x.shape[-1]
-    for x_rows, out_rows in zip(x.view(-1, dim).tensor_split(chunks), out.view(-1, dim).tensor_split(chunks)):
-        hidden = linear(F.layer_norm(x_rows, (dim,), norm_weight, norm_bias, eps), fc1_weight, fc1_bias)
-        torch.add(x_rows, linear(torch.ops.aten.gelu_(hidden), fc2_weight, fc2_bias), out=out_rows)
-    return out
-
-
-@torch.library.custom_op('twins_timm::mlp_residual_by_rows', mutates_args=())
-def _mlp_residual_by_rows_op(
-        x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
-        fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
-        chunks: int,
-) -> torch.Tensor:
-    """The row-chunked MLP as one operator, so that torch.compile calls it instead of unrolling it."""
-    return _mlp_residual_by_rows(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                 chunks, out=torch.empty_like(x, memory_format=torch.contiguous_format))
-
-
-@_mlp_residual_by_rows_op.register_fake
-def _(x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, chunks):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    @torch.jit.unused
+    def _mlp_by_rows(self, x: torch.Tensor, chunks: int) -> torch.Tensor:
+        """``x + mlp(norm2(x))`` over row chunks, each through the modules, written into ``x`` (inference)."""
+        for rows in x.view(-1, x.shape[-1]).tensor_split(chunks):
+            rows.add_(self.mlp(self.norm2(rows)))
+        return x
 
 
 class InplaceGELU(nn.GELU):
@@ -403,8 +311,8 @@ class InplaceGELU(nn.GELU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
-            return super().forward(x)
-        return torch.ops.aten.gelu_(x)
+            return F.gelu(x, approximate=self.approximate)
+        return torch.ops.aten.gelu_(x, approximate=self.approximate)
 
 
 class PosConv(nn.Module):
@@ -543,8 +451,9 @@ class Twins(nn.Module):
             cur += depths[k]
 
         self.pos_block = nn.ModuleList([PosConv(d, d, **dd) for d in embed_dims])
+        # Identity where a family has no stage norms: no parameters, one loop for every family
         self.stage_norms = nn.ModuleList(
-            [nn.LayerNorm(d, eps=norm_eps, **dd) for d in embed_dims]) if stage_norm else None
+            [nn.LayerNorm(d, eps=norm_eps, **dd) if stage_norm else nn.Identity() for d in embed_dims])
         self.norm = nn.LayerNorm(self.num_features, eps=norm_eps, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -601,9 +510,16 @@ class Twins(nn.Module):
         ref = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else next(self.parameters())
         self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
             if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
+    @torch.jit.unused
     def _check_input(self, x: torch.Tensor):
-        """Fail early, with what is expected, instead of deep inside a reshape."""
+        """Fail early, with what is expected, instead of deep inside a reshape (eager calls only).
+
+        FX traces a Proxy, whose sizes are not known: nothing to check then.
+        """
+        if isinstance(x, torch.fx.Proxy):
+            return
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             got = f'shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'Twins expects a 4-D image batch (B, {self.in_chans}, H, W), got {got}.')
@@ -619,21 +535,6 @@ class Twins(nn.Module):
             raise ValueError(
                 f'Twins needs H and W of at least {MIN_INPUT_SIZE} pixels (output stride 32), '
                 f'got {x.shape[-2]}x{x.shape[-1]}; resize or pad the image.')
-
-    def _run_stage(self, i: int, x: torch.Tensor) -> Tuple[torch.Tensor, Size_]:
-        """Patch embedding + blocks (+ PEG after the first) + optional stage norm; NCHW in, tokens out."""
-        x, size = self.patch_embeds[i](x)
-        x = self.pos_drops[i](x)
-        for j, blk in enumerate(self.blocks[i]):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, size)
-            else:
-                x = blk(x, size)
-            if j == 0:
-                x = self.pos_block[i](x, size)
-        if self.stage_norms is not None:
-            x = self.stage_norms[i](x)
-        return x, size
 
     def forward_intermediates(
             self,
@@ -656,16 +557,36 @@ class Twins(nn.Module):
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
+        if not torch.jit.is_scripting():
+            self._check_input(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         last_idx = len(self.blocks) - 1
-        num_stages = len(self.blocks) if torch.jit.is_scripting() or not stop_early else max_index + 1
+        if torch.jit.is_scripting() or not stop_early:  # can't slice module lists in torchscript
+            patch_embeds, pos_drops, stages = self.patch_embeds, self.pos_drops, self.blocks
+            pos_blocks, stage_norms = self.pos_block, self.stage_norms
+        else:
+            patch_embeds, pos_drops = self.patch_embeds[:max_index + 1], self.pos_drops[:max_index + 1]
+            stages, pos_blocks = self.blocks[:max_index + 1], self.pos_block[:max_index + 1]
+            stage_norms = self.stage_norms[:max_index + 1]
 
         B = x.shape[0]
-        fast = use_onednn_inference(x)
-        for i in range(num_stages):
-            x, size = self._run_stage(i, x)
+        fast = False  # channels-last stage maps in CPU inference; contiguous as timm's otherwise
+        if not torch.jit.is_scripting():
+            fast = kernels.fast_inference(x)
+        i = 0
+        for i, (embed, drop, blocks, pos_blk, stage_norm) in enumerate(zip(
+                patch_embeds, pos_drops, stages, pos_blocks, stage_norms)):
+            x, size = embed(x)
+            x = drop(x)
+            for j, blk in enumerate(blocks):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, size)
+                else:
+                    x = blk(x, size)
+                if j == 0:
+                    x = pos_blk(x, size)  # PEG here
+            x = stage_norm(x)
             if i < last_idx:
                 # the NCHW map is both the next stage's input and the feature handed out
                 x = self._next_stage_input(x, size, fast)
@@ -677,7 +598,7 @@ class Twins(nn.Module):
 
         if intermediates_only:
             return intermediates
-        if num_stages - 1 == last_idx:
+        if i == last_idx:
             x = self.norm(x)  # tokens (B, N, C), as forward_features returns them
         return x, intermediates
 
@@ -694,8 +615,7 @@ class Twins(nn.Module):
         self.pos_drops = self.pos_drops[:max_index + 1]
         self.blocks = self.blocks[:max_index + 1]
         self.pos_block = self.pos_block[:max_index + 1]
-        if self.stage_norms is not None:
-            self.stage_norms = self.stage_norms[:max_index + 1]
+        self.stage_norms = self.stage_norms[:max_index + 1]
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         if prune_end:
@@ -706,11 +626,25 @@ class Twins(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final-stage tokens (B, N, C) after the final norm, as timm's Twins returns them."""
-        self._check_input(x)
-        fast = use_onednn_inference(x)
-        for i in range(len(self.blocks)):
-            x, size = self._run_stage(i, x)
-            if i < len(self.blocks) - 1:
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        fast = False  # channels-last stage maps in CPU inference; contiguous as timm's otherwise
+        if not torch.jit.is_scripting():
+            fast = kernels.fast_inference(x)
+        last_idx = len(self.blocks) - 1
+        for i, (embed, drop, blocks, pos_blk, stage_norm) in enumerate(zip(
+                self.patch_embeds, self.pos_drops, self.blocks, self.pos_block, self.stage_norms)):
+            x, size = embed(x)
+            x = drop(x)
+            for j, blk in enumerate(blocks):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, size)
+                else:
+                    x = blk(x, size)
+                if j == 0:
+                    x = pos_blk(x, size)  # PEG here
+            x = stage_norm(x)
+            if i < last_idx:
                 x = self._next_stage_input(x, size, fast)
         return self.norm(x)
 

@@ -28,12 +28,13 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from twins_timm.tools import mmseg_reference
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -53,13 +54,6 @@ HEADS = ('fpn', 'upernet')
 DEFAULT_JSON = 'twins-timm-bench.json'
 MMAP_THRESHOLD = 128 * 1024  # bytes; glibc malloc setting of the memory subprocesses
 
-# The issue's targets, checked against the ratios this benchmark measures.
-EAGER_TARGET = {'pcpvt': 1.3, 'svt': 1.2}
-COMPILED_TARGET = 1.0
-COMPILED_MATMUL_TARGET = 60.0  # % of the matmul rate, S models at 512x512
-SEGMENTER_TARGET = 1.5
-MEMORY_TARGET = 0.5
-
 METHODS = {
     'timing': 'warm-up runs, then the median of --repeats runs; the compared models run interleaved '
               '(A B A B ...) on the same input so that machine noise hits both alike',
@@ -71,14 +65,18 @@ METHODS = {
              "for the reference, which computes the same function, so GFLOP/s compare work done",
     'matmul_rate': 'N x N @ N x N matmul (2 N^3 FLOPs) in the benchmark dtype, median of repeats, '
                    'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s. On CPU the same '
-                   "product is also timed through oneDNN (twins_timm's inference linear, a 1x1 convolution): "
-                   'onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
-    'exact': "ours with twins_timm.set_onednn_inference(False): timm's kernels and layouts (F.linear through MKL, "
+                   "product is also timed through oneDNN (a 1x1 convolution, the other kernel twins_timm's "
+                   'inference linear can choose): onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
+    'kernels': "twins_timm.models.kernels.calibration_report(): for every layer shape our models met in this run, "
+               'the kernel its calibration chose (plain = what timm calls, onednn = a oneDNN convolution) and the '
+               'GFLOP/s each kernel reached in the calibration (interleaved, best of 3 short runs)',
+    'exact': "ours with twins_timm.set_fast_inference(False): timm's kernels and layouts (F.linear, "
              "fused attention), bit-identical to timm's Twins. Timed in the same interleaved rounds",
     'diff': 'max_abs_diff = max |ours - reference| over all outputs; scaled_diff divides each output\'s by '
             'max(1, max |reference|)',
-    'compile': "torch.compile(model) (default mode, backend --compile-backend) of both models; "
-               'compilation happens in the warm-up and is reported separately as compile_s',
+    'compile': "torch.compile(model) (default mode, backend --compile-backend) of both models, with inductor's "
+               'freezing (weights as constants, prepacked) unless --no-freezing; compilation happens in the '
+               'warm-up and is reported separately as compile_s',
     'segmenters': "our TwinsFPN / TwinsUPerNet forward vs mmseg's EncoderDecoder.encode_decode (whole-image "
                   "inference) built from mmseg's own ADE20K config (SyncBN -> BN), seeded random weights "
                   'converted with twins_timm.convert; logits at the input size',
@@ -114,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='include the torch.compile comparison (default: yes, except with --quick)')
     parser.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile comparison')
     parser.add_argument('--compile-backend', default='inductor', help='torch.compile backend (default inductor)')
+    parser.add_argument('--no-freezing', action='store_true',
+                        help="compile without inductor's freezing (default: freezing on, both models)")
     parser.add_argument('--no-backbones', action='store_true', help="skip the backbones (ours vs timm's Twins)")
     parser.add_argument('--no-segmenters', action='store_true', help="skip our segmenters vs mmseg's")
     parser.add_argument('--heads', default=','.join(HEADS), metavar='LIST',
@@ -186,7 +186,7 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         quick=quick, variants=variants, sizes=sizes, heads=heads, repeats=repeats, warmup=warmup,
         device=device, threads=threads, matmul_size=args.matmul_size,
         compile=(not quick) if args.compile is None else bool(args.compile),
-        compile_backend=args.compile_backend,
+        compile_backend=args.compile_backend, freezing=not getattr(args, 'no_freezing', False),
         backbones=not args.no_backbones, segmenters=not args.no_segmenters,
         segmenter_size=parse_size(args.segmenter_size or ('1x512x512' if quick else '2x512x512')),
         memory=not args.no_memory, memory_size=parse_size(args.memory_size),
@@ -309,9 +309,10 @@ def matmul_rate(n: int, device: str, dtype: torch.dtype, warmup: int, repeats: i
     out = {'n': n, 'dtype': str(dtype).replace('torch.', ''), 'flops': flops,
            'seconds': res['seconds'], 'gflops': flops / res['seconds'] / 1e9, 'onednn_gflops': None}
     if device == 'cpu' and torch.backends.mkldnn.is_available():
-        from ..models.twins import linear
+        from twins_timm.models.kernels import onednn_linear
         with torch.inference_mode():
-            res = time_interleaved({'mm': lambda: linear(a, b)}, max(warmup, 1), max(repeats, 3), device)['mm']
+            res = time_interleaved({'mm': lambda: onednn_linear(a, b)}, max(warmup, 1), max(repeats, 3),
+                                   device)['mm']
         out['onednn_gflops'] = flops / res['seconds'] / 1e9
     out['best_gflops'] = max(out['gflops'], out['onednn_gflops'] or 0.0)
     return out
@@ -359,15 +360,16 @@ def _speed(seconds: float, batch: int, flops: int, mm: Dict[str, Any]) -> Dict[s
 
 
 def exact_inference(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run without our oneDNN shortcuts (timm's kernels, timm's numbers)."""
-    from ..models.twins import set_onednn_inference
+    """``fn`` run without our CPU-inference kernels (timm's kernels, timm's numbers)."""
+    from twins_timm.models.kernels import fast_inference_enabled, set_fast_inference
 
     def run() -> Any:
-        set_onednn_inference(False)
+        was = fast_inference_enabled()
+        set_fast_inference(False)
         try:
             return fn()
         finally:
-            set_onednn_inference(True)
+            set_fast_inference(was)
     return run
 
 
@@ -391,6 +393,17 @@ def compile_unavailable_reason(device: str, backend: str) -> Optional[str]:
         except ImportError:
             return 'triton is not installed; inductor needs it on CUDA'
     return None
+
+
+@contextlib.contextmanager
+def _inductor_freezing(enable: bool):
+    """Inductor's freezing (constant weights, prepacked for the CPU GEMM / conv libraries) while compiling."""
+    if not enable:
+        yield
+        return
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch(freezing=True):
+        yield
 
 
 def _short_error(e: BaseException) -> str:
@@ -476,7 +489,8 @@ class Bench:
             torch._dynamo.reset()
             c_ours = torch.compile(ours, backend=self.s['compile_backend'])
             c_ref = torch.compile(ref, backend=self.s['compile_backend'])
-            with torch.inference_mode(), precision_context(precision, self.device):
+            with torch.inference_mode(), precision_context(precision, self.device), \
+                    _inductor_freezing(self.s['freezing'] and self.s['compile_backend'] == 'inductor'):
                 t = time_interleaved({'ours': lambda: c_ours(x), 'timm': lambda: c_ref(x)},
                                      max(self.s['warmup'], 1) + 1, self.s['repeats'], self.device)
                 diff, scaled = diffs(c_ours(x), ours(x))
@@ -497,7 +511,7 @@ class Bench:
 
     # segmenters -----------------------------------------------------------------------------
     def segmenters(self, mm: Dict[str, Any]) -> Dict[str, Any]:
-        reason = mmseg_unavailable_reason()
+        reason = mmseg_reference.unavailable_reason()
         if reason:
             return {'available': False, 'reason': reason, 'results': []}
         rows = []
@@ -575,7 +589,7 @@ class Bench:
             {'available': False, 'reason': 'skipped (--no-segmenters)', 'results': []}
         out['memory'] = self.memory() if self.s['memory'] else \
             {'method': None, 'reason': 'skipped (--no-memory)', 'results': []}
-        out['targets'] = check_targets(out)
+        out['kernels'] = kernel_choices()
         out['total_seconds'] = time.time() - started
         return out
 
@@ -687,78 +701,9 @@ def _memory_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- mmseg
-_MMSEG_CONFIGS = {
-    'fpn': 'twins_{family}-{s}_fpn_fpnhead_8xb4-80k_ade20k-512x512.py',
-    'upernet': 'twins_{family}-{s}_uperhead_8xb{bs}-160k_ade20k-512x512.py',
-}
-
-
-def mmseg_unavailable_reason() -> Optional[str]:
-    """None when mmsegmentation (with mmcv and mmengine) can build its Twins models here."""
-    import importlib.util
-    for mod in ('mmengine', 'mmcv', 'mmseg'):
-        if importlib.util.find_spec(mod) is None:
-            return '%s is not installed (pip install twins-timm[reference])' % mod
-    try:
-        _import_mmseg()
-    except Exception as e:
-        return 'mmseg does not import: ' + _short_error(e)
-    return None
-
-
-def _import_mmseg() -> None:
-    """mmcv-lite has no compiled ops; mmseg imports a few at module level that Twins never uses."""
-    import types
-    if 'mmcv.ops' not in sys.modules:
-        try:
-            import mmcv.ops  # noqa: F401  full mmcv
-        except Exception:
-            def unavailable(*args: Any, **kwargs: Any):
-                raise NotImplementedError('mmcv.ops is a benchmark stand-in (mmcv-lite has no compiled ops)')
-            ops = types.ModuleType('mmcv.ops')
-            for name in ('point_sample', 'sigmoid_focal_loss', 'CrissCrossAttention', 'PSAMask',
-                         'DeformConv2d', 'ModulatedDeformConv2d'):
-                setattr(ops, name, unavailable)
-            sys.modules['mmcv.ops'] = ops
-            import mmcv
-            mmcv.ops = ops
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # mmcv-lite / deprecation chatter, nothing about Twins
-        import mmseg.models  # noqa: F401  registers the models
-        from mmseg.utils import register_all_modules
-        register_all_modules(init_default_scope=True)
-
-
-def _bn_instead_of_syncbn(cfg: Any) -> Any:
-    if isinstance(cfg, dict):
-        out = {k: _bn_instead_of_syncbn(v) for k, v in cfg.items()}
-        if out.get('type') == 'SyncBN':
-            out['type'] = 'BN'
-        return out
-    if isinstance(cfg, (list, tuple)):
-        return type(cfg)(_bn_instead_of_syncbn(v) for v in cfg)
-    return cfg
-
-
 def build_mmseg_segmenter(variant: str, head: str, device: str, seed: int) -> nn.Module:
     """mmseg's own ADE20K Twins EncoderDecoder (SyncBN -> BN, no downloads), seeded weights, eval."""
-    _import_mmseg()
-    import mmseg
-    from mmengine.config import Config
-    from mmseg.registry import MODELS
-    _, family, size = variant.split('_')
-    batch = '4' if (family, size) == ('pcpvt', 'small') else '2'
-    name = _MMSEG_CONFIGS[head].format(family=family, s=size[0], bs=batch)
-    path = Path(mmseg.__file__).parent / '.mim' / 'configs' / 'twins' / name
-    if not path.exists():
-        raise OSError('mmseg config %s not found in the installed mmsegmentation' % path)
-    cfg = _bn_instead_of_syncbn(Config.fromfile(str(path)).model.to_dict())
-    cfg['backbone'].pop('init_cfg', None)
-    cfg['backbone']['pretrained'] = None
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        model = MODELS.build(cfg)
-    return seeded_fill_(model, seed).to(device).eval()
+    return seeded_fill_(mmseg_reference.build_segmenter(variant, head), seed).to(device).eval()
 
 
 def convert_mmseg_segmenter(mmseg_model: nn.Module, device: str) -> nn.Module:
@@ -769,35 +714,23 @@ def convert_mmseg_segmenter(mmseg_model: nn.Module, device: str) -> nn.Module:
     return build_model(res, device=device).eval()
 
 
-# ------------------------------------------------------------------------------------ targets
-def check_targets(out: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The issue's targets against this run's ratios (only those this run measured)."""
-    checks = []
-    for r in out['backbones']:
-        if 'ratio' not in r or r['precision'] != 'fp32':
-            continue
-        arch = 'svt' if '_svt_' in r['variant'] else 'pcpvt'
-        where = '%s %dx%dx%d' % (r['variant'], r['batch'], r['height'], r['width'])
-        if r['mode'] == 'eager':
-            checks.append(_check('eager ours/timm ' + where, r['ratio'], '>=', EAGER_TARGET[arch]))
-        else:
-            checks.append(_check('compiled ours/timm ' + where, r['ratio'], '>=', COMPILED_TARGET))
-            if r['variant'].endswith('_small') and (r['height'], r['width']) == (512, 512):
-                checks.append(_check('compiled % of matmul rate ' + where, r['ours']['pct_matmul'], '>=',
-                                     COMPILED_MATMUL_TARGET))
-    for r in out['segmenters']['results']:
-        if 'ratio' in r and r['precision'] == 'fp32':
-            checks.append(_check('segmenter ours/mmseg %s %s' % (r['variant'], r['head']), r['ratio'], '>=',
-                                 SEGMENTER_TARGET))
-    for r in out['memory']['results']:
-        if 'ratio' in r and r['precision'] == 'fp32':
-            checks.append(_check('memory ckpt/no-ckpt ' + r['variant'], r['ratio'], '<=', MEMORY_TARGET))
-    return checks
-
-
-def _check(name: str, value: float, op: str, target: float) -> Dict[str, Any]:
-    met = value >= target if op == '>=' else value <= target
-    return {'name': name, 'value': value, 'op': op, 'target': target, 'met': bool(met)}
+# ------------------------------------------------------------------------------------ kernels
+def kernel_choices() -> Dict[str, Any]:
+    """Which kernel each layer family of ours took in this run, with the GFLOP/s measured per shape."""
+    from twins_timm.models.kernels import calibration_report, fast_inference_enabled
+    shapes = calibration_report()
+    summary = {}
+    for r in shapes:
+        fam = summary.setdefault(r['family'], {'shapes': 0, 'chosen': {}, 'gflops': {}})
+        fam['shapes'] += 1
+        fam['chosen'][r['choice']] = fam['chosen'].get(r['choice'], 0) + 1
+        for k, v in r['gflops'].items():
+            fam['gflops'].setdefault(k, []).append(v)
+    for fam in summary.values():
+        fam['gflops'] = {k: {'min': min(v), 'median': statistics.median(v), 'max': max(v)}
+                         for k, v in fam['gflops'].items()}
+    return {'enabled': fast_inference_enabled(), 'families': summary,
+            'shapes': [dict(r, shape=list(r['shape'])) for r in shapes]}
 
 
 # -------------------------------------------------------------------------------------- output
@@ -883,11 +816,18 @@ def render(out: Dict[str, Any]) -> str:
         parts += ['Peak training memory (forward + backward), MiB above the model and input',
                   textwrap.fill('method: ' + mem['method'], 110, subsequent_indent='  '),
                   format_table(['variant', 'BxHxW', 'prec', 'no ckpt', 'ckpt', 'ratio', 'error'], rows)]
-    if out['targets']:
-        parts += ['', 'Targets (issue 7)',
-                  format_table(['check', 'value', 'target', 'met'],
-                               [[t['name'], t['value'], '%s %g' % (t['op'], t['target']),
-                                 'yes' if t['met'] else 'NO'] for t in out['targets']])]
+    ker = out.get('kernels') or {}
+    if ker.get('families'):
+        rows = []
+        for name, fam in sorted(ker['families'].items()):
+            g = fam['gflops']
+            rows.append([name, fam['shapes'], fam['chosen'].get('plain', 0), fam['chosen'].get('onednn', 0),
+                         g.get('plain', {}).get('median'), g.get('onednn', {}).get('median'),
+                         g.get('plain', {}).get('max'), g.get('onednn', {}).get('max')])
+        parts += ['', 'Kernels our layers took (CPU inference calibration, per layer shape; GFLOP/s measured '
+                      'there, all shapes in the JSON)',
+                  format_table(['family', 'shapes', 'plain', 'onednn', 'plain median', 'onednn median',
+                                'plain max', 'onednn max'], rows)]
     parts.append('')
     return '\n'.join(parts)
 

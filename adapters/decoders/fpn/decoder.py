@@ -2,8 +2,8 @@
 
 SMP's `FPN` is a Panoptic-FPN variant (GroupNorm, no 3x3 output convs, `align_corners=True`),
 so both parts are written here, with mmseg's layer names: `neck.lateral_convs` /
-`neck.fpn_convs` (biased convs, no norm) and `scale_heads.k.j` (conv-BN-ReLU with the
-parameter-free upsampling at mmseg's Sequential indices).
+`neck.fpn_convs` (biased convs, no norm) and `scale_heads.k.j` (timm `ConvNormAct` conv-BN-ReLU with
+`nn.Upsample` at mmseg's Sequential indices).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...modules import ConvNormAct, Upsample2x, fast_inference, resize
+from twins_timm.adapters.modules import conv_norm_act, fast_inference, resize, upsample2x
 
 
 class FPNNeck(nn.Module):
@@ -23,14 +23,14 @@ class FPNNeck(nn.Module):
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256):
         super().__init__()
         self.lateral_convs = nn.ModuleList(
-            ConvNormAct(c, out_channels, 1, norm=False, act=False) for c in in_channels)
+            conv_norm_act(c, out_channels, 1, norm=False, act=False) for c in in_channels)
         self.fpn_convs = nn.ModuleList(
-            ConvNormAct(out_channels, out_channels, 3, norm=False, act=False)
+            conv_norm_act(out_channels, out_channels, 3, norm=False, act=False)
             for _ in in_channels)
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         levels = [conv(f) for conv, f in zip(self.lateral_convs, features)]
-        in_place = fast_inference()  # the lateral outputs are fresh and nothing keeps them for backward
+        in_place = fast_inference(levels[0])  # the lateral outputs are fresh and nothing keeps them for backward
         for i in range(len(levels) - 1, 0, -1):
             up = F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode='nearest')
             levels[i - 1] = levels[i - 1].add_(up) if in_place else levels[i - 1] + up
@@ -42,9 +42,9 @@ def _scale_head(in_channels: int, channels: int, stride: int, base_stride: int) 
     steps = max(1, int(math.log2(stride) - math.log2(base_stride)))
     layers: List[nn.Module] = []
     for k in range(steps):
-        layers.append(ConvNormAct(in_channels if k == 0 else channels, channels, 3))
+        layers.append(conv_norm_act(in_channels if k == 0 else channels, channels, 3))
         if stride != base_stride:
-            layers.append(Upsample2x())
+            layers.append(upsample2x())
     return nn.Sequential(*layers)
 
 
@@ -67,7 +67,7 @@ class FPNDecoder(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         pyramid = self.neck(list(features)[-len(self.scale_heads):])
         out = self.scale_heads[0](pyramid[0])
-        if fast_inference():  # sum in place; a resize to the same size is the identity
+        if fast_inference(out):  # sum in place; a resize to the same size is the identity
             for head, level in zip(self.scale_heads[1:], pyramid[1:]):
                 part = head(level)
                 out += part if part.shape[-2:] == out.shape[-2:] else resize(part, out.shape[-2:])

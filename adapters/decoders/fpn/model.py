@@ -5,9 +5,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from segmentation_models_pytorch.base.hub_mixin import supports_config_loading
 
-from ...base import MMSEG_MEAN, MMSEG_STD, TwinsSegmentationModel
-from ...modules import SegHead
-from .decoder import FPNDecoder
+from twins_timm.adapters.base import MMSEG_MEAN, MMSEG_STD, TwinsSegmentationModel
+from twins_timm.adapters.modules import SegHead
+from twins_timm.adapters.decoders.fpn.decoder import FPNDecoder
 
 
 class TwinsFPN(TwinsSegmentationModel):

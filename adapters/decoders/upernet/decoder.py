@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...modules import ConvNormAct, adaptive_avg_pool, fast_inference, resize, upsampled_conv3x3
+from timm.layers import ConvNormAct
+
+from twins_timm.adapters.modules import (
+    adaptive_avg_pool, conv_norm_act, fast_inference, resize, upsampled_conv3x3)
+from twins_timm.models import kernels
 
 
 class UPerNetDecoder(nn.Module):
@@ -28,12 +32,12 @@ class UPerNetDecoder(nn.Module):
         *lateral_in, top_in = encoder_channels
         self.pool_scales = tuple(pool_scales)
         self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvNormAct(top_in, channels, 1))
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_norm_act(top_in, channels, 1))
             for scale in self.pool_scales)
-        self.bottleneck = ConvNormAct(top_in + len(self.pool_scales) * channels, channels, 3)
-        self.lateral_convs = nn.ModuleList(ConvNormAct(c, channels, 1) for c in lateral_in)
-        self.fpn_convs = nn.ModuleList(ConvNormAct(channels, channels, 3) for _ in lateral_in)
-        self.fpn_bottleneck = ConvNormAct(len(encoder_channels) * channels, channels, 3)
+        self.bottleneck = conv_norm_act(top_in + len(self.pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(conv_norm_act(c, channels, 1) for c in lateral_in)
+        self.fpn_convs = nn.ModuleList(conv_norm_act(channels, channels, 3) for _ in lateral_in)
+        self.fpn_bottleneck = conv_norm_act(len(encoder_channels) * channels, channels, 3)
 
     def pyramid_pooling(self, top: torch.Tensor) -> torch.Tensor:
         size = top.shape[-2:]
@@ -52,10 +56,16 @@ class UPerNetDecoder(nn.Module):
             levels[i - 1] = levels[i - 1] + resize(levels[i], levels[i - 1].shape[-2:])
         outs = [conv(level) for conv, level in zip(self.fpn_convs, levels)] + [levels[-1]]
         size = outs[0].shape[-2:]
-        if fast_inference():
+        if self._fuse_bottleneck(outs[0]):
             return self.fused_bottleneck(outs)
         outs = [outs[0]] + [resize(o, size) for o in outs[1:]]
         return self.fpn_bottleneck(torch.cat(outs, dim=1))
+
+    def _fuse_bottleneck(self, x: torch.Tensor) -> bool:
+        """CPU inference with the library's own, unhooked `fpn_bottleneck` (hooks see the full concat)."""
+        block = self.fpn_bottleneck
+        return (fast_inference(x) and type(block) is ConvNormAct and type(block.conv) is nn.Conv2d
+                and not kernels.has_hooks(block))
 
     def fused_bottleneck(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
         """`fpn_bottleneck(cat([outs[0], *resized outs[1:]]))` without resizing or concatenating.
@@ -68,4 +78,4 @@ class UPerNetDecoder(nn.Module):
         x = F.conv2d(outs[0], parts[0], conv.bias, padding=1)
         for out, weight in zip(outs[1:], parts[1:]):
             x += upsampled_conv3x3(out, weight, x.shape[-2:])
-        return self.fpn_bottleneck.norm_act(x)
+        return self.fpn_bottleneck.bn(x)  # BN + ReLU (or only ReLU once folded), called as a module

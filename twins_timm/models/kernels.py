@@ -1,0 +1,273 @@
+"""CPU-inference kernels for the Twins backbone and its segmentation heads, chosen by measurement.
+
+Mechanism: module subclasses. The model's linear layers are :class:`Linear` (an ``nn.Linear``: same
+parameters, same state dict, ``isinstance(m, nn.Linear)`` holds, PEFT's LoRA wraps it). Its forward
+is ``F.linear`` except in eager CPU inference (no autograd, fp32 / bf16, oneDNN built in, not scripted,
+traced, compiled or exported, the switch on), where it runs whichever of two kernels was faster for
+that shape on this machine: ``F.linear`` (what timm calls; MKL / OpenBLAS) or the same product as a
+oneDNN 1x1 convolution on a channels-last view of the rows. The choice is a short calibration, run
+once per process and per (in, out, rows bucket, dtype, threads), timing both kernels interleaved on
+the layer's own weights; oneDNN is taken only when it is at least ``MARGIN`` faster, so the fast path
+is never slower than timm's kernel for that shape. A layer replaced or wrapped by the user takes the
+user's module: the kernel lives in the module. PCPVT's global attention (``attention``) picks between
+``F.scaled_dot_product_attention`` and oneDNN grouped 1x1 convolutions the same way.
+
+Restructured calls: the inference MLP runs over row chunks (``row_chunks``) and UPerHead's fusion conv
+over the un-resized pyramid. Both are taken only when the modules involved carry no forward hooks
+(``has_hooks``), so hooks always see the full tensors; the MLP chunks call the modules themselves.
+
+One switch for backbone and decoders: ``set_fast_inference(False)`` (or ``TWINS_TIMM_ONEDNN=0`` in the
+environment at import) gives timm's kernels and layouts everywhere, bit-identical to timm's Twins.
+``TWINS_TIMM_KERNEL=plain`` or ``=onednn`` (or ``forced_kernel``) fixes the choice without measuring
+(reproducible runs, tests). Nothing here runs on a GPU: on CUDA every layer is the plain PyTorch call
+timm makes.
+``calibration_report()`` lists every choice made in this process with the GFLOP/s measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'Linear', 'set_fast_inference', 'fast_inference_enabled', 'fast_inference', 'linear', 'attention',
+    'choose', 'forced_kernel', 'calibration_report', 'clear_calibration', 'has_hooks', 'row_chunks',
+]
+
+PLAIN = 'plain'    # what timm calls: F.linear / F.scaled_dot_product_attention
+ONEDNN = 'onednn'  # the same product as a oneDNN (1x1) convolution
+MARGIN = 0.05      # oneDNN must be this much faster to be chosen
+CALIBRATION_FLOPS = 2e8  # work per timed calibration run (a few ms): sets the largest rows bucket
+CALIBRATION_ROUNDS = 3   # interleaved timed rounds after one warm-up each; the minimum counts
+MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB in fp32, cache-sized
+MLP_CHUNK_MIN_ROWS = 512
+ATTN_CHUNK_ELEMENTS = 1 << 20  # attention scores per chunk of query rows (oneDNN attention)
+
+_ENABLED = os.environ.get('TWINS_TIMM_ONEDNN', '1') != '0'
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+_CHOICES: Dict[Tuple, Dict] = {}   # calibration key -> {'family', 'shape', 'choice', 'gflops'}
+_FORCED: Optional[str] = os.environ.get('TWINS_TIMM_KERNEL') or None  # 'plain' / 'onednn': no calibration
+_TIMER: Callable[[], float] = time.perf_counter
+
+
+def set_fast_inference(enable: bool = True) -> None:
+    """Take the measured CPU-inference kernels (default) or timm's kernels and layouts throughout.
+
+    ``False`` gives timm's Twins bit for bit; ``TWINS_TIMM_ONEDNN=0`` in the environment sets it at import.
+    """
+    global _ENABLED
+    _ENABLED = bool(enable)
+
+
+set_onednn_inference = set_fast_inference  # the name earlier releases documented
+
+
+def fast_inference_enabled() -> bool:
+    return _ENABLED
+
+
+def fast_inference(x) -> bool:
+    """Whether work on ``x`` may take the CPU-inference kernels: eager CPU inference, switch on."""
+    return (_ENABLED and _HAS_ONEDNN and isinstance(x, torch.Tensor) and x.device.type == 'cpu'
+            and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.jit.is_scripting() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+
+# ------------------------------------------------------------------------------ choosing kernels
+@contextlib.contextmanager
+def forced_kernel(name: Optional[str]) -> Iterator[None]:
+    """Within the block every choice is ``name`` ('plain' or 'onednn'), no timing (tests, debugging)."""
+    global _FORCED
+    old, _FORCED = _FORCED, name
+    try:
+        yield
+    finally:
+        _FORCED = old
+
+
+def clear_calibration() -> None:
+    """Forget the measured choices (they are re-measured on next use)."""
+    _CHOICES.clear()
+
+
+def calibration_report() -> List[Dict]:
+    """Every choice measured in this process: family, shape, chosen kernel, GFLOP/s of each kernel."""
+    return [dict(v) for v in _CHOICES.values()]
+
+
+def _time_interleaved(candidates: Dict[str, Callable[[], object]], timer: Callable[[], float]) -> Dict[str, float]:
+    best = {name: math.inf for name in candidates}
+    for name, fn in candidates.items():  # warm-up: first-call allocations and weight reorders
+        fn()
+    for _ in range(CALIBRATION_ROUNDS):
+        for name, fn in candidates.items():
+            t0 = timer()
+            fn()
+            best[name] = min(best[name], timer() - t0)
+    return best
+
+
+def choose(family: str, key: Tuple, flops: float, candidates: Dict[str, Callable[[], object]],
+           timer: Optional[Callable[[], float]] = None) -> str:
+    """The kernel for ``key``: measured once per process, then cached.
+
+    ``candidates`` maps kernel names to zero-argument calls on calibration inputs; the first is the plain
+    kernel and is kept unless another runs at least ``MARGIN`` faster. ``flops`` is one call's work.
+    """
+    if _FORCED is not None:
+        return _FORCED if _FORCED in candidates else PLAIN
+    full_key = (family,) + tuple(key) + (torch.get_num_threads(),)
+    hit = _CHOICES.get(full_key)
+    if hit is not None:
+        return hit['choice']
+    with torch.inference_mode():
+        seconds = _time_interleaved(candidates, timer or _TIMER)
+    plain = next(iter(candidates))
+    choice = min(seconds, key=seconds.get)
+    if seconds[choice] > (1 - MARGIN) * seconds[plain]:
+        choice = plain
+    _CHOICES[full_key] = {'family': family, 'shape': tuple(key), 'choice': choice,
+                          'gflops': {k: flops / max(s, 1e-12) / 1e9 for k, s in seconds.items()}}
+    return choice
+
+
+def _rows_bucket(rows: int, work_per_row: float) -> int:
+    """Power-of-two rows bucket, capped where one calibration run would exceed CALIBRATION_FLOPS."""
+    cap = max(64, 1 << int(math.log2(max(1.0, CALIBRATION_FLOPS / max(work_per_row, 1.0)))))
+    return min(1 << max(0, (rows - 1).bit_length()), cap)
+
+
+# ------------------------------------------------------------------------------------- linear
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear`` computed by oneDNN as a 1x1 conv on a channels-last view of the rows.
+
+    (rows, features) memory is a (1, features, rows, 1) channels-last image, and the output comes back
+    in that layout: the views cost nothing. Same multiply-adds as ``F.linear``, another summation order
+    once the inner dimension passes ~192 (~1e-7 relative per layer).
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    image = x.reshape(1, -1, 1, k).permute(0, 3, 1, 2)
+    out = F.conv2d(image, weight.view(weight.shape[0], k, 1, 1), bias)
+    return out.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
+
+
+def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> str:
+    """'plain' or 'onednn' for this product on this machine (calibrated once per shape bucket)."""
+    n, k = weight.shape
+    rows = x.numel() // max(k, 1)
+    bucket = _rows_bucket(rows, 2.0 * k * n)
+    key = (bucket, k, n, bias is not None, str(x.dtype).replace('torch.', ''))
+    if _FORCED is None and ('linear',) + key + (torch.get_num_threads(),) in _CHOICES:
+        return _CHOICES[('linear',) + key + (torch.get_num_threads(),)]['choice']
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(bucket, k, generator=gen).to(x.dtype)
+    return choose('linear', key, 2.0 * bucket * k * n, {
+        PLAIN: lambda: F.linear(sample, weight, bias),
+        ONEDNN: lambda: onednn_linear(sample, weight, bias),
+    })
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear``; in CPU inference by the kernel measured fastest for the shape (plain or oneDNN)."""
+    if fast_inference(x) and linear_kernel(x, weight, bias) == ONEDNN:
+        return onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose CPU-inference forward takes the kernel measured fastest for the shape.
+
+    Training, autograd, GPUs, TorchScript, FX, torch.compile and export see ``F.linear``, as timm's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.linear(x, self.weight, self.bias)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------------------------- attention
+def onednn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head on token-major tensors, as oneDNN grouped 1x1 convs.
+
+    q: (B, N, heads * d) as the q projection returns it; k, v: (B, Nk, heads, d). Per image the keys and
+    values are the weights of two grouped 1x1 convs (one group per head), so the scores and the output
+    come out token-major, the output already (B, N, C) for the projection. Query rows go in cache-sized
+    chunks; the scores never exist at full size.
+    """
+    B, N, C = q.shape
+    nk, nh, d = k.shape[1:]
+    out = torch.empty_like(q)
+    rows = max(64, ATTN_CHUNK_ELEMENTS // (nh * nk))
+    for b in range(B):
+        keys = (k[b] * scale).transpose(0, 1).reshape(nh * nk, d, 1, 1)
+        values = v[b].permute(1, 2, 0).reshape(nh * d, nk, 1, 1)
+        for start in range(0, N, rows):
+            q_rows = q[b, start:start + rows]
+            n = q_rows.shape[0]
+            scores = F.conv2d(q_rows.reshape(1, n, 1, C).permute(0, 3, 1, 2), keys, groups=nh)
+            attn = scores.permute(0, 2, 3, 1).reshape(n, nh, nk).softmax(-1)
+            x = F.conv2d(attn.view(1, n, 1, nh * nk).permute(0, 3, 1, 2), values, groups=nh)
+            out[b, start:start + n] = x.permute(0, 2, 3, 1).reshape(n, C)
+    return out
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The plain kernel on the same layouts: timm's ``F.scaled_dot_product_attention`` call."""
+    B, N, C = q.shape
+    nh = k.shape[2]
+    x = F.scaled_dot_product_attention(q.view(B, N, nh, C // nh).transpose(1, 2), k.transpose(1, 2),
+                                       v.transpose(1, 2))
+    return x.transpose(1, 2).reshape(B, N, C)
+
+
+def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
+    """'plain' (SDPA) or 'onednn' for global attention of this shape on this machine."""
+    B, N, C = q.shape
+    nk, nh, d = k.shape[1:]
+    bucket = _rows_bucket(N, 4.0 * nk * C)
+    key = (bucket, nk, nh, d, str(q.dtype).replace('torch.', ''))
+    gen = torch.Generator().manual_seed(0)
+    qs = torch.randn(1, bucket, C, generator=gen).to(q.dtype)
+    ks, vs = (torch.randn(1, nk, nh, d, generator=gen).to(q.dtype) for _ in range(2))
+    return choose('attention', key, 4.0 * bucket * nk * C, {
+        PLAIN: lambda: sdpa_attention(qs, ks, vs, d ** -0.5),
+        ONEDNN: lambda: onednn_attention(qs, ks, vs, d ** -0.5),
+    })
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+    """Global attention by the kernel measured fastest, or None where the caller's plain path applies.
+
+    Only for the default scale (head_dim ** -0.5) in fast inference; the caller runs timm's SDPA
+    call otherwise, so a None costs nothing.
+    """
+    if not fast_inference(q) or scale != k.shape[-1] ** -0.5 or attention_kernel(q, k) != ONEDNN:
+        return None
+    return onednn_attention(q, k, v, scale)
+
+
+# ------------------------------------------------------------------------ restructured calls
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether a forward hook (on these modules, their children or global) would see the call."""
+    from torch.nn.modules import module as module_mod
+    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for top in modules for m in top.modules())
+
+
+def row_chunks(x: torch.Tensor, hidden: int) -> int:
+    """How many row chunks keep an MLP's hidden activation (``hidden`` wide) cache-sized."""
+    rows = x.numel() // x.shape[-1]
+    return max(1, rows // max(MLP_CHUNK_MIN_ROWS, MLP_CHUNK_ELEMENTS // hidden))
