@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from twins_timm import checkpoint_family_args
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet, from_pretrained
 from twins_timm.cli import main as cli_main
 from twins_timm.train import (DatasetError, check_pairs, checkpoint_folders, find_pairs,
@@ -17,23 +16,9 @@ from twins_timm.train import (DatasetError, check_pairs, checkpoint_folders, fin
 from twins_timm.train.engine import STATE_FILE, save_checkpoint
 from twins_timm.train.transforms import RandomCropCatMax, train_transform
 
-from train_data import make_dataset
+from train_data import make_dataset, tiny_model
 
 MMSEG_CONFIGS = os.path.join(os.path.dirname(__import__('mmseg').__file__), '.mim', 'configs')
-
-
-def tiny_model(cls=TwinsUPerNet, classes=4, dropout=True, seed=0):
-    """Twins-SVT-S with narrow heads: the real backbone, tests in seconds."""
-    torch.manual_seed(seed)
-    args = dict(encoder_name='twins_svt_small', classes=classes,
-                encoder_args=dict(checkpoint_family_args('mmseg', 'twins_svt_small'),
-                                  drop_path_rate=0.1 if dropout else 0.0),
-                decoder_dropout=0.1 if dropout else 0.0)
-    if cls is TwinsUPerNet:
-        args.update(decoder_channels=32, aux_channels=16)
-    else:
-        args.update(decoder_pyramid_channels=32, decoder_segmentation_channels=16)
-    return cls(**args)
 
 
 @pytest.fixture(scope='module')

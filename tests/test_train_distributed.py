@@ -17,8 +17,7 @@ from twins_timm.adapters import from_pretrained
 from twins_timm.cli import main as cli_main
 from twins_timm.train import checkpoint_folders
 
-from train_data import make_dataset
-from test_train import tiny_model
+from train_data import make_dataset, tiny_model
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONWARNINGS='ignore')
 

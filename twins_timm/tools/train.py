@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="iterations between checkpoints (default: the config's, 16000 / 8000)")
     parser.add_argument('--eval-interval', type=int, default=None, metavar='N',
                         help="iterations between validations (default: the config's, 16000 / 8000; 0: never)")
-    parser.add_argument('--log-interval', type=int, default=None, metavar='N', help='(default 50)')
+    parser.add_argument('--log-interval', type=int, default=None, metavar='N',
+                        help='iterations between loss lines in metrics.jsonl (default 50)')
     parser.add_argument('--drop-path-rate', type=float, default=None, metavar='F',
                         help="backbone stochastic depth (default: the config's, 0.2 or 0.3)")
     parser.add_argument('--resume', action='store_true', help='continue the run in --out from its newest checkpoint')
