@@ -20,7 +20,7 @@ from pathlib import Path
 DESCRIPTION = __doc__
 EPILOG = """examples:
   twins-timm train --data ADEChallengeData2016 --model upernet:twins_svt_small --out runs/svt_s
-  twins-timm train --data my_set --model twins-timm/twins_svt_large_upernet_ade20k --classes 5 \\
+  twins-timm train --data my_set --model upernet_twins_svt_large.ade20k --classes 5 \\
       --class-names names.txt --iters 4000 --batch-size 4 --out runs/mine
   torchrun --nproc-per-node 8 -m twins_timm train --data ADEChallengeData2016 \\
       --model fpn:twins_pcpvt_base --batch-size 4 --out runs/fpn_b
