@@ -44,14 +44,3 @@ def read_source(src: Union[PathLike, Mapping[str, Any]], progress: Optional[bool
         cfg = json.loads((path.parent / 'config.json').read_text())
     return load_file(path, progress=progress), str(path), path.suffix == '.safetensors', cfg
 
-
-def _parse_drop(drop: Union[str, Iterable[str], None]) -> List[str]:
-    if not drop:
-        return []
-    items = drop.split(',') if isinstance(drop, str) else [p for d in drop for p in str(d).split(',')]
-    parts = [p.strip().replace('-', '_') for p in items if p.strip()]
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise ValueError('cannot drop %s: the parts that can be dropped are %s'
-                         % (', '.join(map(repr, unknown)), '; '.join('%s = %s' % kv for kv in PARTS.items())))
-    return parts

@@ -1,4 +1,4 @@
-"""Shared test set-up: the ``slow`` marker.
+"""Shared test set-up: the ``slow`` marker, fixed kernel choices, a local Hugging Face cache.
 
 ``python -m pytest -m "not slow"`` is the quick first check (every module and command, small
 variants only); CI runs everything.  Slow are, by rule rather than by hand so that new tests follow:
@@ -8,9 +8,18 @@ single tests over a minute long.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+from pathlib import Path
+from typing import Callable
 
 import pytest
+
+# Tests time nothing: the CPU-inference kernels are fixed to oneDNN's (the path that differs from timm's)
+# instead of calibrated. Set before twins_timm is imported, so subprocesses that tests start inherit it;
+# a test of the calibration itself uses kernels.forced_kernel(None) with an injected timer.
+os.environ.setdefault('TWINS_TIMM_KERNEL', 'onednn')
 
 SLOW_FILES = (
     'test_mmseg_parity_heads.py',
@@ -35,3 +44,28 @@ def pytest_collection_modifyitems(config, items):
         if (item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS
                 or SLOW_VARIANT.search(params)):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope='session')
+def fixed_kernels():
+    """Every kernel choice is oneDNN's for the whole run, also where TWINS_TIMM_KERNEL was set otherwise."""
+    from twins_timm.models import kernels
+    with kernels.forced_kernel(kernels.ONEDNN):
+        yield
+
+
+def fill_hf_cache(cache: Path, repo_id: str, folder: Path, revision: str = 'a' * 40) -> Path:
+    """Copy ``folder`` into ``cache`` as huggingface_hub lays a downloaded repo out (read offline):
+    models--org--name/refs/main -> snapshots/<revision>/<files>. Returns the snapshot folder."""
+    repo = Path(cache) / ('models--' + repo_id.replace('/', '--'))
+    snapshot = repo / 'snapshots' / revision
+    shutil.copytree(folder, snapshot)
+    (repo / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo / 'refs' / 'main').write_text(revision)
+    return snapshot
+
+
+@pytest.fixture
+def hf_cache() -> Callable[..., Path]:
+    """``hf_cache(cache, repo_id, folder)``: a local Hub cache holding ``folder`` as ``repo_id``."""
+    return fill_hf_cache

@@ -7,12 +7,9 @@ numbers: 1e-5 is ~80 float32 steps at magnitude 1 but only ~5 at magnitude 20 (d
 """
 from typing import Any
 
-import pytest
 import torch
 
-from twins_timm.models import kernels
-
-__all__ = ['FP32_TOL', 'fixed_kernels', 'max_diff', 'scaled_diff']
+__all__ = ['FP32_TOL', 'assert_scaled_close', 'max_diff', 'scaled_diff']
 
 FP32_TOL = 1e-5
 
@@ -31,12 +28,8 @@ def scaled_diff(a: Any, b: Any) -> float:
     return max(scaled_diff(x, y) for x, y in zip(a, b))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fixed_kernels():
-    """Tests time nothing: every kernel choice is oneDNN's, the CPU-inference path that differs from timm's.
 
-    Autouse in every test module that imports it (``from numerics import fixed_kernels``); a test that
-    checks the choice itself overrides it with ``kernels.forced_kernel(None)`` and an injected timer.
-    """
-    with kernels.forced_kernel(kernels.ONEDNN):
-        yield
+def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = FP32_TOL) -> None:
+    """``torch.testing.assert_close`` with the tolerance relative to the output's scale (see above)."""
+    scale = max(1.0, float(expected.float().abs().max()))
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=tol * scale)

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 import segmentation_models_pytorch as smp
-import timm
 import torch
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
-from numerics import fixed_kernels  # noqa: F401 (autouse fixture)
 from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, TwinsUPerNet,
                                  ade20k, from_pretrained, read_config)
 from twins_timm.models.twins import checkpoint_family_args
@@ -183,25 +181,13 @@ def test_ade20k_names_and_palette_in_config(tmp_path):
     assert config['mean'] == list(MMSEG_MEAN) and config['std'] == list(MMSEG_STD)
 
 
-def _fill_hf_cache(cache: Path, repo_id: str, folder: Path) -> None:
-    """The layout huggingface_hub reads offline: refs/main -> snapshots/<commit>/<files>."""
-    commit = '0123456789abcdef0123456789abcdef01234567'
-    repo = cache / ('models--' + repo_id.replace('/', '--'))
-    (repo / 'refs').mkdir(parents=True)
-    (repo / 'refs' / 'main').write_text(commit)
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True)
-    for name in ('config.json', 'model.safetensors'):
-        (snapshot / name).write_bytes((folder / name).read_bytes())
-
-
-def test_from_local_hf_cache_offline(tmp_path):
+def test_from_local_hf_cache_offline(tmp_path, hf_cache):
     model = _small_model(TwinsUPerNet, decoder_channels=64)
     model.save_pretrained(tmp_path / 'saved')
     x = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
         torch.save({'x': x, 'y': model(x)}, tmp_path / 'io.pt')
-    _fill_hf_cache(tmp_path / 'cache', 'someone/twins-upernet-test', tmp_path / 'saved')
+    hf_cache(tmp_path / 'cache', 'someone/twins-upernet-test', tmp_path / 'saved')
     script = textwrap.dedent(f'''
         import torch
         from twins_timm.adapters import TwinsUPerNet, from_pretrained

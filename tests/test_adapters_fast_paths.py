@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
-from numerics import fixed_kernels, FP32_TOL, scaled_diff  # noqa: F401 (autouse fixture)
+from numerics import FP32_TOL, scaled_diff
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.adapters import modules
 from twins_timm.adapters.modules import resize, shifted_resize_matrices, upsampled_conv3x3

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import twins_timm
 import twins_timm.models.twins as twins_mod
 from mmseg_reference import randomize_
-from numerics import fixed_kernels, FP32_TOL, max_diff, scaled_diff  # noqa: F401 (autouse fixture)
+from numerics import FP32_TOL, max_diff, scaled_diff
 from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
 
 VARIANTS = [f'twins_{a}_{s}' for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
@@ -80,6 +80,7 @@ def test_import_registers_all_six_without_warnings():
 
 
 def test_pretrained_tags_are_timms():
+    assert timm.models.model_entrypoint('twins_svt_small').__module__ == 'twins_timm.models.twins'
     tags = set(timm.list_pretrained('twins_*'))
     assert {f'{v}.in1k' for v in VARIANTS} <= tags
     for v in VARIANTS:
@@ -102,28 +103,16 @@ def test_pretrained_file_overlay_loads_strictly(tmp_path):
         timm.create_model('twins_svt_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
-def _fake_hf_cache(root, repo_id, files):
-    """A local HF hub cache (models--org--name/snapshots/<rev>/...), as huggingface_hub lays it out."""
-    rev = 'a' * 40
-    repo_dir = root / ('models--' + repo_id.replace('/', '--'))
-    snap = repo_dir / 'snapshots' / rev
-    snap.mkdir(parents=True)
-    (repo_dir / 'refs').mkdir()
-    (repo_dir / 'refs' / 'main').write_text(rev)
-    for name, write in files.items():
-        write(snap / name)
-
-
-def test_timm_hub_weights_load_offline_from_local_cache(tmp_path):
+def test_timm_hub_weights_load_offline_from_local_cache(tmp_path, hf_cache):
     import json
     src = ours('twins_pcpvt_small')
     sd = {k: torch.randn_like(v) for k, v in src.state_dict().items()}
     cfg = dict(architecture='twins_pcpvt_small', num_classes=1000,
                pretrained_cfg=dict(timm.models.get_pretrained_cfg('twins_pcpvt_small.in1k').to_dict()))
-    _fake_hf_cache(tmp_path / 'hub', 'timm/twins_pcpvt_small.in1k', {
-        'model.safetensors': lambda p: save_file(sd, str(p)),
-        'config.json': lambda p: p.write_text(json.dumps(cfg)),
-    })
+    (tmp_path / 'repo').mkdir()
+    save_file(sd, str(tmp_path / 'repo' / 'model.safetensors'))
+    (tmp_path / 'repo' / 'config.json').write_text(json.dumps(cfg))
+    hf_cache(tmp_path / 'hub', 'timm/twins_pcpvt_small.in1k', tmp_path / 'repo')
     torch.save(sd, tmp_path / 'expected.pt')
     code = textwrap.dedent(f'''
         import torch, timm, twins_timm

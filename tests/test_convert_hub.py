@@ -1,7 +1,6 @@
 """Outputs: timm Hub folders (local-dir: and hf-hub: from an offline HF cache), segmenter folders, dtypes."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,12 +11,6 @@ import torch
 from checkpoint_factory import random_state_dict, wrap, write_checkpoint
 from twins_timm.convert import build_model, convert_checkpoint, save
 
-try:
-    from twins_timm.adapters import TwinsUPerNet  # noqa: F401
-    HAVE_ADAPTERS = True
-except ImportError:  # written concurrently; only the segmenter-folder tests need it
-    HAVE_ADAPTERS = False
-needs_adapters = pytest.mark.skipif(not HAVE_ADAPTERS, reason='twins_timm.adapters.TwinsUPerNet is missing')
 
 
 @pytest.fixture(scope='module')
@@ -62,36 +55,25 @@ def test_timm_folder_loads_with_local_dir(cls_folder):
         assert torch.equal(model(x), ref(x))
 
 
-def _hf_cache_repo(cache, repo_id, folder, revision='0123456789abcdef0123456789abcdef01234567'):
-    """The layout huggingface_hub's cache uses: models--org--name/{snapshots/<rev>/..., refs/main}."""
-    root = cache / ('models--' + repo_id.replace('/', '--'))
-    snap = root / 'snapshots' / revision
-    shutil.copytree(folder, snap)
-    (root / 'refs').mkdir(parents=True)
-    (root / 'refs' / 'main').write_text(revision)
-
-
-def test_folders_load_offline_from_a_local_hf_cache(work, cls_folder):
+def test_folders_load_offline_from_a_local_hf_cache(work, cls_folder, hf_cache):
     res, info = cls_folder
     cache = work / 'hf_cache'
-    _hf_cache_repo(cache, 'twins-test/svt-small', info.path)
+    hf_cache(cache, 'twins-test/svt-small', info.path)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.save({'x': x, 'y': build_model(res)(x)}, work / 'expected_cls.pt')
-    seg_check = ''
-    if HAVE_ADAPTERS:
-        seg_res, seg_info = _seg(work)
-        _hf_cache_repo(cache, 'twins-test/fpn-svt-small', seg_info.path)
+    seg_res, seg_info = _seg(work)
+    hf_cache(cache, 'twins-test/fpn-svt-small', seg_info.path)
+    with torch.no_grad():
+        torch.save({'y': build_model(seg_res)(x)}, work / 'expected_seg.pt')
+    seg_check = textwrap.dedent('''
+        from twins_timm.adapters import from_pretrained
+        seg = from_pretrained('twins-test/fpn-svt-small').eval()
         with torch.no_grad():
-            torch.save({'y': build_model(seg_res)(x)}, work / 'expected_seg.pt')
-        seg_check = textwrap.dedent('''
-            from twins_timm.adapters import from_pretrained
-            seg = from_pretrained('twins-test/fpn-svt-small').eval()
-            with torch.no_grad():
-                d = (seg(e['x']) - torch.load(work + '/expected_seg.pt')['y']).abs().max().item()
-            assert d == 0, d
-            print('seg ok', seg.classes)
-        ''')
+            d = (seg(e['x']) - torch.load(work + '/expected_seg.pt')['y']).abs().max().item()
+        assert d == 0, d
+        print('seg ok', seg.classes)
+    ''')
     script = textwrap.dedent('''
         import sys, torch, timm, twins_timm
         work = sys.argv[1]
@@ -108,8 +90,7 @@ def test_folders_load_offline_from_a_local_hf_cache(work, cls_folder):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'timm ok 1000' in out.stdout
-    if HAVE_ADAPTERS:
-        assert 'seg ok 150' in out.stdout
+    assert 'seg ok 150' in out.stdout
 
 
 _SEG = {}
@@ -124,7 +105,6 @@ def _seg(work):
     return _SEG['v']
 
 
-@needs_adapters
 def test_segmenter_folder_loads_with_the_adapter(work):
     from twins_timm.adapters import TwinsFPN, from_pretrained
     from twins_timm.models.twins import checkpoint_family_args

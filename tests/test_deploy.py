@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import twins_timm  # noqa: F401  registers our Twins
-from numerics import fixed_kernels, max_diff  # noqa: F401 (autouse fixture)
+from numerics import max_diff
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models.twins import checkpoint_family_args
 

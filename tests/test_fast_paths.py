@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import timm
 from torch.overrides import TorchFunctionMode
 
-import twins_timm.models.twins as twins_mod
 from numerics import FP32_TOL, scaled_diff
 from twins_timm.models import kernels
 from twins_timm.models.twins import Block, checkpoint_family_args

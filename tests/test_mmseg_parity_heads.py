@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import mmseg_reference as ref
-from numerics import fixed_kernels  # noqa: F401 (autouse fixture)
 from twins_timm.adapters.decoders.fpn.decoder import FPNDecoder
 from twins_timm.adapters.decoders.upernet.decoder import UPerNetDecoder
 from twins_timm.adapters.modules import FCNHead, SegHead

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import mmseg_reference as ref
-from numerics import fixed_kernels  # noqa: F401 (autouse fixture)
 
 LOGIT_TOL = 1e-4          # max abs diff of logits
 FEATURE_REL_TOL = 2e-6    # max abs diff of each backbone map / its max abs value
@@ -23,7 +22,7 @@ CONFIGS = [(f, s, h) for s in ref.SIZES for f in ref.FAMILIES for h in ref.HEADS
 
 
 def _convert(theirs, family, size, head, tmp_path):
-    from twins_timm.convert import build_model, convert_checkpoint
+    from twins_timm.convert import convert_checkpoint
     if size == 'small':
         src = ref.save_mmseg_checkpoint(theirs, tmp_path / f'twins_{family}-{size[0]}_{head}.pth')
     else:

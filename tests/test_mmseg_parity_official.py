@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import mmseg_reference as ref
-from numerics import fixed_kernels  # noqa: F401 (autouse fixture)
 from checkpoint_factory import write_checkpoint
 
 CASES = [('official/upernet_alt_gvt_s', 'twins_svt_small', 'svt', 'upernet'),

@@ -11,7 +11,7 @@ import timm
 from torch import nn
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
-from numerics import fixed_kernels, FP32_TOL, scaled_diff  # noqa: F401 (autouse fixture)
+from numerics import FP32_TOL, scaled_diff
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models import kernels
 from twins_timm.models.twins import checkpoint_family_args

@@ -14,7 +14,6 @@ from timm.models import create_feature_extractor
 from timm.models._features_fx import get_graph_node_names
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
-from numerics import fixed_kernels  # noqa: F401 (autouse fixture)
 from twins_timm.models.twins import Twins
 
 NAMES = ['twins_pcpvt_small', 'twins_svt_small']

@@ -104,7 +104,8 @@ def test_segment_writes_label_and_overlay_pngs(tmp_path, standin, capsys):
     assert cli.main(args) == 2
     assert '--force' in capsys.readouterr().err
     assert cli.main(args + ['--force', '--quiet']) == 0
-    assert not list(out.glob('.*.tmp'))
+    assert not list(out.glob('.*.partial-*'))  # atomic writes leave no temporary behind
+    assert sorted(p.name for p in out.iterdir()) == ['a_labels.png', 'a_overlay.png', 'b_labels.png', 'b_overlay.png']
 
 
 def test_segment_refuses_unreadable_inputs_before_writing(tmp_path, standin, capsys):
@@ -230,16 +231,8 @@ def test_segment_and_eval_with_real_adapter_folder(tmp_path, saved_segmenter, ca
     assert 'wall' in capsys.readouterr().out  # ADE20K class names in the table
 
 
-def _put_in_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
-    repo = cache / ('models--' + repo_id.replace('/', '--'))
-    commit = 'a' * 40
-    (repo / 'refs').mkdir(parents=True)
-    (repo / 'refs' / 'main').write_text(commit)
-    shutil.copytree(folder, repo / 'snapshots' / commit)
-
-
-def test_hub_id_found_in_local_cache(offline_hub, saved_segmenter):
-    _put_in_hub_cache(offline_hub, 'someone/pcpvt-s-upernet', saved_segmenter)
+def test_hub_id_found_in_local_cache(offline_hub, saved_segmenter, hf_cache):
+    hf_cache(offline_hub, 'someone/pcpvt-s-upernet', saved_segmenter)
     loaded = loading.load_model('someone/pcpvt-s-upernet')
     assert not loaded.random_weights and 'Hub cache' in loaded.source
     assert loaded.model.classes == 150

@@ -170,7 +170,6 @@ def test_ms_flip_merge_matches_independent_computation():
 def test_ms_flip_merge_matches_mmseg_tta():
     require_mmseg()
     import mmcv
-    from mmengine.structures import PixelData
     from mmseg.models.segmentors import BaseSegmentor, SegTTAModel
     from mmseg.structures import SegDataSample
     model = TinySegmenter().eval()

@@ -3,7 +3,6 @@ every user error is one paragraph with exit code 2 (issue 14)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 import warnings
@@ -20,7 +19,7 @@ from twins_timm import cli
 from twins_timm.tools import evaluate as evaluate_mod
 from twins_timm.tools import loading
 from twins_timm.tools import segment as segment_mod
-from twins_timm.tools.inference import InferenceSettings, merged_bands, ms_flip_settings, predict_labels
+from twins_timm.tools.inference import merged_bands, ms_flip_settings, predict_labels
 from twins_timm.tools.loading import LoadedModel
 
 
