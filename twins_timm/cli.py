@@ -15,6 +15,7 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import os
 import sys
 import textwrap
 from typing import List, Optional
@@ -126,6 +127,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.command = name
     try:
         return int(module.run(args) or 0)
+    except BrokenPipeError:  # the reader went away (`twins-timm models | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as Python's docs advise: no flush error
+        return 0
     except USER_ERRORS as e:
         msg = ' '.join((str(e) or e.__class__.__name__).split())
         print(textwrap.fill('twins-timm %s: error: %s' % (name, msg), 100), file=sys.stderr)

@@ -37,12 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from twins_timm.adapters.base import MMSEG_MEAN, MMSEG_STD
+from twins_timm.adapters.modules import resize_matrix
+
 # mmseg's ADE20K test scale (w, h) -- long side at most 2048, short side at most 512.
 ADE20K_TEST_SCALE: Tuple[int, int] = (2048, 512)
 # The image ratios of the ADE20K "mIoU (ms+flip)" column.
 MS_RATIOS: Tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-DEFAULT_MEAN = (123.675, 116.28, 103.53)
-DEFAULT_STD = (58.395, 57.12, 57.375)
+DEFAULT_MEAN, DEFAULT_STD = MMSEG_MEAN, MMSEG_STD  # a model without its own mean / std: mmseg's
 
 
 @dataclass
@@ -251,21 +253,7 @@ def _unflip(logits: torch.Tensor, channels: int = 16) -> torch.Tensor:
 
 def bilinear_matrix(out_size: int, in_size: int, device=None) -> torch.Tensor:
     """(out, in) weights of 1-D bilinear resizing with ``align_corners=False`` (PyTorch's rule)."""
-    return _bilinear_matrix_cpu(out_size, in_size).to(device)
-
-
-@functools.lru_cache(maxsize=16)
-def _bilinear_matrix_cpu(out_size: int, in_size: int) -> torch.Tensor:
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)  # float32 arithmetic as in ATen
-    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
-    i0 = src.floor().long().clamp_(max=in_size - 1)
-    i1 = (i0 + 1).clamp_(max=in_size - 1)
-    l1 = src - i0
-    m = torch.zeros(out_size, in_size, dtype=torch.float32)
-    rows = torch.arange(out_size)
-    m.index_put_((rows, i0), 1 - l1, accumulate=True)
-    m.index_put_((rows, i1), l1, accumulate=True)
-    return m
+    return resize_matrix(in_size, out_size, torch.empty(0, device=device))
 
 
 def merged_bands(views: Iterable[torch.Tensor], out_hw: Tuple[int, int], band_rows: int = 1 << 30,

@@ -1,7 +1,6 @@
 """Pictures of a segmentation: class-index PNGs, colour overlays with a legend, atomic saving."""
 from __future__ import annotations
 
-import colorsys
 import os
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence
@@ -10,25 +9,23 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from ..convert.io import atomic_path
+from twins_timm.adapters.base import default_class_names, default_palette
+from twins_timm.convert.io import atomic_path
 
 
 def make_palette(num_classes: int, palette: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
-    """(num_classes, 3) uint8 colours: ``palette`` where given, distinct generated hues after it."""
+    """(num_classes, 3) uint8 colours: ``palette`` where given, the segmenters' default palette after it."""
     given = np.asarray(palette, dtype=np.int64).reshape(-1, 3) if palette is not None and len(palette) else np.zeros((0, 3), np.int64)
     if given.size and (given.min() < 0 or given.max() > 255):
         raise ValueError('palette colours must be RGB triples in 0..255')
-    extra = []
-    for i in range(len(given), num_classes):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95)
-        extra.append((int(r * 255), int(g * 255), int(b * 255)))
+    extra = default_palette(num_classes)[len(given):]
     colours = np.concatenate([given[:num_classes], np.asarray(extra, np.int64).reshape(-1, 3)])
     return colours.astype(np.uint8)
 
 
 def class_name_list(num_classes: int, class_names: Optional[Sequence[str]] = None) -> List[str]:
     names = list(class_names or [])[:num_classes]
-    return names + ['class %d' % i for i in range(len(names), num_classes)]
+    return names + default_class_names(num_classes)[len(names):]
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
