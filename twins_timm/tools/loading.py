@@ -275,6 +275,8 @@ def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, 
             raise FileNotFoundError(
                 'model %s: %s. Convert a checkpoint with `twins-timm convert` and pass the folder '
                 'with --model DIR, or download the Hub repository while online.' % (spec, why))
+    if why.startswith(spec + ':'):  # zoo errors already begin with the name
+        why = why[len(spec) + 1:].lstrip()
     log('No converted weights found for %s: %s\n'
         'Running with a RANDOM-INITIALISED %s UPerNet instead: the output shows the pipeline '
         'working, not a real segmentation.\n'
