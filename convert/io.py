@@ -116,7 +116,7 @@ _PARTIAL = '.%s.partial-%d-%s'
 _PARTIAL_RE = r'^\.%s\.partial-(\d+)-[0-9a-f]+$'
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -133,7 +133,7 @@ def _remove_stale_partials(dst: Path) -> None:
     pattern = re.compile(_PARTIAL_RE % re.escape(dst.name))
     for p in dst.parent.iterdir():
         m = pattern.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 

@@ -345,19 +345,12 @@ def _convert(raw: Path, dst: Path, url: str, record: Optional[ZooModel], progres
 
 def _remove_stale_downloads(root: Path) -> None:
     """Temporary download folders of killed processes (never taken for good files: removed here)."""
+    from twins_timm.convert.io import pid_alive
     for p in root.glob('.download-*-*'):
         m = re.match(r'^\.download-(\d+)-', p.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
