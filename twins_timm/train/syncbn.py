@@ -57,11 +57,23 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
+class CPUSyncBatchNormAct(CPUSyncBatchNorm):
+    """timm's ``SyncBatchNormAct`` (BN + drop + act of the decoders' ``ConvNormAct``) on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
 def convert_sync_batchnorm(model: nn.Module, device_type: str = 'cuda') -> nn.Module:
-    """torch's conversion (same state dict keys); on CPU with this module's CPUSyncBatchNorm."""
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """timm's conversion (BN and timm's BN + act layers; same state dict keys); on CPU with this
+    module's CPUSyncBatchNorm(Act)."""
+    from timm.layers import convert_sync_batchnorm as timm_convert
+    from timm.layers.norm_act import SyncBatchNormAct
+    model = timm_convert(model)
     if device_type == 'cpu':
         for m in model.modules():
-            if type(m) is nn.SyncBatchNorm:
+            if type(m) is SyncBatchNormAct:
+                m.__class__ = CPUSyncBatchNormAct
+            elif type(m) is nn.SyncBatchNorm:
                 m.__class__ = CPUSyncBatchNorm
     return model
