@@ -81,7 +81,8 @@ def _version() -> str:
 
 def top_parser() -> argparse.ArgumentParser:
     """The top-level parser: commands listed with their one-line descriptions, nothing imported."""
-    parser = argparse.ArgumentParser(prog='twins-timm', description=DESCRIPTION, epilog=EPILOG)
+    parser = argparse.ArgumentParser(prog='twins-timm', description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line --version
     parser.add_argument('--version', action='version', version=_version())
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, module_name in COMMANDS.items():
