@@ -69,3 +69,17 @@ def fill_hf_cache(cache: Path, repo_id: str, folder: Path, revision: str = 'a' *
 def hf_cache() -> Callable[..., Path]:
     """``hf_cache(cache, repo_id, folder)``: a local Hub cache holding ``folder`` as ``repo_id``."""
     return fill_hf_cache
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """``segment`` and ``eval`` use the tiny stand-in segmenter (tests/tools_standin.py) instead of loading
+    a model."""
+    from tools_standin import TinySegmenter
+    from twins_timm.tools import evaluate, segment
+    from twins_timm.tools.loading import LoadedModel
+    model = TinySegmenter().eval()
+    fake = lambda spec=None, **kw: LoadedModel(model, 'stand-in')  # noqa: E731
+    monkeypatch.setattr(segment, 'load_model', fake)
+    monkeypatch.setattr(evaluate, 'load_model', fake)
+    return model

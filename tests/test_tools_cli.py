@@ -11,28 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tools_standin import TinySegmenter
+from tools_standin import random_rgb
 from twins_timm import cli
-from twins_timm.tools import evaluate as evaluate_mod
 from twins_timm.tools import loading
-from twins_timm.tools import segment as segment_mod
 from twins_timm.tools.evaluate import IoUAccumulator
 from twins_timm.tools.inference import InferenceSettings, predict_labels
-from twins_timm.tools.loading import LoadedModel, read_image
-
-
-def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-@pytest.fixture
-def standin(monkeypatch):
-    """Make both commands use the tiny stand-in instead of loading a model."""
-    model = TinySegmenter().eval()
-    fake = lambda spec=None, **kw: LoadedModel(model, 'stand-in')  # noqa: E731
-    monkeypatch.setattr(segment_mod, 'load_model', fake)
-    monkeypatch.setattr(evaluate_mod, 'load_model', fake)
-    return model
+from twins_timm.tools.loading import read_image
 
 
 @pytest.fixture
@@ -51,7 +35,7 @@ def offline_hub(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- image reading
 
 def test_image_modes_converted_or_refused(tmp_path):
-    rgb = _rgb(9, 11)
+    rgb = random_rgb(9, 11)
     Image.fromarray(rgb).save(tmp_path / 'rgb.png')
     arr, note = read_image(tmp_path / 'rgb.png')
     assert note is None and arr.dtype == np.uint8 and np.array_equal(arr, rgb)
@@ -80,7 +64,7 @@ def test_image_modes_converted_or_refused(tmp_path):
 # ----------------------------------------------------------------------------- segment
 
 def test_segment_writes_label_and_overlay_pngs(tmp_path, standin, capsys):
-    a, b = _rgb(30, 40, 1), _rgb(30, 40, 2)
+    a, b = random_rgb(30, 40, 1), random_rgb(30, 40, 2)
     Image.fromarray(a).save(tmp_path / 'a.png')
     Image.fromarray(np.dstack([b, np.full((30, 40), 255, np.uint8)])).save(tmp_path / 'b.png')  # RGBA
     out = tmp_path / 'out'
@@ -109,7 +93,7 @@ def test_segment_writes_label_and_overlay_pngs(tmp_path, standin, capsys):
 
 
 def test_segment_refuses_unreadable_inputs_before_writing(tmp_path, standin, capsys):
-    Image.fromarray(_rgb(8, 8)).save(tmp_path / 'ok.png')
+    Image.fromarray(random_rgb(8, 8)).save(tmp_path / 'ok.png')
     (tmp_path / 'bad.jpg').write_bytes(b'\x00' * 10)
     out = tmp_path / 'out'
     code = cli.main(['segment', str(tmp_path / 'ok.png'), str(tmp_path / 'bad.jpg'),
@@ -120,18 +104,18 @@ def test_segment_refuses_unreadable_inputs_before_writing(tmp_path, standin, cap
 
 
 def test_segment_slide_and_tta_options(tmp_path, standin):
-    Image.fromarray(_rgb(20, 28)).save(tmp_path / 'x.png')
+    Image.fromarray(random_rgb(20, 28)).save(tmp_path / 'x.png')
     out = tmp_path / 'o'
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--out', str(out), '--mode', 'slide',
                      '--crop-size', '32', '--stride', '16', '--tta', '--scale', '80', '40', '--quiet']) == 0
     s = InferenceSettings(mode='slide', scale=(80, 40), crop_size=(32, 32), stride=(16, 16),
                           ratios=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True)
-    expected = predict_labels(standin, _rgb(20, 28), s)[0].numpy()
+    expected = predict_labels(standin, random_rgb(20, 28), s)[0].numpy()
     assert np.array_equal(np.asarray(Image.open(out / 'x_labels.png')), expected)
 
 
 def test_missing_model_and_bad_device_are_clear_errors(tmp_path, capsys, offline_hub):
-    Image.fromarray(_rgb(8, 8)).save(tmp_path / 'x.png')
+    Image.fromarray(random_rgb(8, 8)).save(tmp_path / 'x.png')
     code = cli.main(['segment', str(tmp_path / 'x.png'), '--model', str(tmp_path / 'no_model'),
                      '--out', str(tmp_path / 'o')])
     assert code == 2 and 'does not exist' in capsys.readouterr().err
@@ -151,7 +135,7 @@ def _ade_folder(root: Path, n: int, classes: int, size=(24, 32)) -> Path:
     (root / 'images' / 'validation').mkdir(parents=True)
     (root / 'annotations' / 'validation').mkdir(parents=True)
     for k in range(n):
-        Image.fromarray(_rgb(*size, seed=10 + k)).save(root / 'images' / 'validation' / ('img_%d.jpg' % k))
+        Image.fromarray(random_rgb(*size, seed=10 + k)).save(root / 'images' / 'validation' / ('img_%d.jpg' % k))
         ann = rng.integers(0, classes + 1, size).astype(np.uint8)  # 0 = other, 1..classes
         Image.fromarray(ann).save(root / 'annotations' / 'validation' / ('img_%d.png' % k))
     return root
@@ -215,7 +199,7 @@ def saved_segmenter(tmp_path_factory):
 def test_segment_and_eval_with_real_adapter_folder(tmp_path, saved_segmenter, capsys):
     from twins_timm.adapters import from_pretrained
     model = from_pretrained(str(saved_segmenter)).eval()
-    img = _rgb(40, 56, 4)
+    img = random_rgb(40, 56, 4)
     Image.fromarray(img).save(tmp_path / 'p.png')
     out = tmp_path / 'out'
     assert cli.main(['segment', str(tmp_path / 'p.png'), '--model', str(saved_segmenter),

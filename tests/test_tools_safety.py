@@ -14,17 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tools_standin import TinySegmenter
+from tools_standin import random_rgb
 from twins_timm import cli
 from twins_timm.tools import evaluate as evaluate_mod
 from twins_timm.tools import loading
 from twins_timm.tools import segment as segment_mod
 from twins_timm.tools.inference import merged_bands, ms_flip_settings, predict_labels
-from twins_timm.tools.loading import LoadedModel
-
-
-def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 def _sha(path: Path) -> str:
@@ -35,15 +30,6 @@ def _one_paragraph(capsys, command: str) -> str:
     err = capsys.readouterr().err
     assert 'Traceback' not in err and err.startswith('twins-timm %s: error: ' % command), err
     return ' '.join(err.split())
-
-
-@pytest.fixture
-def standin(monkeypatch):
-    model = TinySegmenter().eval()
-    fake = lambda spec=None, **kw: LoadedModel(model, 'stand-in')  # noqa: E731
-    monkeypatch.setattr(segment_mod, 'load_model', fake)
-    monkeypatch.setattr(evaluate_mod, 'load_model', fake)
-    return model
 
 
 @pytest.fixture
@@ -59,7 +45,7 @@ def no_model_load(monkeypatch):
 
 def test_segment_into_the_photos_folder_keeps_the_photo(tmp_path, standin):
     photo = tmp_path / 'photo.png'
-    Image.fromarray(_rgb(40, 48)).save(photo)
+    Image.fromarray(random_rgb(40, 48)).save(photo)
     before = _sha(photo)
     for extra in ([], ['--force']):
         assert cli.main(['segment', str(photo), '--out', str(tmp_path), '--quiet'] + extra) == 0
@@ -69,8 +55,8 @@ def test_segment_into_the_photos_folder_keeps_the_photo(tmp_path, standin):
 
 def test_output_named_like_an_input_is_refused_even_with_force(tmp_path, no_model_load, capsys):
     a, a_labels = tmp_path / 'a.png', tmp_path / 'a_labels.png'
-    Image.fromarray(_rgb(40, 48, 1)).save(a)
-    Image.fromarray(_rgb(40, 48, 2)).save(a_labels)  # a.png's class map would land on this input
+    Image.fromarray(random_rgb(40, 48, 1)).save(a)
+    Image.fromarray(random_rgb(40, 48, 2)).save(a_labels)  # a.png's class map would land on this input
     before = _sha(a_labels)
     for extra in ([], ['--force']):
         assert cli.main(['segment', str(a), str(a_labels), '--out', str(tmp_path)] + extra) == 2
@@ -83,7 +69,7 @@ def test_eval_json_never_replaces_an_input(tmp_path, no_model_load, capsys):
     data = tmp_path / 'ade'
     for sub in ('images', 'annotations'):
         (data / sub / 'validation').mkdir(parents=True)
-    Image.fromarray(_rgb(32, 32)).save(data / 'images' / 'validation' / 'x.jpg')
+    Image.fromarray(random_rgb(32, 32)).save(data / 'images' / 'validation' / 'x.jpg')
     ann = data / 'annotations' / 'validation' / 'x.png'
     Image.fromarray(np.ones((32, 32), np.uint8)).save(ann)
     model_dir = tmp_path / 'model'
@@ -110,7 +96,7 @@ def test_convert_never_replaces_its_source(tmp_path, capsys):
 # ----------------------------------------------------------------------------- fail before the work
 
 def test_unwritable_outputs_fail_before_the_model_loads(tmp_path, no_model_load, capsys):
-    Image.fromarray(_rgb(32, 32)).save(tmp_path / 'x.png')
+    Image.fromarray(random_rgb(32, 32)).save(tmp_path / 'x.png')
     (tmp_path / 'file').write_text('')
     for out in ('/proc/self/out', str(tmp_path / 'file')):
         assert cli.main(['segment', str(tmp_path / 'x.png'), '--out', out]) == 2
@@ -119,7 +105,7 @@ def test_unwritable_outputs_fail_before_the_model_loads(tmp_path, no_model_load,
     data = tmp_path / 'ade'
     for sub in ('images', 'annotations'):
         (data / sub / 'validation').mkdir(parents=True)
-    Image.fromarray(_rgb(32, 32)).save(data / 'images' / 'validation' / 'x.jpg')
+    Image.fromarray(random_rgb(32, 32)).save(data / 'images' / 'validation' / 'x.jpg')
     Image.fromarray(np.ones((32, 32), np.uint8)).save(data / 'annotations' / 'validation' / 'x.png')
     assert cli.main(['eval', '--data', str(data), '--json', '/proc/self/m.json']) == 2
     assert '--json /proc/self/m.json' in _one_paragraph(capsys, 'eval')
@@ -134,7 +120,7 @@ def test_convert_to_an_unwritable_place_is_one_paragraph(tmp_path, capsys):
 
 
 def test_small_crop_size_says_so(tmp_path, no_model_load, capsys):
-    Image.fromarray(_rgb(64, 64)).save(tmp_path / 'x.png')
+    Image.fromarray(random_rgb(64, 64)).save(tmp_path / 'x.png')
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--mode', 'slide', '--crop-size', '16',
                      '--out', str(tmp_path / 'o')]) == 2
     assert '--crop-size 16 is too small' in _one_paragraph(capsys, 'segment')
@@ -197,7 +183,7 @@ def test_top_level_help_imports_no_command_module():
 def test_corrupt_image_in_a_batch_is_skipped_and_reported(tmp_path, standin, capsys):
     paths = [tmp_path / ('%s.png' % n) for n in ('a', 'b', 'c')]
     for i, p in enumerate(paths):
-        Image.fromarray(_rgb(40, 48, i)).save(p)
+        Image.fromarray(random_rgb(40, 48, i)).save(p)
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[:len(data) // 2])  # header fine, pixel data cut
     out = tmp_path / 'out'
@@ -216,8 +202,8 @@ def test_image_the_model_refuses_is_skipped_and_reported(tmp_path, standin, monk
             raise ValueError('input %dx%d is too small' % tuple(x.shape[-2:]))
         return forward(x)
     monkeypatch.setattr(standin, 'forward', picky)
-    Image.fromarray(_rgb(8, 8)).save(tmp_path / 'tiny.png')
-    Image.fromarray(_rgb(40, 48)).save(tmp_path / 'ok.png')
+    Image.fromarray(random_rgb(8, 8)).save(tmp_path / 'tiny.png')
+    Image.fromarray(random_rgb(40, 48)).save(tmp_path / 'ok.png')
     out = tmp_path / 'out'
     assert cli.main(['segment', str(tmp_path / 'tiny.png'), str(tmp_path / 'ok.png'), '--no-resize',
                      '--out', str(out)]) == 1
@@ -227,12 +213,12 @@ def test_image_the_model_refuses_is_skipped_and_reported(tmp_path, standin, monk
 
 
 def test_tta_progress_counts_views(tmp_path, standin, capsys):
-    Image.fromarray(_rgb(40, 48)).save(tmp_path / 'x.png')
+    Image.fromarray(random_rgb(40, 48)).save(tmp_path / 'x.png')
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--tta', '--scale', '64', '48',
                      '--out', str(tmp_path / 'o')]) == 0
     assert '12/12' in capsys.readouterr().err  # 6 ratios x (plain + flip)
     seen = []
-    predict_labels(standin, _rgb(40, 48), ms_flip_settings(scale=(64, 48)), on_view=lambda: seen.append(1))
+    predict_labels(standin, random_rgb(40, 48), ms_flip_settings(scale=(64, 48)), on_view=lambda: seen.append(1))
     assert len(seen) == 12
 
 
@@ -240,7 +226,7 @@ def test_tta_holds_one_view_at_a_time(standin):
     """Memory: each flipped copy has its own forward, and a view is released before the next."""
     standin.calls.clear()
     settings = ms_flip_settings(scale=(64, 48))
-    predict_labels(standin, _rgb(40, 48), settings)
+    predict_labels(standin, random_rgb(40, 48), settings)
     assert [c[0] for c in standin.calls] == [1] * 12  # batch 1: no plain + flip pair in one forward
     refs = []
 
@@ -265,7 +251,7 @@ def test_tta_frees_each_network_size_view_before_the_next_forward(standin, monke
         return out
     monkeypatch.setattr(standin, 'forward', tracked)
     seen = []
-    predict_labels(standin, _rgb(40, 48), ms_flip_settings(scale=(64, 48)), on_view=lambda: seen.append(1))
+    predict_labels(standin, random_rgb(40, 48), ms_flip_settings(scale=(64, 48)), on_view=lambda: seen.append(1))
     assert len(outputs) == 12 and len(seen) == 12
 
 
@@ -275,7 +261,7 @@ def test_quiet_silences_the_loader(tmp_path, capsys):
     folder = tmp_path / 'fpn'
     TwinsFPN(encoder_name='twins_pcpvt_small', classes=3, decoder_pyramid_channels=16,
              decoder_segmentation_channels=16).eval().save_pretrained(str(folder))
-    Image.fromarray(_rgb(32, 32)).save(tmp_path / 'x.png')
+    Image.fromarray(random_rgb(32, 32)).save(tmp_path / 'x.png')
     args = ['segment', str(tmp_path / 'x.png'), '--model', str(folder), '--scale', '32', '32']
     assert cli.main(args + ['--out', str(tmp_path / 'a')]) == 0
     assert 'Loading weights from local directory' in capsys.readouterr().out  # what --quiet must hide

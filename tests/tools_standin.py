@@ -10,10 +10,16 @@ from __future__ import annotations
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def random_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """An (h, w, 3) uint8 photo of seeded noise."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 class TinySegmenter(nn.Module):
