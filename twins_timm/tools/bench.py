@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from twins_timm.tools import mmseg_reference
+from twins_timm.tools.numerics import max_abs_diff, scaled_diff
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -333,19 +334,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def max_abs_diff(a: Any, b: Any) -> float:
-    if isinstance(a, torch.Tensor):
-        return float((a.float() - b.float()).abs().max())
-    return max(max_abs_diff(x, y) for x, y in zip(a, b))
-
-
-def scaled_diff(a: Any, b: Any) -> float:
-    """max_abs_diff per output divided by max(1, max |b|): rounding grows with the numbers' size."""
-    if isinstance(a, torch.Tensor):
-        return max_abs_diff(a, b) / max(1.0, float(b.float().abs().max()))
-    return max(scaled_diff(x, y) for x, y in zip(a, b))
 
 
 def diffs(got: Any, want: Any) -> Tuple[float, float]:
