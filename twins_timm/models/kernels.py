@@ -29,7 +29,7 @@ import contextlib
 import math
 import os
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -114,19 +114,24 @@ def _time_interleaved(candidates: Dict[str, Callable[[], object]], timer: Callab
     return best
 
 
-def choose(family: str, key: Tuple, flops: float, candidates: Dict[str, Callable[[], object]],
+def choose(family: str, key: Tuple, flops: float,
+           candidates: Union[Dict[str, Callable[[], object]], Callable[[], Dict[str, Callable[[], object]]]],
            timer: Optional[Callable[[], float]] = None) -> str:
     """The kernel for ``key``: measured once per process, then cached.
 
-    ``candidates`` maps kernel names to zero-argument calls on calibration inputs; the first is the plain
-    kernel and is kept unless another runs at least ``MARGIN`` faster. ``flops`` is one call's work.
+    ``candidates`` maps kernel names to zero-argument calls on calibration inputs (or is a function that
+    builds that mapping, called only when ``key`` is measured: inputs are made once, not per forward);
+    the first is the plain kernel and is kept unless another runs at least ``MARGIN`` faster. ``flops`` is
+    one call's work.
     """
     if _FORCED is not None:
-        return _FORCED if _FORCED in candidates else PLAIN
+        return _FORCED
     full_key = (family,) + tuple(key) + (torch.get_num_threads(),)
     hit = _CHOICES.get(full_key)
     if hit is not None:
         return hit['choice']
+    if callable(candidates):
+        candidates = candidates()
     with torch.inference_mode():
         seconds = _time_interleaved(candidates, timer or _TIMER)
     plain = next(iter(candidates))
@@ -164,14 +169,11 @@ def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     rows = x.numel() // max(k, 1)
     bucket = _rows_bucket(rows, 2.0 * k * n)
     key = (bucket, k, n, bias is not None, str(x.dtype).replace('torch.', ''))
-    if _FORCED is None and ('linear',) + key + (torch.get_num_threads(),) in _CHOICES:
-        return _CHOICES[('linear',) + key + (torch.get_num_threads(),)]['choice']
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randn(bucket, k, generator=gen).to(x.dtype)
-    return choose('linear', key, 2.0 * bucket * k * n, {
-        PLAIN: lambda: F.linear(sample, weight, bias),
-        ONEDNN: lambda: onednn_linear(sample, weight, bias),
-    })
+
+    def candidates() -> Dict[str, Callable[[], object]]:
+        sample = torch.randn(bucket, k, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+        return {PLAIN: lambda: F.linear(sample, weight, bias), ONEDNN: lambda: onednn_linear(sample, weight, bias)}
+    return choose('linear', key, 2.0 * bucket * k * n, candidates)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -238,13 +240,14 @@ def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
     nk, nh, d = k.shape[1:]
     bucket = _rows_bucket(N, 4.0 * nk * C)
     key = (bucket, nk, nh, d, str(q.dtype).replace('torch.', ''))
-    gen = torch.Generator().manual_seed(0)
-    qs = torch.randn(1, bucket, C, generator=gen).to(q.dtype)
-    ks, vs = (torch.randn(1, nk, nh, d, generator=gen).to(q.dtype) for _ in range(2))
-    return choose('attention', key, 4.0 * bucket * nk * C, {
-        PLAIN: lambda: sdpa_attention(qs, ks, vs, d ** -0.5),
-        ONEDNN: lambda: onednn_attention(qs, ks, vs, d ** -0.5),
-    })
+
+    def candidates() -> Dict[str, Callable[[], object]]:
+        gen = torch.Generator().manual_seed(0)
+        qs = torch.randn(1, bucket, C, generator=gen).to(q.dtype)
+        ks, vs = (torch.randn(1, nk, nh, d, generator=gen).to(q.dtype) for _ in range(2))
+        return {PLAIN: lambda: sdpa_attention(qs, ks, vs, d ** -0.5),
+                ONEDNN: lambda: onednn_attention(qs, ks, vs, d ** -0.5)}
+    return choose('attention', key, 4.0 * bucket * nk * C, candidates)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
