@@ -321,8 +321,8 @@ def _download(url: str, dst: Path, expected: Optional[str], progress: bool) -> N
 def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
     if not expected:
         return
-    with open(path, 'rb') as f:
-        digest = hashlib.file_digest(f, 'sha256').hexdigest()
+    from twins_timm.convert.io import sha256_file
+    digest = sha256_file(path)
     if not digest.startswith(expected):
         raise ChecksumError('%s is not the published file: its sha256 is %s, but the file name promises one starting '
                             'with %s. Delete it and fetch it again' % (what, digest, expected))
