@@ -91,6 +91,12 @@ class IoUAccumulator:
         self.label_area += l
         self.images += 1
 
+    def sum_over_processes(self, ctx: 'distributed.Dist') -> None:
+        """Exact sums of every process's areas (torchrun: each evaluated its share), in place."""
+        self.intersect, self.union, self.pred_area, self.label_area, (images,) = distributed.all_sum(
+            [self.intersect, self.union, self.pred_area, self.label_area, [self.images]], ctx)
+        self.images = int(images)
+
     def per_class(self) -> Dict[str, np.ndarray]:
         """IoU and Acc per class in [0, 1]; NaN where the denominator is 0."""
         with np.errstate(divide='ignore', invalid='ignore'):
@@ -192,9 +198,7 @@ def run(args: argparse.Namespace) -> int:
     acc = evaluate(model, distributed.shard(pairs, ctx), settings, num_classes, device=device,
                    reduce_zero=not args.no_reduce_zero_label, ignore_index=args.ignore_index,
                    progress=not args.quiet and ctx.main)
-    acc.intersect, acc.union, acc.pred_area, acc.label_area, (acc.images,) = distributed.all_sum(
-        [acc.intersect, acc.union, acc.pred_area, acc.label_area, [acc.images]], ctx)
-    acc.images = int(acc.images)
+    acc.sum_over_processes(ctx)
     distributed.finish(ctx)
     if not ctx.main:
         return 0

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..convert.io import atomic_path, write_folder
 from ..tools import distributed
 from .data import DatasetError, SegmentationFolder, check_pairs, find_pairs
 from .models import head_of
@@ -166,7 +167,6 @@ def prepare_out(out: Path, resume: bool) -> Optional[Path]:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    from ..convert.io import atomic_path
     with atomic_path(path, force=True) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
 
@@ -183,7 +183,6 @@ def _trim_metrics(path: Path, upto: int) -> None:
             continue
         if rec.get('iter', 0) <= upto:
             keep.append(line)
-    from ..convert.io import atomic_path
     with atomic_path(path, force=True) as tmp:
         tmp.write_text(''.join(l + '\n' for l in keep))
 
@@ -202,8 +201,6 @@ def _save_model_folder(model: nn.Module, folder: Path, recipe: Recipe, extra: Op
 def save_checkpoint(out: Path, it: int, model: nn.Module, state: Dict[str, Any], recipe: Recipe,
                     extra: Dict[str, Any]) -> Path:
     """Write checkpoints/iter_<it>/ atomically, then point last_checkpoint at it."""
-    from ..convert.io import write_folder
-
     def fill(tmp: Path) -> None:
         _save_model_folder(model, tmp, recipe, extra)
         torch.save(state, tmp / STATE_FILE)
@@ -211,7 +208,6 @@ def save_checkpoint(out: Path, it: int, model: nn.Module, state: Dict[str, Any],
     dst = out / CHECKPOINTS / ('iter_%06d' % it)
     (out / CHECKPOINTS).mkdir(exist_ok=True)
     write_folder(dst, fill, force=True)
-    from ..convert.io import atomic_path
     with atomic_path(out / LAST_FILE, force=True) as tmp:
         tmp.write_text('%s/%s\n' % (CHECKPOINTS, dst.name))
     return dst
@@ -227,7 +223,7 @@ def evaluate_sharded(model: nn.Module, pairs: Sequence, num_classes: int, ctx: d
                      crop_size: int, device, reduce_zero: bool, progress: bool = False):
     """mmseg's whole-image test (keep-ratio resize to (4 crop, crop)) on this process's share of
     ``pairs``; per-class areas summed exactly over the processes."""
-    from ..tools.evaluate import IoUAccumulator, evaluate
+    from ..tools.evaluate import evaluate
     from ..tools.inference import InferenceSettings
     settings = InferenceSettings(scale=(4 * crop_size, crop_size))
     was_training = model.training
@@ -237,11 +233,8 @@ def evaluate_sharded(model: nn.Module, pairs: Sequence, num_classes: int, ctx: d
                        reduce_zero=reduce_zero, progress=progress)
     finally:
         model.train(was_training)
-    total = IoUAccumulator(num_classes, reduce_zero_label=reduce_zero)
-    total.intersect, total.union, total.pred_area, total.label_area = distributed.all_sum(
-        [acc.intersect, acc.union, acc.pred_area, acc.label_area], ctx)
-    total.images = int(distributed.all_sum([[acc.images]], ctx)[0][0])
-    return total
+    acc.sum_over_processes(ctx)
+    return acc
 
 
 # ----------------------------------------------------------------------------- fit
@@ -450,8 +443,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
             if math.isfinite(summary['mIoU']) and (best['miou'] is None or summary['mIoU'] > best['miou']):
                 best = dict(miou=summary['mIoU'], iter=done)
                 if ctx.main:
-                    from ..convert.io import write_folder
-                    write_folder(out / 'best', lambda tmp: _save_model_folder(
+                                    write_folder(out / 'best', lambda tmp: _save_model_folder(
                         model, tmp, recipe, dict(iter=done, metrics=summary)), force=True)
             distributed.barrier(ctx)
         if done % save_interval == 0 or done == recipe.iters:
