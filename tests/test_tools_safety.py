@@ -164,18 +164,34 @@ def test_unknown_command_version_and_bugs(monkeypatch, capsys):
         cli.main(['segment'])
 
 
-def test_top_level_help_imports_no_command_module():
+@pytest.mark.parametrize('argv', [['--help'], ['--version'], ['segmnet']])
+def test_console_script_answers_without_importing_torch(argv):
+    # the console script's entry point (setup.cfg) runs the dispatcher without the twins_timm package
     code = ('import sys, contextlib, io\n'
-            'from twins_timm import cli\n'
-            'with contextlib.redirect_stdout(io.StringIO()) as out:\n'
-            '    try: cli.main(["--help"])\n'
-            '    except SystemExit: pass\n'
-            'assert "segment" in out.getvalue() and "Convert a Twins checkpoint" in out.getvalue()\n'
-            'print(sorted(m for m in sys.modules if m.startswith(("twins_timm.tools", "twins_timm.convert", '
-            '"twins_timm.adapters", "segmentation_models_pytorch"))))\n')
+            'import twins_timm_launcher\n'
+            'out, err = io.StringIO(), io.StringIO()\n'
+            'with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n'
+            '    try: code = twins_timm_launcher.main(%r)\n'
+            '    except SystemExit as e: code = e.code\n'
+            'print(code, repr(out.getvalue() + err.getvalue()))\n'
+            'print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "twins_timm", '
+            '"segmentation_models_pytorch") and m != "twins_timm.cli"))\n' % (argv,))
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == '[]'
+    result, imported = proc.stdout.strip().splitlines()
+    assert imported == '[]'
+    code, text = result.split(' ', 1)
+    if argv == ['--help']:
+        assert code == '0' and 'segment' in text and 'Convert a Twins checkpoint' in text
+    elif argv == ['--version']:
+        assert code == '0' and 'twins-timm 0.1.0' in text
+    else:
+        assert code == '2' and "Did you mean 'segment'" in text
+
+
+def test_console_script_runs_commands():
+    import twins_timm_launcher
+    assert twins_timm_launcher.main(['models', '--json']) == 0
 
 
 # ----------------------------------------------------------------------------- feedback
