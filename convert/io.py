@@ -13,7 +13,7 @@ import os
 import pickle
 import re
 import shutil
-import uuid
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
@@ -112,8 +112,10 @@ def sha256_file(path: PathLike) -> str:
 
 
 # ----------------------------------------------------------------------------------- atomic writing
-_PARTIAL = '.%s.partial-%d-%s'
-_PARTIAL_RE = r'^\.%s\.partial-(\d+)-[0-9a-f]+$'
+# Temporaries are hidden siblings made by tempfile, named after the destination and the writer's pid so
+# that the next writer of the same destination can tell a dead writer's leftovers from a live one's.
+_PARTIAL_PREFIX = '.%s.partial-%d-'
+_PARTIAL_RE = r'^\.%s\.partial-(\d+)-\w+$'
 
 
 def pid_alive(pid: int) -> bool:
@@ -126,6 +128,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _remove_stale_partials(dst: Path) -> None:
     """Remove temp files/folders left by an earlier writer of the same destination that was killed."""
     if not dst.parent.is_dir():
@@ -134,7 +140,7 @@ def _remove_stale_partials(dst: Path) -> None:
     for p in dst.parent.iterdir():
         m = pattern.match(p.name)
         if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _remove(p)
 
 
 def check_destination(dst: PathLike, force: bool) -> Path:
@@ -163,8 +169,8 @@ def current_umask() -> int:
 def honour_umask(path: PathLike) -> None:
     """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open`` would have.
 
-    Some writers (safetensors' ``save_file``, temp files) create files 0600; outputs must be readable
-    wherever the user's umask says so, e.g. by a container running under another uid.
+    tempfile makes files 0600 and folders 0700 (so do some writers, e.g. safetensors' ``save_file``);
+    outputs must be readable wherever the user's umask says so, e.g. by a container under another uid.
     """
     mask = current_umask()
     path = Path(path)
@@ -175,34 +181,44 @@ def honour_umask(path: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dst: PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path to write (a file or a folder); rename it onto ``dst`` on success.
+def atomic_path(dst: PathLike, force: bool = False, folder: bool = False) -> Iterator[Path]:
+    """Yield a new temporary sibling of ``dst`` to fill (an empty file, or an empty folder if ``folder``);
+    on success it is renamed onto ``dst`` with ``os.replace``.
 
-    The result gets the modes the umask gives (see ``honour_umask``). On any exception the temporary is removed and ``dst`` is untouched. A killed process leaves only
-    a hidden ``.NAME.partial-PID-*`` sibling, which the next write to the same destination removes.
+    The result gets the modes the umask gives (see ``honour_umask``). On any exception the temporary is
+    removed and ``dst`` is untouched. A killed process leaves only a hidden ``.NAME.partial-PID-*``
+    sibling, which the next write to the same destination removes.
     """
     dst = check_destination(dst, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(dst)
-    tmp = dst.parent / (_PARTIAL % (dst.name, os.getpid(), uuid.uuid4().hex[:8]))
+    prefix = _PARTIAL_PREFIX % (dst.name, os.getpid())
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=dst.parent)
+        os.close(fd)
+        tmp = Path(name)
     try:
         yield tmp
-        if not tmp.exists():
+        if not folder and tmp.stat().st_size == 0:  # e.g. a writer that added its own suffix to the name
             raise OSError('internal error: nothing was written to %s' % tmp)
         check_destination(dst, force)  # it may have appeared meanwhile
         honour_umask(tmp)
-        if tmp.is_dir() and dst.exists():
-            old = dst.parent / (_PARTIAL % (dst.name, os.getpid(), uuid.uuid4().hex[:8]))
+        if folder and dst.exists():
+            if not dst.is_dir():
+                raise NotADirectoryError('%s is a file; refusing to replace it with a folder' % dst)
+            old = tmp.with_name(tmp.name + '-old')  # unique because tmp is
             os.replace(dst, old)
             os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            _remove(old)
         else:
-            if dst.is_dir() and not tmp.is_dir():
+            if dst.is_dir() and not folder:
                 raise IsADirectoryError('%s is a folder; refusing to replace it with a file' % dst)
             os.replace(tmp, dst)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            _remove(tmp)
 
 
 def _fsync(path: Path) -> None:
@@ -229,7 +245,6 @@ def save_torch(obj: Any, dst: PathLike, force: bool = False) -> Path:
 
 def write_folder(dst: PathLike, fill: Callable[[Path], None], force: bool = False) -> Path:
     """Build a folder with ``fill(tmp_dir)`` and move it into place atomically."""
-    with atomic_path(dst, force) as tmp:
-        tmp.mkdir()
+    with atomic_path(dst, force, folder=True) as tmp:
         fill(tmp)
     return Path(dst)

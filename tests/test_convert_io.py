@@ -131,10 +131,9 @@ def test_atomic_write_never_overwrites_without_force(tmp_path, small_sd):
     folder.mkdir()
     (folder / 'old.txt').write_text('old')
     with pytest.raises(FileExistsError):
-        with atomic_path(folder) as tmp:
+        with atomic_path(folder, folder=True) as tmp:
             pass
-    with atomic_path(folder, force=True) as tmp:
-        tmp.mkdir()
+    with atomic_path(folder, force=True, folder=True) as tmp:
         (tmp / 'new.txt').write_text('new')
     assert sorted(p.name for p in folder.iterdir()) == ['new.txt']
 

@@ -26,7 +26,7 @@ from .inference import InferenceSettings, predict_labels
 from .loading import RANDOM_LABEL, load_model, read_image, read_label_map
 from .paths import check_output_file, refuse_inputs_as_outputs
 from .visualize import class_name_list
-from ..convert.io import atomic_path
+from twins_timm.convert.io import atomic_path
 from ..train.data import IMAGE_SUFFIXES, check_pairs, find_pairs, reduce_zero_label  # noqa: F401
 from . import distributed
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..convert.io import atomic_path, write_folder
+from twins_timm.convert.io import atomic_path, write_folder
 from ..tools import distributed
 from .data import DatasetError, SegmentationFolder, check_pairs, find_pairs
 from .models import head_of
@@ -389,7 +389,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     bar = tqdm(total=recipe.iters, initial=start, unit='it', disable=not (progress and ctx.main),
                file=sys.stderr, dynamic_ncols=True)
     weights = (1.0, recipe.aux_weight)
-    from ..adapters import mmseg_loss
+    from twins_timm.adapters import mmseg_loss
     net.train()
     interval_loss, interval_n, t0 = torch.zeros((), dtype=torch.float64), 0, time.time()
     for it in range(start, recipe.iters):
