@@ -89,6 +89,7 @@ def test_kernel_choices_reported(tiny_run):
     assert set(linear['chosen']) <= {'plain', 'onednn'}
     assert all(_positive(linear['gflops'][k]['median']) for k in ('plain', 'onednn'))
     assert all(r['choice'] in r['gflops'] for r in ker['shapes'])
+    assert all(set(r['gflops']) == {'plain', 'rows'} for r in ker['shapes'] if r['family'] == 'mlp')
     assert 'Kernels our layers took' in text
 
 

@@ -374,3 +374,35 @@ def test_mlp_row_chunks_only_in_cpu_inference():
         assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) > 1
         assert blk._mlp_row_chunks(torch.empty(2, 16384, 64, device='meta')) == 1  # GPUs: one product
     assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) == 1  # autograd: the plain path
+
+
+@pytest.mark.parametrize('plain_s,rows_s,chunked', [
+    (1.0, 0.5, True),     # the row chunks measured clearly faster: taken
+    (1.0, 0.97, False),   # within the margin: the whole tensor, as timm
+    (0.5, 1.0, False),    # slower: never taken
+])
+def test_mlp_row_chunks_are_a_measured_choice(monkeypatch, plain_s, rows_s, chunked):
+    blk = Block(64, 1, mlp_ratio=8).eval()
+    norm_calls = []
+    norm_forward = blk.norm2.forward
+    monkeypatch.setattr(blk.norm2, 'forward', lambda t: norm_calls.append(t.shape[0]) or norm_forward(t))
+
+    def timed(candidates, timer):
+        if kernels.ROWS not in candidates:  # the linears inside the MLP: timm's kernel, nothing timed
+            return {name: 1.0 for name in candidates}
+        assert list(candidates) == [kernels.PLAIN, kernels.ROWS]
+        for run in candidates.values():  # both candidates run the block's own modules
+            run()
+        return {kernels.PLAIN: plain_s, kernels.ROWS: rows_s}
+    monkeypatch.setattr(kernels, '_time_interleaved', timed)
+    kernels.clear_calibration()
+    with kernels.forced_kernel(None), torch.no_grad():
+        assert (blk._mlp_row_chunks(torch.empty(2, 16384, 64)) > 1) == chunked
+        assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) > 1 if chunked else True  # cached: no second run
+    sample_rows = norm_calls[0]
+    assert len(norm_calls) == 1 + kernels.MLP_CALIBRATION_CHUNKS and sum(norm_calls[1:]) == sample_rows
+    (rec,) = [r for r in kernels.calibration_report() if r['family'] == 'mlp']
+    assert rec['choice'] == (kernels.ROWS if chunked else kernels.PLAIN)
+    kernels.clear_calibration()
+    with kernels.forced_kernel(kernels.PLAIN), torch.no_grad():  # timm's calls everywhere: no chunks
+        assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) == 1

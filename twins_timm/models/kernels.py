@@ -12,9 +12,11 @@ is never slower than timm's kernel for that shape. A layer replaced or wrapped b
 user's module: the kernel lives in the module. PCPVT's global attention (``attention``) picks between
 ``F.scaled_dot_product_attention`` and oneDNN grouped 1x1 convolutions the same way.
 
-Restructured calls: the inference MLP runs over row chunks (``row_chunks``) and UPerHead's fusion conv
-over the un-resized pyramid. Both are taken only when the modules involved carry no forward hooks
-(``has_hooks``), so hooks always see the full tensors; the MLP chunks call the modules themselves.
+Restructured calls: the inference MLP may run over cache-sized row chunks (``row_chunks``), each
+chunk through the block's own ``norm2`` and ``mlp`` modules; whether that beats the MLP on the whole
+tensor is calibrated per shape like the kernels (``mlp_kernel``: 'plain' or 'rows'). UPerHead's fusion
+conv runs over the un-resized pyramid. Both are taken only when the modules involved carry no forward
+hooks (``has_hooks``), so hooks always see the full tensors.
 
 One switch for backbone and decoders: ``set_fast_inference(False)`` (or ``TWINS_TIMM_ONEDNN=0`` in the
 environment at import) gives timm's kernels and layouts everywhere, bit-identical to timm's Twins.
@@ -38,15 +40,18 @@ import torch.nn.functional as F
 __all__ = [
     'Linear', 'set_fast_inference', 'fast_inference_enabled', 'fast_inference', 'linear', 'attention',
     'choose', 'forced_kernel', 'calibration_report', 'clear_calibration', 'has_hooks', 'row_chunks',
+    'mlp_kernel',
 ]
 
 PLAIN = 'plain'    # what timm calls: F.linear / F.scaled_dot_product_attention
 ONEDNN = 'onednn'  # the same product as a oneDNN (1x1) convolution
+ROWS = 'rows'      # the inference MLP over cache-sized row chunks instead of the whole tensor
 MARGIN = 0.05      # oneDNN must be this much faster to be chosen
 CALIBRATION_FLOPS = 2e8  # work per timed calibration run (a few ms): sets the largest rows bucket
 CALIBRATION_ROUNDS = 3   # interleaved timed rounds after one warm-up each; the minimum counts
 MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB in fp32, cache-sized
 MLP_CHUNK_MIN_ROWS = 512
+MLP_CALIBRATION_CHUNKS = 8  # the MLP calibration times at most this many chunks' rows
 ATTN_CHUNK_ELEMENTS = 1 << 20  # attention scores per chunk of query rows (oneDNN attention)
 
 _ENABLED = os.environ.get('TWINS_TIMM_ONEDNN', '1') != '0'
@@ -83,7 +88,8 @@ def fast_inference(x) -> bool:
 # ------------------------------------------------------------------------------ choosing kernels
 @contextlib.contextmanager
 def forced_kernel(name: Optional[str]) -> Iterator[None]:
-    """Within the block every choice is ``name`` ('plain' or 'onednn'), no timing (tests, debugging)."""
+    """Within the block every choice is ``name``, no timing (tests, debugging): 'plain' takes timm's call
+    everywhere, 'onednn' the other candidate of every choice (oneDNN kernels, MLP row chunks)."""
     global _FORCED
     old, _FORCED = _FORCED, name
     try:
@@ -116,16 +122,16 @@ def _time_interleaved(candidates: Dict[str, Callable[[], object]], timer: Callab
 
 def choose(family: str, key: Tuple, flops: float,
            candidates: Union[Dict[str, Callable[[], object]], Callable[[], Dict[str, Callable[[], object]]]],
-           timer: Optional[Callable[[], float]] = None) -> str:
+           timer: Optional[Callable[[], float]] = None, alternative: str = ONEDNN) -> str:
     """The kernel for ``key``: measured once per process, then cached.
 
     ``candidates`` maps kernel names to zero-argument calls on calibration inputs (or is a function that
     builds that mapping, called only when ``key`` is measured: inputs are made once, not per forward);
     the first is the plain kernel and is kept unless another runs at least ``MARGIN`` faster. ``flops`` is
-    one call's work.
+    one call's work. ``alternative`` names the other candidate (what ``forced_kernel('onednn')`` takes).
     """
     if _FORCED is not None:
-        return _FORCED
+        return _FORCED if _FORCED == PLAIN else alternative
     full_key = (family,) + tuple(key) + (torch.get_num_threads(),)
     hit = _CHOICES.get(full_key)
     if hit is not None:
@@ -274,3 +280,25 @@ def row_chunks(x: torch.Tensor, hidden: int) -> int:
     """How many row chunks keep an MLP's hidden activation (``hidden`` wide) cache-sized."""
     rows = x.numel() // x.shape[-1]
     return max(1, rows // max(MLP_CHUNK_MIN_ROWS, MLP_CHUNK_ELEMENTS // hidden))
+
+
+def mlp_kernel(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, hidden: int, chunks: int) -> str:
+    """'plain' (``mlp(norm(x))`` on the whole tensor, as timm) or 'rows' (over ``chunks`` row chunks).
+
+    Calibrated on the block's own modules with up to ``MLP_CALIBRATION_CHUNKS`` chunks' rows: enough for the
+    whole-tensor hidden activation to leave the caches, as it does at full size, for a few ms of work.
+    """
+    rows, c = x.numel() // x.shape[-1], x.shape[-1]
+    per_chunk = -(-rows // chunks)
+    sample_chunks = min(chunks, MLP_CALIBRATION_CHUNKS)
+    key = (1 << max(0, (rows - 1).bit_length()), c, hidden, str(x.dtype).replace('torch.', ''))
+
+    def candidates() -> Dict[str, Callable[[], object]]:
+        sample = torch.randn(per_chunk * sample_chunks, c, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+        scratch = sample.clone()
+
+        def by_rows() -> None:
+            for part in scratch.tensor_split(sample_chunks):
+                part.add_(mlp(norm(part)))
+        return {PLAIN: lambda: mlp(norm(sample)).add_(sample), ROWS: by_rows}
+    return choose('mlp', key, 4.0 * per_chunk * sample_chunks * c * hidden, candidates, alternative=ROWS)

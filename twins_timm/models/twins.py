@@ -17,7 +17,7 @@ the next patch embedding exactly as in timm, which keeps PCPVT bit-identical to 
 Every layer is a module called as a module. The linear layers are ``kernels.Linear`` (an ``nn.Linear``):
 in CPU inference it runs the kernel measured fastest for its shape on this machine, and PCPVT's global
 attention likewise (see ``twins_timm.models.kernels``); inference MLPs run over cache-sized row chunks
-when no hook watches them; stage maps are handed on as channels-last views. All of it equals timm's
+where that measured faster and no hook watches them; stage maps are handed on as channels-last views. All of it equals timm's
 numbers within ~1e-6 of their magnitude; ``set_onednn_inference(False)`` keeps timm's kernels and its
 numbers bit for bit. On GPUs the attention takes ``F.scaled_dot_product_attention`` as timm's does.
 """
@@ -287,7 +287,8 @@ class Block(nn.Module):
 
     @torch.jit.unused
     def _mlp_row_chunks(self, x: torch.Tensor) -> int:
-        """Row chunks of the inference MLP: >1 only in CPU inference with no hook on norm2 or the MLP.
+        """Row chunks of the inference MLP: >1 only in CPU inference with no hook on norm2 or the MLP,
+        where the calibration measured the chunks faster than the whole tensor for this shape.
 
         Whole-tensor hidden activations (mlp_ratio x wider than the tokens) leave the caches; chunks keep
         them cache-sized. Hooks must see whole tensors, so a hooked MLP runs in one piece.
@@ -296,7 +297,9 @@ class Block(nn.Module):
         if self.training or not isinstance(hidden, int) or not kernels.fast_inference(x) or not x.is_contiguous():
             return 1
         chunks = kernels.row_chunks(x, hidden)
-        return chunks if chunks > 1 and not kernels.has_hooks(self.norm2, self.mlp) else 1
+        if chunks == 1 or kernels.has_hooks(self.norm2, self.mlp):
+            return 1
+        return chunks if kernels.mlp_kernel(x, self.norm2, self.mlp, hidden, chunks) == kernels.ROWS else 1
 
     @torch.jit.unused
     def _mlp_by_rows(self, x: torch.Tensor, chunks: int) -> torch.Tensor:
