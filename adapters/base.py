@@ -7,12 +7,11 @@ check: the Twins backbone and the heads handle any size).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.base import initialization as init
 from segmentation_models_pytorch.base.modules import Activation
@@ -189,26 +188,11 @@ class TwinsSegmentationModel(SegmentationModel):
         return result
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        """Model card that says how to load with twins_timm (plain SMP does not know the class)."""
-        params = {k: v for k, v in self.config.items()
-                  if not k.startswith('_') and k not in ('class_names', 'palette')}
-        data = ModelCardData(library_name='segmentation-models-pytorch', license='apache-2.0',
-                             pipeline_tag='image-segmentation',
-                             tags=['twins', 'segmentation-models-pytorch', 'semantic-segmentation',
-                                   'pytorch'])
-        metrics = kwargs.get('metrics')
-        text = '\n'.join([
-            '---', data.to_yaml(), '---',
-            f'# {type(self).__name__} ({self.encoder_name})', '',
-            'Twins backbone with an mmsegmentation-equivalent head, as an SMP model.', '',
-            '```python', 'from twins_timm.adapters import from_pretrained', '',
-            'model = from_pretrained("<save-directory-or-this-repo>").eval()',
-            '# input: RGB 0-255, normalised with config mean/std; output: (B, classes, H, W)',
-            '```', '',
-            '## Model init parameters', '```json', json.dumps(params, indent=2), '```', '',
-            f'Classes: {self.classes} (names and palette in config.json).', '',
-            *(['## Metrics', '```json', json.dumps(metrics, indent=2), '```', '']
-              if metrics else []),
-            *([f"Dataset: {kwargs['dataset']}", ''] if kwargs.get('dataset') else []),
-        ])
-        return ModelCard(text)
+        """The card ``save_pretrained`` writes, by the package's one card writer (``convert.hub.model_card``):
+        how to load with twins_timm (plain SMP does not know the class), and where the weights come from
+        when ``model_card_kwargs`` carries a ``conversion`` (``twins-timm convert`` does)."""
+        from twins_timm.convert.hub import model_card
+        conversion = kwargs.get('conversion') or {}
+        return model_card(conversion.get('res'), conversion.get('parity'), conversion.get('source_sha256'),
+                          conversion.get('card'), model=self, metrics=kwargs.get('metrics'),
+                          dataset=kwargs.get('dataset'))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -37,25 +37,60 @@ def _format_display(fmt: str) -> str:
     return FORMATS[fmt].display if fmt in FORMATS else fmt
 
 
-def model_card(res, parity: Optional[Dict[str, Any]] = None, source_sha256: Optional[str] = None,
-               card: Optional[Mapping[str, Any]] = None) -> ModelCard:
-    """The model card (huggingface_hub.ModelCard): where the weights come from, how faithfully they were converted.
+def model_card(res=None, parity: Optional[Dict[str, Any]] = None, source_sha256: Optional[str] = None,
+               card: Optional[Mapping[str, Any]] = None, model: Optional[nn.Module] = None,
+               metrics: Optional[Mapping[str, Any]] = None, dataset: Optional[str] = None) -> ModelCard:
+    """The one model-card writer (huggingface_hub.ModelCard) of every folder twins-timm writes.
 
-    ``card`` adds provenance: source_url, name, dataset, licence, metrics (published scores).
+    ``res`` (a conversion result) adds where the weights come from and how faithfully they were converted,
+    ``card`` its provenance (source_url, name, dataset, licence, published metrics); ``model`` (a
+    segmenter saved with ``save_pretrained``, with or without a conversion) adds its init parameters;
+    ``metrics`` / ``dataset`` are what SMP's ``save_pretrained`` passes for its card.
     """
     card = dict(card or {})
-    seg = res.is_segmenter
-    name = Path(res.source).name if res.source else '(in-memory state dict)'
+    seg = res.is_segmenter if res is not None else True
+    dataset = dataset or card.get('dataset')
     tags = ['image-segmentation', 'segmentation-models-pytorch'] if seg else ['image-classification', 'timm']
     data = ModelCardData(library_name='segmentation-models-pytorch' if seg else 'timm', license='apache-2.0',
                          tags=tags + ['twins', 'twins-timm'],
                          pipeline_tag='image-segmentation' if seg else 'image-classification',
-                         datasets=['ade20k' if card.get('dataset') == 'ADE20K' else 'imagenet-1k']
-                         if card.get('dataset') else None)
-    title = card.get('name') or '%s (%s)' % (res.variant, res.task)
+                         datasets=['ade20k' if dataset == 'ADE20K' else 'imagenet-1k'] if card.get('dataset') else None)
+    if res is not None:
+        lines = ['# %s' % (card.get('name') or '%s (%s)' % (res.variant, res.task)), '']
+        lines += _conversion_lines(res, parity, source_sha256, card)
+    else:
+        lines = ['# %s (%s)' % (type(model).__name__, model.encoder_name), '',
+                 'Twins backbone with an mmsegmentation-equivalent head, as a segmentation-models-pytorch model.']
+    if model is not None:
+        params = {k: v for k, v in model.config.items() if not k.startswith('_') and k not in ('class_names', 'palette')}
+        lines += ['', '## Model init parameters', '', '```json', json.dumps(params, indent=2), '```', '',
+                  'Classes: %d (names and palette in config.json).' % model.classes]
+    if metrics:
+        lines += ['', '## Metrics', '', '```json', json.dumps(metrics, indent=2), '```']
+    if dataset and res is None:
+        lines += ['', 'Dataset: %s' % dataset]
+    lines += ['', '## Usage', '', '```python']
+    if seg:
+        lines += ['from twins_timm.adapters import from_pretrained',
+                  "model = from_pretrained('%s').eval()" % (card.get('name') or 'PATH_OR_REPO'),
+                  '# RGB 0-255 normalised with config mean / std, NCHW float -> logits (B, classes, H, W)']
+    else:
+        lines += ['import timm, twins_timm',
+                  "model = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:REPO_ID'"]
+    lines += ['```']
+    if res is not None:
+        lines += ['', '## Licence', '']
+        if card.get('licence'):
+            lines += ['Licence of the published weights: %s.' % card['licence'], '']
+        lines += [LICENCE_NOTE]
+    return ModelCard('---\n%s\n---\n\n%s\n' % (data.to_yaml(), '\n'.join(lines)))
+
+
+def _conversion_lines(res, parity: Optional[Dict[str, Any]], source_sha256: Optional[str],
+                      card: Mapping[str, Any]) -> List[str]:
+    """Where converted weights come from and how faithfully they were converted: a table and a paragraph."""
+    name = Path(res.source).name if res.source else '(in-memory state dict)'
     lines = [
-        '# %s' % title,
-        '',
         'Converted with `twins-timm convert` from `%s`.' % (card.get('source_url') or name),
         '',
         '| | |',
@@ -98,19 +133,7 @@ def model_card(res, parity: Optional[Dict[str, Any]] = None, source_sha256: Opti
                      '(official segmentation code, mmsegmentation) to float32 rounding (about 1e-5 relative) on '
                      'features and logits.')
     lines.append('The written weights were read back and compared bit for bit with the converted ones.')
-    lines += ['', '## Usage', '', '```python']
-    if seg:
-        lines += ['from twins_timm.adapters import from_pretrained',
-                  "model = from_pretrained('%s').eval()" % (card.get('name') or 'PATH_OR_REPO'),
-                  '# normalised float NCHW -> logits (B, %d, H, W)' % res.num_classes]
-    else:
-        lines += ['import timm, twins_timm',
-                  "model = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:REPO_ID'"]
-    lines += ['```', '', '## Licence', '']
-    if card.get('licence'):
-        lines += ['Licence of the published weights: %s.' % card['licence'], '']
-    lines += [LICENCE_NOTE, '']
-    return ModelCard('---\n%s\n---\n\n%s' % (data.to_yaml(), '\n'.join(lines)))
+    return lines
 
 
 def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Optional[Dict[str, Any]] = None,
@@ -132,10 +155,9 @@ def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Op
 def save_segmenter_folder(res, model: nn.Module, dst, force: bool = False, parity: Optional[Dict[str, Any]] = None,
                           source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None) -> Path:
     """SMP Hub folder through the adapter's own ``save_pretrained``, loadable by ``from_pretrained``."""
-    def fill(tmp: Path) -> None:
-        # the converter's card is the folder's card: the hub mixin writes its own only where none exists
-        model_card(res, parity, source_sha256, card).save(tmp / 'README.md')
-        model.save_pretrained(str(tmp))
+    def fill(tmp: Path) -> None:  # the card comes from the adapter's generate_model_card, given the conversion
+        model.save_pretrained(str(tmp), model_card_kwargs=dict(
+            conversion=dict(res=res, parity=parity, source_sha256=source_sha256, card=card)))
 
     return write_folder(dst, fill, force)
 

@@ -151,14 +151,16 @@ def test_save_and_load_pretrained(cls, tmp_path):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
-    model.save_pretrained(tmp_path / 'saved')
+    model.save_pretrained(tmp_path / 'saved', metrics={'mIoU': 12.5}, dataset='toy shapes')
     config = json.loads((tmp_path / 'saved' / 'config.json').read_text())
     assert config['_model_class'] == cls.__name__
     assert config['class_names'] == names and config['palette'] == palette
     assert config['mean'] == [1.0, 2.0, 3.0] and config['std'] == [4.0, 5.0, 6.0]
     assert config['encoder_args'] == checkpoint_family_args('mmseg', 'twins_svt_small')
     assert (tmp_path / 'saved' / 'model.safetensors').is_file()
-    assert 'twins_timm.adapters import from_pretrained' in (tmp_path / 'saved' / 'README.md').read_text()
+    card = (tmp_path / 'saved' / 'README.md').read_text()
+    assert 'twins_timm.adapters import from_pretrained' in card and '"mIoU": 12.5' in card and 'toy shapes' in card
+    assert 'Converted with' not in card  # no conversion, no provenance table
 
     x = torch.randn(1, 3, 50, 70)
     with torch.no_grad():
@@ -183,7 +185,7 @@ def test_ade20k_names_and_palette_in_config(tmp_path):
 
 def test_from_local_hf_cache_offline(tmp_path, hf_cache):
     model = _small_model(TwinsUPerNet, decoder_channels=64)
-    model.save_pretrained(tmp_path / 'saved')
+    model.save_pretrained(tmp_path / 'saved', metrics={'mIoU': 12.5}, dataset='toy shapes')
     x = torch.randn(1, 3, 40, 56)
     with torch.no_grad():
         torch.save({'x': x, 'y': model(x)}, tmp_path / 'io.pt')

@@ -123,6 +123,8 @@ def test_segmenter_folder_loads_with_the_adapter(work):
     card = (info.path / 'README.md').read_text()
     assert 'official Twins segmentation' in card and 'unused classification head' in card
     assert '(in-memory state dict)' in card
+    # one card writer: the conversion's provenance and the adapter's init parameters in the same card
+    assert '## Model init parameters' in card and 'from_pretrained' in card
 
 
 def test_dtype_and_safetensors_output(work):
