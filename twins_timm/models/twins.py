@@ -30,10 +30,8 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._features_fx import register_notrace_module
-from timm.models._manipulate import checkpoint
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model, register_notrace_module
+from timm.models._features import feature_take_indices  # in that module's __all__; timm.models does not re-export it
 
 from twins_timm.models import kernels
 from twins_timm.models.kernels import Linear, set_onednn_inference
