@@ -95,7 +95,7 @@ def test_convert_never_replaces_its_source(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- fail before the work
 
-def test_unwritable_outputs_fail_before_the_model_loads(tmp_path, no_model_load, capsys):
+def test_unwritable_outputs_fail_before_the_model_loads(tmp_path, no_model_load, monkeypatch, capsys):
     Image.fromarray(random_rgb(32, 32)).save(tmp_path / 'x.png')
     (tmp_path / 'file').write_text('')
     for out in ('/proc/self/out', str(tmp_path / 'file')):
@@ -109,6 +109,15 @@ def test_unwritable_outputs_fail_before_the_model_loads(tmp_path, no_model_load,
     Image.fromarray(np.ones((32, 32), np.uint8)).save(data / 'annotations' / 'validation' / 'x.png')
     assert cli.main(['eval', '--data', str(data), '--json', '/proc/self/m.json']) == 2
     assert '--json /proc/self/m.json' in _one_paragraph(capsys, 'eval')
+    from twins_timm.tools import bench
+
+    def no_measuring(*a, **k):
+        raise AssertionError('bench measured before checking --json')
+    monkeypatch.setattr(bench, 'matmul_rate', no_measuring)
+    for path in ('/proc/self/b.json', str(tmp_path / 'file'), str(tmp_path)):
+        assert cli.main(['bench', '--quick', '--json', path]) == 2
+        err = _one_paragraph(capsys, 'bench')
+        assert '--json %s' % path in err, err
 
 
 def test_convert_to_an_unwritable_place_is_one_paragraph(tmp_path, capsys):

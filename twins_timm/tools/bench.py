@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from twins_timm.tools import mmseg_reference
+from twins_timm.tools.paths import check_output_file
 from twins_timm.tools.numerics import max_abs_diff, scaled_diff
 
 DESCRIPTION = __doc__
@@ -180,10 +181,7 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     if args.matmul_size < 64:
         raise ValueError('--matmul-size must be >= 64')
     json_path = Path(args.json)
-    if json_path.exists() and not args.force:
-        raise ValueError('%s exists; pass --force to overwrite it or --json to choose another file' % json_path)
-    if not json_path.parent.is_dir():
-        raise ValueError('the folder of --json %s does not exist; create it first' % json_path)
+    check_output_file(json_path, '--json', force=args.force)  # before any measuring: a probe file, not os.access
     return dict(
         quick=quick, variants=variants, sizes=sizes, heads=heads, repeats=repeats, warmup=warmup,
         device=device, threads=threads, matmul_size=args.matmul_size,
