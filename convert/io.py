@@ -99,11 +99,30 @@ def _load_torch(path: Path) -> Any:
                 'from a source you trust, re-save only its state dict (torch.save(sd, ...)) or export '
                 'it to .safetensors, then convert that.' % (path, what)) from None
         raise CheckpointReadError('%s is not a PyTorch checkpoint (%s); it may be corrupted or in another '
-                                  'format' % (path, _first_line(e))) from None
+                                  'format' % (path, _what_it_is(path) or _unpickler_reason(msg))) from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError, IndexError,
             KeyError, TypeError) as e:
         raise CheckpointReadError('%s could not be read as a PyTorch checkpoint (%s): the file is truncated, '
                                   'corrupted or not a checkpoint; fetch it again' % (path, _first_line(e))) from None
+
+
+# file signatures of things people pass by mistake instead of a checkpoint
+_SIGNATURES = ((b'\x89PNG', 'a PNG image'), (b'\xff\xd8\xff', 'a JPEG image'), (b'GIF8', 'a GIF image'),
+               (b'%PDF', 'a PDF document'), (b'\x1f\x8b', 'a gzip archive'), (b'<', 'an HTML or XML page'),
+               (b'{"', 'a JSON file'))
+
+
+def _what_it_is(path: Path) -> Optional[str]:
+    with open(path, 'rb') as f:
+        head = f.read(8).lstrip()
+    return next(('it is %s' % what for magic, what in _SIGNATURES if head.startswith(magic)), None)
+
+
+def _unpickler_reason(msg: str) -> str:
+    """The unpickler's own reason out of torch's long weights_only message (the first line otherwise)."""
+    _, found, rest = msg.partition('WeightsUnpickler error:')
+    reason = next((line.strip() for line in rest.splitlines() if line.strip()), '') if found else ''
+    return reason or _first_line(Exception(msg))
 
 
 def sha256_file(path: PathLike) -> str:

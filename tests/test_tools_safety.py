@@ -128,6 +128,27 @@ def test_convert_to_an_unwritable_place_is_one_paragraph(tmp_path, capsys):
     assert 'not writable' in err and '.tmp' not in err and 'partial' not in err
 
 
+def test_an_image_given_as_checkpoint_says_what_it_is(tmp_path, capsys):
+    photo = tmp_path / 'photo.png'
+    Image.fromarray(random_rgb(32, 32)).save(photo)
+    assert cli.main(['convert', str(photo), str(tmp_path / 'x.safetensors')]) == 2
+    err = _one_paragraph(capsys, 'convert')
+    assert 'not a PyTorch checkpoint (it is a PNG image)' in err and 'weights_only' not in err
+    assert not (tmp_path / 'x.safetensors').exists()
+
+
+def test_unwritable_model_cache_fails_before_downloading(tmp_path, monkeypatch, capsys):
+    from twins_timm import zoo
+
+    def no_download(*a, **k):
+        raise AssertionError('downloaded into a cache that cannot take the result')
+    monkeypatch.setattr(zoo, '_download', no_download)
+    monkeypatch.setenv('TWINS_TIMM_CACHE', '/proc/self/twins-cache')
+    assert cli.main(['models', '--download', 'fpn_twins_pcpvt_small.ade20k']) == 2
+    err = _one_paragraph(capsys, 'models')
+    assert 'model cache' in err and 'TWINS_TIMM_CACHE' in err and 'not writable' in err
+
+
 def test_small_crop_size_says_so(tmp_path, no_model_load, capsys):
     Image.fromarray(random_rgb(64, 64)).save(tmp_path / 'x.png')
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--mode', 'slide', '--crop-size', '16',
