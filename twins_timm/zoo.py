@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 from urllib.parse import urlsplit
 
-from twins_timm.tools.paths import check_writable_dir
-
 MMSEG_ROOT = 'https://download.openmmlab.com/mmsegmentation/v0.5/'
 MMSEG_LICENCE = ('apache-2.0 (OpenMMLab mmsegmentation); trained on ImageNet-1k and ADE20K, whose terms of use '
                  'also apply')
@@ -264,6 +262,7 @@ def _fetch_file(spec: str, record: Optional[ZooModel], progress: Optional[bool],
     expected = hash_prefix(url)
     progress = sys.stderr.isatty() if progress is None else progress
     root = cache_dir()
+    from twins_timm.tools.paths import check_writable_dir
     # before hundreds of MB are downloaded: a probe file, which also holds for root and read-only mounts
     check_writable_dir(root, 'the model cache (TWINS_TIMM_CACHE moves it)')
     root.mkdir(parents=True, exist_ok=True)
