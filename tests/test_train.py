@@ -287,6 +287,26 @@ def test_train_refuses_bad_input_before_training(dataset, model_folder, tmp_path
     assert not any((tmp_path / n).exists() for n in ('o3', 'o4', 'o5', 'o6'))
 
 
+@pytest.mark.parametrize('option, value, message', [
+    ('--iters', '-1', '--iters must be at least 1'),
+    ('--lr', '0', '--lr must be positive'),
+    ('--batch-size', '0', '--batch-size must be at least 1'),
+    ('--save-interval', '0', '--save-interval must be at least 1'),
+    ('--eval-interval', '-2', '--eval-interval must be at least 0'),
+    ('--workers', '-1', '--workers must be at least 0'),
+    ('--drop-path-rate', '1.5', '--drop-path-rate must be in [0, 1)'),
+])
+def test_train_refuses_bad_numbers_before_building_a_model(dataset, tmp_path, monkeypatch, capsys, option, value,
+                                                          message):
+    import twins_timm.train as train_pkg
+
+    def no_model(*a, **k):
+        raise AssertionError('a model was built (or downloaded) before the mistake was reported')
+    monkeypatch.setattr(train_pkg, 'build_model', no_model)
+    assert _train(dataset, 'upernet:twins_svt_small', tmp_path / 'o', option, value) == 2
+    assert message in _err(capsys) and not (tmp_path / 'o').exists()
+
+
 def test_train_command_new_classes_and_help(dataset, model_folder, tmp_path, capsys):
     names = tmp_path / 'names.txt'
     names.write_text('bg\nred\ngreen\nblue\nextra\n')
@@ -298,3 +318,41 @@ def test_train_command_new_classes_and_help(dataset, model_folder, tmp_path, cap
     assert 'amp_dtype            torch.bfloat16' in text  # autocast on CPU: bfloat16
     model = from_pretrained(str(checkpoint_folders(out)[-1]))
     assert model.classes == 5 and model.class_names[1] == 'red'
+
+
+# ------------------------------------------------------------------------ ImageNet backbone weights
+
+def _no_hub(monkeypatch, cache):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')  # a closed local port: nothing can be fetched
+    for var in ('TWINS_TIMM_MIRROR', 'TWINS_TIMM_OFFLINE', 'HF_HUB_OFFLINE'):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_fresh_heads_take_timms_imagenet_weights_from_the_hf_cache(tmp_path, hf_cache, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    from twins_timm.train import build_model
+    src = timm.create_model('twins_svt_small', device='meta').to_empty(device='cpu')
+    sd = {k: torch.randn(v.shape) for k, v in src.state_dict().items()}  # a classifier: head and norm too
+    (tmp_path / 'repo').mkdir()
+    save_file(sd, str(tmp_path / 'repo' / 'model.safetensors'))
+    (tmp_path / 'repo' / 'config.json').write_text('{"architecture": "twins_svt_small"}')
+    hf_cache(tmp_path / 'hub', 'timm/twins_svt_small.in1k', tmp_path / 'repo')
+    _no_hub(monkeypatch, tmp_path / 'hub')
+    model, source = build_model('upernet:twins_svt_small', classes=3)
+    backbone = model.encoder.model.state_dict()
+    from_file = [k for k in backbone if not k.startswith('stage_norms.')]  # mmseg's SVT stage norms are new
+    assert len(from_file) > 100 and all(torch.equal(backbone[k], sd[k]) for k in from_file)
+    assert 'timm ImageNet' in source
+
+
+def test_imagenet_weights_out_of_reach_fail_at_once_with_what_to_do(tmp_path, monkeypatch):
+    from twins_timm import zoo
+    from twins_timm.train import build_model
+    _no_hub(monkeypatch, tmp_path / 'empty')
+    with pytest.raises(zoo.ZooError, match=r'twins_pcpvt_small.in1k is not in the local Hugging Face cache and '
+                                           r'127.0.0.1:9 cannot be reached.*huggingface-cli download'):
+        build_model('fpn:twins_pcpvt_small', classes=3)

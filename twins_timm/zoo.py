@@ -363,6 +363,18 @@ def _hub_endpoint() -> Optional[str]:
     return mirror.rstrip('/') or None
 
 
+def _check_reachable(url: str, name: str, timeout: float = 5.0) -> None:
+    """One quick connection to the server first: without internet the Hub client retries for ~25 s and
+    then says only that the file is not cached."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == 'https' else 80)),
+                                 timeout=timeout).close()
+    except OSError as e:
+        raise ZooError('%s is not in the local Hugging Face cache and %s cannot be reached (%s): no internet '
+                       'access? %s' % (name, parts.netloc, e.strerror or e, manual_steps(name))) from None
+
+
 def _hub_cached(record: ZooModel) -> Optional[Path]:
     from huggingface_hub import try_to_load_from_cache
 
@@ -377,6 +389,7 @@ def _fetch_hub(record: ZooModel, progress: Optional[bool]) -> Path:
     if offline():
         raise ZooError('%s is not in the local Hugging Face cache and TWINS_TIMM_OFFLINE / HF_HUB_OFFLINE is set; %s'
                        % (record.name, manual_steps(record.name)))
+    _check_reachable(_hub_endpoint() or os.environ.get('HF_ENDPOINT') or 'https://huggingface.co', record.name)
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(record.hub_repo, allow_patterns=['config.json', WEIGHTS],

@@ -33,7 +33,7 @@ from twins_timm.convert.io import atomic_path, write_folder
 from ..tools import distributed
 from .data import DatasetError, SegmentationFolder, check_pairs, find_pairs
 from .models import head_of
-from .recipe import Recipe, build_optimizer, recipe_for
+from .recipe import Recipe, build_optimizer, check_settings, recipe_for
 from .transforms import min_crop_size, train_transform
 
 CHECKPOINTS = 'checkpoints'
@@ -268,6 +268,9 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     Everything is checked (data, labels, ``out``) before the first step; errors are ValueError /
     OSError subclasses with one-paragraph messages.
     """
+    check_settings(iters=iters, lr=lr, global_batch=global_batch, batch_size=batch_size,
+                   save_interval=save_interval, eval_interval=eval_interval, log_interval=log_interval,
+                   workers=workers)
     out = Path(out)
     dev = _pick_device(device)
     ctx = distributed.init(dev.type)
@@ -281,8 +284,6 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     if recipe.crop_size < min_crop_size():
         raise ValueError('--crop-size %d is too small: the Twins backbone needs at least %d pixels'
                          % (recipe.crop_size, min_crop_size()))
-    if batch_size < 1:
-        raise ValueError('--batch-size must be at least 1')
     per_step = batch_size * ctx.world
     if recipe.global_batch % per_step:
         raise ValueError('the global batch of %d images cannot be split into %d process(es) x --batch-size %d '
@@ -294,8 +295,6 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     save_interval = save_interval or config_interval
     eval_interval = config_interval if eval_interval is None else eval_interval
     log_interval = log_interval or min(50, recipe.iters)
-    if min(save_interval, log_interval) < 1 or eval_interval < 0 or workers < 0:
-        raise ValueError('--save-interval must be >= 1, --eval-interval >= 0 and --workers >= 0')
     num_classes = model.classes
 
     # -------- everything checked before the first step

@@ -72,6 +72,27 @@ def _short(encoder: str) -> str:
     return '%s-%s' % (arch, size[0])
 
 
+def check_settings(iters: Optional[int] = None, lr: Optional[float] = None, global_batch: Optional[int] = None,
+                   batch_size: int = 1, save_interval: Optional[int] = None, eval_interval: Optional[int] = None,
+                   log_interval: Optional[int] = None, workers: int = 0,
+                   drop_path_rate: Optional[float] = None) -> None:
+    """The ranges of the user-given training numbers (None: the recipe's default), in one place: ``fit``
+    checks them, and ``twins-timm train`` before it loads (or downloads) a model."""
+    wrong = [text for bad, text in (
+        (iters is not None and iters < 1, '--iters must be at least 1'),
+        (lr is not None and not lr > 0, '--lr must be positive'),
+        (global_batch is not None and global_batch < 1, '--global-batch must be at least 1'),
+        (batch_size < 1, '--batch-size must be at least 1'),
+        (save_interval is not None and save_interval < 1, '--save-interval must be at least 1'),
+        (eval_interval is not None and eval_interval < 0, '--eval-interval must be at least 0 (0: never)'),
+        (log_interval is not None and log_interval < 1, '--log-interval must be at least 1'),
+        (workers < 0, '--workers must be at least 0'),
+        (drop_path_rate is not None and not 0 <= drop_path_rate < 1, '--drop-path-rate must be in [0, 1)'),
+    ) if bad]
+    if wrong:
+        raise ValueError('; '.join(wrong))
+
+
 def recipe_for(head: str, encoder: str, *, iters: Optional[int] = None, crop_size: Optional[int] = None,
                lr: Optional[float] = None, global_batch: Optional[int] = None, **overrides: Any) -> Recipe:
     """mmseg's recipe for ``head`` ('upernet' / 'fpn') on ``encoder``, with the given overrides."""
@@ -92,17 +113,14 @@ def recipe_for(head: str, encoder: str, *, iters: Optional[int] = None, crop_siz
                    lr=1e-4, weight_decay=1e-4, warmup_iters=0, poly_power=0.9, eta_min=1e-4,
                    iters=80000, global_batch=32, aux_weight=0.4)
     r.drop_path_rate = 0.3 if big else 0.2
+    check_settings(iters=iters, lr=lr, global_batch=global_batch)
     if iters is not None:
-        if iters < 1:
-            raise ValueError('--iters must be at least 1')
         r.warmup_iters = round(r.warmup_iters * iters / r.iters)
         r.iters = iters
     if crop_size is not None:
         r.crop_size = crop_size
         r.scale = (4 * crop_size, crop_size)
     if lr is not None:
-        if lr <= 0:
-            raise ValueError('--lr must be positive')
         r.lr = lr
     if global_batch is not None:
         r.global_batch = global_batch
