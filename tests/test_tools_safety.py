@@ -119,6 +119,14 @@ def test_convert_to_an_unwritable_place_is_one_paragraph(tmp_path, capsys):
     assert 'not writable' in err and '.tmp' not in err and 'partial' not in err
 
 
+def test_paths_in_an_error_stay_whole(tmp_path, no_model_load, capsys):
+    """The paragraph breaks lines at spaces only: a long path with hyphens in it can be copied."""
+    photo = tmp_path.joinpath(*['a-long-hyphenated-folder-name'] * 4, 'no-such-photo.png')
+    assert cli.main(['segment', str(photo), '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert str(photo) in err and 'Traceback' not in err
+
+
 def test_small_crop_size_says_so(tmp_path, no_model_load, capsys):
     Image.fromarray(random_rgb(64, 64)).save(tmp_path / 'x.png')
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--mode', 'slide', '--crop-size', '16',
