@@ -27,7 +27,7 @@ os.environ.setdefault('TWINS_TIMM_KERNEL', 'onednn')
 if os.environ.get('PYTEST_XDIST_WORKER'):
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     WORKER_THREADS = max(1, _cores // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
-    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(WORKER_THREADS)
+    os.environ['OMP_NUM_THREADS'] = str(WORKER_THREADS)
 else:
     WORKER_THREADS = None
 
@@ -68,6 +68,16 @@ def fixed_kernels():
     from twins_timm.models import kernels
     with kernels.forced_kernel(kernels.ONEDNN):
         yield
+
+
+@pytest.fixture(autouse=True)
+def same_thread_count():
+    """A test that changes torch's thread count (the bench sets its --threads) gives it back: later tests,
+    and the subprocesses they start with OMP_NUM_THREADS from it, keep the run's."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def fill_hf_cache(cache: Path, repo_id: str, folder: Path, revision: str = 'a' * 40) -> Path:
