@@ -1,8 +1,8 @@
 """Shared test set-up: the ``slow`` marker, fixed kernel choices, a local Hugging Face cache, timm's
 reference models (seeded weights: tests/references.py), the stand-in segmenter.
 
-``python -m pytest -m "not slow"`` is the quick first check (every module and command, small
-variants only); CI runs everything.  Slow are, by rule rather than by hand so that new tests follow:
+``python -m pytest -q -n 2 --dist worksteal -m "not slow"`` is the quick first check (every module and
+command, small variants only); CI runs everything (README: the same without ``-m``).  Slow are, by rule rather than by hand so that new tests follow:
 the mmsegmentation parity, deploy (export) and bench files, the base / large variants of tests
 parametrised over all six models (the small ones of the same test stay in the quick set), and a few
 single tests over a minute long.
