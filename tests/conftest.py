@@ -1,7 +1,8 @@
-"""Shared test set-up: the ``slow`` marker, fixed kernel choices, a local Hugging Face cache.
+"""Shared test set-up: the ``slow`` marker, fixed kernel choices, a local Hugging Face cache, timm's
+reference models (seeded weights: tests/references.py), the stand-in segmenter.
 
-``python -m pytest -m "not slow"`` is the quick first check (every module and command, small
-variants only); CI runs everything.  Slow are, by rule rather than by hand so that new tests follow:
+``python -m pytest -q -n 2 --dist worksteal -m "not slow"`` is the quick first check (every module and
+command, small variants only); CI runs everything (README: the same without ``-m``).  Slow are, by rule rather than by hand so that new tests follow:
 the mmsegmentation parity, deploy (export) and bench files, the base / large variants of tests
 parametrised over all six models (the small ones of the same test stay in the quick set), and a few
 single tests over a minute long.
@@ -20,6 +21,15 @@ import pytest
 # instead of calibrated. Set before twins_timm is imported, so subprocesses that tests start inherit it;
 # a test of the calibration itself uses kernels.forced_kernel(None) with an injected timer.
 os.environ.setdefault('TWINS_TIMM_KERNEL', 'onednn')
+
+# Under pytest-xdist (`-n N`) the cores are shared out: each worker's torch, and the subprocesses it starts,
+# get cores // N threads (one each with -n 2 on 2 cores) instead of all of them competing for every core.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    WORKER_THREADS = max(1, _cores // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
+    os.environ['OMP_NUM_THREADS'] = str(WORKER_THREADS)
+else:
+    WORKER_THREADS = None
 
 SLOW_FILES = (
     'test_mmseg_parity_heads.py',
@@ -46,12 +56,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_configure(config):
+    if WORKER_THREADS:
+        import torch
+        torch.set_num_threads(WORKER_THREADS)
+
+
 @pytest.fixture(autouse=True, scope='session')
 def fixed_kernels():
     """Every kernel choice is oneDNN's for the whole run, also where TWINS_TIMM_KERNEL was set otherwise."""
     from twins_timm.models import kernels
     with kernels.forced_kernel(kernels.ONEDNN):
         yield
+
+
+@pytest.fixture(autouse=True)
+def same_thread_count():
+    """A test that changes torch's thread count (the bench sets its --threads) gives it back: later tests,
+    and the subprocesses they start with OMP_NUM_THREADS from it, keep the run's."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def fill_hf_cache(cache: Path, repo_id: str, folder: Path, revision: str = 'a' * 40) -> Path:
@@ -69,6 +95,16 @@ def fill_hf_cache(cache: Path, repo_id: str, folder: Path, revision: str = 'a' *
 def hf_cache() -> Callable[..., Path]:
     """``hf_cache(cache, repo_id, folder)``: a local Hub cache holding ``folder`` as ``repo_id``."""
     return fill_hf_cache
+
+
+@pytest.fixture(scope='session')
+def timm_pair() -> Callable:
+    """``timm_pair(name)`` -> (ours, timm's own Twins) with the same seeded timm-scale weights, eval mode.
+
+    Build each variant once per test module (a module-scoped fixture over the variants, as test_backbone's
+    ``timm_parity``): the six-variant parity tests are a large share of the suite's time."""
+    from references import timm_pair as build
+    return build
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Built by the package's one builder (`twins_timm.tools.mmseg_reference`, shared with `twins-timm bench`:
 mmseg's own Twins configs, SyncBN replaced by BN, the `mmcv.ops` stand-in for mmcv-lite), then given
-seeded random weights (BatchNorm running statistics included) and eval mode.
+seeded random weights (`references.randomize_`: BatchNorm running statistics included) and eval mode.
 
 Tests call `require_mmseg()` first: it skips the test when mmseg is not installed.
 """
@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from references import randomize_
 from twins_timm.tools.mmseg_reference import FAMILIES, HEADS, SIZES, config_path, import_mmseg
 from twins_timm.tools.mmseg_reference import model_config as _model_config
 
@@ -34,39 +35,6 @@ def model_config(family: str, size: str, head: str) -> dict:
     """The `model` dict of mmseg's config, ready to build on CPU without downloads."""
     require_mmseg()
     return _model_config(family, size, head)
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Seeded random weights that make every parameter and buffer matter.
-
-    Default init leaves norms at 1/0 and BN statistics at 0/1, which would hide wrong eps,
-    missing norms or swapped statistics; those get random values here.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(t: torch.Tensor) -> torch.Tensor:
-        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
-
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            fan_in = module.weight[0].numel()
-            module.weight.copy_(randn(module.weight) / fan_in ** 0.5)
-            if module.bias is not None:
-                module.bias.copy_(0.1 * randn(module.bias))
-        elif isinstance(module, nn.MultiheadAttention):
-            fan_in = module.embed_dim
-            module.in_proj_weight.copy_(randn(module.in_proj_weight) / fan_in ** 0.5)
-            module.in_proj_bias.copy_(0.1 * randn(module.in_proj_bias))
-        elif isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
-            module.weight.copy_(1 + 0.2 * randn(module.weight))
-            module.bias.copy_(0.1 * randn(module.bias))
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(0.2 * randn(module.running_mean))
-                module.running_var.copy_(
-                    0.5 + torch.rand(module.running_var.shape, generator=gen))
-                module.num_batches_tracked.fill_(1000)
-    return model
 
 
 def build_reference(family: str, size: str, head: str, seed: int = 0) -> nn.Module:

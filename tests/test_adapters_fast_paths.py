@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
 from numerics import FP32_TOL, scaled_diff
+from references import perturb_batchnorm_
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.adapters import modules
 from twins_timm.adapters.modules import resize, shifted_resize_matrices, upsampled_conv3x3
@@ -46,15 +47,7 @@ def test_shifted_resize_matrices_are_resize_weights_moved_by_one():
 def _segmenter(cls, variant):
     torch.manual_seed(0)
     args = dict(checkpoint_family_args('mmseg', variant), depths=SHALLOW[variant])
-    model = cls(encoder_name=variant, classes=7, encoder_args=args).eval()
-    with torch.no_grad():  # BN statistics away from the identity, so folding them in would show
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, .2)
-                m.running_var.uniform_(.5, 2)
-                m.weight.normal_(1, .2)
-                m.bias.normal_(0, .2)
-    return model
+    return perturb_batchnorm_(cls(encoder_name=variant, classes=7, encoder_args=args).eval())
 
 
 def _plain(model, x):

@@ -7,13 +7,11 @@ import textwrap
 import pytest
 import torch
 import timm
-import timm.models.twins as timm_twins
 from safetensors.torch import save_file
 
 import twins_timm
-import twins_timm.models.twins as twins_mod
-from mmseg_reference import randomize_
 from numerics import FP32_TOL, max_diff, scaled_diff
+from references import fast_inference, randomize_, seeded_model, timm_reference
 from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
 
 VARIANTS = [f'twins_{a}_{s}' for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
@@ -21,47 +19,8 @@ SMALL = ['twins_pcpvt_small', 'twins_svt_small']
 
 
 def ours(name, seed=0, **kwargs):
-    """Our model with seeded random weights (meta-device build + fast fill: timm's init is slow on CPU)."""
-    model = timm.create_model(name, device='meta', **kwargs).to_empty(device='cpu')
-    return randomize_(model, seed).eval()
-
-
-@torch.no_grad()
-def timm_like_init_(model, seed=0):
-    """Seeded weights on the scale of timm's own init (Linear std .02, conv fan-out), norms perturbed."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(t):
-        return torch.randn(t.shape, generator=g)
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            m.weight.copy_(randn(m.weight) * .02)
-            m.bias.copy_(randn(m.bias) * .02)
-        elif isinstance(m, torch.nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            m.weight.copy_(randn(m.weight) * (2.0 / fan_out) ** 0.5)
-            m.bias.copy_(randn(m.bias) * .02)
-        elif isinstance(m, torch.nn.LayerNorm):
-            m.weight.copy_(1 + .1 * randn(m.weight))
-            m.bias.copy_(randn(m.bias) * .02)
-    return model
-
-
-def timm_reference(name, state_dict):
-    """timm's own Twins class, built by timm's own entry point (still reachable on its module)."""
-    ref = getattr(timm_twins, name)(pretrained=False, device='meta').to_empty(device='cpu').eval()
-    assert type(ref) is timm_twins.Twins
-    ref.load_state_dict(state_dict, strict=True)
-    return ref
-
-
-@pytest.fixture
-def exact_inference():
-    """Linear layers through F.linear (timm's kernels), for bit-level comparisons with timm's Twins."""
-    twins_mod.set_onednn_inference(False)
-    yield
-    twins_mod.set_onednn_inference(True)
+    """Our model with seeded random weights (tests/references.py)."""
+    return seeded_model(name, seed, **kwargs)
 
 
 # ----------------------------------------------------------------------------------- registration
@@ -131,31 +90,45 @@ def test_timm_hub_weights_load_offline_from_local_cache(tmp_path, hf_cache):
 
 # ---------------------------------------------------------------------------------- timm parity
 
-def _timm_parity(name):
-    """(max abs, scaled) differences of logits and the 4 feature maps from timm's Twins, same weights."""
-    m = timm_like_init_(timm.create_model(name, device='meta').to_empty(device='cpu')).eval()
-    ref = timm_reference(name, m.state_dict())
-    outs, ref_outs = [], []
-    for size in ((224, 224), (250, 333)):
-        x = torch.randn(2, 3, *size)
-        with torch.no_grad():
-            outs += [m(x)] + m.forward_intermediates(x, intermediates_only=True)
-            ref_outs += [ref(x)] + ref.forward_intermediates(x, intermediates_only=True)
-    assert [o.shape for o in outs] == [o.shape for o in ref_outs]
-    return max_diff(outs, ref_outs), scaled_diff(outs, ref_outs)
+PARITY_SIZES = ((224, 224), (250, 333))
 
 
-@pytest.mark.parametrize('name', VARIANTS)
-def test_same_numbers_as_timm(name):
+@pytest.fixture(scope='module', params=VARIANTS)
+def timm_parity(request, timm_pair):
+    """Differences of ours from timm's Twins, same weights, batch of 2 at each of PARITY_SIZES: logits
+    (``m(x)``) and the 4 maps (``forward_intermediates``), with ours on its default inference path
+    ('fast') and with ``set_fast_inference(False)`` ('exact').
+
+    Each variant's pair is built once and timm's reference run once per size for both tests below:
+    its logits are ``forward_head`` of the final tokens its ``forward_intermediates`` returns.
+    """
+    name = request.param
+    m, ref = timm_pair(name)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, *size, generator=gen) for size in PARITY_SIZES]
+    expected = []
+    with torch.no_grad():
+        for x in xs:
+            final, maps = ref.forward_intermediates(x)
+            expected += [ref.forward_head(final)] + maps
+    diffs = {}
+    for mode, fast in (('fast', True), ('exact', False)):
+        with fast_inference(fast), torch.no_grad():
+            outs = [o for x in xs for o in [m(x)] + m.forward_intermediates(x, intermediates_only=True)]
+        assert [o.shape for o in outs] == [o.shape for o in expected]
+        diffs[mode] = max_diff(outs, expected), scaled_diff(outs, expected)
+    return diffs
+
+
+def test_same_numbers_as_timm(timm_parity):
     # the default CPU inference path: oneDNN sums long products in another order than MKL (~1e-6 scaled)
-    assert _timm_parity(name)[1] <= FP32_TOL
+    assert timm_parity['fast'][1] <= FP32_TOL
 
 
-@pytest.mark.parametrize('name', VARIANTS)
-def test_same_bits_as_timm_with_exact_inference(name, exact_inference):
+def test_same_bits_as_timm_with_exact_inference(timm_parity):
     # Measured bit-identical (0.0) for all six: the same kernels on the same rows in the same order. The
     # inference MLP runs in row chunks; BLAS may block a chunk differently on other CPUs, hence 1e-5.
-    assert _timm_parity(name)[0] <= 1e-5
+    assert timm_parity['exact'][0] <= 1e-5
 
 
 # ----------------------------------------------------------------------------- dense prediction
@@ -294,7 +267,7 @@ def test_stage_norm_is_inside_the_trunk():
 
 @pytest.fixture(scope='module')
 def mmseg_backbones():
-    from mmseg_reference import model_config, randomize_, require_mmseg
+    from mmseg_reference import model_config, require_mmseg
     require_mmseg()
     from mmseg.registry import MODELS
     from twins_timm.convert.engine import apply_rules

@@ -30,11 +30,17 @@ def tiny_run(tmp_path_factory):
     import io
     from contextlib import redirect_stdout
 
+    import torch
+
     from twins_timm.models import kernels
     buf = io.StringIO()
-    with redirect_stdout(buf), kernels.forced_kernel(None):
-        kernels.clear_calibration()
-        rc = main(TINY + ['--json', str(out)])
+    threads = torch.get_num_threads()  # the bench sets its --threads for the process
+    try:
+        with redirect_stdout(buf), kernels.forced_kernel(None):
+            kernels.clear_calibration()
+            rc = main(TINY + ['--json', str(out)])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     return json.loads(out.read_text()), buf.getvalue()
 

@@ -10,24 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint_factory import random_state_dict, wrap
+from references import timm_reference
 from twins_timm.convert import build_model, convert_checkpoint
 from twins_timm.models.twins import checkpoint_family_args
-
-# timm's own Twins configurations (timm/models/twins.py), used to build the reference directly
-TIMM_ARGS = {
-    'twins_pcpvt_small': dict(patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8],
-                              mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 6, 3], sr_ratios=[8, 4, 2, 1]),
-    'twins_svt_small': dict(patch_size=4, embed_dims=[64, 128, 256, 512], num_heads=[2, 4, 8, 16],
-                            mlp_ratios=[4, 4, 4, 4], depths=[2, 2, 10, 4], wss=[7, 7, 7, 7], sr_ratios=[8, 4, 2, 1]),
-}
-
-
-def timm_reference(variant, state_dict, **kw):
-    from timm.models.twins import Twins
-
-    ref = Twins(**TIMM_ARGS[variant], **kw)
-    ref.load_state_dict(state_dict, strict=True)
-    return ref.eval()
 
 
 @pytest.mark.parametrize('name,variant', [('official/alt_gvt_small', 'twins_svt_small'),

@@ -12,6 +12,7 @@ from torch import nn
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
 from numerics import FP32_TOL, scaled_diff
+from references import perturb_batchnorm_
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models import kernels
 from twins_timm.models.twins import checkpoint_family_args
@@ -124,12 +125,7 @@ def test_fold_batchnorm_keeps_the_logits_and_refuses_training_mode():
     torch.manual_seed(0)
     model = TwinsUPerNet(encoder_name='twins_pcpvt_small', classes=3,
                          encoder_args=dict(depths=[1, 1, 1, 1]))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, .2)
-                m.running_var.uniform_(.5, 2)
-                m.weight.normal_(1, .2)
+    perturb_batchnorm_(model)
     with pytest.raises(ValueError, match='eval'):
         model.fold_batchnorm()
     model.eval()

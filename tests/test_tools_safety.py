@@ -149,6 +149,14 @@ def test_unwritable_model_cache_fails_before_downloading(tmp_path, monkeypatch, 
     assert 'model cache' in err and 'TWINS_TIMM_CACHE' in err and 'not writable' in err
 
 
+def test_paths_in_an_error_stay_whole(tmp_path, no_model_load, capsys):
+    """The paragraph breaks lines at spaces only: a long path with hyphens in it can be copied."""
+    photo = tmp_path.joinpath(*['a-long-hyphenated-folder-name'] * 4, 'no-such-photo.png')
+    assert cli.main(['segment', str(photo), '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert str(photo) in err and 'Traceback' not in err
+
+
 def test_small_crop_size_says_so(tmp_path, no_model_load, capsys):
     Image.fromarray(random_rgb(64, 64)).save(tmp_path / 'x.png')
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--mode', 'slide', '--crop-size', '16',

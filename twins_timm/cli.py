@@ -133,7 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     except USER_ERRORS as e:
         msg = ' '.join((str(e) or e.__class__.__name__).split())
-        print(textwrap.fill('twins-timm %s: error: %s' % (name, msg), 100), file=sys.stderr)
+        # lines break only at spaces: paths and commands in the message stay whole, ready to copy
+        print(textwrap.fill('twins-timm %s: error: %s' % (name, msg), 100, break_long_words=False,
+                            break_on_hyphens=False), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('twins-timm: interrupted', file=sys.stderr)

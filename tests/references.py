@@ -1,0 +1,122 @@
+"""Seeded weights and timm's own Twins, in one place for every test (fixtures in conftest.py).
+
+Models are built on the meta device and filled with seeded random values (timm's init is slow on
+CPU). Two fills: ``randomize_`` moves every parameter and buffer off its default (norms, BN
+statistics), so a wrong eps, a missing norm or swapped statistics shows; ``timm_like_init_`` keeps
+the scale of timm's own init, for comparisons with timm at its tolerances.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Tuple
+
+import timm
+import timm.models.twins as timm_twins
+import torch
+from torch import nn
+
+import twins_timm  # noqa: F401  registers our Twins under timm's names
+from twins_timm.models import kernels
+
+__all__ = ['randomize_', 'timm_like_init_', 'seeded_model', 'timm_reference', 'timm_pair',
+           'perturb_batchnorm_', 'fast_inference']
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded random weights that make every parameter and buffer matter.
+
+    Default init leaves norms at 1/0 and BN statistics at 0/1, which would hide wrong eps,
+    missing norms or swapped statistics; those get random values here.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fan_in = module.weight[0].numel()
+            module.weight.copy_(randn(module.weight) / fan_in ** 0.5)
+            if module.bias is not None:
+                module.bias.copy_(0.1 * randn(module.bias))
+        elif isinstance(module, nn.MultiheadAttention):
+            fan_in = module.embed_dim
+            module.in_proj_weight.copy_(randn(module.in_proj_weight) / fan_in ** 0.5)
+            module.in_proj_bias.copy_(0.1 * randn(module.in_proj_bias))
+        elif isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+            module.weight.copy_(1 + 0.2 * randn(module.weight))
+            module.bias.copy_(0.1 * randn(module.bias))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.copy_(0.2 * randn(module.running_mean))
+                module.running_var.copy_(
+                    0.5 + torch.rand(module.running_var.shape, generator=gen))
+                module.num_batches_tracked.fill_(1000)
+    return model
+
+
+@torch.no_grad()
+def timm_like_init_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded weights on the scale of timm's own init (Linear std .02, conv fan-out), norms perturbed."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=gen)
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.copy_(randn(m.weight) * .02)
+            m.bias.copy_(randn(m.bias) * .02)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            m.weight.copy_(randn(m.weight) * (2.0 / fan_out) ** 0.5)
+            m.bias.copy_(randn(m.bias) * .02)
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.copy_(1 + .1 * randn(m.weight))
+            m.bias.copy_(randn(m.bias) * .02)
+    return model
+
+
+@torch.no_grad()
+def perturb_batchnorm_(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine away from the identity (global RNG), so folding them in would show."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, .2)
+            m.running_var.uniform_(.5, 2)
+            m.weight.normal_(1, .2)
+            m.bias.normal_(0, .2)
+    return model
+
+
+def seeded_model(name: str, seed: int = 0, init: Callable[[nn.Module, int], nn.Module] = randomize_,
+                 **kwargs) -> nn.Module:
+    """Our timm model ``name`` with seeded weights (``init``), eval mode."""
+    model = timm.create_model(name, device='meta', **kwargs).to_empty(device='cpu')
+    return init(model, seed).eval()
+
+
+def timm_reference(name: str, state_dict, **kwargs) -> nn.Module:
+    """timm's own Twins class, built by timm's own entry point (still reachable on its module), with
+    ``state_dict`` loaded strictly, eval mode."""
+    ref = getattr(timm_twins, name)(pretrained=False, device='meta', **kwargs).to_empty(device='cpu')
+    assert type(ref) is timm_twins.Twins
+    ref.load_state_dict(state_dict, strict=True)
+    return ref.eval()
+
+
+def timm_pair(name: str, seed: int = 0) -> Tuple[nn.Module, nn.Module]:
+    """(ours, timm's own Twins) for variant ``name`` with the same seeded timm-scale weights, eval mode."""
+    ours = seeded_model(name, seed, init=timm_like_init_)
+    return ours, timm_reference(name, ours.state_dict())
+
+
+@contextlib.contextmanager
+def fast_inference(enabled: bool) -> Iterator[None]:
+    """Within the block our CPU-inference kernels are on (default) or off (timm's kernels, bit for bit)."""
+    before = kernels.fast_inference_enabled()
+    kernels.set_fast_inference(enabled)
+    try:
+        yield
+    finally:
+        kernels.set_fast_inference(before)
