@@ -28,8 +28,10 @@ def _sha(path: Path) -> str:
 
 def _one_paragraph(capsys, command: str) -> str:
     err = capsys.readouterr().err
-    assert 'Traceback' not in err and err.startswith('twins-timm %s: error: ' % command), err
-    return ' '.join(err.split())
+    text = ' '.join(err.split())  # lines break at spaces only, so a long path may start the second line
+    assert 'Traceback' not in err and text.startswith('twins-timm %s: error: ' % command), err
+    assert '\n\n' not in err.strip(), err  # one paragraph
+    return text
 
 
 @pytest.fixture
