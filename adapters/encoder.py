@@ -39,8 +39,13 @@ class TwinsEncoder(nn.Module):
                              f"got encoder_name={name!r}")
         pretrained = bool(weights)
         create_args = dict(pretrained=pretrained, in_chans=in_channels, num_classes=0)
-        if pretrained and encoder_args.get('stage_norm'):
-            create_args['pretrained_strict'] = False  # classification weights have no stage norms
+        if pretrained:
+            # timm's ImageNet weights resolved by the zoo (the local Hugging Face cache first; offline it
+            # fails at once with what to do), then loaded by timm's own loader (head dropped, in_chans adapted)
+            from twins_timm import zoo
+            create_args['pretrained_cfg_overlay'] = dict(file=str(zoo.fetch(name + '.in1k') / zoo.WEIGHTS))
+            if encoder_args.get('stage_norm'):
+                create_args['pretrained_strict'] = False  # classification weights have no stage norms
         self.name = name
         self.model = timm.create_model(name, **create_args, **encoder_args)
         self._drop_unused_head()

@@ -44,28 +44,8 @@ def build_arch(head: str, variant: str, classes: int, class_names: Optional[Sequ
     from twins_timm.models.twins import checkpoint_family_args
     encoder_args = dict(checkpoint_family_args('mmseg', variant), drop_path_rate=drop_path_rate)
     cls = TwinsUPerNet if head == 'upernet' else TwinsFPN
-    model = cls(encoder_name=variant, classes=classes, encoder_args=encoder_args, class_names=class_names)
-    if pretrained:
-        load_imagenet_backbone(model.encoder.model, variant)
-    return model
-
-
-def load_imagenet_backbone(backbone: nn.Module, variant: str) -> None:
-    """timm's ImageNet weights into a segmentation backbone, through the zoo (``VARIANT.in1k``): the local
-    Hugging Face cache, else a download that fails at once, with what to do, when the Hub cannot be reached.
-
-    The classifier's head and final norm have no place in the backbone; mmseg's SVT stage norms are new.
-    """
-    from timm.models import load_checkpoint
-
-    from twins_timm import zoo
-    weights = zoo.fetch(variant + '.in1k') / zoo.WEIGHTS
-    result = load_checkpoint(backbone, str(weights), strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith('stage_norms.')]
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(('head.', 'norm.'))]
-    if missing or unexpected:
-        raise ValueError('%s does not fit the %s backbone (missing %s, unexpected %s); delete it from the Hugging '
-                         'Face cache and run again' % (weights, variant, missing[:3], unexpected[:3]))
+    return cls(encoder_name=variant, classes=classes, encoder_args=encoder_args,
+               encoder_weights=True if pretrained else None, class_names=class_names)
 
 
 def adapt(model: nn.Module, classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
