@@ -120,9 +120,8 @@ def _what_it_is(path: Path) -> Optional[str]:
 
 def _unpickler_reason(msg: str) -> str:
     """The unpickler's own reason out of torch's long weights_only message (the first line otherwise)."""
-    _, found, rest = msg.partition('WeightsUnpickler error:')
-    reason = next((line.strip() for line in rest.splitlines() if line.strip()), '') if found else ''
-    return reason or _first_line(Exception(msg))
+    rest = msg.partition('WeightsUnpickler error:')[2] or msg
+    return next((line.strip() for line in rest.splitlines() if line.strip()), 'unreadable pickle')
 
 
 def sha256_file(path: PathLike) -> str:

@@ -152,7 +152,11 @@ def choose(family: str, key: Tuple, flops: float,
 def _rows_bucket(rows: int, work_per_row: float) -> int:
     """Power-of-two rows bucket, capped where one calibration run would exceed CALIBRATION_FLOPS."""
     cap = max(64, 1 << int(math.log2(max(1.0, CALIBRATION_FLOPS / max(work_per_row, 1.0)))))
-    return min(1 << max(0, (rows - 1).bit_length()), cap)
+    return min(_pow2_at_least(rows), cap)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 # ------------------------------------------------------------------------------------- linear
@@ -291,7 +295,7 @@ def mlp_kernel(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, hidden: int, ch
     rows, c = x.numel() // x.shape[-1], x.shape[-1]
     per_chunk = -(-rows // chunks)
     sample_chunks = min(chunks, MLP_CALIBRATION_CHUNKS)
-    key = (1 << max(0, (rows - 1).bit_length()), c, hidden, str(x.dtype).replace('torch.', ''))
+    key = (_pow2_at_least(rows), c, hidden, str(x.dtype).replace('torch.', ''))  # uncapped: whole-tensor size
 
     def candidates() -> Dict[str, Callable[[], object]]:
         sample = torch.randn(per_chunk * sample_chunks, c, generator=torch.Generator().manual_seed(0)).to(x.dtype)
