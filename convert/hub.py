@@ -49,12 +49,13 @@ def model_card(res=None, parity: Optional[Dict[str, Any]] = None, source_sha256:
     """
     card = dict(card or {})
     seg = res.is_segmenter if res is not None else True
-    dataset = dataset or card.get('dataset')
     tags = ['image-segmentation', 'segmentation-models-pytorch'] if seg else ['image-classification', 'timm']
     data = ModelCardData(library_name='segmentation-models-pytorch' if seg else 'timm', license='apache-2.0',
                          tags=tags + ['twins', 'twins-timm'],
                          pipeline_tag='image-segmentation' if seg else 'image-classification',
-                         datasets=['ade20k' if dataset == 'ADE20K' else 'imagenet-1k'] if card.get('dataset') else None)
+                         # the Hub's dataset ids, for the published data sets only
+                         datasets=['ade20k' if card.get('dataset') == 'ADE20K' else 'imagenet-1k']
+                         if card.get('dataset') else None)
     if res is not None:
         lines = ['# %s' % (card.get('name') or '%s (%s)' % (res.variant, res.task)), '']
         lines += _conversion_lines(res, parity, source_sha256, card)
@@ -67,7 +68,7 @@ def model_card(res=None, parity: Optional[Dict[str, Any]] = None, source_sha256:
                   'Classes: %d (names and palette in config.json).' % model.classes]
     if metrics:
         lines += ['', '## Metrics', '', '```json', json.dumps(metrics, indent=2), '```']
-    if dataset and res is None:
+    if dataset:  # what save_pretrained was told (a published data set is in the conversion table)
         lines += ['', 'Dataset: %s' % dataset]
     lines += ['', '## Usage', '', '```python']
     if seg:

@@ -814,8 +814,8 @@ def render(out: Dict[str, Any]) -> str:
                          g.get('plain', {}).get('max'), g.get(other, {}).get('max')])
         parts += ['', 'Kernels our layers took (CPU inference calibration, per layer shape; GFLOP/s measured '
                       'there, all shapes in the JSON; other = oneDNN kernel, or for the MLP its row chunks)',
-                  format_table(['family', 'shapes', 'took plain', 'other kernel', 'took other', 'plain median', 'other median',
-                                'plain max', 'other max'], rows)]
+                  format_table(['family', 'shapes', 'took plain', 'other kernel', 'took other', 'plain median',
+                                'other median', 'plain max', 'other max'], rows)]
     parts.append('')
     return '\n'.join(parts)
 
