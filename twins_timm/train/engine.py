@@ -268,9 +268,9 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     Everything is checked (data, labels, ``out``) before the first step; errors are ValueError /
     OSError subclasses with one-paragraph messages.
     """
-    check_settings(iters=iters, lr=lr, global_batch=global_batch, batch_size=batch_size,
-                   save_interval=save_interval, eval_interval=eval_interval, log_interval=log_interval,
-                   workers=workers)
+    # (recipe_for checks iters, lr and global_batch)
+    check_settings(batch_size=batch_size, save_interval=save_interval, eval_interval=eval_interval,
+                   log_interval=log_interval, workers=workers)
     out = Path(out)
     dev = _pick_device(device)
     ctx = distributed.init(dev.type)
