@@ -1,8 +1,6 @@
 """Segmentation adapters: SMP model API, state-dict layout, input sizes, hub round trip."""
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
+from fresh_python import fresh_python
 from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, TwinsUPerNet,
                                  ade20k, from_pretrained, read_config)
 from twins_timm.models.twins import checkpoint_family_args
@@ -203,8 +202,7 @@ def test_from_local_hf_cache_offline(tmp_path, hf_cache):
     env = dict(os.environ, TWINS_TIMM_KERNEL='onednn', HF_HUB_OFFLINE='1',  # the kernels of this process
                HF_HUB_CACHE=str(tmp_path / 'cache'),
                HF_HOME=str(tmp_path / 'home'))
-    done = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = fresh_python(script, env=env)  # huggingface_hub reads HF_HUB_* when imported
     assert done.returncode == 0 and done.stdout.strip() == 'ok', (done.returncode, done.stderr[-2000:])
 
 

@@ -1,7 +1,5 @@
 """The six Twins backbones as timm models: registration, parity with timm, dense features, options."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -10,6 +8,7 @@ import timm
 from safetensors.torch import save_file
 
 import twins_timm
+from fresh_python import fresh_python
 from numerics import FP32_TOL, max_diff, scaled_diff
 from references import fast_inference, randomize_, seeded_model, timm_reference
 from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
@@ -32,7 +31,7 @@ def test_import_registers_all_six_without_warnings():
             m = timm.create_model(n, pretrained=False, device='meta')
             print(type(m).__module__)
     ''' % VARIANTS)
-    res = subprocess.run([sys.executable, '-W', 'error', '-c', code], capture_output=True, text=True)
+    res = fresh_python(code, warnings_as_errors=True)  # fresh timm and twins_timm imports, -W error
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ['twins_timm.models.twins'] * 6
     assert 'Overwriting' not in res.stderr
@@ -83,7 +82,7 @@ def test_timm_hub_weights_load_offline_from_local_cache(tmp_path, hf_cache):
         print('ok')
     ''')
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path))
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
+    res = fresh_python(code, env=env)  # huggingface_hub reads HF_HUB_* when imported
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == 'ok'
 

@@ -1,13 +1,12 @@
 """`twins-timm convert` end to end: exit codes, summary, errors as one paragraph, both directions."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from checkpoint_factory import random_state_dict, write_checkpoint
+from fresh_python import fresh_python
 from twins_timm.cli import main
 from twins_timm.convert import sha256_file
 
@@ -133,6 +132,5 @@ def test_help_shows_examples_and_module_entry_point(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert 'examples:' in out and 'twins-timm convert alt_gvt_small.pth' in out and '--drop' in out
-    proc = subprocess.run([sys.executable, '-m', 'twins_timm', 'convert', '--help'], capture_output=True,
-                          text=True, timeout=120)
+    proc = fresh_python(module='twins_timm', argv=['convert', '--help'])  # as `python -m twins_timm`
     assert proc.returncode == 0 and 'examples:' in proc.stdout

@@ -1,14 +1,13 @@
 """Outputs: timm Hub folders (local-dir: and hf-hub: from an offline HF cache), segmenter folders, dtypes."""
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from checkpoint_factory import random_state_dict, wrap, write_checkpoint
+from fresh_python import fresh_python
 from twins_timm.convert import build_model, convert_checkpoint, save
 
 
@@ -86,8 +85,7 @@ def test_folders_load_offline_from_a_local_hf_cache(work, cls_folder, hf_cache):
     ''') + seg_check
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(work / 'hf_home'),
                HF_HUB_DISABLE_TELEMETRY='1')
-    out = subprocess.run([sys.executable, '-c', script, str(work)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = fresh_python(script, argv=[work], env=env)  # huggingface_hub reads HF_HUB_* when imported
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'timm ok 1000' in out.stdout
     assert 'seg ok 150' in out.stdout

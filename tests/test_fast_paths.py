@@ -7,8 +7,6 @@ Chunk sizes are shrunk here so that small inputs take several ragged chunks; the
 model with autograd recording (F.linear, no chunking, no in-place). Differences are measured against
 the output's scale (see numerics.py). Kernel choice is tested with an injected timer: tests time nothing.
 """
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 import timm
 from torch.overrides import TorchFunctionMode
 
+from fresh_python import fresh_python
 from numerics import FP32_TOL, scaled_diff
 from twins_timm.models import kernels
 from twins_timm.models.twins import Block, checkpoint_family_args
@@ -236,7 +235,7 @@ def test_fast_inference_switch_from_environment():
             'os.environ["TWINS_TIMM_ONEDNN"] = "1"; importlib.reload(kernels); '
             'print(torch.no_grad()(kernels.fast_inference)(x))')
     env = dict(__import__('os').environ, TWINS_TIMM_ONEDNN='0')
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
+    res = fresh_python(code, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ['False', 'True']
 

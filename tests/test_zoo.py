@@ -11,8 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -25,6 +23,7 @@ import torch
 from PIL import Image
 
 from checkpoint_factory import random_state_dict, twins2mmseg, wrap
+from fresh_python import start_python
 from twins_timm import cli, zoo
 from twins_timm.convert import convert_checkpoint
 
@@ -255,18 +254,18 @@ def test_killed_download_leaves_nothing_a_later_run_takes(server, cache, files):
     path = _path(files, 'fpn_pcpvt_s_test-')
     url = server.url(path)
     server.handler.modes[path] = 'stall'
-    child = subprocess.Popen([sys.executable, '-c', textwrap.dedent('''
+    child = start_python(textwrap.dedent('''
         import sys
         from twins_timm import zoo
         zoo.fetch(sys.argv[1], progress=False)
-        '''), url], env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        '''), argv=[url])
     try:
         deadline = time.time() + 120
         while not [p for p in cache.rglob('*.partial') if p.stat().st_size > 0]:
             assert child.poll() is None and time.time() < deadline, 'the download never started'
             time.sleep(0.2)
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
+        child.kill()  # SIGKILL
+        assert child.wait(30) == -signal.SIGKILL
     finally:
         if child.poll() is None:
             child.kill()
