@@ -1,8 +1,14 @@
 """torchrun: 2 CPU processes (gloo) train like one with the same global batch; eval / segment
-shard their inputs with exactly the one-process results; kill -9 and --resume."""
+shard their inputs with exactly the one-process results; kill -9 and --resume.
+
+Training goes through a real ``torchrun -m twins_timm`` (what users run). The other multi-process
+cases start their processes from tests/fresh_python.py's fork server (torch imported once) with the
+environment torchrun gives its workers: the same process group, sharding and reduction code, without
+three fresh interpreters per launch."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +23,7 @@ from twins_timm.adapters import from_pretrained
 from twins_timm.cli import main as cli_main
 from twins_timm.train import checkpoint_folders
 
+from fresh_python import start_python
 from train_data import make_dataset, tiny_model
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONWARNINGS='ignore')
@@ -28,6 +35,28 @@ def torchrun(*args, timeout=400):
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def two_ranks(*args, timeout=400):
+    """``python -m twins_timm ARGS`` as ranks 0 and 1 of a 2-process CPU launch, with torchrun's worker
+    environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR / MASTER_PORT); [rank 0's, rank 1's] result."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    ranks = [start_python(module='twins_timm', argv=args,
+                          env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2',
+                                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))) for r in range(2)]
+    try:
+        for rank in ranks:
+            rank.wait(timeout)
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+    for rank in ranks:
+        assert rank.returncode == 0, (rank.returncode, rank.stdout[-3000:] + rank.stderr[-3000:])
+    return ranks
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +108,7 @@ def test_two_processes_train_like_one(dataset, model_folder, tmp_path):
 
 def test_eval_and_segment_shard_over_processes(dataset, model_folder, tmp_path):
     common = ['--data', dataset, '--model', model_folder, '--no-resize', '--quiet', '--device', 'cpu']
-    torchrun('eval', *common, '--json', tmp_path / 'two.json')
+    two_ranks('eval', *common, '--json', tmp_path / 'two.json')
     assert cli_main(list(map(str, ['eval', *common, '--json', tmp_path / 'one.json']))) == 0
     one, two = (json.loads((tmp_path / n).read_text()) for n in ('one.json', 'two.json'))
     assert two['images'] == one['images'] == 3
@@ -87,8 +116,8 @@ def test_eval_and_segment_shard_over_processes(dataset, model_folder, tmp_path):
 
     images = sorted((dataset / 'images' / 'validation').iterdir())
     seg = ['segment', *images, '--model', model_folder, '--no-resize', '--quiet', '--device', 'cpu']
-    out = torchrun(*seg, '--out', tmp_path / 'seg2')
-    assert 'Wrote 3 class-index PNG(s)' in out.stdout
+    rank0, rank1 = two_ranks(*seg, '--out', tmp_path / 'seg2')
+    assert 'Wrote 3 class-index PNG(s)' in rank0.stdout and 'Wrote' not in rank1.stdout  # rank 0 reports
     assert cli_main(list(map(str, [*seg, '--out', tmp_path / 'seg1']))) == 0
     one_files = sorted(os.listdir(tmp_path / 'seg1'))
     assert sorted(os.listdir(tmp_path / 'seg2')) == one_files and len(one_files) == 6
@@ -101,15 +130,18 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(dataset, model_folder
     common = ['--iters', '4', '--save-interval', '2', '--eval-interval', '0', '--batch-size', '2',
               '--global-batch', '2', '--lr', '5e-4', '--log-interval', '1']  # drop path 0.2 (the recipe's): RNG state matters
     killed = tmp_path / 'killed'
-    cmd = [sys.executable, '-m', 'twins_timm', *map(str, _train_args(dataset, model_folder, killed, *common))]
-    proc = subprocess.Popen(cmd, env=dict(ENV, OMP_NUM_THREADS=str(torch.get_num_threads())),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (killed / 'checkpoints' / 'iter_000002').exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    proc = start_python(module='twins_timm', argv=_train_args(dataset, model_folder, killed, *common),
+                        env=dict(ENV, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    try:
+        deadline = time.time() + 300
+        while not (killed / 'checkpoints' / 'iter_000002').exists():
+            assert proc.poll() is None, proc.wait() and proc.stderr[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.wait() == -signal.SIGKILL
     saved = checkpoint_folders(killed)
     assert saved and saved[-1].name != 'iter_000004'
