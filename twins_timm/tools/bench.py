@@ -83,7 +83,8 @@ METHODS = {
     'segmenters': "our TwinsFPN / TwinsUPerNet forward vs mmseg's EncoderDecoder.encode_decode (whole-image "
                   "inference) built from mmseg's own ADE20K config (SyncBN -> BN), seeded random weights "
                   'converted with twins_timm.convert; logits at the input size',
-    'memory_cpu': 'fresh subprocess per configuration: peak RSS after one forward + backward of our backbone '
+    'memory_cpu': 'fresh process per configuration (forked from one subprocess that has imported torch and timm, '
+                  'where os.fork exists): peak RSS after one forward + backward of our backbone '
                   '(train mode, loss = sum of the 4 feature means) minus the RSS after model and input creation; '
                   'the high-water mark is reset first (/proc/self/clear_refs, read as VmHWM), else '
                   'resource.getrusage ru_maxrss before and after; glibc MALLOC_MMAP_THRESHOLD_=131072 so that '
@@ -538,25 +539,32 @@ class Bench:
         rows = []
         b, h, w = self.s['memory_size']
         method = METHODS['memory_cuda' if self.device == 'cuda' else 'memory_cpu']
-        for variant in self.s['memory_variants']:
-            for precision in self.s['precisions']:
-                peaks = {}
-                for ckpt in (False, True):
-                    self.log('training memory %s %dx%dx%d %s, gradient checkpointing %s'
-                             % (variant, b, h, w, precision, 'on' if ckpt else 'off'))
-                    spec = dict(variant=variant, size=[b, h, w], checkpointing=ckpt, device=self.device,
-                                precision=precision, threads=self.s['threads'], seed=self.s['seed'])
-                    try:
-                        peaks[ckpt] = (measure_training_memory(spec) if self.device == 'cuda'
-                                       else _memory_in_subprocess(spec))
-                    except Exception as e:
-                        peaks[ckpt] = {'error': _short_error(e)}
-                row = {'variant': variant, 'batch': b, 'height': h, 'width': w, 'precision': precision,
-                       'without_checkpointing': peaks[False], 'with_checkpointing': peaks[True]}
-                off, on = peaks[False].get('peak_bytes'), peaks[True].get('peak_bytes')
-                if off and on:
-                    row['ratio'] = on / off
-                rows.append(row)
+        configs = [(variant, precision) for variant in self.s['memory_variants'] for precision in self.s['precisions']]
+        specs = [dict(variant=variant, size=[b, h, w], checkpointing=ckpt, device=self.device, precision=precision,
+                      threads=self.s['threads'], seed=self.s['seed'])
+                 for variant, precision in configs for ckpt in (False, True)]
+        self.log('training memory %s, %dx%dx%d, gradient checkpointing off and on'
+                 % (', '.join('%s %s' % c for c in configs), b, h, w))
+        if self.device == 'cuda':
+            results = []
+            for spec in specs:
+                try:
+                    results.append(measure_training_memory(spec))
+                except Exception as e:
+                    results.append({'error': _short_error(e)})
+        else:
+            try:
+                results = _memory_in_subprocess(specs)
+            except Exception as e:
+                results = [{'error': _short_error(e)}] * len(specs)
+        for i, (variant, precision) in enumerate(configs):
+            peaks = {False: results[2 * i], True: results[2 * i + 1]}
+            row = {'variant': variant, 'batch': b, 'height': h, 'width': w, 'precision': precision,
+                   'without_checkpointing': peaks[False], 'with_checkpointing': peaks[True]}
+            off, on = peaks[False].get('peak_bytes'), peaks[True].get('peak_bytes')
+            if off and on:
+                row['ratio'] = on / off
+            rows.append(row)
         return {'method': method, 'results': rows}
 
     # all ------------------------------------------------------------------------------------
@@ -672,14 +680,49 @@ def _peak_rss() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _memory_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """CPU peak RSS is per process, so every configuration gets a fresh one."""
-    code = ('import json, sys; from twins_timm.tools.bench import measure_training_memory; '
-            'print("RESULT " + json.dumps(measure_training_memory(json.loads(sys.argv[1]))))')
+def measure_in_fresh_processes(specs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """:func:`measure_training_memory` of each spec in a process of its own, forked from this one (which has
+    imported torch and timm and computed nothing, so no thread pool is inherited). Without os.fork this
+    process is itself the fresh one, given one spec."""
+    import timm  # noqa: F401  imported once, before the forks
+
+    import twins_timm  # noqa: F401
+    if not hasattr(os, 'fork'):
+        return [measure_training_memory(spec) for spec in specs]
+    results = []
+    for spec in specs:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, report, leave without running the parent's clean-up
+            os.close(read)
+            try:
+                out = measure_training_memory(spec)
+            except BaseException as e:
+                out = {'error': _short_error(e)}
+            with os.fdopen(write, 'w') as f:
+                f.write(json.dumps(out))
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            text = f.read()
+        _, status = os.waitpid(pid, 0)
+        results.append(json.loads(text) if text else
+                       {'error': 'memory process ended with status %d and no result' % status})
+    return results
+
+
+def _memory_in_subprocess(specs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """CPU peak RSS is per process, so every configuration gets a fresh one: one subprocess imports torch and
+    timm once and forks a child per configuration (:func:`measure_in_fresh_processes`); without os.fork, a
+    subprocess per configuration."""
+    if not hasattr(os, 'fork') and len(specs) > 1:
+        return [result for spec in specs for result in _memory_in_subprocess([spec])]
+    code = ('import json, sys; from twins_timm.tools.bench import measure_in_fresh_processes; '
+            'print("RESULT " + json.dumps(measure_in_fresh_processes(json.loads(sys.argv[1]))))')
     # A fixed mmap threshold makes glibc hand every large block straight back to the OS when it is freed,
     # so RSS follows the live tensors instead of the allocator's free lists.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    proc = subprocess.run([sys.executable, '-c', code, json.dumps(spec)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, '-c', code, json.dumps(specs)], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith('RESULT '):
             return json.loads(line[len('RESULT '):])
