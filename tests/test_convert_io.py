@@ -3,8 +3,6 @@ import argparse
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from checkpoint_factory import random_state_dict, write_checkpoint
+from fresh_python import start_python
 from twins_timm.convert import CheckpointReadError, UnsafeCheckpointError, convert_checkpoint, load_file
 from twins_timm.convert.io import atomic_path, save_safetensors, save_torch
 
@@ -142,7 +141,7 @@ def test_kill_mid_write_leaves_no_output(tmp_path):
     """SIGKILL while a large file is being written: no DST, only a hidden partial the next write removes."""
     dst = tmp_path / 'big.pth'
     started = tmp_path / 'started'
-    # io.py is loaded by path so the child process starts fast (no timm import)
+    # io.py is loaded by path so the child process starts fast (no timm import; torch is the fork server's)
     script = textwrap.dedent('''
         import importlib.util, sys, time
         from pathlib import Path
@@ -162,7 +161,7 @@ def test_kill_mid_write_leaves_no_output(tmp_path):
                     time.sleep(0.01)
     ''')
     import twins_timm.convert.io as convert_io
-    proc = subprocess.Popen([sys.executable, '-c', script, str(dst), str(started), convert_io.__file__])
+    proc = start_python(script, argv=[dst, started, convert_io.__file__])
     try:
         deadline = time.time() + 60
         while not started.exists() and proc.poll() is None and time.time() < deadline:
