@@ -46,14 +46,16 @@ def two_ranks(*args, timeout=400):
     ranks = [start_python(module='twins_timm', argv=args,
                           env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2',
                                    MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))) for r in range(2)]
-    try:
-        for rank in ranks:
-            rank.wait(timeout)
+    deadline = time.time() + timeout
+    try:  # as torchrun: one process failing ends the launch
+        while (any(r.poll() is None for r in ranks) and not any(r.poll() for r in ranks)
+               and time.time() < deadline):
+            time.sleep(0.05)
     finally:
         for rank in ranks:
             if rank.poll() is None:
                 rank.kill()
-                rank.wait()
+            rank.wait()
     for rank in ranks:
         assert rank.returncode == 0, (rank.returncode, rank.stdout[-3000:] + rank.stderr[-3000:])
     return ranks
@@ -135,7 +137,7 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(dataset, model_folder
     try:
         deadline = time.time() + 300
         while not (killed / 'checkpoints' / 'iter_000002').exists():
-            assert proc.poll() is None, proc.wait() and proc.stderr[-2000:]
+            assert proc.poll() is None, (proc.wait(), proc.stderr[-2000:])
             assert time.time() < deadline
             time.sleep(0.02)
         proc.kill()  # SIGKILL
