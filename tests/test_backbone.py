@@ -302,8 +302,16 @@ def _ours_from(name, sd, **kwargs):
     return m
 
 
+# Each size one case of the mmseg options (corner padding: ceil; window mask only when both dims pad):
+# 128x128 divisible by 32 (no patch padding), windows padded in both dims at every stage (mask on);
+# 224x256 divisible, windows padded in one dim at every stage (224 / 4 = 56 = 8 * 7: mask off);
+# 250x333 not divisible: corner padding, windows padded in both dims, the MLP over row chunks.
+# (512x512 and 448x640 took the first two cases at 4x-16x the pixels.)
+MMSEG_SIZES = {'both_dims_pad': (128, 128), 'one_dim_pads': (224, 256), 'corner_padding': (250, 333)}
+
+
 @pytest.mark.parametrize('name', SMALL)
-@pytest.mark.parametrize('size', [(512, 512), (448, 640), (250, 333)])
+@pytest.mark.parametrize('size', MMSEG_SIZES.values(), ids=MMSEG_SIZES.keys())
 def test_mmseg_family_options_match_mmseg(mmseg_backbones, name, size):
     ref, sd = mmseg_backbones[name]
     m = _ours_from(name, sd, **checkpoint_family_args('mmseg', name))
@@ -313,7 +321,8 @@ def test_mmseg_family_options_match_mmseg(mmseg_backbones, name, size):
 
 
 @pytest.mark.parametrize('option, size', [
-    ('norm_eps', (448, 640)), ('stage_norm', (448, 640)), ('window_mask', (512, 512)), ('patch_padding', (250, 333)),
+    ('norm_eps', MMSEG_SIZES['one_dim_pads']), ('stage_norm', MMSEG_SIZES['one_dim_pads']),
+    ('window_mask', MMSEG_SIZES['both_dims_pad']), ('patch_padding', MMSEG_SIZES['corner_padding']),
 ])
 def test_each_mmseg_option_is_needed(mmseg_backbones, option, size):
     """Dropping any one option breaks parity: the reference test above can fail for each of them."""
