@@ -1,9 +1,9 @@
 """Seeded weights and timm's own Twins, in one place for every test (fixtures in conftest.py).
 
-Models are built on the meta device and filled with seeded random values (timm's init is slow on
-CPU). Two fills: ``randomize_`` moves every parameter and buffer off its default (norms, BN
-statistics), so a wrong eps, a missing norm or swapped statistics shows; ``timm_like_init_`` keeps
-the scale of timm's own init, for comparisons with timm at its tolerances.
+Models are built on the meta device, skipping timm's init there (``create_on_meta``), and filled
+with seeded random values once. Two fills: ``randomize_`` moves every parameter and buffer off its
+default (norms, BN statistics), so a wrong eps, a missing norm or swapped statistics shows;
+``timm_like_init_`` keeps the scale of timm's own init, for comparisons with timm at its tolerances.
 """
 from __future__ import annotations
 
@@ -14,12 +14,33 @@ import timm
 import timm.models.twins as timm_twins
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import twins_timm  # noqa: F401  registers our Twins under timm's names
 from twins_timm.models import kernels
 
-__all__ = ['randomize_', 'timm_like_init_', 'seeded_model', 'timm_reference', 'timm_pair',
+__all__ = ['randomize_', 'timm_like_init_', 'create_on_meta', 'seeded_model', 'timm_reference', 'timm_pair',
            'perturb_batchnorm_', 'fast_inference']
+
+# the in-place writes timm's init makes (trunc_normal_ is uniform_, erfinv_, mul_, add_, clamp_)
+_INIT_WRITES = frozenset({'uniform_', 'normal_', 'erfinv_', 'mul_', 'add_', 'clamp_', 'zero_', 'fill_'})
+
+
+class _NoValuesOnMeta(TorchFunctionMode):
+    """In-place value writes to meta tensors return at once. A meta tensor holds no values, yet timm's
+    init on it runs every op's Python meta implementation (~0.4 s per model); shapes, flags and every
+    other call go through unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, '__name__', '') in _INIT_WRITES and args and getattr(args[0], 'is_meta', False):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def create_on_meta(entry: Callable[..., nn.Module] = timm.create_model, *args, **kwargs) -> nn.Module:
+    """``entry(*args, device='meta', **kwargs)`` without its weight init (fill values after to_empty)."""
+    with _NoValuesOnMeta():
+        return entry(*args, device='meta', **kwargs)
 
 
 @torch.no_grad()
@@ -92,14 +113,14 @@ def perturb_batchnorm_(model: nn.Module) -> nn.Module:
 def seeded_model(name: str, seed: int = 0, init: Callable[[nn.Module, int], nn.Module] = randomize_,
                  **kwargs) -> nn.Module:
     """Our timm model ``name`` with seeded weights (``init``), eval mode."""
-    model = timm.create_model(name, device='meta', **kwargs).to_empty(device='cpu')
+    model = create_on_meta(timm.create_model, name, **kwargs).to_empty(device='cpu')
     return init(model, seed).eval()
 
 
 def timm_reference(name: str, state_dict, **kwargs) -> nn.Module:
     """timm's own Twins class, built by timm's own entry point (still reachable on its module), with
     ``state_dict`` loaded strictly, eval mode."""
-    ref = getattr(timm_twins, name)(pretrained=False, device='meta', **kwargs).to_empty(device='cpu')
+    ref = create_on_meta(getattr(timm_twins, name), pretrained=False, **kwargs).to_empty(device='cpu')
     assert type(ref) is timm_twins.Twins
     ref.load_state_dict(state_dict, strict=True)
     return ref.eval()

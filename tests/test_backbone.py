@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import twins_timm
 from fresh_python import fresh_python
 from numerics import FP32_TOL, max_diff, scaled_diff
-from references import fast_inference, randomize_, seeded_model, timm_reference
+from references import create_on_meta, fast_inference, randomize_, seeded_model, timm_reference
 from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
 
 VARIANTS = [f'twins_{a}_{s}' for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
@@ -89,7 +89,12 @@ def test_timm_hub_weights_load_offline_from_local_cache(tmp_path, hf_cache):
 
 # ---------------------------------------------------------------------------------- timm parity
 
-PARITY_SIZES = ((224, 224), (250, 333))
+# 112x112: square, windows unpadded at stride 4, 8, 16 (28, 14, 7; padded at 3x3), patch embeddings
+# exact but the last. 250x333: not a multiple of 32 or of 7 * 32, so every patch embedding floors and
+# windows pad in both dims (stride 4-16) or one (7x10 at 32), and big enough for the fast path's splits:
+# the MLP over row chunks and the attention over query-row chunks (SVT-B / L). The same branches as 224
+# and 250x333 took (224 took the unpadded / exact ones at one stage more: the same code), 72% of the pixels.
+PARITY_SIZES = ((112, 112), (250, 333))
 
 
 @pytest.fixture(scope='module', params=VARIANTS)
@@ -290,14 +295,22 @@ def _rel_diffs(model, ref, x):
 
 
 def _ours_from(name, sd, **kwargs):
-    m = timm.create_model(name, num_classes=0, device='meta', **kwargs).to_empty(device='cpu').eval()
+    m = create_on_meta(timm.create_model, name, num_classes=0, **kwargs).to_empty(device='cpu').eval()
     missing, unexpected = m.load_state_dict(sd, strict=False)
     assert sorted(missing) == ['norm.bias', 'norm.weight'] and not unexpected  # mmseg has no final norm
     return m
 
 
+# Each size one case of the mmseg options (corner padding: ceil; window mask only when both dims pad):
+# 128x128 divisible by 32 (no patch padding), windows padded in both dims at every stage (mask on);
+# 224x256 divisible, windows padded in one dim at every stage (224 / 4 = 56 = 8 * 7: mask off);
+# 250x333 not divisible: corner padding, windows padded in both dims, the MLP over row chunks.
+# (512x512 and 448x640 took the first two cases at 4x-16x the pixels.)
+MMSEG_SIZES = {'both_dims_pad': (128, 128), 'one_dim_pads': (224, 256), 'corner_padding': (250, 333)}
+
+
 @pytest.mark.parametrize('name', SMALL)
-@pytest.mark.parametrize('size', [(512, 512), (448, 640), (250, 333)])
+@pytest.mark.parametrize('size', MMSEG_SIZES.values(), ids=MMSEG_SIZES.keys())
 def test_mmseg_family_options_match_mmseg(mmseg_backbones, name, size):
     ref, sd = mmseg_backbones[name]
     m = _ours_from(name, sd, **checkpoint_family_args('mmseg', name))
@@ -307,7 +320,8 @@ def test_mmseg_family_options_match_mmseg(mmseg_backbones, name, size):
 
 
 @pytest.mark.parametrize('option, size', [
-    ('norm_eps', (448, 640)), ('stage_norm', (448, 640)), ('window_mask', (512, 512)), ('patch_padding', (250, 333)),
+    ('norm_eps', MMSEG_SIZES['one_dim_pads']), ('stage_norm', MMSEG_SIZES['one_dim_pads']),
+    ('window_mask', MMSEG_SIZES['both_dims_pad']), ('patch_padding', MMSEG_SIZES['corner_padding']),
 ])
 def test_each_mmseg_option_is_needed(mmseg_backbones, option, size):
     """Dropping any one option breaks parity: the reference test above can fail for each of them."""
@@ -329,7 +343,7 @@ def test_each_mmseg_option_is_needed(mmseg_backbones, option, size):
 # --------------------------------------------------------------------------------------- training
 
 def test_drop_path_linear_decay():
-    m = timm.create_model('twins_svt_small', drop_path_rate=0.3, device='meta')
+    m = create_on_meta(timm.create_model, 'twins_svt_small', drop_path_rate=0.3)
     rates = [0.0 if isinstance(b.drop_path1, torch.nn.Identity) else b.drop_path1.drop_prob
              for stage in m.blocks for b in stage]
     expected = torch.linspace(0, 0.3, len(rates))

@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from fresh_python import fresh_python
 from numerics import FP32_TOL, scaled_diff
+from references import seeded_model, timm_like_init_
 from twins_timm.models import kernels
 from twins_timm.models.twins import Block, checkpoint_family_args
 
@@ -36,13 +37,9 @@ def small_chunks(monkeypatch):
 
 
 def _model(name, family='timm', seed=0, **kwargs):
-    torch.manual_seed(seed)
+    """Seeded weights on timm's init scale, norms off their unit / zero defaults (references.py)."""
     args = checkpoint_family_args(family, name) if family != 'timm' else {}
-    model = timm.create_model(name, **args, **kwargs).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # move off the init's zero biases / unit norms
-            p.add_(torch.randn_like(p) * .05)
-    return model
+    return seeded_model(name, seed, init=timm_like_init_, **args, **kwargs)
 
 
 def _count_fc1_calls(model, monkeypatch):

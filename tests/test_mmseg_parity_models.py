@@ -2,14 +2,17 @@
 saved as mmseg checkpoints, converted with our converter, compared with mmseg's whole-image
 inference (`EncoderDecoder.encode_decode`).
 
-Budget: the S models at 512x683 (ADE20K's short-side-512 size, not a multiple of 32: corner padding
-in the patch embeddings, SVT windows padded in both dims, mask on, at every stage; the MLP's row chunks)
-and at 96x128 (a multiple of 32: no patch-embedding padding, and FPN's scale heads meet at equal sizes,
-the in-place sum without a resize); B and L at 70x100, where stage maps are padded by the patch
-embedding (corner padding) and SVT windows are padded in both dims (mask on) in some stages and in one
-dim only (mask off) in another. 512x512 adds no case to these (every stage map divisible, windows
-padded in both dims as at 512x683) and is left out: the UPerNet at 512 is the suite's heaviest run;
-the backbones at 512x512 against mmseg's are in test_backbone.py.
+Budget: the S models at 257x513 and at 96x128, B and L at 70x100.
+257x513 is the smallest size (searched) that keeps every case ADE20K's 512x683 had, at 2.6x fewer
+pixels: not a multiple of 32, so every stage's patch embedding corner-pads (here in both dims: 65x129
+-> 33x65 -> 17x33 -> 9x17), SVT windows padded in both dims (mask on) at every stage, PPM bins and the
+top-down / final resizes at uneven ratios, and the fast path's size-dependent splits, the MLP over row
+chunks (uneven) and the attention over query-row chunks (a partial last one), which need stride-4 maps
+of over 8192 tokens (checked below). 96x128 keeps the divisible case (no patch padding, FPN's scale
+heads meet at equal sizes, the in-place sum without a resize). B and L at 70x100: stage maps padded by
+the patch embedding (corner padding), SVT windows padded in both dims (mask on) in some stages and in
+one dim only (mask off) in another. 512x512 adds no case to these (every stage map divisible, windows
+padded in both dims) and is left out; the backbones at 512x512 against mmseg's are in test_backbone.py.
 B / L checkpoints go to the converter as the in-memory `{'meta', 'state_dict'}` object instead of a
 file (same content; the S tests cover reading files) to keep CI's disk traffic down.
 """
@@ -20,7 +23,7 @@ import mmseg_reference as ref
 
 LOGIT_TOL = 1e-4          # max abs diff of logits
 FEATURE_REL_TOL = 2e-6    # max abs diff of each backbone map / its max abs value
-FULL_SIZES = [(512, 683), (96, 128)]
+FULL_SIZES = [(257, 513), (96, 128)]
 SMALL_SIZES = [(70, 100)]
 
 CONFIGS = [(f, s, h) for s in ref.SIZES for f in ref.FAMILIES for h in ref.HEADS]
@@ -65,6 +68,19 @@ def _compare(theirs, ours, head, h, w):
         aux_diff = (aux - aux_expected).abs().max().item()
         assert aux_diff <= LOGIT_TOL, f'{h}x{w}: auxiliary logits max abs diff {aux_diff:.2e}'
     return diff
+
+
+def test_full_size_splits_the_fast_paths_work():
+    """257x513 is chosen for the MLP's row chunks and the attention's query-row chunks (above): it must
+    still split both at the stride-4 stage (PCPVT-S: MLP hidden 512, 1 head; SVT-S: MLP hidden 256)."""
+    from twins_timm.models import kernels
+    h, w = -(-FULL_SIZES[0][0] // 4), -(-FULL_SIZES[0][1] // 4)  # corner padding: ceil
+    tokens = torch.empty(h * w, 64)
+    for hidden in (512, 256):
+        assert kernels.row_chunks(tokens, hidden) > 1
+    assert h * w % kernels.row_chunks(tokens, 512)
+    query_rows = max(64, kernels.ATTN_CHUNK_ELEMENTS // ((h // 8) * (w // 8)))  # onednn_attention, 1 head
+    assert h * w > query_rows and h * w % query_rows
 
 
 @pytest.mark.parametrize('family,size,head', CONFIGS)
