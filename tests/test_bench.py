@@ -14,8 +14,11 @@ import pytest
 from twins_timm.cli import main
 from twins_timm.tools import bench
 
+# --threads 1: a test worker has one core (conftest.py); two OpenMP threads on it spin-wait on each other
+# (the memory section's forward + backward ran ~20x slower). Also shows --threads is honoured: the default
+# is every core.
 TINY = ['bench', '--variants', 'twins_svt_small', '--sizes', '1x64x64', '--repeats', '1', '--warmup', '0',
-        '--threads', '2', '--no-compile', '--heads', 'fpn', '--segmenter-size', '1x64x64',
+        '--threads', '1', '--no-compile', '--heads', 'fpn', '--segmenter-size', '1x64x64',
         '--memory-size', '1x64x64', '--matmul-size', '256', '--quiet']
 HAS_MMSEG = all(importlib.util.find_spec(m) for m in ('mmseg', 'mmcv', 'mmengine'))
 
@@ -56,7 +59,7 @@ def test_json_has_machine_settings_methods(tiny_run):
         assert key in data
     assert 'targets' not in data  # measurements only
     m = data['machine']
-    assert m['threads'] == 2 and m['torch'] and m['cpu'] and m['device'] == 'cpu'
+    assert m['threads'] == 1 and m['torch'] and m['cpu'] and m['device'] == 'cpu'
     assert data['settings']['sizes'] == ['1x64x64']
     for key in ('timing', 'flops', 'matmul_rate', 'memory_cpu', 'segmenters', 'kernels'):
         assert isinstance(data['methods'][key], str) and data['methods'][key]
@@ -156,7 +159,7 @@ def bench_args(tmp_path: Path, extra):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     return parser.parse_args(['--variants', 'twins_pcpvt_small', '--sizes', '1x32x32', '--repeats', '1',
-                              '--warmup', '0', '--matmul-size', '256', '--quiet',
+                              '--warmup', '0', '--matmul-size', '256', '--threads', '1', '--quiet',
                               '--json', str(tmp_path / 'b.json')] + list(extra))
 
 
