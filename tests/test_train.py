@@ -16,7 +16,7 @@ from twins_timm.train import (DatasetError, check_pairs, checkpoint_folders, fin
 from twins_timm.train.engine import STATE_FILE, save_checkpoint
 from twins_timm.train.transforms import RandomCropCatMax, train_transform
 
-from train_data import make_dataset, tiny_model
+from train_data import SHALLOW_DEPTHS, make_dataset, tiny_model
 
 MMSEG_CONFIGS = os.path.join(os.path.dirname(__import__('mmseg').__file__), '.mim', 'configs')
 
@@ -175,7 +175,8 @@ def test_eval_checks_annotations_before_loading_the_model(dataset, tmp_path, cap
 def trained(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp('run') / 'out'
     lines = []
-    result = fit(tiny_model(), dataset, out, iters=24, batch_size=4, global_batch=4, crop_size=64, lr=1e-3,
+    result = fit(tiny_model(depths=SHALLOW_DEPTHS), dataset, out, iters=24, batch_size=4, global_batch=4,
+                 crop_size=64, lr=1e-3,
                  save_interval=12, eval_interval=12, log_interval=6, workers=0, progress=False, log=lines.append)
     return result, out, lines
 
@@ -216,7 +217,7 @@ def test_fit_writes_loadable_checkpoints_and_logs(trained, dataset):
 
 
 def test_interrupted_save_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
-    model = tiny_model(TwinsFPN)
+    model = tiny_model(TwinsFPN, depths=SHALLOW_DEPTHS)
     r = recipe_for('fpn', 'twins_svt_small', iters=4)
     (tmp_path / 'out').mkdir()
     save_checkpoint(tmp_path / 'out', 2, model, dict(iter=2), r, {})
@@ -236,7 +237,7 @@ def test_interrupted_save_leaves_only_complete_checkpoints(tmp_path, monkeypatch
 @pytest.fixture(scope='module')
 def model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp('model') / 'tiny'
-    tiny_model(dropout=False).save_pretrained(str(folder))
+    tiny_model(dropout=False, depths=SHALLOW_DEPTHS).save_pretrained(str(folder))
     return folder
 
 

@@ -48,12 +48,20 @@ def make_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: Tuple[int, 
     return root
 
 
-def tiny_model(cls=TwinsUPerNet, classes=4, dropout=True, seed=0):
-    """Twins-SVT-S with narrow heads: the real backbone, tests in seconds."""
+# SVT-S with 2 blocks in every stage instead of (2, 2, 10, 4): both attention kinds (windowed, global) in
+# each stage, 9 M instead of 24 M parameters; learns the shapes set as well (mIoU 0.70-0.76 after 24 steps
+# for seeds 0-2, against 0.67-0.73 at full depth) in half the time
+SHALLOW_DEPTHS = (2, 2, 2, 2)
+
+
+def tiny_model(cls=TwinsUPerNet, classes=4, dropout=True, seed=0, depths=None):
+    """Twins-SVT-S with narrow heads: the real backbone (``depths=SHALLOW_DEPTHS``: fewer blocks), tests in
+    seconds."""
     torch.manual_seed(seed)
+    depths = {} if depths is None else {'depths': list(depths)}
     args = dict(encoder_name='twins_svt_small', classes=classes,
                 encoder_args=dict(checkpoint_family_args('mmseg', 'twins_svt_small'),
-                                  drop_path_rate=0.1 if dropout else 0.0),
+                                  drop_path_rate=0.1 if dropout else 0.0, **depths),
                 decoder_dropout=0.1 if dropout else 0.0)
     if cls is TwinsUPerNet:
         args.update(decoder_channels=32, aux_channels=16)
