@@ -44,9 +44,9 @@ def test_shifted_resize_matrices_are_resize_weights_moved_by_one():
     assert torch.allclose(mats[2][:-1] @ x, resized[1:], atol=1e-6) and (mats[2][-1] == 0).all()
 
 
-def _segmenter(cls, variant):
+def _segmenter(cls, variant, **encoder_args):
     torch.manual_seed(0)
-    args = dict(checkpoint_family_args('mmseg', variant), depths=SHALLOW[variant])
+    args = dict(checkpoint_family_args('mmseg', variant), depths=SHALLOW[variant], **encoder_args)
     return perturb_batchnorm_(cls(encoder_name=variant, classes=7, encoder_args=args).eval())
 
 
@@ -55,20 +55,32 @@ def _plain(model, x):
         return model(x.clone().requires_grad_()).detach()
 
 
+# The backbone's inference MLP over row chunks inside the segmenter: a stride-4 MLP 2048 wide (mlp ratio
+# 32) is chunked every 512 rows (kernels.MLP_CHUNK_MIN_ROWS), so 97x130 (2 x 25x33 tokens) splits it into 3
+# uneven chunks; the variants' own MLPs (256 / 512 wide) split from 2 x 4096 / 2048 rows on, i.e. 250x333,
+# at 5x the pixels for the same code.
+ROW_CHUNKS = dict(mlp_ratios=(32, 4, 4, 4))
+
+
 @pytest.mark.parametrize('variant', list(SHALLOW))
-@pytest.mark.parametrize('size', [(64, 64), (97, 130), (250, 333)])
-def test_upernet_inference_equals_plain_path(variant, size, monkeypatch):
-    model = _segmenter(TwinsUPerNet, variant)
-    calls = []
+@pytest.mark.parametrize('size, encoder_args', [((64, 64), {}), ((97, 130), {}), ((97, 130), ROW_CHUNKS)],
+                         ids=['64x64', '97x130', '97x130-mlp-row-chunks'])
+def test_upernet_inference_equals_plain_path(variant, size, encoder_args, monkeypatch):
+    from twins_timm.models.twins import Block
+    model = _segmenter(TwinsUPerNet, variant, **encoder_args)
+    calls, row_chunks = [], []
     fused = modules.upsampled_conv3x3
     monkeypatch.setattr('twins_timm.adapters.decoders.upernet.decoder.upsampled_conv3x3',
                         lambda *a: calls.append(a[0].shape) or fused(*a))
+    by_rows = Block._mlp_by_rows
+    monkeypatch.setattr(Block, '_mlp_by_rows', lambda blk, x, chunks: row_chunks.append(chunks) or by_rows(blk, x, chunks))
     x = torch.randn(2, 3, *size)
     plain = _plain(model, x)
-    assert calls == []  # autograd: the concatenation path, as mmseg computes it
+    assert calls == [] and row_chunks == []  # autograd: the concatenation path, as mmseg computes it
     with torch.inference_mode():
         fast = model(x)
     assert len(calls) == 3  # the three coarse levels went through the fused conv
+    assert row_chunks == ([3] * SHALLOW[variant][0] if encoder_args else [])
     assert fast.shape == plain.shape == (2, 7, *size)
     assert scaled_diff(fast, plain) <= FP32_TOL
 

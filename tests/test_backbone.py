@@ -95,11 +95,19 @@ def test_timm_hub_weights_load_offline_from_local_cache(tmp_path, hf_cache):
 # the MLP over row chunks and the attention over query-row chunks (SVT-B / L). The same branches as 224
 # and 250x333 took (224 took the unpadded / exact ones at one stage more: the same code), 72% of the pixels.
 PARITY_SIZES = ((112, 112), (250, 333))
+# Which cases run where. The S variants: batch 2 at both PARITY_SIZES (every branch above, the per-image
+# loop of the attention kernel, the MLP row chunks of PCPVT-S and SVT-S at stride 4). B and L run the
+# same code with other depths, dims, heads and MLP ratios, so one image at 250x333 keeps what is theirs:
+# every weight mapped and used, every stage's output compared, padded windows / floored embeddings at
+# their dims and heads, the MLP row chunks of PCPVT-B / L and SVT-L (hidden 512: 2 chunks of one image;
+# SVT-B's hidden 384 splits only at batch 2, the S variants' case) and the attention's query-row chunks
+# of SVT-B / L (3-4 heads, the only variants whose stride-4 scores exceed a chunk). Checked below.
+PARITY_CASES = {name: (2, PARITY_SIZES) if name in SMALL else (1, PARITY_SIZES[1:]) for name in VARIANTS}
 
 
 @pytest.fixture(scope='module', params=VARIANTS)
 def timm_parity(request, timm_pair):
-    """Differences of ours from timm's Twins, same weights, batch of 2 at each of PARITY_SIZES: logits
+    """Differences of ours from timm's Twins, same weights, at PARITY_CASES (batch, sizes): logits
     (``m(x)``) and the 4 maps (``forward_intermediates``), with ours on its default inference path
     ('fast') and with ``set_fast_inference(False)`` ('exact').
 
@@ -108,8 +116,9 @@ def timm_parity(request, timm_pair):
     """
     name = request.param
     m, ref = timm_pair(name)
+    batch, sizes = PARITY_CASES[name]
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(2, 3, *size, generator=gen) for size in PARITY_SIZES]
+    xs = [torch.randn(batch, 3, *size, generator=gen) for size in sizes]
     expected = []
     with torch.no_grad():
         for x in xs:
@@ -122,6 +131,26 @@ def timm_parity(request, timm_pair):
         assert [o.shape for o in outs] == [o.shape for o in expected]
         diffs[mode] = max_diff(outs, expected), scaled_diff(outs, expected)
     return diffs
+
+
+def test_parity_cases_split_the_fast_paths():
+    """PARITY_CASES keep the splits the comment above names, at timm's floored stride-4 map."""
+    from twins_timm.models import kernels
+    chunked_mlp, chunked_attention = set(), set()
+    for name in VARIANTS:
+        cfg = create_on_meta(timm.create_model, name)
+        batch, sizes = PARITY_CASES[name]
+        gsa = cfg.blocks[0][1]  # global sub-sampled attention in both families (SVT: every second block)
+        dim, heads, sr, hidden = cfg.embed_dims[0], gsa.attn.num_heads, gsa.attn.sr_ratio, gsa.mlp.fc1.out_features
+        for h, w in sizes:
+            tokens = torch.empty(batch * (h // 4) * (w // 4), dim, device='meta')
+            if kernels.row_chunks(tokens, hidden) > 1:
+                chunked_mlp.add(name)
+            keys = (h // 4 // sr) * (w // 4 // sr)
+            if (h // 4) * (w // 4) > max(64, kernels.ATTN_CHUNK_ELEMENTS // (heads * keys)):
+                chunked_attention.add(name)
+    assert chunked_mlp == set(VARIANTS) - {'twins_svt_base'}
+    assert chunked_attention == {'twins_svt_base', 'twins_svt_large'}
 
 
 def test_same_numbers_as_timm(timm_parity):

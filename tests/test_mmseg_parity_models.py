@@ -2,14 +2,17 @@
 saved as mmseg checkpoints, converted with our converter, compared with mmseg's whole-image
 inference (`EncoderDecoder.encode_decode`).
 
-Budget: the S models at 257x513 and at 96x128, B and L at 70x100.
+Budget: the S models at 257x513 (FPN) or 129x257 (UPerNet) and at 96x128, B and L at 70x100.
 257x513 is the smallest size (searched) that keeps every case ADE20K's 512x683 had, at 2.6x fewer
 pixels: not a multiple of 32, so every stage's patch embedding corner-pads (here in both dims: 65x129
 -> 33x65 -> 17x33 -> 9x17), SVT windows padded in both dims (mask on) at every stage, PPM bins and the
 top-down / final resizes at uneven ratios, and the fast path's size-dependent splits, the MLP over row
 chunks (uneven) and the attention over query-row chunks (a partial last one), which need stride-4 maps
-of over 8192 tokens (checked below). 96x128 keeps the divisible case (no patch padding, FPN's scale
-heads meet at equal sizes, the in-place sum without a resize). B and L at 70x100: stage maps padded by
+of over 8192 tokens (checked below). The UPerNet S models take every case but those splits at 129x257
+(33x65 -> 17x33 -> 9x17 -> 5x9: padded both ways at every stage, PPM bins and resizes uneven), a quarter
+of the pixels for a head whose 512-channel 3x3 fusion at stride 4 is most of the work; the splits are
+the backbone's, run by the FPN S models on the same backbones. 96x128 keeps the divisible case (no
+patch padding, FPN's scale heads meet at equal sizes, the in-place sum without a resize). B and L at 70x100: stage maps padded by
 the patch embedding (corner padding), SVT windows padded in both dims (mask on) in some stages and in
 one dim only (mask off) in another. 512x512 adds no case to these (every stage map divisible, windows
 padded in both dims) and is left out; the backbones at 512x512 against mmseg's are in test_backbone.py.
@@ -24,6 +27,7 @@ import mmseg_reference as ref
 LOGIT_TOL = 1e-4          # max abs diff of logits
 FEATURE_REL_TOL = 2e-6    # max abs diff of each backbone map / its max abs value
 FULL_SIZES = [(257, 513), (96, 128)]
+UPERNET_FULL_SIZES = [(129, 257), (96, 128)]
 SMALL_SIZES = [(70, 100)]
 
 CONFIGS = [(f, s, h) for s in ref.SIZES for f in ref.FAMILIES for h in ref.HEADS]
@@ -81,6 +85,13 @@ def test_full_size_splits_the_fast_paths_work():
     assert h * w % kernels.row_chunks(tokens, 512)
     query_rows = max(64, kernels.ATTN_CHUNK_ELEMENTS // ((h // 8) * (w // 8)))  # onednn_attention, 1 head
     assert h * w > query_rows and h * w % query_rows
+    # 129x257: the UPerNet S models' size pads every stage's map in both dims, for the patch embeddings
+    # (odd) and for the 7x7 windows
+    h, w = UPERNET_FULL_SIZES[0]
+    maps = [(-(-h // 4), -(-w // 4))]
+    while len(maps) < 4:
+        maps.append((-(-maps[-1][0] // 2), -(-maps[-1][1] // 2)))
+    assert all(h % 2 and w % 2 and h % 7 and w % 7 for h, w in maps), maps
 
 
 @pytest.mark.parametrize('family,size,head', CONFIGS)
@@ -99,5 +110,6 @@ def test_converted_mmseg_model_matches_mmseg(family, size, head, tmp_path):
     assert (ours.aux_head is not None) == (head == 'upernet')
     assert ours.class_names[:3] == ['wall', 'building', 'sky'] and len(ours.palette) == 150
 
-    for h, w in (FULL_SIZES if size == 'small' else SMALL_SIZES):
+    sizes = SMALL_SIZES if size != 'small' else UPERNET_FULL_SIZES if head == 'upernet' else FULL_SIZES
+    for h, w in sizes:
         _compare(theirs, ours, head, h, w)
