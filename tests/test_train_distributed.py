@@ -24,7 +24,7 @@ from twins_timm.cli import main as cli_main
 from twins_timm.train import checkpoint_folders
 
 from fresh_python import start_python
-from train_data import make_dataset, tiny_model
+from train_data import SHALLOW_DEPTHS, make_dataset, tiny_model
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONWARNINGS='ignore')
 
@@ -68,8 +68,10 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model_folder(tmp_path_factory):
+    # SVT-S with 2 blocks per stage (both attention kinds, SyncBN decoder): the comparisons are about
+    # processes, not depth; a train step costs ~0.1 s, so the torchrun / fork-server start-ups dominate
     folder = tmp_path_factory.mktemp('model') / 'tiny'
-    tiny_model(dropout=False).save_pretrained(str(folder))
+    tiny_model(dropout=False, depths=SHALLOW_DEPTHS).save_pretrained(str(folder))
     return folder
 
 
