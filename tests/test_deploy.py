@@ -104,38 +104,41 @@ def dynamic_hw(min_size: int = 64):
     return {'x': {2: h, 3: w}}
 
 
-def check_exported(model: nn.Module, exported) -> None:
+CHECK_SIZES = (SIZE_A, SIZE_B)
+
+
+def check_exported(exported, eager) -> None:
     module = exported.module()
     with torch.no_grad():
-        for size in (SIZE_A, SIZE_B):
-            x = image(size, batch=2)
-            assert max_diff(module(x), model(x)) < 1e-4, size
+        for size, want in zip(CHECK_SIZES, eager):
+            assert max_diff(module(image(size, batch=2)), want) < 1e-4, size
 
 
 def export(model: nn.Module):
-    return torch.export.export(model, (image(SIZE_A, batch=2),), dynamic_shapes=dynamic_hw())
+    """(the exported program, the eager outputs at CHECK_SIZES): the export and ONNX tests of a model
+    share both."""
+    with torch.no_grad():
+        eager = [model(image(size, batch=2)) for size in CHECK_SIZES]
+    return torch.export.export(model, (image(SIZE_A, batch=2),), dynamic_shapes=dynamic_hw()), eager
 
 
 @pytest.fixture(scope='module')
 def exported_backbone():
-    model = backbone('twins_pcpvt_small')
-    return model, export(model)
+    return export(backbone('twins_pcpvt_small'))
 
 
 @pytest.fixture(scope='module')
 def exported_segmenter():
     # timm-family backbone options: mmseg's patch_padding='corner' exports as well, but its padding
     # arithmetic at every stage makes tracing ~10x slower (~1 min here)
-    model = segmenter(TwinsFPN, 'twins_pcpvt_small', family='timm')
-    return model, export(model)
+    return export(segmenter(TwinsFPN, 'twins_pcpvt_small', family='timm'))
 
 
 @pytest.fixture(scope='module')
 def exported_upernet():
     # the pyramid pooling exports as matmuls with bins computed from the size: ONNX would otherwise fix
     # adaptive_avg_pool2d's kernel at the export size (right there, wrong at other sizes)
-    model = segmenter(TwinsUPerNet, 'twins_pcpvt_small', family='timm')
-    return model, export(model)
+    return export(segmenter(TwinsUPerNet, 'twins_pcpvt_small', family='timm'))
 
 
 def test_export_backbone_dynamic_hw(exported_backbone):
@@ -164,7 +167,7 @@ def test_export_upernet_dynamic_hw(exported_upernet):
 
 
 # -------------------------------------------------------------------------------------- ONNX
-def check_onnx(model: nn.Module, exported, tmp_path, name: str) -> None:
+def check_onnx(exported, eager, tmp_path, name: str) -> None:
     """The exported program -> ONNX (dynamo exporter), run in onnxruntime at two sizes."""
     for mod in ('onnx', 'onnxscript', 'onnxruntime'):
         if importlib.util.find_spec(mod) is None:
@@ -173,14 +176,11 @@ def check_onnx(model: nn.Module, exported, tmp_path, name: str) -> None:
     path = tmp_path / f'{name}.onnx'
     torch.onnx.export(exported, (), f=str(path), dynamo=True, optimize=False)
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    with torch.no_grad():
-        for size in (SIZE_A, SIZE_B):
-            x = image(size, batch=2)
-            got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-            want = model(x)
-            want = [want] if isinstance(want, torch.Tensor) else list(want)
-            assert len(got) == len(want)
-            assert max_diff([torch.from_numpy(g) for g in got], want) < 1e-3, size
+    for size, want in zip(CHECK_SIZES, eager):
+        got = session.run(None, {session.get_inputs()[0].name: image(size, batch=2).numpy()})
+        want = [want] if isinstance(want, torch.Tensor) else list(want)
+        assert len(got) == len(want)
+        assert max_diff([torch.from_numpy(g) for g in got], want) < 1e-3, size
 
 
 def test_onnx_backbone_dynamic_hw(exported_backbone, tmp_path):
