@@ -9,7 +9,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
-from builders import on_meta, seeded
+from builders import no_init_on_meta, on_meta, seeded
 from fresh_python import fresh_python
 from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, TwinsUPerNet,
                                  ade20k, from_pretrained, read_config)
@@ -68,8 +68,9 @@ def test_head_keys_are_mmseg_names(manifest):
     family, size = manifest.split('_')[1].split('-')
     variant = f"twins_{family}_{dict(s='small', b='base', l='large')[size]}"
     task = 'upernet' if 'uperhead' in manifest else 'fpn'
-    ours = target_shapes(variant, task, 150, checkpoint_family_args('mmseg', variant),
-                         aux_head=task == 'upernet')
+    with no_init_on_meta():  # target_shapes builds on meta: shapes only
+        ours = target_shapes(variant, task, 150, checkpoint_family_args('mmseg', variant),
+                             aux_head=task == 'upernet')
     expected = {_mmseg_to_ours(k): tuple(v) for k, v in keys.items() if not k.startswith('backbone.')}
     assert {k: v for k, v in ours.items() if not k.startswith('encoder.')} == expected
 
@@ -84,8 +85,9 @@ def test_encoder_keys_are_timm_names(manifest):
     head, arch, size = manifest.split('_')[0], manifest.split('_')[1:-1], manifest.split('_')[-1]
     variant = f"twins_{'svt' if arch == ['alt', 'gvt'] else 'pcpvt'}_" \
               f"{dict(s='small', b='base', l='large')[size]}"
-    ours = target_shapes(variant, head, 150, checkpoint_family_args('official_seg', variant),
-                         aux_head=head == 'upernet')
+    with no_init_on_meta():  # target_shapes builds on meta: shapes only
+        ours = target_shapes(variant, head, 150, checkpoint_family_args('official_seg', variant),
+                             aux_head=head == 'upernet')
     expected = {}
     for key, shape in keys.items():
         if not key.startswith('backbone.') or key.startswith(('backbone.norm.', 'backbone.head.')):
