@@ -41,7 +41,7 @@ def default_palette(classes: int) -> List[List[int]]:
     if classes == len(ade20k.PALETTE):
         return [list(c) for c in ade20k.PALETTE]
     gen = torch.Generator().manual_seed(classes)
-    return torch.randint(0, 256, (classes, 3), generator=gen).tolist()
+    return torch.randint(0, 256, (classes, 3), generator=gen, device='cpu').tolist()
 
 
 def _checked_metadata(classes: int, class_names: Optional[Sequence[str]],

@@ -9,6 +9,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
+from builders import no_init_on_meta, on_meta, seeded
 from fresh_python import fresh_python
 from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, TwinsUPerNet,
                                  ade20k, from_pretrained, read_config)
@@ -18,17 +19,18 @@ MANIFESTS = Path(__file__).parent / 'fixtures' / 'manifests'
 VARIANTS = [f'twins_{f}_{s}' for f in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
 
 
-def _small_model(cls=TwinsUPerNet, variant='twins_svt_small', **kw):
+def _small_model(cls=TwinsUPerNet, variant='twins_svt_small', build=seeded, **kw):
+    """An SVT-S segmenter with 5 classes and seeded random weights (``build=on_meta``: no values)."""
     torch.manual_seed(0)
     args = dict(encoder_name=variant, classes=5, encoder_args=checkpoint_family_args('mmseg', variant))
     args.update(kw)
-    return cls(**args).eval()
+    return build(cls, **args).eval()
 
 
 # ------------------------------------------------------------------------------ API and layout
 @pytest.mark.parametrize('cls', [TwinsUPerNet, TwinsFPN])
 def test_models_are_smp_models_with_metadata(cls):
-    model = _small_model(cls)
+    model = _small_model(cls, build=on_meta)  # metadata only: no weight values needed
     assert isinstance(model, smp.base.SegmentationModel)
     for method in ('save_pretrained', 'from_pretrained', 'push_to_hub', 'predict', 'freeze_encoder'):
         assert callable(getattr(model, method))
@@ -36,7 +38,7 @@ def test_models_are_smp_models_with_metadata(cls):
     assert len(model.palette) == 5 and all(len(c) == 3 for c in model.palette)
     assert model.mean == MMSEG_MEAN and model.std == MMSEG_STD
     assert model.encoder.model.stage_norms is not None  # mmseg SVT options reached the backbone
-    ade = cls(encoder_name='twins_pcpvt_small')
+    ade = on_meta(cls, encoder_name='twins_pcpvt_small')
     assert ade.classes == 150 and ade.class_names == list(ade20k.CLASSES)
     assert ade.palette == [list(c) for c in ade20k.PALETTE]
 
@@ -66,8 +68,9 @@ def test_head_keys_are_mmseg_names(manifest):
     family, size = manifest.split('_')[1].split('-')
     variant = f"twins_{family}_{dict(s='small', b='base', l='large')[size]}"
     task = 'upernet' if 'uperhead' in manifest else 'fpn'
-    ours = target_shapes(variant, task, 150, checkpoint_family_args('mmseg', variant),
-                         aux_head=task == 'upernet')
+    with no_init_on_meta():  # target_shapes builds on meta: shapes only
+        ours = target_shapes(variant, task, 150, checkpoint_family_args('mmseg', variant),
+                             aux_head=task == 'upernet')
     expected = {_mmseg_to_ours(k): tuple(v) for k, v in keys.items() if not k.startswith('backbone.')}
     assert {k: v for k, v in ours.items() if not k.startswith('encoder.')} == expected
 
@@ -82,8 +85,9 @@ def test_encoder_keys_are_timm_names(manifest):
     head, arch, size = manifest.split('_')[0], manifest.split('_')[1:-1], manifest.split('_')[-1]
     variant = f"twins_{'svt' if arch == ['alt', 'gvt'] else 'pcpvt'}_" \
               f"{dict(s='small', b='base', l='large')[size]}"
-    ours = target_shapes(variant, head, 150, checkpoint_family_args('official_seg', variant),
-                         aux_head=head == 'upernet')
+    with no_init_on_meta():  # target_shapes builds on meta: shapes only
+        ours = target_shapes(variant, head, 150, checkpoint_family_args('official_seg', variant),
+                             aux_head=head == 'upernet')
     expected = {}
     for key, shape in keys.items():
         if not key.startswith('backbone.') or key.startswith(('backbone.norm.', 'backbone.head.')):
@@ -117,7 +121,7 @@ def test_batch_items_are_independent():
 # ------------------------------------------------------------------------------ SMP encoders
 def test_twins_encoder_works_in_smp_decoders():
     """TwinsEncoder follows SMP's encoder convention, so SMP's own decoders take it."""
-    enc = TwinsEncoder('twins_pcpvt_small', **checkpoint_family_args('mmseg', 'twins_pcpvt_small'))
+    enc = seeded(TwinsEncoder, 'twins_pcpvt_small', **checkpoint_family_args('mmseg', 'twins_pcpvt_small'))
     assert enc.out_channels == [3, 0, 64, 128, 320, 512] and enc.output_stride == 32
     assert all(k.startswith('model.') and not k.startswith(('model.head', 'model.norm.'))
                for k in enc.state_dict())
@@ -129,10 +133,10 @@ def test_twins_encoder_works_in_smp_decoders():
 
 def test_tu_twins_encoder_in_stock_smp_models():
     """`tu-twins_*` after `import twins_timm`, backbone options passed through SMP's kwargs."""
-    unet = smp.Unet('tu-twins_svt_small', encoder_weights=None, classes=3, stage_norm=True,
-                    window_mask=True).eval()
+    unet = seeded(smp.Unet, 'tu-twins_svt_small', encoder_weights=None, classes=3, stage_norm=True,
+                  window_mask=True)
     assert any('stage_norms' in k for k in unet.state_dict())
-    upernet = smp.UPerNet('tu-twins_pcpvt_small', encoder_weights=None, classes=3).eval()
+    upernet = seeded(smp.UPerNet, 'tu-twins_pcpvt_small', encoder_weights=None, classes=3)
     with torch.no_grad():
         assert unet(torch.randn(1, 3, 64, 96)).shape == (1, 3, 64, 96)
         assert upernet(torch.randn(1, 3, 64, 96)).shape == (1, 3, 64, 96)
@@ -144,7 +148,7 @@ def test_save_and_load_pretrained(cls, tmp_path):
     names = [f'thing {i}' for i in range(5)]
     palette = [[i * 40, 255 - i * 40, 7] for i in range(5)]
     model = _small_model(cls, class_names=names, palette=palette, mean=(1.0, 2.0, 3.0),
-                         std=(4.0, 5.0, 6.0))
+                         std=(4.0, 5.0, 6.0), **({'decoder_channels': 64} if cls is TwinsUPerNet else {}))
     with torch.no_grad():  # make BN statistics non-default so they must round-trip too
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -174,7 +178,7 @@ def test_save_and_load_pretrained(cls, tmp_path):
 
 
 def test_ade20k_names_and_palette_in_config(tmp_path):
-    model = TwinsFPN(encoder_name='twins_pcpvt_small')
+    model = seeded(TwinsFPN, encoder_name='twins_pcpvt_small')
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / 'config.json').read_text())
     assert config['class_names'] == list(ade20k.CLASSES)

@@ -44,10 +44,15 @@ def test_shifted_resize_matrices_are_resize_weights_moved_by_one():
     assert torch.allclose(mats[2][:-1] @ x, resized[1:], atol=1e-6) and (mats[2][-1] == 0).all()
 
 
+# UPerHead 128 wide instead of mmseg's 512: the same code paths (none depends on the width) at 1/16 of
+# the head's FLOPs; mmseg's width is checked against mmseg itself in test_mmseg_parity_*.
+HEAD = {TwinsUPerNet: dict(decoder_channels=128), TwinsFPN: {}}
+
+
 def _segmenter(cls, variant, **encoder_args):
     torch.manual_seed(0)
     args = dict(checkpoint_family_args('mmseg', variant), depths=SHALLOW[variant], **encoder_args)
-    return perturb_batchnorm_(cls(encoder_name=variant, classes=7, encoder_args=args).eval())
+    return perturb_batchnorm_(cls(encoder_name=variant, classes=7, encoder_args=args, **HEAD[cls]).eval())
 
 
 def _plain(model, x):

@@ -1,4 +1,6 @@
 """Training with the segmenters: outputs, mmseg's loss, SyncBatchNorm, gradient checkpointing."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,8 +105,8 @@ def test_gradient_checkpointing_reaches_the_backbone(monkeypatch):
         mmseg_loss(model(x), target).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    plain = grads(_model())
     model = _model()
+    plain = grads(copy.deepcopy(model))
     calls = []
     original = twins_module.checkpoint
     monkeypatch.setattr(twins_module, 'checkpoint',

@@ -7,23 +7,23 @@ that the inference path under test is the one a CPU user gets.
 """
 import pytest
 import torch
-import timm
 from torch import nn
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
+from builders import seeded
 from numerics import FP32_TOL, scaled_diff
-from references import perturb_batchnorm_
+from references import perturb_batchnorm_, seeded_model
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models import kernels
 from twins_timm.models.twins import checkpoint_family_args
 
 TINY = dict(depths=[2, 2, 2, 2])
+NARROW_HEAD = {TwinsFPN: {}, TwinsUPerNet: dict(decoder_channels=64, aux_channels=32)}  # same layers, fewer FLOPs
 LORA_TARGETS = r'.*\.(attn\.(qkv|q|kv|proj)|mlp\.(fc1|fc2))$'
 
 
 def _backbone(name='twins_svt_small'):
-    torch.manual_seed(0)
-    return timm.create_model(name, num_classes=5, **TINY)
+    return seeded_model(name, num_classes=5, **TINY)  # seeded random weights, eval mode
 
 
 def _parameterised(model):
@@ -61,8 +61,8 @@ def test_every_backbone_layer_fires_its_hooks(name, mode):
 @pytest.mark.parametrize('cls', [TwinsFPN, TwinsUPerNet])
 def test_every_segmenter_layer_fires_its_hooks(cls):
     torch.manual_seed(0)
-    model = cls(encoder_name='twins_svt_small', classes=3,
-                encoder_args=dict(checkpoint_family_args('mmseg', 'twins_svt_small'), **TINY)).eval()
+    model = seeded(cls, encoder_name='twins_svt_small', classes=3,
+                   encoder_args=dict(checkpoint_family_args('mmseg', 'twins_svt_small'), **TINY), **NARROW_HEAD[cls])
     x = torch.randn(2, 3, 64, 64)  # two images: training BatchNorm of the 1x1 pooling needs them
 
     def run():
@@ -123,8 +123,8 @@ def test_peft_lora_changes_the_output_and_trains():
 
 def test_fold_batchnorm_keeps_the_logits_and_refuses_training_mode():
     torch.manual_seed(0)
-    model = TwinsUPerNet(encoder_name='twins_pcpvt_small', classes=3,
-                         encoder_args=dict(depths=[1, 1, 1, 1]))
+    model = seeded(TwinsUPerNet, encoder_name='twins_pcpvt_small', classes=3,
+                   encoder_args=dict(depths=[1, 1, 1, 1]), **NARROW_HEAD[TwinsUPerNet]).train()
     perturb_batchnorm_(model)
     with pytest.raises(ValueError, match='eval'):
         model.fold_batchnorm()

@@ -71,7 +71,8 @@ class Server:
         self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), handler)
         self.httpd.daemon_threads = True
         self.root = 'http://127.0.0.1:%d' % self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # shutdown() waits for the loop's next poll: 0.5 s by default, on every test's teardown
+        threading.Thread(target=self.httpd.serve_forever, kwargs={'poll_interval': 0.02}, daemon=True).start()
 
     def url(self, path: str) -> str:
         return self.root + path

@@ -1,0 +1,45 @@
+"""Segmenters built without their weight init, for tests where the weight values do not matter.
+
+timm's and SMP's init (trunc_normal_ / kaiming over every parameter) costs ~0.2-0.5 s per S model;
+building on the meta device skips it. ``on_meta`` is for config and metadata checks (no values at
+all); ``seeded`` fills every parameter and buffer with ``references.randomize_`` values.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from references import _NoValuesOnMeta, create_on_meta, randomize_
+
+__all__ = ['on_meta', 'seeded', 'no_init_on_meta']
+
+
+def no_init_on_meta() -> _NoValuesOnMeta:
+    """Within the block, weight-init writes to meta tensors return at once (they hold no values). For
+    code under test that builds its own models on meta, e.g. ``convert.target_shapes``: timm's init
+    there costs 0.1-0.4 s per model and changes no shape."""
+    return _NoValuesOnMeta()
+
+
+def on_meta(cls: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    """``cls(*args, **kwargs)`` on the meta device, its init skipped (shapes, config, metadata)."""
+    def entry(*a: Any, device: str, **k: Any) -> nn.Module:
+        with torch.device(device):
+            return cls(*a, **k)
+    return create_on_meta(entry, *args, **kwargs)
+
+
+@torch.no_grad()
+def seeded(cls: Callable[..., nn.Module], *args: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """``cls(*args, **kwargs)`` with seeded ``randomize_`` weights in eval mode; every parameter and
+    buffer is checked to have been filled (NaN before the fill), so no uninitialised memory is used."""
+    model = on_meta(cls, *args, **kwargs).to_empty(device='cpu')
+    for t in (*model.parameters(), *model.buffers()):
+        t.fill_(float('nan') if t.is_floating_point() else 0)
+    randomize_(model, seed)
+    unfilled = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+                if t.is_floating_point() and torch.isnan(t).any()]
+    assert not unfilled, f'randomize_ left these unfilled: {unfilled[:5]}'
+    return model.eval()
