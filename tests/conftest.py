@@ -5,7 +5,7 @@ reference models (seeded weights: tests/references.py), the stand-in segmenter.
 command, small variants only); CI runs everything (README: the same without ``-m``).  Slow are, by rule rather than by hand so that new tests follow:
 the mmsegmentation parity, deploy (export) and bench files, the base / large variants of tests
 parametrised over all six models (the small ones of the same test stay in the quick set), and a few
-single tests over a minute long.
+single tests whose faster siblings cover the same code.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ SLOW_FILES = (
     'test_deploy.py',
     'test_bench.py',
 )
-# single tests that took over a minute in a full run (--durations), where a faster sibling covers the same code
+# single long tests (they were over a minute on a busy machine) where a faster sibling covers the same code
 SLOW_TESTS = (
     'test_short_fine_tuning_lowers_the_loss',
     'test_folders_load_offline_from_a_local_hf_cache',
