@@ -11,16 +11,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from references import _NoValuesOnMeta, create_on_meta, randomize_
+from references import create_on_meta, randomize_
 
-__all__ = ['on_meta', 'seeded', 'no_init_on_meta']
-
-
-def no_init_on_meta() -> _NoValuesOnMeta:
-    """Within the block, weight-init writes to meta tensors return at once (they hold no values). For
-    code under test that builds its own models on meta, e.g. ``convert.target_shapes``: timm's init
-    there costs 0.1-0.4 s per model and changes no shape."""
-    return _NoValuesOnMeta()
+__all__ = ['on_meta', 'seeded']
 
 
 def on_meta(cls: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 import twins_timm  # noqa: F401  registers our Twins under timm's names
 from twins_timm.models import kernels
 
-__all__ = ['randomize_', 'timm_like_init_', 'create_on_meta', 'seeded_model', 'timm_reference', 'timm_pair',
+__all__ = ['randomize_', 'timm_like_init_', 'no_init_on_meta', 'create_on_meta', 'seeded_model', 'timm_reference', 'timm_pair',
            'perturb_batchnorm_', 'fast_inference']
 
 # the in-place writes timm's init makes (trunc_normal_ is uniform_, erfinv_, mul_, add_, clamp_)
@@ -37,9 +37,15 @@ class _NoValuesOnMeta(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def no_init_on_meta() -> _NoValuesOnMeta:
+    """Within the block, weight-init writes to meta tensors return at once (they hold no values). Also for
+    code under test that builds its own models on meta, e.g. ``convert.target_shapes``."""
+    return _NoValuesOnMeta()
+
+
 def create_on_meta(entry: Callable[..., nn.Module] = timm.create_model, *args, **kwargs) -> nn.Module:
     """``entry(*args, device='meta', **kwargs)`` without its weight init (fill values after to_empty)."""
-    with _NoValuesOnMeta():
+    with no_init_on_meta():
         return entry(*args, device='meta', **kwargs)
 
 

@@ -9,7 +9,8 @@ import segmentation_models_pytorch as smp
 import torch
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
-from builders import no_init_on_meta, on_meta, seeded
+from builders import on_meta, seeded
+from references import no_init_on_meta
 from fresh_python import fresh_python
 from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, TwinsUPerNet,
                                  ade20k, from_pretrained, read_config)

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from builders import no_init_on_meta
+from references import no_init_on_meta
 from checkpoint_factory import kind_of, manifest, manifest_names, shapes_only
 from twins_timm.convert import DetectionError, convert_checkpoint, detect, normalize_variant, unwrap
 
