@@ -262,7 +262,7 @@ def _fetch_file(spec: str, record: Optional[ZooModel], progress: Optional[bool],
     expected = hash_prefix(url)
     progress = sys.stderr.isatty() if progress is None else progress
     root = cache_dir()
-    from twins_timm.tools.paths import check_writable_dir
+    from twins_timm.tools.paths import check_writable_dir  # here: twins_timm.tools imports the inference code
     # before hundreds of MB are downloaded: a probe file, which also holds for root and read-only mounts
     check_writable_dir(root, 'the model cache (TWINS_TIMM_CACHE moves it)')
     root.mkdir(parents=True, exist_ok=True)

@@ -83,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from twins_timm.train import build_model, fit
+    from twins_timm.train.recipe import check_settings
     from twins_timm.train.transforms import min_crop_size
     from .distributed import Dist, finish, init
 
-    from twins_timm.train.recipe import check_settings
     check_settings(iters=args.iters, lr=args.lr, global_batch=args.global_batch, batch_size=args.batch_size,
                    save_interval=args.save_interval, eval_interval=args.eval_interval,
                    log_interval=args.log_interval, workers=args.workers, drop_path_rate=args.drop_path_rate)
