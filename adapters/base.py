@@ -128,6 +128,8 @@ class TwinsSegmentationModel(SegmentationModel):
             self.aux_head = FCNHead(in_channels, self.classes, channels, dropout=dropout)
 
     def initialize(self) -> None:
+        if next(self.parameters()).is_meta:  # built on the meta device: no values to initialise
+            return
         super().initialize()
         if self.aux_head is not None:
             init.initialize_decoder(self.aux_head.convs)

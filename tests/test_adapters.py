@@ -10,7 +10,6 @@ import torch
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
 from builders import on_meta, seeded
-from references import no_init_on_meta
 from fresh_python import fresh_python
 from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, TwinsUPerNet,
                                  ade20k, from_pretrained, read_config)
@@ -44,6 +43,25 @@ def test_models_are_smp_models_with_metadata(cls):
     assert ade.palette == [list(c) for c in ade20k.PALETTE]
 
 
+@pytest.mark.parametrize('task', ['fpn', 'upernet', 'classify'])
+def test_builds_on_meta_skip_the_weight_init(task, monkeypatch):
+    """The converter's and loaders' meta builds run no init (on meta it only costs time: ~0.1-0.3 s a model);
+    a build that holds values still initialises every layer timm's and SMP's way."""
+    from segmentation_models_pytorch.base import initialization
+    from twins_timm.convert.build import make_model
+    from twins_timm.models import twins
+
+    calls = []
+    monkeypatch.setattr(twins.Twins, '_init_weights', lambda self, m: calls.append('twins'))
+    for name in ('initialize_decoder', 'initialize_head'):
+        monkeypatch.setattr(initialization, name, lambda module, name=name: calls.append(name))
+    model = make_model('twins_svt_small', task, 5, {}, aux_head=True, device='meta')
+    assert next(model.parameters()).is_meta and calls == []
+    make_model('twins_svt_small', task, 5, {}, aux_head=True)
+    assert 'twins' in calls
+    assert ('initialize_decoder' in calls) == (task != 'classify')
+
+
 def test_ade20k_metadata_is_mmseg_s():
     from mmseg_reference import require_mmseg
     require_mmseg()
@@ -69,9 +87,8 @@ def test_head_keys_are_mmseg_names(manifest):
     family, size = manifest.split('_')[1].split('-')
     variant = f"twins_{family}_{dict(s='small', b='base', l='large')[size]}"
     task = 'upernet' if 'uperhead' in manifest else 'fpn'
-    with no_init_on_meta():  # target_shapes builds on meta: shapes only
-        ours = target_shapes(variant, task, 150, checkpoint_family_args('mmseg', variant),
-                             aux_head=task == 'upernet')
+    ours = target_shapes(variant, task, 150, checkpoint_family_args('mmseg', variant),
+                         aux_head=task == 'upernet')
     expected = {_mmseg_to_ours(k): tuple(v) for k, v in keys.items() if not k.startswith('backbone.')}
     assert {k: v for k, v in ours.items() if not k.startswith('encoder.')} == expected
 
@@ -86,9 +103,8 @@ def test_encoder_keys_are_timm_names(manifest):
     head, arch, size = manifest.split('_')[0], manifest.split('_')[1:-1], manifest.split('_')[-1]
     variant = f"twins_{'svt' if arch == ['alt', 'gvt'] else 'pcpvt'}_" \
               f"{dict(s='small', b='base', l='large')[size]}"
-    with no_init_on_meta():  # target_shapes builds on meta: shapes only
-        ours = target_shapes(variant, head, 150, checkpoint_family_args('official_seg', variant),
-                             aux_head=head == 'upernet')
+    ours = target_shapes(variant, head, 150, checkpoint_family_args('official_seg', variant),
+                         aux_head=head == 'upernet')
     expected = {}
     for key, shape in keys.items():
         if not key.startswith('backbone.') or key.startswith(('backbone.norm.', 'backbone.head.')):

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_meta_device, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices  # in that module's __all__; timm.models does not re-export it
 
@@ -458,7 +458,8 @@ class Twins(nn.Module):
         self.norm = nn.LayerNorm(self.num_features, eps=norm_eps, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        if not is_meta_device(device):  # meta tensors hold no values: the init would only cost time
+            self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module):
         if isinstance(m, nn.Linear):
