@@ -189,6 +189,32 @@ class TwinsSegmentationModel(SegmentationModel):
                 honour_umask(path)
         return result
 
+    @classmethod
+    def _from_pretrained(cls, **kwargs: Any) -> 'TwinsSegmentationModel':
+        """The hub mixin's loading, with the model built on the meta device and the file's tensors adopted:
+        no random init to throw away (SVT-L UPerNet from a folder: 1.5 s -> 0.1 s on 2 CPU cores).
+
+        If the file leaves some tensor unset (``strict=False`` with keys missing), the mixin's own way
+        runs instead: random init, then the file's weights over it.
+        """
+        try:
+            with torch.device('meta'):
+                return super()._from_pretrained(**kwargs)
+        except _PartialStateDict:
+            return super()._from_pretrained(**kwargs)
+
+    @classmethod
+    def _load_as_safetensor(cls, model: 'TwinsSegmentationModel', model_file: str, map_location: str,
+                            strict: bool) -> 'TwinsSegmentationModel':
+        from safetensors.torch import load_file
+        return _load_state(model, load_file(model_file, device=str(map_location)), map_location, strict)
+
+    @classmethod
+    def _load_as_pickle(cls, model: 'TwinsSegmentationModel', model_file: str, map_location: str,
+                        strict: bool) -> 'TwinsSegmentationModel':
+        state = torch.load(model_file, map_location=torch.device(map_location), weights_only=True)
+        return _load_state(model, state, map_location, strict)
+
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """The card ``save_pretrained`` writes, by the package's one card writer (``convert.hub.model_card``):
         how to load with twins_timm (plain SMP does not know the class), and where the weights come from
@@ -198,3 +224,26 @@ class TwinsSegmentationModel(SegmentationModel):
         return model_card(conversion.get('res'), conversion.get('parity'), conversion.get('source_sha256'),
                           conversion.get('card'), model=self, metrics=kwargs.get('metrics'),
                           dataset=kwargs.get('dataset'))
+
+
+class _PartialStateDict(Exception):
+    """A meta-built model that the weights file did not fill completely."""
+
+
+def _load_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], map_location: Union[str, torch.device],
+                strict: bool) -> torch.nn.Module:
+    """``state`` into ``model`` in eval mode. A model built on the meta device adopts a copy of each tensor in
+    the dtype it was built with (as an ordinary load casts). A copy: torch's allocator aligns it to 64 bytes,
+    where safetensors' tensors sit at any 4-byte offset, and the CPU kernels take other paths on those (not
+    the bits of the saved model's output); and no loaded weight stays tied to a file."""
+    if not next(model.parameters()).is_meta:
+        model.load_state_dict(state, strict=strict)
+        return model.eval()
+    with torch.device(map_location):  # leave the caller's meta default behind for what loading creates
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        state = {k: v.to(dtypes[k] if k in dtypes and v.is_floating_point() else v.dtype, copy=True)
+                 for k, v in state.items()}
+        model.load_state_dict(state, strict=strict, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise _PartialStateDict
+    return model.eval()

@@ -194,6 +194,56 @@ def test_save_and_load_pretrained(cls, tmp_path):
     assert read_config(tmp_path / 'saved')['classes'] == 5
 
 
+def test_from_pretrained_adopts_the_file_without_random_init(tmp_path, monkeypatch, hf_cache):
+    """Built on the meta device: no init runs, the loaded tensors are copies (a file overwritten in place
+    later leaves the model as loaded) in the model's dtype; a Hub repo with only the pickle file loads too."""
+    from safetensors.torch import save_file
+    from twins_timm.models import twins
+    model = _small_model(TwinsFPN)
+    model.save_pretrained(tmp_path / 'saved')
+    state = model.state_dict()
+    monkeypatch.setattr(twins.Twins, '_init_weights', lambda self, m: pytest.fail('random init ran'))
+
+    def loads_as(loaded, expected):
+        got = loaded.state_dict()
+        assert not loaded.training and not any(t.is_meta for t in got.values())
+        assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in state.items()}
+        return all(torch.equal(got[k], v) for k, v in expected.items())
+
+    loaded = from_pretrained(tmp_path / 'saved')
+    assert loads_as(loaded, state)
+    with open(tmp_path / 'saved' / 'model.safetensors', 'r+b') as f:  # overwrite every byte in place
+        f.write(b'\0' * len(f.read()))
+    assert loads_as(loaded, state)
+
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(half, str(tmp_path / 'saved' / 'model.safetensors'))
+    assert loads_as(from_pretrained(tmp_path / 'saved'), {k: v.to(state[k].dtype) for k, v in half.items()})
+
+    (tmp_path / 'saved' / 'model.safetensors').unlink()
+    torch.save(state, tmp_path / 'saved' / 'pytorch_model.bin')
+    hf_cache(tmp_path / 'cache', 'someone/old-format', tmp_path / 'saved')
+    assert loads_as(TwinsFPN.from_pretrained('someone/old-format', cache_dir=tmp_path / 'cache',
+                                             local_files_only=True), state)
+
+
+def test_from_pretrained_strict_false_initialises_what_the_file_lacks(tmp_path):
+    """strict=False with a key missing: the mixin's own way (random init, then the file), nothing on meta."""
+    from safetensors.torch import load_file, save_file
+    model = _small_model(TwinsFPN)
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / 'model.safetensors'))
+    missing = 'segmentation_head.conv_seg.weight'
+    save_file({k: v for k, v in state.items() if k != missing}, str(tmp_path / 'model.safetensors'))
+    with pytest.raises(RuntimeError, match='Missing key'):
+        from_pretrained(tmp_path)
+    loaded = TwinsFPN.from_pretrained(str(tmp_path), strict=False)
+    got = loaded.state_dict()
+    assert not any(t.is_meta for t in got.values()) and not loaded.training
+    assert all(torch.equal(got[k], v) for k, v in state.items() if k != missing)
+    assert got[missing].abs().sum() > 0 and not torch.equal(got[missing], model.state_dict()[missing])
+
+
 def test_ade20k_names_and_palette_in_config(tmp_path):
     model = seeded(TwinsFPN, encoder_name='twins_pcpvt_small')
     model.save_pretrained(tmp_path)
