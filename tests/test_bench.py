@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,16 @@ def test_flop_count_includes_cpu_attention():
     q, k = torch.randn(2, 3, 64, 16), torch.randn(2, 3, 32, 16)
     flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k))
     assert flops == 2 * (2 * 2 * 3 * 64 * 32 * 16)  # q @ k^T and attn @ v, 2 FLOPs per multiply-add
+
+
+def test_mmseg_import_leaves_transformers_importable(monkeypatch):
+    """import_mmseg hides transformers from mmengine's optimizer registration (~1 s), then un-hides it."""
+    from mmseg_reference import require_mmseg
+    from twins_timm.tools.mmseg_reference import import_mmseg
+    require_mmseg()
+    monkeypatch.delitem(sys.modules, 'transformers', raising=False)
+    import_mmseg()
+    assert 'transformers' not in sys.modules  # not left as None, which would make `import transformers` fail
+    monkeypatch.setitem(sys.modules, 'transformers', loaded := object())
+    import_mmseg()
+    assert sys.modules['transformers'] is loaded  # something had loaded it: left alone

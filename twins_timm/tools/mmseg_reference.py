@@ -55,11 +55,20 @@ def install_mmcv_ops_stand_in() -> None:
 def import_mmseg():
     """mmseg's models, registered, with the stand-in in place; returns `mmseg.models`."""
     install_mmcv_ops_stand_in()
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # mmcv-lite / deprecation chatter, nothing about Twins
-        import mmseg.models
-        from mmseg.utils import register_all_modules
-        register_all_modules(init_default_scope=True)
+    # mmengine imports transformers, where installed, to register its optimizers (~1 s); a reference model
+    # needs none, so transformers is hidden during the import unless something has loaded it already
+    hide = 'transformers' not in sys.modules
+    if hide:
+        sys.modules['transformers'] = None  # type: ignore[assignment]  (import of it raises ImportError)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # mmcv-lite / deprecation chatter, nothing about Twins
+            import mmseg.models
+            from mmseg.utils import register_all_modules
+            register_all_modules(init_default_scope=True)
+    finally:
+        if hide and sys.modules.get('transformers', 0) is None:
+            del sys.modules['transformers']
     return mmseg.models
 
 
