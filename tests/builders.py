@@ -13,7 +13,7 @@ from torch import nn
 
 from references import create_on_meta, randomize_
 
-__all__ = ['on_meta', 'seeded']
+__all__ = ['on_meta', 'fill_', 'seeded']
 
 
 def on_meta(cls: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
@@ -25,14 +25,18 @@ def on_meta(cls: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Modu
 
 
 @torch.no_grad()
-def seeded(cls: Callable[..., nn.Module], *args: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """``cls(*args, **kwargs)`` with seeded ``randomize_`` weights in eval mode; every parameter and
-    buffer is checked to have been filled (NaN before the fill), so no uninitialised memory is used."""
-    model = on_meta(cls, *args, **kwargs).to_empty(device='cpu')
-    for t in (*model.parameters(), *model.buffers()):
+def fill_(model: nn.Module, seed: int = 0, buffers: bool = True) -> nn.Module:
+    """``references.randomize_`` values in eval mode, over NaN: every parameter (and buffer, unless
+    ``buffers=False``) is checked to have been filled, so no uninitialised memory is used."""
+    tensors = [*model.named_parameters(), *(model.named_buffers() if buffers else ())]
+    for _, t in tensors:
         t.fill_(float('nan') if t.is_floating_point() else 0)
     randomize_(model, seed)
-    unfilled = [n for n, t in (*model.named_parameters(), *model.named_buffers())
-                if t.is_floating_point() and torch.isnan(t).any()]
+    unfilled = [n for n, t in tensors if t.is_floating_point() and torch.isnan(t).any()]
     assert not unfilled, f'randomize_ left these unfilled: {unfilled[:5]}'
     return model.eval()
+
+
+def seeded(cls: Callable[..., nn.Module], *args: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """``cls(*args, **kwargs)`` built on meta, with seeded ``randomize_`` weights (``fill_``) in eval mode."""
+    return fill_(on_meta(cls, *args, **kwargs).to_empty(device='cpu'), seed)

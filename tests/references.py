@@ -19,28 +19,42 @@ from torch.overrides import TorchFunctionMode
 import twins_timm  # noqa: F401  registers our Twins under timm's names
 from twins_timm.models import kernels
 
-__all__ = ['randomize_', 'timm_like_init_', 'no_init_on_meta', 'create_on_meta', 'seeded_model', 'timm_reference', 'timm_pair',
+__all__ = ['randomize_', 'timm_like_init_', 'no_init_on_meta', 'no_parameter_init', 'create_on_meta', 'seeded_model', 'timm_reference', 'timm_pair',
            'perturb_batchnorm_', 'fast_inference']
 
 # the in-place writes timm's init makes (trunc_normal_ is uniform_, erfinv_, mul_, add_, clamp_)
 _INIT_WRITES = frozenset({'uniform_', 'normal_', 'erfinv_', 'mul_', 'add_', 'clamp_', 'zero_', 'fill_'})
 
 
-class _NoValuesOnMeta(TorchFunctionMode):
-    """In-place value writes to meta tensors return at once. A meta tensor holds no values, yet timm's
-    init on it runs every op's Python meta implementation (~0.4 s per model); shapes, flags and every
-    other call go through unchanged."""
+class _SkipInitWrites(TorchFunctionMode):
+    """In-place init writes (``_INIT_WRITES``, and ``torch.nn.init``'s functions, which run their own writes
+    out of the mode's sight) to the tensors ``skip`` picks return at once; shapes, flags and every other
+    call go through unchanged."""
+
+    def __init__(self, skip: Callable[[object], bool]):
+        super().__init__()
+        self.skip = skip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, '__name__', '') in _INIT_WRITES and args and getattr(args[0], 'is_meta', False):
-            return args[0]
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        init = getattr(func, '__name__', '') in _INIT_WRITES or getattr(func, '__module__', '') == 'torch.nn.init'
+        target = args[0] if args else kwargs.get('tensor')  # torch.nn.init passes it by keyword
+        if init and target is not None and self.skip(target):
+            return target
+        return func(*args, **kwargs)
 
 
-def no_init_on_meta() -> _NoValuesOnMeta:
-    """Within the block, weight-init writes to meta tensors return at once (they hold no values). Also for
-    code under test that builds its own models on meta, e.g. ``convert.target_shapes``."""
-    return _NoValuesOnMeta()
+def no_init_on_meta() -> _SkipInitWrites:
+    """Within the block, weight-init writes to meta tensors return at once: a meta tensor holds no values, yet
+    timm's init on it runs every op's Python meta implementation (~0.4 s per model)."""
+    return _SkipInitWrites(lambda t: getattr(t, 'is_meta', False))
+
+
+def no_parameter_init() -> _SkipInitWrites:
+    """Within the block, init writes to parameters return at once, leaving their memory unset: for models
+    that cannot be built on meta (mmseg's Twins calls ``.item()`` in ``__init__``), filled after by
+    ``builders.fill_``. Buffers are still written (BN statistics, a preprocessor's mean and std)."""
+    return _SkipInitWrites(lambda t: isinstance(t, nn.Parameter))
 
 
 def create_on_meta(entry: Callable[..., nn.Module] = timm.create_model, *args, **kwargs) -> nn.Module:
