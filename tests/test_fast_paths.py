@@ -8,13 +8,14 @@ model with autograd recording (F.linear, no chunking, no in-place). Differences 
 the output's scale (see numerics.py). Kernel choice is tested with an injected timer: tests time nothing.
 """
 
+import importlib.util
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-import timm
 from torch.overrides import TorchFunctionMode
 
-from fresh_python import fresh_python
 from numerics import FP32_TOL, scaled_diff
 from references import seeded_model, timm_like_init_
 from twins_timm.models import kernels
@@ -224,17 +225,20 @@ def test_linear_module_follows_autograd_and_bf16():
         assert scaled_diff(out.float(), F.linear(xb, layer.weight, layer.bias).float()) <= 1e-2
 
 
-def test_fast_inference_switch_from_environment():
-    # read when kernels.py is imported: one child process imports it with TWINS_TIMM_ONEDNN=0, then
-    # reloads it (a fresh import of the module) with =1
-    code = ('import importlib, os, torch; from twins_timm.models import kernels; x = torch.randn(4, 8); '
-            'print(torch.no_grad()(kernels.fast_inference)(x)); '
-            'os.environ["TWINS_TIMM_ONEDNN"] = "1"; importlib.reload(kernels); '
-            'print(torch.no_grad()(kernels.fast_inference)(x))')
-    env = dict(__import__('os').environ, TWINS_TIMM_ONEDNN='0')
-    res = fresh_python(code, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split() == ['False', 'True']
+def test_fast_inference_switch_from_environment(monkeypatch):
+    # read when kernels.py is imported: a separate copy of the module is loaded from its file with
+    # TWINS_TIMM_ONEDNN=0, then =1 (the package's own kernels module is left as it is)
+    def load_kernels():
+        spec = importlib.util.spec_from_file_location('kernels_copy', kernels.__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    x = torch.randn(4, 8)
+    for value, expected in (('0', False), ('1', True)):
+        monkeypatch.setenv('TWINS_TIMM_ONEDNN', value)
+        with torch.no_grad():
+            assert load_kernels().fast_inference(x) is expected
 
 
 def test_nothing_cpu_specific_off_the_cpu():
