@@ -117,6 +117,20 @@ def hf_cache() -> Callable[..., Path]:
     return fill_hf_cache
 
 
+@pytest.fixture
+def hf_offline(monkeypatch) -> Callable[[Path], None]:
+    """``hf_offline(cache)``: from here on this process reads the Hub from ``cache`` only, as a user's
+    ``HF_HUB_OFFLINE=1 HF_HUB_CACHE=cache`` gives: the environment, and the values huggingface_hub read
+    from it at import (it reads them then; test_convert_hub checks that path end to end in a new process)."""
+    from huggingface_hub import constants
+
+    def offline(cache: Path) -> None:
+        for name, value in (('HF_HUB_OFFLINE', True), ('HF_HUB_CACHE', str(cache))):
+            monkeypatch.setenv(name, '1' if value is True else value)
+            monkeypatch.setattr(constants, name, value)
+    return offline
+
+
 @pytest.fixture(scope='session')
 def timm_pair() -> Callable:
     """``timm_pair(name)`` -> (ours, timm's own Twins) with the same seeded timm-scale weights, eval mode.
