@@ -1,8 +1,8 @@
 """Segmenters built without their weight init, for tests where the weight values do not matter.
 
 timm's and SMP's init (trunc_normal_ / kaiming over every parameter) costs ~0.2-0.5 s per S model;
-building on the meta device skips it. ``on_meta`` is for config and metadata checks (no values at
-all); ``seeded`` fills every parameter and buffer with ``references.randomize_`` values.
+our models skip it when built on the meta device. ``on_meta`` is for config and metadata checks (no
+values at all); ``seeded`` fills every parameter and buffer with ``references.randomize_`` values.
 """
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from references import create_on_meta, randomize_
+from references import randomize_
 
 __all__ = ['on_meta', 'fill_', 'seeded']
 
 
 def on_meta(cls: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
-    """``cls(*args, **kwargs)`` on the meta device, its init skipped (shapes, config, metadata)."""
-    def entry(*a: Any, device: str, **k: Any) -> nn.Module:
-        with torch.device(device):
-            return cls(*a, **k)
-    return create_on_meta(entry, *args, **kwargs)
+    """``cls(*args, **kwargs)`` on the meta device (shapes, config, metadata; no init runs there)."""
+    with torch.device('meta'):
+        return cls(*args, **kwargs)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Seeded weights and timm's own Twins, in one place for every test (fixtures in conftest.py).
 
-Models are built on the meta device, skipping timm's init there (``create_on_meta``), and filled
-with seeded random values once. Two fills: ``randomize_`` moves every parameter and buffer off its
+Models are built on the meta device (timm's own Twins with its init skipped there: ``create_on_meta``;
+ours skips it itself) and filled with seeded random values once. Two fills: ``randomize_`` moves every parameter and buffer off its
 default (norms, BN statistics), so a wrong eps, a missing norm or swapped statistics shows;
 ``timm_like_init_`` keeps the scale of timm's own init, for comparisons with timm at its tolerances.
 """
@@ -19,8 +19,8 @@ from torch.overrides import TorchFunctionMode
 import twins_timm  # noqa: F401  registers our Twins under timm's names
 from twins_timm.models import kernels
 
-__all__ = ['randomize_', 'timm_like_init_', 'no_init_on_meta', 'no_parameter_init', 'create_on_meta', 'seeded_model', 'timm_reference', 'timm_pair',
-           'perturb_batchnorm_', 'fast_inference']
+__all__ = ['randomize_', 'timm_like_init_', 'no_init_on_meta', 'no_parameter_init', 'create_on_meta',
+           'seeded_model', 'timm_reference', 'timm_pair', 'perturb_batchnorm_', 'fast_inference']
 
 # the in-place writes timm's init makes (trunc_normal_ is uniform_, erfinv_, mul_, add_, clamp_)
 _INIT_WRITES = frozenset({'uniform_', 'normal_', 'erfinv_', 'mul_', 'add_', 'clamp_', 'zero_', 'fill_'})
@@ -57,8 +57,9 @@ def no_parameter_init() -> _SkipInitWrites:
     return _SkipInitWrites(lambda t: isinstance(t, nn.Parameter))
 
 
-def create_on_meta(entry: Callable[..., nn.Module] = timm.create_model, *args, **kwargs) -> nn.Module:
-    """``entry(*args, device='meta', **kwargs)`` without its weight init (fill values after to_empty)."""
+def create_on_meta(entry: Callable[..., nn.Module], *args, **kwargs) -> nn.Module:
+    """``entry(*args, device='meta', **kwargs)`` without its weight init (fill values after to_empty), for
+    timm's own Twins, which runs its init on meta tensors too."""
     with no_init_on_meta():
         return entry(*args, device='meta', **kwargs)
 
@@ -133,7 +134,7 @@ def perturb_batchnorm_(model: nn.Module) -> nn.Module:
 def seeded_model(name: str, seed: int = 0, init: Callable[[nn.Module, int], nn.Module] = randomize_,
                  **kwargs) -> nn.Module:
     """Our timm model ``name`` with seeded weights (``init``), eval mode."""
-    model = create_on_meta(timm.create_model, name, **kwargs).to_empty(device='cpu')
+    model = timm.create_model(name, device='meta', **kwargs).to_empty(device='cpu')
     return init(model, seed).eval()
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import twins_timm
 from fresh_python import fresh_python
 from numerics import FP32_TOL, max_diff, scaled_diff
-from references import create_on_meta, fast_inference, randomize_, seeded_model, timm_reference
+from references import fast_inference, randomize_, seeded_model, timm_reference
 from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
 
 VARIANTS = [f'twins_{a}_{s}' for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
@@ -136,7 +136,7 @@ def test_parity_cases_split_the_fast_paths():
     from twins_timm.models import kernels
     chunked_mlp, chunked_attention = set(), set()
     for name in VARIANTS:
-        cfg = create_on_meta(timm.create_model, name)
+        cfg = timm.create_model(name, device='meta')
         batch, sizes = PARITY_CASES[name]
         gsa = cfg.blocks[0][1]  # global sub-sampled attention in both families (SVT: every second block)
         dim, heads, sr, hidden = cfg.embed_dims[0], gsa.attn.num_heads, gsa.attn.sr_ratio, gsa.mlp.fc1.out_features
@@ -322,7 +322,7 @@ def _rel_diffs(model, ref, x):
 
 
 def _ours_from(name, sd, **kwargs):
-    m = create_on_meta(timm.create_model, name, num_classes=0, **kwargs).to_empty(device='cpu').eval()
+    m = timm.create_model(name, num_classes=0, device='meta', **kwargs).to_empty(device='cpu').eval()
     missing, unexpected = m.load_state_dict(sd, strict=False)
     assert sorted(missing) == ['norm.bias', 'norm.weight'] and not unexpected  # mmseg has no final norm
     return m
@@ -370,7 +370,7 @@ def test_each_mmseg_option_is_needed(mmseg_backbones, option, size):
 # --------------------------------------------------------------------------------------- training
 
 def test_drop_path_linear_decay():
-    m = create_on_meta(timm.create_model, 'twins_svt_small', drop_path_rate=0.3)
+    m = timm.create_model('twins_svt_small', drop_path_rate=0.3, device='meta')
     rates = [0.0 if isinstance(b.drop_path1, torch.nn.Identity) else b.drop_path1.drop_prob
              for stage in m.blocks for b in stage]
     expected = torch.linspace(0, 0.3, len(rates))
