@@ -22,15 +22,32 @@ SHALLOW = {'twins_pcpvt_small': [1, 1, 1, 1], 'twins_svt_small': [2, 2, 2, 2]}
 
 @pytest.mark.parametrize('small,size', [((16, 16), (64, 64)), ((8, 12), (64, 96)), ((17, 25), (70, 100)),
                                         ((1, 1), (4, 7)), ((5, 3), (5, 3))])
-def test_upsampled_conv3x3_is_conv_of_resized_map(small, size):
+@pytest.mark.parametrize('chunk_elements', [None, 2000], ids=['one-chunk', 'channel-chunks'])
+def test_upsampled_conv3x3_is_conv_of_resized_map(small, size, chunk_elements, monkeypatch):
+    if chunk_elements:  # 16 output channels in uneven chunks (e.g. 6, 5, 5 at 8x12), each its own taps
+        monkeypatch.setattr(modules, 'UPSAMPLED_CONV_CHUNK_ELEMENTS', chunk_elements)
     torch.manual_seed(0)
     x = torch.randn(2, 24, *small)
     weight = torch.randn(16, 24, 3, 3) / 24 ** .5
+    base = torch.randn(2, 16, *size)
+    conv2d, taps = F.conv2d, []  # tap-map channels of each chunk's 1x1 conv on x (24 in)
     with torch.no_grad():
         want = F.conv2d(resize(x, size), weight, padding=1)
+        monkeypatch.setattr(F, 'conv2d', lambda inp, wt, *a, **k: (wt.shape[1] == 24 and taps.append(wt.shape[0])) or conv2d(inp, wt, *a, **k))
         got = upsampled_conv3x3(x, weight, size)
+        into = base.clone()
+        added = upsampled_conv3x3(x, weight, size, add_to=into)
     assert got.shape == want.shape == (2, 16, *size)
     assert scaled_diff(got, want) <= FP32_TOL
+    assert added is into and scaled_diff(into - base, want) <= FP32_TOL
+    assert sum(taps) == 2 * 9 * 16  # every output channel once per call
+    pixels = small[0] * small[1]
+    if chunk_elements and 9 * 16 * pixels > chunk_elements:
+        per_call = taps[:len(taps) // 2]  # near-equal chunks, on average within the budget (or one channel each)
+        assert len(per_call) > 1 and max(per_call) - min(per_call) <= 9
+        assert sum(per_call) / len(per_call) * pixels <= chunk_elements or max(per_call) == 9
+    elif not chunk_elements:
+        assert taps == [9 * 16, 9 * 16]
 
 
 def test_shifted_resize_matrices_are_resize_weights_moved_by_one():
@@ -76,7 +93,7 @@ def test_upernet_inference_equals_plain_path(variant, size, encoder_args, monkey
     calls, row_chunks = [], []
     fused = modules.upsampled_conv3x3
     monkeypatch.setattr('twins_timm.adapters.decoders.upernet.decoder.upsampled_conv3x3',
-                        lambda *a: calls.append(a[0].shape) or fused(*a))
+                        lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
     by_rows = Block._mlp_by_rows
     monkeypatch.setattr(Block, '_mlp_by_rows', lambda blk, x, chunks: row_chunks.append(chunks) or by_rows(blk, x, chunks))
     x = torch.randn(2, 3, *size)

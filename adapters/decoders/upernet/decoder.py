@@ -77,5 +77,5 @@ class UPerNetDecoder(nn.Module):
         parts = conv.weight.split([o.shape[1] for o in outs], dim=1)
         x = F.conv2d(outs[0], parts[0], conv.bias, padding=1)
         for out, weight in zip(outs[1:], parts[1:]):
-            x += upsampled_conv3x3(out, weight, x.shape[-2:])
+            upsampled_conv3x3(out, weight, x.shape[-2:], add_to=x)
         return self.fpn_bottleneck.bn(x)  # BN + ReLU (or only ReLU once folded), called as a module
