@@ -203,6 +203,20 @@ def test_flop_count_includes_cpu_attention():
     assert flops == 2 * (2 * 2 * 3 * 64 * 32 * 16)  # q @ k^T and attn @ v, 2 FLOPs per multiply-add
 
 
+def test_flop_count_is_the_plain_paths_work():
+    # counted with fast inference off: a Winograd conv counts as the direct conv it computes, and no
+    # calibration (which runs both kernels) lands inside the count
+    import torch
+    from twins_timm.models import kernels
+    conv = kernels.Conv2d(8, 16, 3, padding=1).eval()
+    x = torch.randn(1, 8, 12, 20)
+    with kernels.forced_kernel(None), torch.inference_mode():
+        kernels.clear_calibration()
+        flops = bench.count_flops(lambda: conv(x))
+        assert kernels.calibration_report() == [] and kernels.fast_inference_enabled()
+    assert flops == 2 * 8 * 16 * 9 * 12 * 20
+
+
 def test_mmseg_import_leaves_transformers_importable(monkeypatch):
     """import_mmseg hides transformers from mmengine's optimizer registration (~1 s), then un-hides it."""
     from mmseg_reference import require_mmseg

@@ -10,7 +10,9 @@ once per process and per (in, out, rows bucket, dtype, threads), timing both ker
 the layer's own weights; oneDNN is taken only when it is at least ``MARGIN`` faster, so the fast path
 is never slower than timm's kernel for that shape. A layer replaced or wrapped by the user takes the
 user's module: the kernel lives in the module. PCPVT's global attention (``attention``) picks between
-``F.scaled_dot_product_attention`` and oneDNN grouped 1x1 convolutions the same way.
+``F.scaled_dot_product_attention`` and oneDNN grouped 1x1 convolutions the same way. The decoders' convs are
+:class:`Conv2d` (an ``nn.Conv2d``): a 3x3 stride-1 one picks between oneDNN's direct conv and Winograd
+F(2x2, 3x3) (``conv3x3``) the same way.
 
 Restructured calls: the inference MLP may run over cache-sized row chunks (``row_chunks``), each
 chunk through the block's own ``norm2`` and ``mlp`` modules; whether that beats the MLP on the whole
@@ -31,6 +33,7 @@ import contextlib
 import math
 import os
 import time
+import weakref
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -40,12 +43,13 @@ import torch.nn.functional as F
 __all__ = [
     'Linear', 'set_fast_inference', 'fast_inference_enabled', 'fast_inference', 'linear', 'attention',
     'choose', 'forced_kernel', 'calibration_report', 'clear_calibration', 'has_hooks', 'row_chunks',
-    'mlp_kernel',
+    'mlp_kernel', 'Conv2d', 'conv3x3', 'winograd_conv3x3', 'winograd_weight', 'cached_winograd_weight',
 ]
 
 PLAIN = 'plain'    # what timm calls: F.linear / F.scaled_dot_product_attention
 ONEDNN = 'onednn'  # the same product as a oneDNN (1x1) convolution
 ROWS = 'rows'      # the inference MLP over cache-sized row chunks instead of the whole tensor
+WINOGRAD = 'winograd'  # a 3x3 convolution by Winograd F(2x2, 3x3)
 MARGIN = 0.05      # oneDNN must be this much faster to be chosen
 CALIBRATION_FLOPS = 2e8  # work per timed calibration run (a few ms): sets the largest rows bucket
 CALIBRATION_ROUNDS = 3   # interleaved timed rounds after one warm-up each; the minimum counts
@@ -53,6 +57,8 @@ MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB
 MLP_CHUNK_MIN_ROWS = 512
 MLP_CALIBRATION_CHUNKS = 8  # the MLP calibration times at most this many chunks' rows
 ATTN_CHUNK_ELEMENTS = 1 << 20  # attention scores per chunk of query rows (oneDNN attention)
+WINOGRAD_CHUNK_TILES = 512  # 2x2 output tiles per band of the Winograd conv (16 x 512 x channels operand)
+CONV_CALIBRATION_FLOPS = 4e9  # direct-conv work per timed 3x3 calibration run (~20 ms): caps its rows
 
 _ENABLED = os.environ.get('TWINS_TIMM_ONEDNN', '1') != '0'
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
@@ -269,6 +275,134 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     if not fast_inference(q) or scale != k.shape[-1] ** -0.5 or attention_kernel(q, k) != ONEDNN:
         return None
     return onednn_attention(q, k, v, scale)
+
+
+# ----------------------------------------------------------------------------- 3x3 convolution
+_WINOGRAD_G = ((1., 0., 0.), (.5, .5, .5), (.5, -.5, .5), (0., 0., 1.))
+_WINOGRAD_CACHE: 'weakref.WeakKeyDictionary[nn.Module, Dict]' = weakref.WeakKeyDictionary()
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(16, in, out): the 3x3 kernels of ``weight`` (out, in, 3, 3) in Winograd F(2x2, 3x3)'s domain, G g G^T."""
+    k, c = weight.shape[:2]
+    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
+    return (torch.kron(g, g) @ weight.permute(2, 3, 1, 0).reshape(9, c * k)).view(16, c, k)
+
+
+def cached_winograd_weight(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``winograd_weight(weight)``, kept for ``owner`` while the weight's storage and version are unchanged.
+
+    Kept beside the module (a weak mapping), not in it: never in its state dict, copies or pickles.
+    Inference tensors (weights made under ``torch.inference_mode``) keep no version, so theirs is not kept.
+    """
+    if weight.is_inference():
+        return winograd_weight(weight)
+    slots = _WINOGRAD_CACHE.setdefault(owner, {})
+    slot = (weight.storage_offset(), tuple(weight.shape))
+    version = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+    hit = slots.get(slot)
+    if hit is None or hit[0] != version:
+        hit = slots[slot] = (version, winograd_weight(weight.detach()))
+    return hit[1]
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     transformed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` by Winograd F(2x2, 3x3): 2.25x fewer multiplies.
+
+    Each 2x2 output tile is A^T [(G g G^T) . (B^T d B)] A over its 4x4 input tile d; the 16 products
+    are 16 GEMMs (tiles x in) @ (in x out). Tiles go in cache-sized bands of rows (``WINOGRAD_CHUNK_TILES``
+    per band): whole-map transforms would stream several times the map through memory. Another
+    summation order than a direct conv (~2e-6 of the output's scale in fp32). ``transformed`` is
+    ``winograd_weight(weight)`` when the caller keeps it. Output: NCHW shape, channels-last memory.
+    """
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    u = winograd_weight(weight) if transformed is None else transformed
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + 2 * tw - w, 1, 1 + 2 * th - h))  # (n, 2th+2, 2tw+2, c)
+    s_n, s_h, s_w, s_c = padded.stride()
+    tiles = padded.as_strided((n, th, tw, 4, 4, c), (s_n, 2 * s_h, 2 * s_w, s_h, s_w, s_c))
+    out = x.new_empty(n, th, 2, tw, 2, k)
+    band = max(1, WINOGRAD_CHUNK_TILES // (n * tw))
+    for start in range(0, th, band):
+        d = tiles[:, start:start + band]
+        rows = d.shape[1]
+        v = x.new_empty(4, 4, n, rows, tw, c)
+        r = d.unbind(3)  # B^T d: along the tile's rows ...
+        t = (r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])
+        for a, ta in enumerate(t):  # ... then d B: along its columns, written into the GEMM operand
+            torch.sub(ta[..., 0, :], ta[..., 2, :], out=v[a, 0])
+            torch.add(ta[..., 1, :], ta[..., 2, :], out=v[a, 1])
+            torch.sub(ta[..., 2, :], ta[..., 1, :], out=v[a, 2])
+            torch.sub(ta[..., 1, :], ta[..., 3, :], out=v[a, 3])
+        m = torch.bmm(v.view(16, -1, c), u).view(4, 4, n, rows, tw, k)
+        tile_out = out[:, start:start + rows]
+        for p, s in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):  # A^T m A
+            torch.add(s[0] + s[1], s[2], out=tile_out[:, :, p, :, 0])
+            torch.sub(s[1] - s[2], s[3], out=tile_out[:, :, p, :, 1])
+    if bias is not None:
+        out += bias
+    out = out.view(n, 2 * th, 2 * tw, k)
+    if 2 * th != h or 2 * tw != w:  # odd sizes: the last tiles' extra row / column dropped
+        out = out[:, :h, :w].contiguous()
+    return out.permute(0, 3, 1, 2)
+
+
+def conv3x3_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   transformed: Optional[Callable[[], torch.Tensor]] = None) -> str:
+    """'plain' (oneDNN's direct conv, what timm and mmseg call) or 'winograd' for this 3x3 conv here.
+
+    Timed on a strip of the layer's width: a quarter of one Winograd band (its GEMMs already run at
+    full rate there), the whole height of a smaller map, or fewer rows where one run would exceed
+    ``CONV_CALIBRATION_FLOPS``: the first call of a shape stays short.
+    """
+    k, c = weight.shape[:2]
+    width = _pow2_at_least(x.shape[-1])
+    strip = 2 * max(1, WINOGRAD_CHUNK_TILES // 4 // ((width + 1) // 2))
+    affordable = 2 * max(1, int(CONV_CALIBRATION_FLOPS // (36.0 * c * k * width)))  # even rows within the cap
+    rows = min(strip, affordable, _pow2_at_least(max(2, x.shape[-2])))
+    key = (c, k, width, rows, bias is not None, str(x.dtype).replace('torch.', ''))
+
+    def candidates() -> Dict[str, Callable[[], object]]:
+        sample = torch.randn(1, c, rows, width, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+        sample = sample.contiguous(memory_format=torch.channels_last)
+        u = transformed() if transformed is not None else winograd_weight(weight)
+        return {PLAIN: lambda: F.conv2d(sample, weight, bias, padding=1),
+                WINOGRAD: lambda: winograd_conv3x3(sample, weight, bias, u)}
+    return choose('conv3x3', key, 18.0 * c * k * rows * width, candidates, alternative=WINOGRAD)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            transformed: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` (3x3, stride 1); in CPU inference by the kernel measured
+    fastest. ``transformed`` returns the kept ``winograd_weight(weight)`` (``cached_winograd_weight``)."""
+    if fast_inference(x) and x.dim() == 4 and conv3x3_kernel(x, weight, bias, transformed) == WINOGRAD:
+        return winograd_conv3x3(x, weight, bias, transformed() if transformed is not None else None)
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose CPU-inference forward may take the Winograd kernel (3x3, stride 1, padding 1,
+    no dilation or groups), where it measured faster for the shape; ``F.conv2d`` everywhere else.
+
+    The transformed kernels are kept while the weight is unchanged (``cached_winograd_weight``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) and self.groups == 1
+                and self.dilation == (1, 1) and self.padding_mode == 'zeros'):
+            return conv3x3(x, self.weight, self.bias, self._transformed_weight)
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _transformed_weight(self) -> torch.Tensor:
+        return cached_winograd_weight(self, self.weight)
 
 
 # ------------------------------------------------------------------------ restructured calls

@@ -16,7 +16,7 @@ from torch import nn
 from timm.layers import ConvNormAct
 
 from twins_timm.adapters.modules import (
-    adaptive_avg_pool, conv_norm_act, fast_inference, resize, upsampled_conv3x3)
+    PLAIN_CONVS, adaptive_avg_pool, conv_norm_act, fast_inference, resize, upsampled_conv3x3)
 from twins_timm.models import kernels
 
 
@@ -64,7 +64,7 @@ class UPerNetDecoder(nn.Module):
     def _fuse_bottleneck(self, x: torch.Tensor) -> bool:
         """CPU inference with the library's own, unhooked `fpn_bottleneck` (hooks see the full concat)."""
         block = self.fpn_bottleneck
-        return (fast_inference(x) and type(block) is ConvNormAct and type(block.conv) is nn.Conv2d
+        return (fast_inference(x) and type(block) is ConvNormAct and type(block.conv) in PLAIN_CONVS
                 and not kernels.has_hooks(block))
 
     def fused_bottleneck(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -75,7 +75,7 @@ class UPerNetDecoder(nn.Module):
         """
         conv = self.fpn_bottleneck.conv
         parts = conv.weight.split([o.shape[1] for o in outs], dim=1)
-        x = F.conv2d(outs[0], parts[0], conv.bias, padding=1)
+        x = kernels.conv3x3(outs[0], parts[0], conv.bias, lambda: kernels.cached_winograd_weight(conv, parts[0]))
         for out, weight in zip(outs[1:], parts[1:]):
             upsampled_conv3x3(out, weight, x.shape[-2:], add_to=x)
         return self.fpn_bottleneck.bn(x)  # BN + ReLU (or only ReLU once folded), called as a module

@@ -1,0 +1,133 @@
+"""The decoders' 3x3 convolutions: `kernels.Conv2d` and its Winograd F(2x2, 3x3) kernel.
+
+Winograd computes what `F.conv2d(x, w, b, padding=1)` computes (other summation order, measured against
+the output's scale); the module is an `nn.Conv2d` that takes it only in CPU inference, for 3x3 stride-1
+convs, where the calibration measured it faster. Choices are forced or timed by an injected timer here.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from numerics import FP32_TOL, scaled_diff
+from twins_timm.models import kernels
+
+
+def _conv_input(channels, size, batch=2, channels_last=True):
+    x = torch.randn(batch, channels, *size)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize('size', [(1, 1), (2, 3), (17, 25), (32, 32)])
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_winograd_equals_direct_conv(size, bias, channels_last):
+    torch.manual_seed(0)
+    x = _conv_input(24, size, channels_last=channels_last)
+    w, b = torch.randn(40, 24, 3, 3) / 216 ** .5, (torch.randn(40) if bias else None)
+    with torch.no_grad():
+        out = kernels.winograd_conv3x3(x, w, b)
+        want = F.conv2d(x, w, b, padding=1)
+    assert out.shape == want.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert scaled_diff(out, want) <= FP32_TOL
+
+
+def test_winograd_runs_the_tiles_in_bands(monkeypatch):
+    # 9 tile rows x 13 tiles per image, 2 images: bands of 2 tile rows (52 tiles), the last one short
+    monkeypatch.setattr(kernels, 'WINOGRAD_CHUNK_TILES', 52)
+    products = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, 'bmm', lambda a, b: products.append(a.shape[1]) or bmm(a, b))
+    torch.manual_seed(0)
+    x = _conv_input(8, (17, 25))
+    w, b = torch.randn(8, 8, 3, 3) / 72 ** .5, torch.randn(8)
+    with torch.no_grad():
+        out = kernels.winograd_conv3x3(x, w, b)
+    assert products == [2 * 2 * 13] * 4 + [2 * 1 * 13]
+    assert scaled_diff(out, F.conv2d(x, w, b, padding=1)) <= FP32_TOL
+
+
+def test_winograd_weight_is_g_w_gt():
+    w = torch.randn(5, 3, 3, 3)
+    g = torch.tensor(kernels._WINOGRAD_G)
+    want = torch.einsum('ar,kcrs,bs->abck', g, w, g).reshape(16, 3, 5)
+    assert torch.allclose(kernels.winograd_weight(w), want, atol=1e-6)
+
+
+def _winograd_calls(monkeypatch):
+    calls = []
+    real = kernels.winograd_conv3x3
+    monkeypatch.setattr(kernels, 'winograd_conv3x3', lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+def test_conv_module_takes_winograd_only_in_cpu_inference(monkeypatch):
+    torch.manual_seed(0)
+    conv = kernels.Conv2d(16, 32, 3, padding=1)
+    assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {'weight', 'bias'}
+    calls = _winograd_calls(monkeypatch)
+    x = _conv_input(16, (9, 14))
+    direct = F.conv2d(x, conv.weight, conv.bias, padding=1).detach()
+    with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
+        fast = conv(x)
+    assert len(calls) == 1 and scaled_diff(fast, direct) <= FP32_TOL
+    assert torch.equal(conv(x), direct)  # autograd: F.conv2d, as nn.Conv2d
+    with kernels.forced_kernel(kernels.PLAIN), torch.no_grad():
+        assert torch.equal(conv(x), direct)  # plain chosen
+    with kernels.forced_kernel(kernels.WINOGRAD), torch.no_grad():
+        kernels.set_fast_inference(False)
+        try:
+            assert torch.equal(conv(x), direct)  # the exact switch: timm's kernels everywhere
+        finally:
+            kernels.set_fast_inference(True)
+        for other in (kernels.Conv2d(16, 32, 1), kernels.Conv2d(16, 32, 3, stride=2, padding=1),
+                      kernels.Conv2d(16, 32, 3, padding=1, groups=4), kernels.Conv2d(16, 32, 3, padding=2, dilation=2)):
+            assert torch.equal(other(x), F.conv2d(x, other.weight, other.bias, other.stride, other.padding,
+                                                  other.dilation, other.groups))
+    assert len(calls) == 1  # none of those took Winograd
+
+
+def test_conv_module_hooks_fire_and_weight_changes_are_seen():
+    torch.manual_seed(0)
+    conv = kernels.Conv2d(8, 8, 3, padding=1).eval()
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = _conv_input(8, (6, 6))
+    with kernels.forced_kernel(kernels.WINOGRAD), torch.no_grad():
+        first = conv(x)
+        conv.weight.mul_(2)  # in place: the kept transformed kernels are out of date and are made again
+        second = conv(x)
+        conv.weight.data = conv.weight.data * 0.5  # new storage
+        third = conv(x)
+    assert seen == [first.shape] * 3
+    bias = conv.bias.detach().view(1, -1, 1, 1)
+    assert scaled_diff(second - bias, 2 * (first - bias)) <= FP32_TOL
+    assert scaled_diff(third, first) <= FP32_TOL
+    clone = copy.deepcopy(conv)
+    assert kernels._WINOGRAD_CACHE.get(clone) is None and kernels._WINOGRAD_CACHE.get(conv)  # kept beside the module
+
+
+@pytest.mark.parametrize('plain_s,winograd_s,expect', [(1.0, 0.5, kernels.WINOGRAD), (1.0, 0.97, kernels.PLAIN)])
+def test_conv3x3_is_a_measured_choice(monkeypatch, plain_s, winograd_s, expect):
+    conv = kernels.Conv2d(8, 16, 3, padding=1).eval()
+    ran = []
+
+    def timed(candidates, timer):
+        assert list(candidates) == [kernels.PLAIN, kernels.WINOGRAD]
+        ran.extend(fn().shape for fn in candidates.values())  # both on a sample of the layer's width
+        return {kernels.PLAIN: plain_s, kernels.WINOGRAD: winograd_s}
+    monkeypatch.setattr(kernels, '_time_interleaved', timed)
+    calls = _winograd_calls(monkeypatch)
+    kernels.clear_calibration()
+    x = _conv_input(8, (10, 30), batch=1)
+    with kernels.forced_kernel(None), torch.no_grad():
+        out = conv(x)
+        conv(x)
+    rows = 16  # the map's 10 rows rounded up: less than the strip (a quarter band: 128 tiles, 16 rows of 16)
+    assert ran == [(1, 16, rows, 32)] * 2  # measured once, cached
+    assert len(calls) == (3 if expect == kernels.WINOGRAD else 1)  # 1 in the calibration
+    (rec,) = kernels.calibration_report()
+    assert rec['family'] == 'conv3x3' and rec['choice'] == expect and rec['shape'][:4] == (8, 16, 32, rows)
+    assert scaled_diff(out, F.conv2d(x, conv.weight, conv.bias, padding=1)) <= FP32_TOL
+    kernels.clear_calibration()
