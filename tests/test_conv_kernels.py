@@ -85,6 +85,8 @@ def test_conv_module_takes_winograd_only_in_cpu_inference(monkeypatch):
                       kernels.Conv2d(16, 32, 3, padding=1, groups=4), kernels.Conv2d(16, 32, 3, padding=2, dilation=2)):
             assert torch.equal(other(x), F.conv2d(x, other.weight, other.bias, other.stride, other.padding,
                                                   other.dilation, other.groups))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16  # autocast's own (bf16) conv, as nn.Conv2d
     assert len(calls) == 1  # none of those took Winograd
 
 
@@ -129,5 +131,6 @@ def test_conv3x3_is_a_measured_choice(monkeypatch, plain_s, winograd_s, expect):
     assert len(calls) == (3 if expect == kernels.WINOGRAD else 1)  # 1 in the calibration
     (rec,) = kernels.calibration_report()
     assert rec['family'] == 'conv3x3' and rec['choice'] == expect and rec['shape'][:4] == (8, 16, 32, rows)
-    assert scaled_diff(out, F.conv2d(x, conv.weight, conv.bias, padding=1)) <= FP32_TOL
+    with torch.no_grad():
+        assert scaled_diff(out, F.conv2d(x, conv.weight, conv.bias, padding=1)) <= FP32_TOL
     kernels.clear_calibration()

@@ -377,7 +377,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
             transformed: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` (3x3, stride 1); in CPU inference by the kernel measured
     fastest. ``transformed`` returns the kept ``winograd_weight(weight)`` (``cached_winograd_weight``)."""
-    if fast_inference(x) and x.dim() == 4 and conv3x3_kernel(x, weight, bias, transformed) == WINOGRAD:
+    if (fast_inference(x) and x.dim() == 4 and not torch.is_autocast_enabled('cpu')  # autocast: its conv
+            and conv3x3_kernel(x, weight, bias, transformed) == WINOGRAD):
         return winograd_conv3x3(x, weight, bias, transformed() if transformed is not None else None)
     return F.conv2d(x, weight, bias, padding=1)
 
