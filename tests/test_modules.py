@@ -99,6 +99,35 @@ def test_replacing_a_layer_changes_the_inference_output():
         assert (after - before).abs().max() > 1e-5, path  # a bypassed layer would leave it bit-identical
 
 
+@pytest.mark.parametrize('cls', [TwinsFPN, TwinsUPerNet])
+def test_decoder_3x3_convs_are_kernel_modules_that_peft_wraps(cls):
+    # the heads' 3x3 convs take Winograd in CPU inference (forced here); a LoRA wrapped around them
+    # (PEFT's Conv2d) still reaches the output, and a swapped conv changes it
+    peft = pytest.importorskip('peft')
+    torch.manual_seed(0)
+    model = seeded(cls, encoder_name='twins_pcpvt_small', classes=3, encoder_args=dict(depths=[1, 1, 1, 1]),
+                   **NARROW_HEAD[cls]).eval()
+    convs = [n for n, m in model.decoder.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert convs and all(type(model.decoder.get_submodule(n)) is kernels.Conv2d for n in convs)
+    x = torch.randn(1, 3, 64, 64)
+    with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
+        base = model(x)
+        first = model.decoder.get_submodule(convs[0])
+        parent, leaf = ('decoder.' + convs[0]).rsplit('.', 1)
+        setattr(model.get_submodule(parent), leaf, nn.Identity() if first.in_channels == first.out_channels
+                else nn.Conv2d(first.in_channels, first.out_channels, 1))
+        swapped = model(x)
+        setattr(model.get_submodule(parent), leaf, first)
+    assert (swapped - base).abs().max() > 1e-4
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                             target_modules=[r'decoder.' + n for n in convs])
+    lora = peft.get_peft_model(model, config)
+    assert sum(hasattr(m, 'lora_A') for m in lora.modules()) == len(convs)
+    with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
+        adapted = lora(x)
+    assert (adapted - base).abs().max() > 1e-4
+
+
 def test_peft_lora_changes_the_output_and_trains():
     peft = pytest.importorskip('peft')
     model = _backbone().eval()
