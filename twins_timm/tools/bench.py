@@ -855,12 +855,13 @@ def render(out: Dict[str, Any]) -> str:
         rows = []
         for name, fam in sorted(ker['families'].items()):
             g = fam['gflops']
-            other = next((k for k in g if k != 'plain'), '-')  # onednn for the kernels, rows for the MLP
+            other = next((k for k in g if k != 'plain'), '-')  # onednn, rows (MLP) or winograd (3x3 convs)
             rows.append([name, fam['shapes'], fam['chosen'].get('plain', 0), other, fam['chosen'].get(other, 0),
                          g.get('plain', {}).get('median'), g.get(other, {}).get('median'),
                          g.get('plain', {}).get('max'), g.get(other, {}).get('max')])
         parts += ['', 'Kernels our layers took (CPU inference calibration, per layer shape; GFLOP/s measured '
-                      'there, all shapes in the JSON; other = oneDNN kernel, or for the MLP its row chunks)',
+                      "there, all shapes in the JSON; other = oneDNN kernel, the MLP's row chunks or a "
+                      'Winograd 3x3 conv)',
                   format_table(['family', 'shapes', 'took plain', 'other kernel', 'took other', 'plain median',
                                 'other median', 'plain max', 'other max'], rows)]
     parts.append('')
