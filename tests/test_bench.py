@@ -90,6 +90,22 @@ def test_backbone_row_ratios_and_parity(tiny_run):
     assert row['ratio'] == pytest.approx(row['timm']['seconds'] / row['ours']['seconds'])
 
 
+def test_backbone_row_gemm_ceiling(tiny_run):
+    data, text = tiny_run
+    row = data['backbones'][0]
+    ceiling = row['ceiling']
+    # every product of our forward, once: the same FLOPs as the plain-path count (oneDNN linears and attention
+    # compute the same products)
+    assert ceiling['flops'] == row['flops'] and ceiling['calls'] == sum(op['calls'] for op in ceiling['ops'])
+    assert _positive(ceiling['seconds']) and _positive(ceiling['pct_gemm']) and _positive(ceiling['ratio'])
+    assert ceiling['pct_gemm'] == pytest.approx(100 * row['flops'] / ceiling['seconds'] / 1e9
+                                                / data['matmul']['fp32']['best_gflops'])
+    assert ceiling['ratio'] == pytest.approx(row['timm']['seconds'] / ceiling['seconds'])
+    assert 0 <= ceiling['outside_gemm_share'] < 1
+    assert all(set(op) == {'op', 'shapes', 'calls', 'seconds_per_call', 'gflops'} for op in ceiling['ops'])
+    assert 'ceiling %gemm' in text and bench.METHODS['ceiling'] == data['methods']['ceiling']
+
+
 def test_kernel_choices_reported(tiny_run):
     data, text = tiny_run
     ker = data['kernels']
@@ -125,6 +141,8 @@ def test_segmenters_section(tiny_run):
     assert _positive(row['ratio']) and _positive(row['ours']['images_per_s'])
     assert _positive(row['mmseg']['images_per_s'])
     assert row['max_abs_diff'] < 1e-3  # converted weights: same logits as mmseg
+    assert _positive(row['ceiling']['seconds']) and row['ceiling']['ops']
+    assert row['ceiling']['ratio'] == pytest.approx(row['mmseg']['seconds'] / row['ceiling']['seconds'])
 
 
 def test_table_printed(tiny_run):

@@ -4,7 +4,8 @@ In one run, with the same seeded weights and inputs on both sides:
   * backbones: ours vs timm's Twins (features_only semantics: `forward_intermediates(x,
     intermediates_only=True)`), eval, inference mode, eager and `torch.compile`d: images/s, the
     ratio, GFLOP/s (counted with torch.utils.flop_counter) and the % of the fp32 matmul rate
-    measured in the same run;
+    measured in the same run, beside the GEMM ceiling: the rate if nothing but the model's matrix
+    products took time, each timed alone (twins_timm.tools.gemm_ceiling);
   * segmenters: our TwinsFPN / TwinsUPerNet vs mmsegmentation's own models end to end (only when
     mmsegmentation is installed; it is never needed otherwise);
   * peak training memory (forward + backward) with and without gradient checkpointing;
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from twins_timm.tools import mmseg_reference
+from twins_timm.tools.gemm_ceiling import flop_mapping, gemm_ceiling
 from twins_timm.tools.paths import check_output_file
 from twins_timm.tools.numerics import max_abs_diff, scaled_diff
 
@@ -71,6 +73,13 @@ METHODS = {
                    'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s. On CPU the same '
                    "product is also timed through oneDNN (a 1x1 convolution, the other kernel twins_timm's "
                    'inference linear can choose): onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
+    'ceiling': 'the GEMM ceiling of our model (twins_timm.tools.gemm_ceiling): one eager forward recorded op by op, '
+               'then every matmul-like call (linear, matmul, mm / bmm, convolution, attention) replayed alone on fresh '
+               'inputs of the same shapes and strides, warm, best of 3; their sum is the time the forward would take '
+               'if nothing but its matrix products took time. pct_gemm: the model FLOPs over that time, against the '
+               'best matmul rate (the most any % of best GEMM could be with these products); outside_gemm_share: '
+               'the part of our measured time spent outside them; ratio: the reference\'s time over the ceiling '
+               '(the most our speed-up could be without faster products). ops: every distinct product',
     'kernels': "twins_timm.models.kernels.calibration_report(): for every layer shape our models met in this run, "
                'the kernel its calibration chose (plain = what timm calls, onednn = a oneDNN convolution, rows = '
                'the MLP over cache-sized row chunks instead of the whole tensor, winograd = a 3x3 convolution by '
@@ -322,20 +331,11 @@ def matmul_rate(n: int, device: str, dtype: torch.dtype, warmup: int, repeats: i
     return out
 
 
-def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call on the plain path (the reference's work; no calibration runs inside the count);
     attention included (torch's counter has no formula for the CPU flash kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
-    mapping = {}
-    cpu_flash = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
-    if cpu_flash is not None:
-        mapping[cpu_flash] = _cpu_flash_attention_flops
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
         exact_inference(fn)()
     return int(counter.get_total_flops())
 
@@ -349,6 +349,16 @@ def _speed(seconds: float, batch: int, flops: int, mm: Dict[str, Any]) -> Dict[s
     gflops = flops / seconds / 1e9
     return {'seconds': seconds, 'images_per_s': batch / seconds, 'gflops': gflops,
             'pct_matmul': 100.0 * gflops / mm['gflops'], 'pct_gemm': 100.0 * gflops / mm['best_gflops']}
+
+
+def ceiling_summary(fn: Callable[[], Any], flops: int, ours_seconds: float, reference_seconds: float,
+                    mm: Dict[str, Any], device: str) -> Dict[str, Any]:
+    """The GEMM ceiling of ``fn`` (already warm) beside its measured time (METHODS['ceiling'])."""
+    c = gemm_ceiling(fn, sync=lambda: _sync(device))
+    seconds = max(c['seconds'], 1e-12)
+    gflops = flops / seconds / 1e9
+    return dict(c, gflops=gflops, pct_gemm=100.0 * gflops / mm['best_gflops'],
+                outside_gemm_share=max(0.0, 1.0 - seconds / ours_seconds), ratio=reference_seconds / seconds)
 
 
 def exact_inference(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -469,7 +479,9 @@ class Bench:
                                         all_seconds=t['exact']['all_seconds'], max_abs_diff=exact_diff,
                                         scaled_diff=exact_scaled,
                                         ratio=t['timm']['seconds'] / t['exact']['seconds']),
-                             ratio=t['timm']['seconds'] / t['ours']['seconds']))
+                             ratio=t['timm']['seconds'] / t['ours']['seconds'],
+                             ceiling=ceiling_summary(lambda: ours(x), flops, t['ours']['seconds'],
+                                                     t['timm']['seconds'], mm, self.device)))
         if not self.s['compile']:
             return rows
         if compile_reason:
@@ -526,6 +538,8 @@ class Bench:
                         diff, scaled = diffs(ours(x), want)
                         t = time_interleaved({'ours': lambda: ours(x), 'mmseg': lambda: ref.encode_decode(x, metas)},
                                              self.s['warmup'], self.s['repeats'], self.device)
+                        ceiling = ceiling_summary(lambda: ours(x), flops, t['ours']['seconds'],
+                                                  t['mmseg']['seconds'], mm[precision], self.device)
                     g = mm[precision]
                     rows.append({'variant': variant, 'head': head, 'batch': b, 'height': h, 'width': w,
                                  'precision': precision, 'flops': flops, 'max_abs_diff': diff, 'scaled_diff': scaled,
@@ -533,7 +547,7 @@ class Bench:
                                               all_seconds=t['ours']['all_seconds']),
                                  'mmseg': dict(_speed(t['mmseg']['seconds'], b, flops, g),
                                                all_seconds=t['mmseg']['all_seconds']),
-                                 'ratio': t['mmseg']['seconds'] / t['ours']['seconds']})
+                                 'ratio': t['mmseg']['seconds'] / t['ours']['seconds'], 'ceiling': ceiling})
                 del ref, ours
                 gc.collect()
         return {'available': True, 'reason': None, 'results': rows}
@@ -806,19 +820,21 @@ def render(out: Dict[str, Any]) -> str:
     for r in out['backbones']:
         size = '%dx%dx%d' % (r['batch'], r['height'], r['width'])
         if 'error' in r:
-            rows.append([r['variant'], size, r['precision'], r['mode']] + [None] * 9 + [r['error']])
+            rows.append([r['variant'], size, r['precision'], r['mode']] + [None] * 10 + [r['error']])
             continue
         exact = r.get('exact', {})
         rows.append([r['variant'], size, r['precision'], r['mode'], r['ours']['images_per_s'],
                      r['timm']['images_per_s'], r['ratio'], exact.get('ratio'), r['ours']['gflops'],
                      r['ours']['pct_matmul'], r['timm']['pct_matmul'], r['ours'].get('pct_gemm'),
-                     '%.1e' % r.get('max_abs_diff', r.get('max_abs_diff_vs_eager', 0.0)),
+                     (r.get('ceiling') or {}).get('pct_gemm'), '%.1e' % r.get('max_abs_diff', r.get('max_abs_diff_vs_eager', 0.0)),
                      '%.1e' % r.get('scaled_diff', r.get('scaled_diff_vs_eager', 0.0))])
     if rows:
         parts += ['', "Backbones, ours vs timm's Twins (features_only, eval, inference mode; compiled: diff vs "
-                      "our eager; exact: ours with F.linear, bit-identical to timm)",
+                      "our eager; exact: ours with F.linear, bit-identical to timm; ceiling: our %gemm if nothing "
+                      "but its matrix products took time, each timed alone)",
                   format_table(['variant', 'BxHxW', 'prec', 'mode', 'ours img/s', 'timm img/s', 'ratio',
-                                'exact ratio', 'ours GFLOP/s', 'ours %mm', 'timm %mm', 'ours %gemm', 'max|diff|',
+                                'exact ratio', 'ours GFLOP/s', 'ours %mm', 'timm %mm', 'ours %gemm', 'ceiling %gemm',
+                                'max|diff|',
                                 'scaled'], rows)]
     seg = out['segmenters']
     parts.append('')
@@ -828,15 +844,18 @@ def render(out: Dict[str, Any]) -> str:
         rows = []
         for r in seg['results']:
             if 'error' in r:
-                rows.append([r['variant'], r['head']] + [None] * 8 + [r['error']])
+                rows.append([r['variant'], r['head']] + [None] * 10 + [r['error']])
                 continue
             rows.append([r['variant'], r['head'], '%dx%dx%d' % (r['batch'], r['height'], r['width']),
                          r['precision'], r['ours']['images_per_s'], r['mmseg']['images_per_s'], r['ratio'],
-                         r['ours']['pct_matmul'], r['ours'].get('pct_gemm'), '%.1e' % r['max_abs_diff'],
+                         r['ours']['pct_matmul'], r['ours'].get('pct_gemm'), (r.get('ceiling') or {}).get('pct_gemm'),
+                         (r.get('ceiling') or {}).get('ratio'), '%.1e' % r['max_abs_diff'],
                          '%.1e' % r.get('scaled_diff', 0.0)])
-        parts += ["Segmenters, ours vs mmseg's own models (end to end, eval)",
+        parts += ["Segmenters, ours vs mmseg's own models (end to end, eval; ceiling: ours if nothing but its "
+                  "matrix products took time, each timed alone)",
                   format_table(['variant', 'head', 'BxHxW', 'prec', 'ours img/s', 'mmseg img/s', 'ratio',
-                                'ours %mm', 'ours %gemm', 'max|diff|', 'scaled'], rows)]
+                                'ours %mm', 'ours %gemm', 'ceiling %gemm', 'ceiling ratio', 'max|diff|', 'scaled'],
+                               rows)]
     mem = out['memory']
     parts.append('')
     if not mem['results']:

@@ -1,0 +1,134 @@
+"""The GEMM ceiling of a forward: how fast it would run if nothing but its matrix products took time.
+
+One forward is recorded op by op (a ``TorchDispatchMode``); every matmul-like call (linear, matmul,
+mm / bmm, convolution, attention) is then replayed alone on fresh inputs of the same shapes, strides,
+dtypes and ``requires_grad`` (torch's matmul folds batch dimensions by that flag), warm, best of a few
+runs. The sum of those times is the ceiling: LayerNorm, GELU, softmax outside the fused attention,
+copies, padding and resizes all cost nothing there, and every product runs at the rate it reaches
+with its caches hot. A model whose GEMM work alone needs 85 % of the best matmul rate's time can
+never reach 90 % of it, whatever its other work costs: the bench reports this beside each rate.
+
+The recorded ops are the ones that ran, with the kernels the model chose (oneDNN 1x1 convs, Winograd
+GEMMs), so the ceiling is that of the code as it stands, not of every possible kernel.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ['GEMM_OPS', 'flop_mapping', 'record_gemm_calls', 'gemm_ceiling']
+
+# aten op packets whose work is matrix products; a composite (linear, matmul, conv2d, SDPA) is recorded
+# as one call and the products inside it are not recorded again
+GEMM_OPS = frozenset({
+    'linear', 'matmul', 'mm', 'addmm', 'bmm', 'baddbmm', 'conv1d', 'conv2d', 'convolution',
+    'mkldnn_convolution', 'scaled_dot_product_attention', '_scaled_dot_product_flash_attention_for_cpu',
+})
+
+
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_mapping() -> Dict[Any, Callable[..., int]]:
+    """``FlopCounterMode`` formulas torch lacks: its counter has none for the CPU flash-attention kernel."""
+    op = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+    return {} if op is None else {op: _cpu_flash_attention_flops}
+
+
+def _spec(value: Any) -> Any:
+    """A hashable stand-in for one argument: tensors by layout, containers by their items."""
+    if isinstance(value, torch.Tensor):
+        return ('tensor', tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type,
+                value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_spec(v) for v in value))
+    if isinstance(value, dict):
+        return ('dict', tuple(sorted((k, _spec(v)) for k, v in value.items())))
+    if isinstance(value, torch.dtype) or isinstance(value, (int, float, bool, str, type(None))):
+        return value
+    return ('other', repr(value))
+
+
+def _make(spec: Any, gen: torch.Generator) -> Any:
+    """Fresh inputs for a recorded spec: random values, the recorded strides and ``requires_grad``."""
+    if isinstance(spec, tuple) and spec and spec[0] == 'tensor':
+        _, shape, stride, dtype, device, requires_grad = spec
+        size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0  # expanded: shared
+        with torch.inference_mode(False):
+            storage = torch.empty(size, dtype=dtype, device=device)
+            if dtype.is_floating_point:
+                storage.normal_(generator=gen if device == 'cpu' else None)
+            else:
+                storage.zero_()
+            return storage.as_strided(shape, stride).requires_grad_(requires_grad and dtype.is_floating_point)
+    if isinstance(spec, tuple) and spec and spec[0] in ('list', 'tuple'):
+        items = [_make(s, gen) for s in spec[1]]
+        return items if spec[0] == 'list' else tuple(items)
+    if isinstance(spec, tuple) and spec and spec[0] == 'dict':
+        return {k: _make(v, gen) for k, v in spec[1]}
+    if isinstance(spec, tuple) and spec and spec[0] == 'other':
+        raise ValueError('cannot rebuild argument %s' % spec[1])
+    return spec
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in GEMM_OPS:
+            self.calls[(func, _spec(tuple(args)), _spec(kwargs))] += 1
+        return func(*args, **kwargs)  # the mode is off in here: a composite's inner products are not seen
+
+
+def record_gemm_calls(fn: Callable[[], Any]) -> Counter:
+    """(op, args spec, kwargs spec) -> number of calls, over one call of ``fn``."""
+    recorder = _Recorder()
+    with recorder:
+        fn()
+    return recorder.calls
+
+
+def _describe(args_spec: Any) -> List[List[int]]:
+    return [list(s[1]) for s in args_spec[1] if isinstance(s, tuple) and s and s[0] == 'tensor']
+
+
+def gemm_ceiling(fn: Callable[[], Any], repeats: int = 3, sync: Callable[[], None] = lambda: None) -> Dict[str, Any]:
+    """Seconds one call of ``fn`` would take if only its matrix products took time, each alone at its best.
+
+    Returns ``seconds`` (the sum), ``calls`` and ``distinct`` products, their FLOPs, and ``ops``: per distinct
+    product its op, input shapes, calls, best seconds per call and GFLOP/s, slowest total first. Run ``fn``
+    once before (warm): work of a first call (kernel calibration) would otherwise be recorded too.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    calls = record_gemm_calls(fn)
+    gen = torch.Generator().manual_seed(0)
+    ops, total, flops = [], 0.0, 0
+    for (func, args_spec, kwargs_spec), count in calls.items():
+        args, kwargs = _make(args_spec, gen), _make(kwargs_spec, gen)
+        with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
+            func(*args, **kwargs)
+        best = float('inf')
+        for _ in range(max(1, repeats)):
+            sync()
+            t0 = time.perf_counter()
+            func(*args, **kwargs)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        op_flops = int(counter.get_total_flops())
+        total += count * best
+        flops += count * op_flops
+        ops.append({'op': func.overloadpacket.__name__, 'shapes': _describe(args_spec), 'calls': count,
+                    'seconds_per_call': best, 'gflops': op_flops / best / 1e9 if best > 0 else None})
+        del args, kwargs
+    ops.sort(key=lambda o: -o['calls'] * o['seconds_per_call'])
+    return {'seconds': total, 'calls': sum(calls.values()), 'distinct': len(calls), 'flops': flops, 'ops': ops}
+
