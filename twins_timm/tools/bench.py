@@ -75,7 +75,7 @@ METHODS = {
                    'inference linear can choose): onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
     'ceiling': 'the GEMM ceiling of our model (twins_timm.tools.gemm_ceiling): one eager forward recorded op by op, '
                'then every matmul-like call (linear, matmul, mm / bmm, convolution, attention) replayed alone on fresh '
-               'inputs of the same shapes and strides, warm, best of 3; their sum is the time the forward would take '
+               'inputs of the same shapes and strides, two warm-up runs, then the best of 5; their sum is the time the forward would take '
                'if nothing but its matrix products took time. pct_gemm: the model FLOPs over that time, against the '
                'best matmul rate (the most any % of best GEMM could be with these products); outside_gemm_share: '
                'the part of our measured time spent outside them; ratio: the reference\'s time over the ceiling '

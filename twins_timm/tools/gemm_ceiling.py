@@ -2,14 +2,17 @@
 
 One forward is recorded op by op (a ``TorchDispatchMode``); every matmul-like call (linear, matmul,
 mm / bmm, convolution, attention) is then replayed alone on fresh inputs of the same shapes, strides,
-dtypes and ``requires_grad`` (torch's matmul folds batch dimensions by that flag), warm, best of a few
-runs. The sum of those times is the ceiling: LayerNorm, GELU, softmax outside the fused attention,
-copies, padding and resizes all cost nothing there, and every product runs at the rate it reaches
-with its caches hot. A model whose GEMM work alone needs 85 % of the best matmul rate's time can
-never reach 90 % of it, whatever its other work costs: the bench reports this beside each rate.
+dtypes and ``requires_grad`` (torch's matmul folds batch dimensions by that flag): two warm-up runs,
+then the best of five, since GEMM rates on a shared VM swing by a third between runs. The sum is the
+ceiling: LayerNorm, GELU, the softmax outside fused attention, copies, padding and resizes cost nothing
+there, and every product runs at the best rate it reached alone. A model whose products alone take
+longer than 90 % of the best matmul rate allows cannot reach 90 % of that rate, whatever its other
+work costs: the bench prints the ceiling beside each rate.
 
-The recorded ops are the ones that ran, with the kernels the model chose (oneDNN 1x1 convs, Winograd
-GEMMs), so the ceiling is that of the code as it stands, not of every possible kernel.
+It is a measurement, not a proof: each replay pays its own memory costs (a fresh output, first touched),
+which the model may avoid by reusing memory, so on a noisy machine a model can come out at its ceiling
+or past it. The recorded ops are those that ran, with the kernels the model chose (oneDNN 1x1 convs,
+Winograd GEMMs): the ceiling is that of the code as it stands, not of every possible kernel.
 """
 from __future__ import annotations
 
@@ -101,7 +104,7 @@ def _describe(args_spec: Any) -> List[List[int]]:
     return [list(s[1]) for s in args_spec[1] if isinstance(s, tuple) and s and s[0] == 'tensor']
 
 
-def gemm_ceiling(fn: Callable[[], Any], repeats: int = 3, sync: Callable[[], None] = lambda: None) -> Dict[str, Any]:
+def gemm_ceiling(fn: Callable[[], Any], repeats: int = 5, sync: Callable[[], None] = lambda: None) -> Dict[str, Any]:
     """Seconds one call of ``fn`` would take if only its matrix products took time, each alone at its best.
 
     Returns ``seconds`` (the sum), ``calls`` and ``distinct`` products, their FLOPs, and ``ops``: per distinct
@@ -116,6 +119,7 @@ def gemm_ceiling(fn: Callable[[], Any], repeats: int = 3, sync: Callable[[], Non
         args, kwargs = _make(args_spec, gen), _make(kwargs_spec, gen)
         with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
             func(*args, **kwargs)
+        func(*args, **kwargs)  # warm-up: a GEMM's first runs on fresh memory were up to 2x slower here
         best = float('inf')
         for _ in range(max(1, repeats)):
             sync()
