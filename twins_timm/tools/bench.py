@@ -4,8 +4,8 @@ In one run, with the same seeded weights and inputs on both sides:
   * backbones: ours vs timm's Twins (features_only semantics: `forward_intermediates(x,
     intermediates_only=True)`), eval, inference mode, eager and `torch.compile`d: images/s, the
     ratio, GFLOP/s (counted with torch.utils.flop_counter) and the % of the fp32 matmul rate
-    measured in the same run, beside the GEMM ceiling: the rate if nothing but the model's matrix
-    products took time, each timed alone (twins_timm.tools.gemm_ceiling);
+    measured in the same run, beside the speed ceiling: the rate if nothing but the model's matrix
+    products, norms, softmaxes and resizes took time, each timed alone (twins_timm.tools.speed_ceiling);
   * segmenters: our TwinsFPN / TwinsUPerNet vs mmsegmentation's own models end to end (only when
     mmsegmentation is installed; it is never needed otherwise);
   * peak training memory (forward + backward) with and without gradient checkpointing;
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from twins_timm.tools import mmseg_reference
-from twins_timm.tools.gemm_ceiling import flop_mapping, gemm_ceiling
+from twins_timm.tools.speed_ceiling import flop_mapping, speed_ceiling
 from twins_timm.tools.paths import check_output_file
 from twins_timm.tools.numerics import max_abs_diff, scaled_diff
 
@@ -73,13 +73,15 @@ METHODS = {
                    'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s. On CPU the same '
                    "product is also timed through oneDNN (a 1x1 convolution, the other kernel twins_timm's "
                    'inference linear can choose): onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
-    'ceiling': 'the GEMM ceiling of our model (twins_timm.tools.gemm_ceiling): one eager forward recorded op by op, '
-               'then every matmul-like call (linear, matmul, mm / bmm, convolution, attention) replayed alone on fresh '
-               'inputs of the same shapes and strides, two warm-up runs, then the best of 5; their sum is the time the forward would take '
-               'if nothing but its matrix products took time. pct_gemm: the model FLOPs over that time, against the '
-               'best matmul rate (the most any % of best GEMM could be with these products); outside_gemm_share: '
-               'the part of our measured time spent outside them; ratio: the reference\'s time over the ceiling '
-               '(the most our speed-up could be without faster products). ops: every distinct product',
+    'ceiling': 'the speed ceiling of our model (twins_timm.tools.speed_ceiling): one eager forward recorded op by '
+               'op, then every matrix product (linear, matmul, mm / bmm, convolution, attention) and every other op '
+               'no implementation can skip or fold into a product (LayerNorm, softmax, resizes) replayed alone on '
+               'fresh inputs of the same shapes and strides, two warm-up runs, then the best of 5; their sum is the '
+               'time the forward would take if nothing else took time (product_seconds + other_seconds). pct_gemm: '
+               'the model FLOPs over that time, against the best matmul rate (about the most our % of best GEMM '
+               'can be); outside_share: the part of our measured time spent outside those ops; ratio: the '
+               "reference's time over the ceiling (about the most our speed-up can be without faster kernels). "
+               'A measurement, not a proof: each replay pays its own memory costs. ops: every distinct call',
     'kernels': "twins_timm.models.kernels.calibration_report(): for every layer shape our models met in this run, "
                'the kernel its calibration chose (plain = what timm calls, onednn = a oneDNN convolution, rows = '
                'the MLP over cache-sized row chunks instead of the whole tensor, winograd = a 3x3 convolution by '
@@ -353,12 +355,12 @@ def _speed(seconds: float, batch: int, flops: int, mm: Dict[str, Any]) -> Dict[s
 
 def ceiling_summary(fn: Callable[[], Any], flops: int, ours_seconds: float, reference_seconds: float,
                     mm: Dict[str, Any], device: str) -> Dict[str, Any]:
-    """The GEMM ceiling of ``fn`` (already warm) beside its measured time (METHODS['ceiling'])."""
-    c = gemm_ceiling(fn, sync=lambda: _sync(device))
+    """The speed ceiling of ``fn`` (already warm) beside its measured time (METHODS['ceiling'])."""
+    c = speed_ceiling(fn, sync=lambda: _sync(device))
     seconds = max(c['seconds'], 1e-12)
     gflops = flops / seconds / 1e9
     return dict(c, gflops=gflops, pct_gemm=100.0 * gflops / mm['best_gflops'],
-                outside_gemm_share=max(0.0, 1.0 - seconds / ours_seconds), ratio=reference_seconds / seconds)
+                outside_share=max(0.0, 1.0 - seconds / ours_seconds), ratio=reference_seconds / seconds)
 
 
 def exact_inference(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -820,22 +822,22 @@ def render(out: Dict[str, Any]) -> str:
     for r in out['backbones']:
         size = '%dx%dx%d' % (r['batch'], r['height'], r['width'])
         if 'error' in r:
-            rows.append([r['variant'], size, r['precision'], r['mode']] + [None] * 10 + [r['error']])
+            rows.append([r['variant'], size, r['precision'], r['mode']] + [None] * 11 + [r['error']])
             continue
-        exact = r.get('exact', {})
+        exact, ceiling = r.get('exact', {}), r.get('ceiling') or {}
         rows.append([r['variant'], size, r['precision'], r['mode'], r['ours']['images_per_s'],
                      r['timm']['images_per_s'], r['ratio'], exact.get('ratio'), r['ours']['gflops'],
                      r['ours']['pct_matmul'], r['timm']['pct_matmul'], r['ours'].get('pct_gemm'),
-                     (r.get('ceiling') or {}).get('pct_gemm'), '%.1e' % r.get('max_abs_diff', r.get('max_abs_diff_vs_eager', 0.0)),
+                     ceiling.get('pct_gemm'), ceiling.get('ratio'),
+                     '%.1e' % r.get('max_abs_diff', r.get('max_abs_diff_vs_eager', 0.0)),
                      '%.1e' % r.get('scaled_diff', r.get('scaled_diff_vs_eager', 0.0))])
     if rows:
         parts += ['', "Backbones, ours vs timm's Twins (features_only, eval, inference mode; compiled: diff vs "
-                      "our eager; exact: ours with F.linear, bit-identical to timm; ceiling: our %gemm if nothing "
-                      "but its matrix products took time, each timed alone)",
+                      "our eager; exact: ours with F.linear, bit-identical to timm; ceiling: ours if nothing "
+                      "but its products, norms, softmaxes and resizes took time, each timed alone)",
                   format_table(['variant', 'BxHxW', 'prec', 'mode', 'ours img/s', 'timm img/s', 'ratio',
                                 'exact ratio', 'ours GFLOP/s', 'ours %mm', 'timm %mm', 'ours %gemm', 'ceiling %gemm',
-                                'max|diff|',
-                                'scaled'], rows)]
+                                'ceiling ratio', 'max|diff|', 'scaled'], rows)]
     seg = out['segmenters']
     parts.append('')
     if not seg['available']:
@@ -846,13 +848,14 @@ def render(out: Dict[str, Any]) -> str:
             if 'error' in r:
                 rows.append([r['variant'], r['head']] + [None] * 10 + [r['error']])
                 continue
+            ceiling = r.get('ceiling') or {}
             rows.append([r['variant'], r['head'], '%dx%dx%d' % (r['batch'], r['height'], r['width']),
                          r['precision'], r['ours']['images_per_s'], r['mmseg']['images_per_s'], r['ratio'],
-                         r['ours']['pct_matmul'], r['ours'].get('pct_gemm'), (r.get('ceiling') or {}).get('pct_gemm'),
-                         (r.get('ceiling') or {}).get('ratio'), '%.1e' % r['max_abs_diff'],
+                         r['ours']['pct_matmul'], r['ours'].get('pct_gemm'), ceiling.get('pct_gemm'),
+                         ceiling.get('ratio'), '%.1e' % r['max_abs_diff'],
                          '%.1e' % r.get('scaled_diff', 0.0)])
         parts += ["Segmenters, ours vs mmseg's own models (end to end, eval; ceiling: ours if nothing but its "
-                  "matrix products took time, each timed alone)",
+                  "products, norms, softmaxes and resizes took time, each timed alone)",
                   format_table(['variant', 'head', 'BxHxW', 'prec', 'ours img/s', 'mmseg img/s', 'ratio',
                                 'ours %mm', 'ours %gemm', 'ceiling %gemm', 'ceiling ratio', 'max|diff|', 'scaled'],
                                rows)]

@@ -1,18 +1,20 @@
-"""The GEMM ceiling of a forward: how fast it would run if nothing but its matrix products took time.
+"""The speed ceiling of a forward: how fast it could run if only its essential work took time.
 
-One forward is recorded op by op (a ``TorchDispatchMode``); every matmul-like call (linear, matmul,
-mm / bmm, convolution, attention) is then replayed alone on fresh inputs of the same shapes, strides,
-dtypes and ``requires_grad`` (torch's matmul folds batch dimensions by that flag): two warm-up runs,
-then the best of five, since GEMM rates on a shared VM swing by a third between runs. The sum is the
-ceiling: LayerNorm, GELU, the softmax outside fused attention, copies, padding and resizes cost nothing
-there, and every product runs at the best rate it reached alone. A model whose products alone take
-longer than 90 % of the best matmul rate allows cannot reach 90 % of that rate, whatever its other
-work costs: the bench prints the ceiling beside each rate.
+One forward is recorded op by op (a ``TorchDispatchMode``). Its essential work is every matrix product
+(linear, matmul, mm / bmm, convolution, attention) and the few other ops no implementation of the same
+model can skip or fold into a product: normalisations over channels (LayerNorm), softmaxes outside
+fused attention, and resizes. Each recorded call is replayed alone on fresh inputs of the same shapes,
+strides, dtypes and ``requires_grad`` (torch's matmul folds batch dimensions by that flag): two
+warm-up runs, then the best of five, since GEMM rates on a shared VM swing by a third between runs.
+The sum is the ceiling. Activations, eval BatchNorm, residual adds, copies and padding cost nothing
+there (they can be fused or folded away), and every op runs at the best rate it reached alone.
 
-It is a measurement, not a proof: each replay pays its own memory costs (a fresh output, first touched),
-which the model may avoid by reusing memory, so on a noisy machine a model can come out at its ceiling
-or past it. The recorded ops are those that ran, with the kernels the model chose (oneDNN 1x1 convs,
-Winograd GEMMs): the ceiling is that of the code as it stands, not of every possible kernel.
+A model whose ceiling is at 85 % of the best matmul rate cannot reach 90 % of it; a reference that
+takes 1.4x our ceiling cannot be beaten 1.5x without faster kernels. It is a measurement, not a proof:
+each replay pays its own memory costs (a fresh output, first touched), which the model may avoid by
+reusing memory, so on a noisy machine a model can come out at its ceiling or past it. The recorded
+ops are those that ran, with the kernels the model chose (oneDNN 1x1 convs, Winograd GEMMs): the
+ceiling is that of the code as it stands, not of every possible kernel.
 """
 from __future__ import annotations
 
@@ -23,13 +25,17 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ['GEMM_OPS', 'flop_mapping', 'record_gemm_calls', 'gemm_ceiling']
+__all__ = ['PRODUCT_OPS', 'OTHER_ESSENTIAL_OPS', 'flop_mapping', 'record_essential_calls', 'speed_ceiling']
 
 # aten op packets whose work is matrix products; a composite (linear, matmul, conv2d, SDPA) is recorded
-# as one call and the products inside it are not recorded again
-GEMM_OPS = frozenset({
+# as one call and the ops inside it are not recorded again
+PRODUCT_OPS = frozenset({
     'linear', 'matmul', 'mm', 'addmm', 'bmm', 'baddbmm', 'conv1d', 'conv2d', 'convolution',
     'mkldnn_convolution', 'scaled_dot_product_attention', '_scaled_dot_product_flash_attention_for_cpu',
+})
+# the other work every implementation of the model does: no GEMM epilogue or weight folding absorbs it
+OTHER_ESSENTIAL_OPS = frozenset({
+    'layer_norm', 'native_layer_norm', 'softmax', '_softmax', 'upsample_bilinear2d', 'upsample_nearest2d',
 })
 
 
@@ -87,13 +93,17 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket.__name__ in GEMM_OPS:
+        name = func.overloadpacket.__name__
+        if name in PRODUCT_OPS or name in OTHER_ESSENTIAL_OPS:
             self.calls[(func, _spec(tuple(args)), _spec(kwargs))] += 1
-        return func(*args, **kwargs)  # the mode is off in here: a composite's inner products are not seen
+            return func(*args, **kwargs)  # the mode is off in here: the call's inner ops are not seen again
+        with self:  # any other composite: its inner ops are seen (an einsum's bmm, an interpolate's resize)
+            decomposed = func.decompose(*args, **kwargs)
+        return func(*args, **kwargs) if decomposed is NotImplemented else decomposed
 
 
-def record_gemm_calls(fn: Callable[[], Any]) -> Counter:
-    """(op, args spec, kwargs spec) -> number of calls, over one call of ``fn``."""
+def record_essential_calls(fn: Callable[[], Any]) -> Counter:
+    """(op, args spec, kwargs spec) -> number of calls of the essential ops, over one call of ``fn``."""
     recorder = _Recorder()
     with recorder:
         fn()
@@ -104,17 +114,19 @@ def _describe(args_spec: Any) -> List[List[int]]:
     return [list(s[1]) for s in args_spec[1] if isinstance(s, tuple) and s and s[0] == 'tensor']
 
 
-def gemm_ceiling(fn: Callable[[], Any], repeats: int = 5, sync: Callable[[], None] = lambda: None) -> Dict[str, Any]:
-    """Seconds one call of ``fn`` would take if only its matrix products took time, each alone at its best.
+def speed_ceiling(fn: Callable[[], Any], repeats: int = 5, sync: Callable[[], None] = lambda: None) -> Dict[str, Any]:
+    """Seconds one call of ``fn`` would take if only its essential ops took time, each alone at its best.
 
-    Returns ``seconds`` (the sum), ``calls`` and ``distinct`` products, their FLOPs, and ``ops``: per distinct
-    product its op, input shapes, calls, best seconds per call and GFLOP/s, slowest total first. Run ``fn``
-    once before (warm): work of a first call (kernel calibration) would otherwise be recorded too.
+    Returns ``seconds`` (the sum), its ``product_seconds`` and ``other_seconds``, ``calls`` and ``distinct``
+    ops, the products' FLOPs, and ``ops``: per distinct call its op, kind ('product' or 'other'), input
+    shapes, calls, best seconds per call and GFLOP/s, slowest total first. Run ``fn`` once before (warm):
+    work of a first call (kernel calibration) would otherwise be recorded too.
     """
     from torch.utils.flop_counter import FlopCounterMode
-    calls = record_gemm_calls(fn)
+    calls = record_essential_calls(fn)
     gen = torch.Generator().manual_seed(0)
-    ops, total, flops = [], 0.0, 0
+    ops, flops = [], 0
+    seconds = {'product': 0.0, 'other': 0.0}
     for (func, args_spec, kwargs_spec), count in calls.items():
         args, kwargs = _make(args_spec, gen), _make(kwargs_spec, gen)
         with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
@@ -127,12 +139,16 @@ def gemm_ceiling(fn: Callable[[], Any], repeats: int = 5, sync: Callable[[], Non
             func(*args, **kwargs)
             sync()
             best = min(best, time.perf_counter() - t0)
+        name = func.overloadpacket.__name__
+        kind = 'product' if name in PRODUCT_OPS else 'other'
         op_flops = int(counter.get_total_flops())
-        total += count * best
+        seconds[kind] += count * best
         flops += count * op_flops
-        ops.append({'op': func.overloadpacket.__name__, 'shapes': _describe(args_spec), 'calls': count,
-                    'seconds_per_call': best, 'gflops': op_flops / best / 1e9 if best > 0 else None})
+        ops.append({'op': name, 'kind': kind, 'shapes': _describe(args_spec), 'calls': count,
+                    'seconds_per_call': best, 'gflops': op_flops / best / 1e9 if op_flops and best > 0 else None})
         del args, kwargs
     ops.sort(key=lambda o: -o['calls'] * o['seconds_per_call'])
-    return {'seconds': total, 'calls': sum(calls.values()), 'distinct': len(calls), 'flops': flops, 'ops': ops}
+    return {'seconds': seconds['product'] + seconds['other'], 'product_seconds': seconds['product'],
+            'other_seconds': seconds['other'], 'calls': sum(calls.values()), 'distinct': len(calls),
+            'flops': flops, 'ops': ops}
 
