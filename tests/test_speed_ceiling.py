@@ -67,6 +67,14 @@ def test_replayed_inputs_keep_shape_strides_and_requires_grad(make):
     assert rebuilt.requires_grad == t.requires_grad and rebuilt.stride() == t.stride()
 
 
+def test_other_arguments_are_replayed_as_recorded():
+    args = [3, 0.5, None, torch.float16, torch.channels_last, torch.device('cpu'), {'dim': -1}, (2, [1, 2])]
+    rebuilt = _make(_spec(args), torch.Generator())
+    assert rebuilt == args and rebuilt[3] is torch.float16 and rebuilt[4] is torch.channels_last
+    with pytest.raises(TypeError):
+        _spec([{1, 2}])  # unhashable: a new kind of argument, not silently replayed as something else
+
+
 @pytest.mark.parametrize('kernel', ['plain', 'onednn'])
 def test_ceiling_covers_all_of_a_twins_forward(kernel):
     # every product of the forward recorded once: their FLOPs are the plain path's count exactly, whichever

@@ -51,23 +51,24 @@ def flop_mapping() -> Dict[Any, Callable[..., int]]:
 
 
 def _spec(value: Any) -> Any:
-    """A hashable stand-in for one argument: tensors by layout, containers by their items."""
+    """A hashable stand-in for one argument: tensors by layout, containers by their items, other values as
+    they are (numbers, dtypes, devices, memory formats)."""
     if isinstance(value, torch.Tensor):
-        return ('tensor', tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type,
+        return ('tensor', tuple(value.shape), tuple(value.stride()), value.dtype, str(value.device),
                 value.requires_grad)
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_spec(v) for v in value))
     if isinstance(value, dict):
         return ('dict', tuple(sorted((k, _spec(v)) for k, v in value.items())))
-    if isinstance(value, torch.dtype) or isinstance(value, (int, float, bool, str, type(None))):
-        return value
-    return ('other', repr(value))
+    hash(value)  # an unhashable argument of a product op would be a new kind of op: fail loudly
+    return ('value', value)
 
 
 def _make(spec: Any, gen: torch.Generator) -> Any:
     """Fresh inputs for a recorded spec: random values, the recorded strides and ``requires_grad``."""
-    if isinstance(spec, tuple) and spec and spec[0] == 'tensor':
-        _, shape, stride, dtype, device, requires_grad = spec
+    kind, *fields = spec
+    if kind == 'tensor':
+        shape, stride, dtype, device, requires_grad = fields
         size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0  # expanded: shared
         with torch.inference_mode(False):
             storage = torch.empty(size, dtype=dtype, device=device)
@@ -76,14 +77,12 @@ def _make(spec: Any, gen: torch.Generator) -> Any:
             else:
                 storage.zero_()
             return storage.as_strided(shape, stride).requires_grad_(requires_grad and dtype.is_floating_point)
-    if isinstance(spec, tuple) and spec and spec[0] in ('list', 'tuple'):
-        items = [_make(s, gen) for s in spec[1]]
-        return items if spec[0] == 'list' else tuple(items)
-    if isinstance(spec, tuple) and spec and spec[0] == 'dict':
-        return {k: _make(v, gen) for k, v in spec[1]}
-    if isinstance(spec, tuple) and spec and spec[0] == 'other':
-        raise ValueError('cannot rebuild argument %s' % spec[1])
-    return spec
+    if kind in ('list', 'tuple'):
+        items = [_make(s, gen) for s in fields[0]]
+        return items if kind == 'list' else tuple(items)
+    if kind == 'dict':
+        return {k: _make(v, gen) for k, v in fields[0]}
+    return fields[0]
 
 
 class _Recorder(TorchDispatchMode):
@@ -111,7 +110,7 @@ def record_essential_calls(fn: Callable[[], Any]) -> Counter:
 
 
 def _describe(args_spec: Any) -> List[List[int]]:
-    return [list(s[1]) for s in args_spec[1] if isinstance(s, tuple) and s and s[0] == 'tensor']
+    return [list(s[1]) for s in args_spec[1] if s[0] == 'tensor']
 
 
 def speed_ceiling(fn: Callable[[], Any], repeats: int = 5, sync: Callable[[], None] = lambda: None) -> Dict[str, Any]:
