@@ -58,6 +58,8 @@ HEADS = ('fpn', 'upernet')
 DEFAULT_JSON = 'twins-timm-bench.json'
 MMAP_THRESHOLD = 128 * 1024  # bytes; glibc malloc setting of the memory subprocesses
 
+CEILING_LEGEND = 'ceiling: ours if nothing but its products, norms, softmaxes and resizes took time, each timed alone'
+
 METHODS = {
     'timing': 'warm-up runs, then the median of --repeats runs; the compared models run interleaved '
               '(A B A B ...) on the same input so that machine noise hits both alike',
@@ -833,8 +835,7 @@ def render(out: Dict[str, Any]) -> str:
                      '%.1e' % r.get('scaled_diff', r.get('scaled_diff_vs_eager', 0.0))])
     if rows:
         parts += ['', "Backbones, ours vs timm's Twins (features_only, eval, inference mode; compiled: diff vs "
-                      "our eager; exact: ours with F.linear, bit-identical to timm; ceiling: ours if nothing "
-                      "but its products, norms, softmaxes and resizes took time, each timed alone)",
+                      "our eager; exact: ours with F.linear, bit-identical to timm; %s)" % CEILING_LEGEND,
                   format_table(['variant', 'BxHxW', 'prec', 'mode', 'ours img/s', 'timm img/s', 'ratio',
                                 'exact ratio', 'ours GFLOP/s', 'ours %mm', 'timm %mm', 'ours %gemm', 'ceiling %gemm',
                                 'ceiling ratio', 'max|diff|', 'scaled'], rows)]
@@ -854,8 +855,7 @@ def render(out: Dict[str, Any]) -> str:
                          r['ours']['pct_matmul'], r['ours'].get('pct_gemm'), ceiling.get('pct_gemm'),
                          ceiling.get('ratio'), '%.1e' % r['max_abs_diff'],
                          '%.1e' % r.get('scaled_diff', 0.0)])
-        parts += ["Segmenters, ours vs mmseg's own models (end to end, eval; ceiling: ours if nothing but its "
-                  "products, norms, softmaxes and resizes took time, each timed alone)",
+        parts += ["Segmenters, ours vs mmseg's own models (end to end, eval; %s)" % CEILING_LEGEND,
                   format_table(['variant', 'head', 'BxHxW', 'prec', 'ours img/s', 'mmseg img/s', 'ratio',
                                 'ours %mm', 'ours %gemm', 'ceiling %gemm', 'ceiling ratio', 'max|diff|', 'scaled'],
                                rows)]
