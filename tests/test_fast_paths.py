@@ -9,12 +9,15 @@ the output's scale (see numerics.py). Kernel choice is tested with an injected t
 """
 
 import importlib.util
+import math
 
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from numerics import FP32_TOL, scaled_diff
 from references import seeded_model, timm_like_init_
@@ -195,6 +198,97 @@ def test_inference_linears_take_the_chosen_kernel():
     assert _calls(model, x, kernel=kernels.PLAIN) == (n_linear, convs_only)  # plain chosen: timm's F.linear
     assert _calls(model, x, grad=True) == (n_linear, convs_only)  # autograd: timm's F.linear
     assert _calls(model, x, exact=True) == (n_linear, convs_only)  # set_onednn_inference(False)
+
+
+def _traced(model, x, grad=False, kernel=kernels.ONEDNN, dynamic=False):
+    """Compile ``model`` with a backend that keeps dynamo's graphs; the output and the functions called."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=keep, fullgraph=True, dynamic=dynamic)
+    with kernels.forced_kernel(kernel), torch.set_grad_enabled(grad):
+        out = compiled(x)
+    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == 'call_function']
+    return out, sum(t in (F.linear, torch._C._nn.linear) for t in targets), sum(t in (F.conv2d, torch.conv2d) for t in targets)
+
+
+TINY = dict(depths=[1, 1, 2, 1])  # SVT: an LSA and a GSA block in stage 3
+
+
+@pytest.mark.parametrize('name', ['twins_pcpvt_small', 'twins_svt_small'])
+def test_compiled_inference_traces_the_chosen_linear_kernel(name):
+    model = _model(name, **TINY)
+    x = torch.randn(1, 3, 64, 64)
+    convs_only = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    n_linear = sum(isinstance(m, kernels.Linear) for m in model.modules())
+    with torch.no_grad():
+        eager = model(x)
+    out, linears, convs = _traced(model, x)
+    assert (linears, convs) == (1, convs_only + n_linear)  # every block linear a 1x1 conv; the head stays
+    assert scaled_diff(out, eager) <= FP32_TOL
+    assert _traced(model, x, kernel=kernels.PLAIN)[1:] == (n_linear + 1, convs_only)
+    out, linears, convs = _traced(model, x, grad=True)  # autograd: timm's F.linear
+    assert (linears, convs) == (n_linear + 1, convs_only) and out.requires_grad
+    torch._dynamo.reset()
+
+
+def test_compiled_inference_with_free_sizes_keeps_the_kernel_choice():
+    """Dynamic shapes: the choice takes no size, so symbolic sizes trace into one graph (fullgraph)."""
+    model = _model('twins_svt_small', **TINY)
+    for size in ((64, 64), (97, 131)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            eager = model(x)
+        out, linears, convs = _traced(model, x, dynamic=True)
+        assert linears == 1 and scaled_diff(out, eager) <= FP32_TOL
+    torch._dynamo.reset()
+
+
+def test_export_keeps_f_linear():
+    model = _model('twins_svt_small', **TINY)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == 'call_function']
+    assert targets.count('aten.linear.default') == sum(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def test_compiled_choice_measures_what_inductor_runs(monkeypatch):
+    """With inductor's freezing the oneDNN candidate is the prepacked 1x1 conv inductor runs; both
+    candidates compute the layer's product. Without freezing the choice is the eager one."""
+    from torch._inductor import config as inductor_config
+    seen = {}
+
+    def fake_timing(candidates, timer):
+        seen.update(candidates)
+        return {kernels.PLAIN: 1.0, kernels.ONEDNN: 0.5}
+    monkeypatch.setattr(kernels, '_time_interleaved', fake_timing)
+    layer = kernels.Linear(64, 96)
+    kernels.clear_calibration()
+    with kernels.forced_kernel(None):
+        with inductor_config.patch(freezing=True):
+            assert kernels.compiled_linear_kernel(layer, torch.float32) == kernels.ONEDNN
+        ops = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
+        with torch.no_grad():
+            reference = seen[kernels.PLAIN]()
+            with Record():
+                packed = seen[kernels.ONEDNN]()
+        assert ops == ['mkldnn._convolution_pointwise']
+        assert scaled_diff(packed.permute(0, 2, 3, 1).reshape(reference.shape), reference) <= FP32_TOL
+        with inductor_config.patch(freezing=False):
+            assert kernels.compiled_linear_kernel(layer, torch.float32) == kernels.ONEDNN
+    families = sorted(r['family'] for r in kernels.calibration_report())
+    assert families == ['compiled linear', 'linear']
+    largest = 2 ** int(math.log2(kernels.CALIBRATION_FLOPS / (2 * 64 * 96)))  # rows bucket within the work cap
+    assert all(r['shape'][0] == largest for r in kernels.calibration_report())
+    kernels.clear_calibration()
 
 
 @pytest.mark.parametrize('shape,k,n', [((5, 7, 64), 64, 192), ((2, 300, 320), 320, 1280), ((1000, 1024), 1024, 256)])

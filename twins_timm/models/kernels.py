@@ -2,14 +2,17 @@
 
 Mechanism: module subclasses. The model's linear layers are :class:`Linear` (an ``nn.Linear``: same
 parameters, same state dict, ``isinstance(m, nn.Linear)`` holds, PEFT's LoRA wraps it). Its forward
-is ``F.linear`` except in eager CPU inference (no autograd, fp32 / bf16, oneDNN built in, not scripted,
-traced, compiled or exported, the switch on), where it runs whichever of two kernels was faster for
+is ``F.linear`` except in CPU inference (no autograd, fp32 / bf16, oneDNN built in, not scripted,
+traced or exported, the switch on), where it runs whichever of two kernels was faster for
 that shape on this machine: ``F.linear`` (what timm calls; MKL / OpenBLAS) or the same product as a
 oneDNN 1x1 convolution on a channels-last view of the rows. The choice is a short calibration, run
 once per process and per (in, out, rows bucket, dtype, threads), timing both kernels interleaved on
 the layer's own weights; oneDNN is taken only when it is at least ``MARGIN`` faster, so the fast path
-is never slower than timm's kernel for that shape. A layer replaced or wrapped by the user takes the
-user's module: the kernel lives in the module. PCPVT's global attention (``attention``) picks between
+is never slower than timm's kernel for that shape. Under ``torch.compile`` in CPU inference (not
+export) the layer traces the kernel measured for it when the graph is traced (``compiled_linear_kernel``:
+with inductor's freezing, both candidates with prepacked weights, as inductor will run them), and
+inductor compiles that. A layer replaced or wrapped by the user takes the user's module: the kernel
+lives in the module. PCPVT's global attention (``attention``) picks between
 ``F.scaled_dot_product_attention`` and oneDNN grouped 1x1 convolutions the same way. The decoders' convs are
 :class:`Conv2d` (an ``nn.Conv2d``): a 3x3 stride-1 one picks between oneDNN's direct conv and Winograd
 F(2x2, 3x3) (``conv3x3``) the same way.
@@ -18,13 +21,14 @@ Restructured calls: the inference MLP may run over cache-sized row chunks (``row
 chunk through the block's own ``norm2`` and ``mlp`` modules; whether that beats the MLP on the whole
 tensor is calibrated per shape like the kernels (``mlp_kernel``: 'plain' or 'rows'). UPerHead's fusion
 conv runs over the un-resized pyramid. Both are taken only when the modules involved carry no forward
-hooks (``has_hooks``), so hooks always see the full tensors.
+hooks (``has_hooks``), so hooks always see the full tensors. Compiled graphs keep the MLP whole (its
+chunks unrolled made inductor's compile 2-4x longer) and the global attention on SDPA.
 
 One switch for backbone and decoders: ``set_fast_inference(False)`` (or ``TWINS_TIMM_ONEDNN=0`` in the
 environment at import) gives timm's kernels and layouts everywhere, bit-identical to timm's Twins.
 ``TWINS_TIMM_KERNEL=plain`` or ``=onednn`` (or ``forced_kernel``) fixes the choice without measuring
-(reproducible runs, tests). Nothing here runs on a GPU: on CUDA every layer is the plain PyTorch call
-timm makes.
+(reproducible runs, tests); a compiled graph keeps the choices it was traced with. Nothing here runs on
+a GPU: on CUDA every layer is the plain PyTorch call timm makes.
 ``calibration_report()`` lists every choice made in this process with the GFLOP/s measured.
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 import weakref
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -41,7 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    'Linear', 'set_fast_inference', 'fast_inference_enabled', 'fast_inference', 'linear', 'attention',
+    'Linear', 'set_fast_inference', 'fast_inference_enabled', 'fast_inference', 'compiled_inference', 'linear',
+    'compiled_linear_kernel', 'attention',
     'choose', 'forced_kernel', 'calibration_report', 'clear_calibration', 'has_hooks', 'row_chunks',
     'mlp_kernel', 'Conv2d', 'conv3x3', 'winograd_conv3x3', 'winograd_weight', 'cached_winograd_weight',
 ]
@@ -88,10 +94,19 @@ def fast_inference_enabled() -> bool:
 
 def fast_inference(x) -> bool:
     """Whether work on ``x`` may take the CPU-inference kernels: eager CPU inference, switch on."""
+    return (_cpu_inference(x) and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+
+def compiled_inference(x) -> bool:
+    """Whether ``x`` is traced by torch.compile for CPU inference with the switch on (not exported)."""
+    return _cpu_inference(x) and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+def _cpu_inference(x) -> bool:
     return (_ENABLED and _HAS_ONEDNN and isinstance(x, torch.Tensor) and x.device.type == 'cpu'
             and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.jit.is_scripting() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+            and not torch.jit.is_scripting())
 
 
 # ------------------------------------------------------------------------------ choosing kernels
@@ -184,15 +199,62 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> str:
     """'plain' or 'onednn' for this product on this machine (calibrated once per shape bucket)."""
+    return _linear_kernel(x.numel() // max(weight.shape[1], 1), x.dtype, weight, bias)
+
+
+def _linear_kernel(rows: int, dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> str:
     n, k = weight.shape
-    rows = x.numel() // max(k, 1)
     bucket = _rows_bucket(rows, 2.0 * k * n)
-    key = (bucket, k, n, bias is not None, str(x.dtype).replace('torch.', ''))
+    key = (bucket, k, n, bias is not None, str(dtype).replace('torch.', ''))
 
     def candidates() -> Dict[str, Callable[[], object]]:
-        sample = torch.randn(bucket, k, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+        sample = torch.randn(bucket, k, generator=torch.Generator().manual_seed(0)).to(dtype)
         return {PLAIN: lambda: F.linear(sample, weight, bias), ONEDNN: lambda: onednn_linear(sample, weight, bias)}
     return choose('linear', key, 2.0 * bucket * k * n, candidates)
+
+
+@torch.compiler.assume_constant_result
+def compiled_linear_kernel(layer: nn.Linear, dtype: torch.dtype) -> str:
+    """The kernel a compiled CPU-inference graph takes for ``layer``: chosen while torch.compile traces it.
+
+    Dynamo runs this once per trace and keeps the answer as a constant; inductor then compiles the chosen
+    kernel's ops. Measured at the largest rows bucket, since a compiled graph may have symbolic sizes. With
+    inductor's freezing the candidates are what it will run: ``F.linear`` (its prepacked MKL GEMM runs at
+    the same rate) against the 1x1 convolution with a prepacked weight, which a per-call weight reorder
+    would understate by up to ~15 % ('compiled linear' in ``calibration_report``); otherwise as in eager.
+    """
+    weight = layer.weight.detach()
+    bias = None if layer.bias is None else layer.bias.detach()
+    inductor_config = sys.modules.get('torch._inductor.config')
+    with torch.inference_mode():
+        if inductor_config is None or not inductor_config.freezing:
+            return _linear_kernel(1 << 62, dtype, weight, bias)
+        n, k = weight.shape
+        bucket = _rows_bucket(1 << 62, 2.0 * k * n)
+
+        def candidates() -> Dict[str, Callable[[], object]]:
+            sample = torch.randn(bucket, k, generator=torch.Generator().manual_seed(0)).to(dtype)
+            return {PLAIN: lambda: F.linear(sample, weight, bias), ONEDNN: _prepacked_onednn_linear(sample, weight, bias)}
+        key = (bucket, k, n, bias is not None, str(dtype).replace('torch.', ''))
+        return choose('compiled linear', key, 2.0 * bucket * k * n, candidates)
+
+
+def _prepacked_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Callable[[], object]:
+    """``onednn_linear(x, weight, bias)`` as inductor's freezing runs it: the conv weight reordered once.
+
+    Inductor's own oneDNN ops (private); where this torch lacks them, the eager call stands in.
+    """
+    n, k = weight.shape
+    image = x.reshape(1, -1, 1, k).permute(0, 3, 1, 2)
+    no_pad, ones = [0, 0], [1, 1]
+    try:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight.view(n, k, 1, 1), no_pad, ones, ones, 1,
+                                                              list(image.shape))
+        conv = torch.ops.mkldnn._convolution_pointwise
+        conv(image, packed, bias, no_pad, ones, ones, 1, 'none', [], '')
+    except (AttributeError, RuntimeError):
+        return lambda: onednn_linear(x, weight, bias)
+    return lambda: conv(image, packed, bias, no_pad, ones, ones, 1, 'none', [], '')
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -205,7 +267,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 class Linear(nn.Linear):
     """``nn.Linear`` whose CPU-inference forward takes the kernel measured fastest for the shape.
 
-    Training, autograd, GPUs, TorchScript, FX, torch.compile and export see ``F.linear``, as timm's.
+    torch.compile in CPU inference traces the kernel measured for the layer (``compiled_linear_kernel``).
+    Training, autograd, GPUs, TorchScript, FX and export see ``F.linear``, as timm's.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +278,10 @@ class Linear(nn.Linear):
 
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if compiled_inference(x):
+            if compiled_linear_kernel(self, x.dtype) == ONEDNN:
+                return onednn_linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
 

@@ -94,8 +94,9 @@ METHODS = {
     'diff': 'max_abs_diff = max |ours - reference| over all outputs; scaled_diff divides each output\'s by '
             'max(1, max |reference|)',
     'compile': "torch.compile(model) (default mode, backend --compile-backend) of both models, with inductor's "
-               'freezing (weights as constants, prepacked) unless --no-freezing; compilation happens in the '
-               'warm-up and is reported separately as compile_s',
+               'freezing (weights as constants, prepacked) unless --no-freezing; ours traces the linear kernel '
+               "measured for each layer while compiling (kernel family 'compiled linear'); compilation happens "
+               'in the warm-up and is reported separately as compile_s',
     'segmenters': "our TwinsFPN / TwinsUPerNet forward vs mmseg's EncoderDecoder.encode_decode (whole-image "
                   "inference) built from mmseg's own ADE20K config (SyncBN -> BN), seeded random weights "
                   'converted with twins_timm.convert; logits at the input size',
