@@ -59,6 +59,7 @@ WINOGRAD = 'winograd'  # a 3x3 convolution by Winograd F(2x2, 3x3)
 MARGIN = 0.05      # oneDNN must be this much faster to be chosen
 CALIBRATION_FLOPS = 2e8  # work per timed calibration run (a few ms): sets the largest rows bucket
 CALIBRATION_ROUNDS = 3   # interleaved timed rounds after one warm-up each; the minimum counts
+ANY_ROWS = 1 << 62  # a choice made without the rows (compiled graphs): the largest rows bucket
 MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB in fp32, cache-sized
 MLP_CHUNK_MIN_ROWS = 512
 MLP_CALIBRATION_CHUNKS = 8  # the MLP calibration times at most this many chunks' rows
@@ -202,15 +203,18 @@ def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return _linear_kernel(x.numel() // max(weight.shape[1], 1), x.dtype, weight, bias)
 
 
-def _linear_kernel(rows: int, dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> str:
+def _linear_kernel(rows: int, dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   prepacked: bool = False) -> str:
     n, k = weight.shape
     bucket = _rows_bucket(rows, 2.0 * k * n)
     key = (bucket, k, n, bias is not None, str(dtype).replace('torch.', ''))
 
     def candidates() -> Dict[str, Callable[[], object]]:
         sample = torch.randn(bucket, k, generator=torch.Generator().manual_seed(0)).to(dtype)
-        return {PLAIN: lambda: F.linear(sample, weight, bias), ONEDNN: lambda: onednn_linear(sample, weight, bias)}
-    return choose('linear', key, 2.0 * bucket * k * n, candidates)
+        onednn = _prepacked_onednn_linear(sample, weight, bias) if prepacked else \
+            (lambda: onednn_linear(sample, weight, bias))
+        return {PLAIN: lambda: F.linear(sample, weight, bias), ONEDNN: onednn}
+    return choose('compiled linear' if prepacked else 'linear', key, 2.0 * bucket * k * n, candidates)
 
 
 @torch.compiler.assume_constant_result
@@ -223,20 +227,11 @@ def compiled_linear_kernel(layer: nn.Linear, dtype: torch.dtype) -> str:
     the same rate) against the 1x1 convolution with a prepacked weight, which a per-call weight reorder
     would understate by up to ~15 % ('compiled linear' in ``calibration_report``); otherwise as in eager.
     """
-    weight = layer.weight.detach()
-    bias = None if layer.bias is None else layer.bias.detach()
     inductor_config = sys.modules.get('torch._inductor.config')
+    freezing = inductor_config is not None and bool(inductor_config.freezing)
     with torch.inference_mode():
-        if inductor_config is None or not inductor_config.freezing:
-            return _linear_kernel(1 << 62, dtype, weight, bias)
-        n, k = weight.shape
-        bucket = _rows_bucket(1 << 62, 2.0 * k * n)
-
-        def candidates() -> Dict[str, Callable[[], object]]:
-            sample = torch.randn(bucket, k, generator=torch.Generator().manual_seed(0)).to(dtype)
-            return {PLAIN: lambda: F.linear(sample, weight, bias), ONEDNN: _prepacked_onednn_linear(sample, weight, bias)}
-        key = (bucket, k, n, bias is not None, str(dtype).replace('torch.', ''))
-        return choose('compiled linear', key, 2.0 * bucket * k * n, candidates)
+        return _linear_kernel(ANY_ROWS, dtype, layer.weight.detach(),
+                              None if layer.bias is None else layer.bias.detach(), prepacked=freezing)
 
 
 def _prepacked_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Callable[[], object]:
