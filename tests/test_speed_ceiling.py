@@ -67,6 +67,28 @@ def test_replayed_inputs_keep_shape_strides_and_requires_grad(make):
     assert rebuilt.requires_grad == t.requires_grad and rebuilt.stride() == t.stride()
 
 
+def _kernels_run(fn):
+    """The aten ops one call runs, as the profiler sees them (a mode would change them: see below)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({e.key for e in prof.key_averages()})
+
+
+def test_replay_runs_the_kernels_the_model_ran():
+    # the window projection: a linear on a strided 6-D view, one GEMM only while the weight's transpose
+    # still requires grad; a replayed weight that was a view lost the flag in inference mode (bmm, 2.2x slower)
+    windows = torch.randn(2, 14, 14, 32).view(2, 2, 7, 2, 7, 32).transpose(2, 3)
+    lin = torch.nn.Linear(32, 96)
+    # (a dispatch mode that decomposed the call would itself drop the flag below autograd: the profiler looks)
+    with torch.inference_mode():
+        ((func, args_spec, kwargs_spec),) = record_essential_calls(lambda: lin(windows)).keys()
+        args, kwargs = _make(args_spec, torch.Generator().manual_seed(0)), _make(kwargs_spec, torch.Generator())
+        original = _kernels_run(lambda: func(windows, lin.weight, lin.bias))
+        replay = _kernels_run(lambda: func(*args, **kwargs))
+    assert 'aten::mm' in original and 'aten::bmm' not in original
+    assert replay == original
+
+
 def test_other_arguments_are_replayed_as_recorded():
     args = [3, 0.5, None, torch.float16, torch.channels_last, torch.device('cpu'), {'dim': -1}, (2, [1, 2])]
     rebuilt = _make(_spec(args), torch.Generator())

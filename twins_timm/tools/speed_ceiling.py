@@ -71,12 +71,15 @@ def _make(spec: Any, gen: torch.Generator) -> Any:
         shape, stride, dtype, device, requires_grad = fields
         size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0  # expanded: shared
         with torch.inference_mode(False):
-            storage = torch.empty(size, dtype=dtype, device=device)
+            # a base tensor, not a view of one: views of a view take requires_grad from its base, and in
+            # inference mode a weight's transpose would then lose the flag matmul's folding reads
+            tensor = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            memory = tensor.as_strided((size,), (1,))
             if dtype.is_floating_point:
-                storage.normal_(generator=gen if device == 'cpu' else None)
+                memory.normal_(generator=gen if device == 'cpu' else None)
             else:
-                storage.zero_()
-            return storage.as_strided(shape, stride).requires_grad_(requires_grad and dtype.is_floating_point)
+                memory.zero_()
+            return tensor.requires_grad_(requires_grad and dtype.is_floating_point)
     if kind in ('list', 'tuple'):
         items = [_make(s, gen) for s in fields[0]]
         return items if kind == 'list' else tuple(items)
