@@ -20,7 +20,10 @@ import twins_timm  # noqa: F401  registers our Twins under timm's names
 from twins_timm.models import kernels
 
 __all__ = ['randomize_', 'timm_like_init_', 'no_init_on_meta', 'no_parameter_init', 'create_on_meta',
-           'seeded_model', 'timm_reference', 'timm_pair', 'perturb_batchnorm_', 'fast_inference']
+           'seeded_model', 'timm_reference', 'timm_pair', 'perturb_batchnorm_', 'fast_inference', 'ONE_BLOCK_DEPTHS']
+
+# the smallest Twins that still has every block kind: SVT's stage 3 gets an LSA and a GSA block
+ONE_BLOCK_DEPTHS = dict(depths=[1, 1, 2, 1])
 
 # the in-place writes timm's init makes (trunc_normal_ is uniform_, erfinv_, mul_, add_, clamp_)
 _INIT_WRITES = frozenset({'uniform_', 'normal_', 'erfinv_', 'mul_', 'add_', 'clamp_', 'zero_', 'fill_'})

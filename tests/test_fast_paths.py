@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from numerics import FP32_TOL, scaled_diff
-from references import seeded_model, timm_like_init_
+from references import ONE_BLOCK_DEPTHS, seeded_model, timm_like_init_
 from twins_timm.models import kernels
 from twins_timm.models.twins import Block, checkpoint_family_args
 
@@ -215,12 +215,9 @@ def _traced(model, x, grad=False, kernel=kernels.ONEDNN, dynamic=False):
     return out, sum(t in (F.linear, torch._C._nn.linear) for t in targets), sum(t in (F.conv2d, torch.conv2d) for t in targets)
 
 
-TINY = dict(depths=[1, 1, 2, 1])  # SVT: an LSA and a GSA block in stage 3
-
-
 @pytest.mark.parametrize('name', ['twins_pcpvt_small', 'twins_svt_small'])
 def test_compiled_inference_traces_the_chosen_linear_kernel(name):
-    model = _model(name, **TINY)
+    model = _model(name, **ONE_BLOCK_DEPTHS)
     x = torch.randn(1, 3, 64, 64)
     convs_only = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     n_linear = sum(isinstance(m, kernels.Linear) for m in model.modules())
@@ -237,7 +234,7 @@ def test_compiled_inference_traces_the_chosen_linear_kernel(name):
 
 def test_compiled_inference_with_free_sizes_keeps_the_kernel_choice():
     """Dynamic shapes: the choice takes no size, so symbolic sizes trace into one graph (fullgraph)."""
-    model = _model('twins_svt_small', **TINY)
+    model = _model('twins_svt_small', **ONE_BLOCK_DEPTHS)
     for size in ((64, 64), (97, 131)):
         x = torch.randn(1, 3, *size)
         with torch.no_grad():
@@ -248,7 +245,7 @@ def test_compiled_inference_with_free_sizes_keeps_the_kernel_choice():
 
 
 def test_export_keeps_f_linear():
-    model = _model('twins_svt_small', **TINY)
+    model = _model('twins_svt_small', **ONE_BLOCK_DEPTHS)
     with torch.no_grad():
         program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
     targets = [str(n.target) for n in program.graph.nodes if n.op == 'call_function']

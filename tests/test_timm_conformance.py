@@ -3,7 +3,7 @@
 As timm checks them: TorchScript (`set_scriptable(True)`, `torch.jit.script`, forward), FX feature
 extraction (timm's `create_feature_extractor` with its no-trace modules and functions; forward equal
 to eager, backward reaching every parameter, the FX graph scripted), `reset_classifier` in eval mode
-(timm's `test_model_default_cfgs_non_std`). A tiny variant (one block per stage) keeps them fast.
+(timm's `test_model_default_cfgs_non_std`). A tiny variant (``ONE_BLOCK_DEPTHS``) keeps them fast.
 """
 import warnings
 
@@ -14,10 +14,10 @@ from timm.models import create_feature_extractor
 from timm.models._features_fx import get_graph_node_names
 
 import twins_timm  # noqa: F401  registers the Twins variants with timm
+from references import ONE_BLOCK_DEPTHS
 from twins_timm.models.twins import Twins
 
 NAMES = ['twins_pcpvt_small', 'twins_svt_small']
-TINY = dict(depths=[1, 1, 2, 1])  # SVT: an LSA and a GSA block in stage 3
 SIZE = (1, 3, 64, 64)
 
 
@@ -30,7 +30,7 @@ def _no_script_deprecation_noise():
 
 def _model(name, **kwargs):
     torch.manual_seed(0)
-    model = timm.create_model(name, **TINY, **kwargs)
+    model = timm.create_model(name, **ONE_BLOCK_DEPTHS, **kwargs)
     assert isinstance(model, Twins)  # ours, not timm's own Twins
     return model
 

@@ -101,7 +101,7 @@ def fast_inference(x) -> bool:
 
 def compiled_inference(x) -> bool:
     """Whether ``x`` is traced by torch.compile for CPU inference with the switch on (not exported)."""
-    return _cpu_inference(x) and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and _cpu_inference(x)  # eager: 1 check
 
 
 def _cpu_inference(x) -> bool:
