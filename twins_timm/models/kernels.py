@@ -57,7 +57,10 @@ ONEDNN = 'onednn'  # the same product as a oneDNN (1x1) convolution
 ROWS = 'rows'      # the inference MLP over cache-sized row chunks instead of the whole tensor
 WINOGRAD = 'winograd'  # a 3x3 convolution by Winograd F(2x2, 3x3)
 MARGIN = 0.05      # oneDNN must be this much faster to be chosen
-CALIBRATION_FLOPS = 2e8  # work per timed calibration run (a few ms): sets the largest rows bucket
+# work per timed calibration run (~10 ms): sets the largest rows bucket. Large enough that oneDNN's per-call
+# weight reorder weighs as on the model's own calls: at 2e8, 128-row samples of SVT-B's 384 -> 1536 MLP chose
+# F.linear, which its 2048-row calls ran ~15 % slower (SVT-S / SVT-B / PCPVT-S 4-7 % slower in all, EPYC)
+CALIBRATION_FLOPS = 2e9
 CALIBRATION_ROUNDS = 3   # interleaved timed rounds after one warm-up each; the minimum counts
 ANY_ROWS = 1 << 62  # a choice made without the rows (compiled graphs): the largest rows bucket
 MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB in fp32, cache-sized
