@@ -126,6 +126,10 @@ def test_decoder_3x3_convs_are_kernel_modules_that_peft_wraps(cls):
     with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
         adapted = lora(x)
     assert (adapted - base).abs().max() > 1e-4
+    merged = lora.merge_and_unload()  # writes the update into the convs in place (weight.data +=)
+    assert all(type(merged.decoder.get_submodule(n)) is kernels.Conv2d for n in convs)
+    with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
+        assert scaled_diff(merged(x), adapted) <= FP32_TOL  # the merged weights, not ones kept from before
 
 
 def test_peft_lora_changes_the_output_and_trains():
