@@ -58,7 +58,7 @@ WINOGRAD = 'winograd'  # a 3x3 convolution by Winograd F(2x2, 3x3)
 MARGIN = 0.05      # oneDNN must be this much faster to be chosen
 # work per timed calibration run (~10 ms): sets the largest rows bucket. Large enough that oneDNN's per-call
 # weight reorder weighs as on the model's own calls: at 2e8, 128-row samples of SVT-B's 384 -> 1536 MLP chose
-# F.linear, which its 2048-row calls ran ~15 % slower (SVT-S / SVT-B / PCPVT-S 4-7 % slower in all, EPYC)
+# F.linear, which its 2048-row calls ran ~15 % slower (each variant 4-9 % slower in all, on the EPYC)
 CALIBRATION_FLOPS = 2e9
 CALIBRATION_ROUNDS = 3   # interleaved timed rounds after one warm-up each; the minimum counts
 ANY_ROWS = 1 << 62  # a choice made without the rows (compiled graphs): the largest rows bucket
