@@ -363,7 +363,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     are 16 GEMMs (tiles x in) @ (in x out). Tiles go in cache-sized bands of rows (``WINOGRAD_CHUNK_TILES``
     per band): whole-map transforms would stream several times the map through memory. Another
     summation order than a direct conv (~2e-6 of the output's scale in fp32). ``transformed`` is
-    ``winograd_weight(weight)`` when the caller keeps it. Output: NCHW shape, channels-last memory.
+    ``winograd_weight(weight)`` made beforehand (the calibration times the conv alone). Output: NCHW shape,
+    channels-last memory.
     """
     n, c, h, w = x.shape
     k = weight.shape[0]
@@ -398,8 +399,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return out.permute(0, 3, 1, 2)
 
 
-def conv3x3_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   transformed: Optional[Callable[[], torch.Tensor]] = None) -> str:
+def conv3x3_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> str:
     """'plain' (oneDNN's direct conv, what timm and mmseg call) or 'winograd' for this 3x3 conv here.
 
     Timed on a strip of the layer's width: a quarter of one Winograd band (its GEMMs already run at
@@ -416,20 +416,19 @@ def conv3x3_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     def candidates() -> Dict[str, Callable[[], object]]:
         sample = torch.randn(1, c, rows, width, generator=torch.Generator().manual_seed(0)).to(x.dtype)
         sample = sample.contiguous(memory_format=torch.channels_last)
-        u = transformed() if transformed is not None else winograd_weight(weight)
+        u = winograd_weight(weight)
         return {PLAIN: lambda: F.conv2d(sample, weight, bias, padding=1),
                 WINOGRAD: lambda: winograd_conv3x3(sample, weight, bias, u)}
     return choose('conv3x3', key, 18.0 * c * k * rows * width, candidates, alternative=WINOGRAD,
                   margin=WINOGRAD_MARGIN)
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-            transformed: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` (3x3, stride 1); in CPU inference by the kernel measured
-    fastest. ``transformed`` returns ``winograd_weight(weight)``, made only when Winograd runs."""
+    fastest."""
     if (fast_inference(x) and x.dim() == 4 and not torch.is_autocast_enabled('cpu')  # autocast: its conv
-            and conv3x3_kernel(x, weight, bias, transformed) == WINOGRAD):
-        return winograd_conv3x3(x, weight, bias, transformed() if transformed is not None else None)
+            and conv3x3_kernel(x, weight, bias) == WINOGRAD):
+        return winograd_conv3x3(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=1)
 
 
@@ -451,11 +450,8 @@ class Conv2d(nn.Conv2d):
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) and self.groups == 1
                 and self.dilation == (1, 1) and self.padding_mode == 'zeros'):
-            return conv3x3(x, self.weight, self.bias, self._transformed_weight)
+            return conv3x3(x, self.weight, self.bias)
         return self._conv_forward(x, self.weight, self.bias)
-
-    def _transformed_weight(self) -> torch.Tensor:
-        return winograd_weight(self.weight)
 
 
 # ------------------------------------------------------------------------ restructured calls

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import ConvNormAct
@@ -75,7 +74,7 @@ class UPerNetDecoder(nn.Module):
         """
         conv = self.fpn_bottleneck.conv
         parts = conv.weight.split([o.shape[1] for o in outs], dim=1)
-        x = kernels.conv3x3(outs[0], parts[0], conv.bias, lambda: kernels.winograd_weight(parts[0]))
+        x = kernels.conv3x3(outs[0], parts[0], conv.bias)
         for out, weight in zip(outs[1:], parts[1:]):
             upsampled_conv3x3(out, weight, x.shape[-2:], add_to=x)
         return self.fpn_bottleneck.bn(x)  # BN + ReLU (or only ReLU once folded), called as a module
