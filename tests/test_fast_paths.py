@@ -2,8 +2,8 @@
 
 The fast paths: linear layers and PCPVT's global attention through whichever kernel the calibration
 picked (forced here to oneDNN so the path is exercised), the MLP run over row chunks through its own
-modules with the residual added in place (inference only), and the window attention as batched matmuls.
-Chunk sizes are shrunk here so that small inputs take several ragged chunks; the plain path is the same
+modules with the residual added in place (inference only), and SVT's window attention over chunks of
+windows (the plain path: all windows' heads as one batch of matmuls, as timm's). Chunk sizes are shrunk here so that small inputs take several ragged chunks; the plain path is the same
 model with autograd recording (F.linear, no chunking, no in-place). Differences are measured against
 the output's scale (see numerics.py). Kernel choice is tested with an injected timer: tests time nothing.
 """
@@ -38,6 +38,7 @@ def onednn_kernels():
 def small_chunks(monkeypatch):
     monkeypatch.setattr(kernels, 'MLP_CHUNK_ELEMENTS', 1)
     monkeypatch.setattr(kernels, 'MLP_CHUNK_MIN_ROWS', 32)
+    monkeypatch.setattr(kernels, 'WINDOW_CHUNK_ELEMENTS', 3 * 2 * 49 * 49)  # 3 windows of 2 heads per chunk
 
 
 def _model(name, family='timm', seed=0, **kwargs):
@@ -160,6 +161,103 @@ def test_masked_window_attention_equals_reference_math(size):
         ref = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, hp // ws, wp // ws, ws, ws, 32)
         ref = attn.proj(ref.transpose(2, 3).reshape(2, hp, wp, 32)[:, :h, :w].reshape(2, h * w, 32))
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+def _window_blocks(model):
+    from twins_timm.models.twins import LocallyGroupedAttn
+    return sum(isinstance(m, LocallyGroupedAttn) for m in model.modules())
+
+
+def _count_window_chunks(monkeypatch):
+    calls = []
+    original = kernels.chunked_window_attention
+    monkeypatch.setattr(kernels, 'chunked_window_attention', lambda *a: calls.append(a[0].shape) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_chunked_window_attention_equals_all_windows_at_once(masked, monkeypatch):
+    from twins_timm.models.twins import LocallyGroupedAttn, window_attn_mask
+    monkeypatch.setattr(kernels, 'WINDOW_CHUNK_ELEMENTS', 4 * 2 * 49 * 49)  # ragged: 4 + 4 + 4 + 3 windows
+    torch.manual_seed(0)
+    layer = LocallyGroupedAttn(32, 2, ws=7).eval()
+    qkv = torch.randn(15, 49, 3, 2, 16)
+    mask = window_attn_mask(19, 30, 7, qkv.device, qkv.dtype).repeat(1, 1, 1)[:, None] if masked else None
+    with torch.no_grad():
+        want = layer._batched_attention(qkv, mask)
+        got = kernels.chunked_window_attention(qkv, layer.scale, mask)
+    assert got.shape == want.shape == (15, 2, 49, 16) and got.is_contiguous()
+    assert scaled_diff(got, want) <= FP32_TOL
+    if masked:  # the mask really changed something
+        assert scaled_diff(got, kernels.chunked_window_attention(qkv, layer.scale)) > 1e-3
+
+
+@pytest.mark.parametrize('kernel,chunked', [(kernels.ONEDNN, True), (kernels.PLAIN, False)])
+def test_svt_inference_window_attention_follows_the_choice(kernel, chunked, monkeypatch):
+    model = _model('twins_svt_small')
+    calls = _count_window_chunks(monkeypatch)
+    x = torch.randn(1, 3, 96, 96)
+    with kernels.forced_kernel(kernel), torch.no_grad():
+        model.forward_intermediates(x, intermediates_only=True)
+    assert len(calls) == (_window_blocks(model) if chunked else 0)  # one per window-attention block
+    calls.clear()
+    with torch.enable_grad():  # autograd: all windows at once, as timm
+        model.forward_intermediates(x, intermediates_only=True)
+    model.train()
+    with torch.no_grad():  # training mode (attention dropout): all windows at once
+        model.forward_intermediates(x, intermediates_only=True)
+    assert calls == []
+
+
+def test_hooked_attention_dropout_sees_all_attention_weights(monkeypatch):
+    # a hook on attn_drop is how attention maps are read out: it gets every window's weights at once
+    model = _model('twins_svt_small')
+    calls = _count_window_chunks(monkeypatch)
+    layer = model.blocks[0][0].attn
+    seen = []
+    handle = layer.attn_drop.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        hooked = model.forward_intermediates(x, intermediates_only=True)
+    handle.remove()
+    assert seen == [torch.Size([16, 2, 49, 49])]  # 4 x 4 windows of stage 1, two heads, all at once
+    blocks = _window_blocks(model)
+    assert len(calls) == blocks - 1  # the other window-attention blocks still chunk
+    with torch.inference_mode():
+        free = model.forward_intermediates(x, intermediates_only=True)
+    assert len(calls) == 2 * blocks - 1 and scaled_diff(hooked, free) <= FP32_TOL
+
+
+def test_window_attention_chunks_are_a_measured_choice(monkeypatch):
+    from twins_timm.models.twins import LocallyGroupedAttn
+    layer = LocallyGroupedAttn(64, 2, ws=7).eval()
+    dropout_calls = []
+    monkeypatch.setattr(layer.attn_drop, 'forward', lambda t: dropout_calls.append(t.shape) or t)
+    measured = {}
+
+    def timed(candidates, timer):
+        if kernels.WINDOWS not in candidates:  # the linears: timm's kernel, nothing timed
+            return {name: 1.0 for name in candidates}
+        assert list(candidates) == [kernels.PLAIN, kernels.WINDOWS]
+        measured.update({name: run() for name, run in candidates.items()})
+        return {kernels.PLAIN: 1.0, kernels.WINDOWS: measured['speed']}
+    monkeypatch.setattr(kernels, '_time_interleaved', timed)
+    monkeypatch.setattr(kernels, 'WINDOW_CHUNK_ELEMENTS', 10 * 2 * 49 * 49)  # 10 windows of 2 heads per chunk
+    x = torch.randn(1, 140 * 140, 64)  # 400 windows: more than the calibration's sample
+    for speed, chunked in ((0.97, False), (0.5, True)):  # within the margin: all at once, as timm
+        kernels.clear_calibration()
+        measured.clear()
+        measured['speed'] = speed
+        calls = _count_window_chunks(monkeypatch)
+        with kernels.forced_kernel(None), torch.no_grad():
+            layer(x, (140, 140))
+        assert (calls.count((400, 49, 3, 2, 32)) == 1) == chunked  # the layer's own call (not the sample's)
+        (rec,) = [r for r in kernels.calibration_report() if r['family'] == 'window attention']
+        assert rec['choice'] == (kernels.WINDOWS if chunked else kernels.PLAIN) and rec['shape'][:2] == (512, 49)
+        sample = measured[kernels.PLAIN].shape[0]  # the plain candidate is the layer's own path (its dropout)
+        assert sample == 10 * kernels.WINDOW_CALIBRATION_CHUNKS and (sample, 2, 49, 49) in dropout_calls
+        assert scaled_diff(measured[kernels.WINDOWS], measured[kernels.PLAIN]) <= FP32_TOL
+    kernels.clear_calibration()
 
 
 # ------------------------------------------------------------------------------ oneDNN linear
@@ -361,7 +459,7 @@ def test_window_attention_off_the_cpu_takes_torch_fused_attention():
     cpu = LocallyGroupedAttn(32, 2, ws=7).eval()
     with torch.no_grad(), _CountSDPA() as mode:
         cpu(torch.randn(2, 10 * 12, 32), (10, 12))
-    assert mode.calls == 0  # CPU: 49-token windows as batched matmuls (bit-identical to timm's CPU math)
+    assert mode.calls == 0  # CPU: 49-token windows as batched matmuls (the plain path bit-identical to timm's)
 
 
 @pytest.mark.parametrize('heads,keys', [(1, 49), (5, 16), (8, 100)])

@@ -117,30 +117,50 @@ class LocallyGroupedAttn(nn.Module):
         # The projection sees the window-grouped strided view, as timm's does (linear on a strided input:
         # matmul, then the bias added), which keeps the rounding identical to timm's.
         qkv = self.qkv(windows).view(B * gh * gw, ws * ws, 3, nh, C // nh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
         attn_mask: Optional[torch.Tensor] = None
         if self.window_mask and H % ws > 0 and W % ws > 0:
-            attn_mask = window_attn_mask(H, W, ws, x.device, q.dtype)
+            attn_mask = window_attn_mask(H, W, ws, x.device, qkv.dtype)
             attn_mask = attn_mask.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * gh * gw, 1, ws * ws, ws * ws)
         if x.device.type != 'cpu':  # GPUs: torch's fused kernels, as timm
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            # CPU: windows hold 49 tokens, where batched matmuls beat the fused kernel. q and k are scaled by
-            # sqrt(scale) each, as torch's own math path (timm's 5-D call) does: bit-identical to timm.
-            root_scale = self.scale ** 0.5
-            attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
-            if attn_mask is not None:
-                attn = attn + attn_mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
+        else:  # CPU: windows hold 49 tokens, where batched matmuls beat the fused kernel
+            fast: Optional[torch.Tensor] = None
+            if not torch.jit.is_scripting():
+                fast = self._fast_attention(qkv, attn_mask)
+            x = self._batched_attention(qkv, attn_mask) if fast is None else fast
 
         x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, gh * ws * gw * ws, C)
         if padded:  # gather the H x W tokens back (an index, not a slice: no size arithmetic to prove)
             rows = torch.arange(H, device=x.device)[:, None] * (gw * ws) + torch.arange(W, device=x.device)
             x = x.index_select(1, rows.view(-1))
         return self.proj_drop(self.proj(x.reshape(B, N, C)))
+
+    def _batched_attention(self, qkv: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """timm's CPU window attention: all windows' heads as one batch of matmuls, (Bw, nh, L, d) out.
+
+        qkv: (Bw, L, 3, nh, d); mask: additive, (Bw, 1, L, L). q and k are scaled by sqrt(scale) each, as
+        torch's own math path (timm's 5-D call) does: bit-identical to timm.
+        """
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        root_scale = self.scale ** 0.5
+        attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
+        if mask is not None:
+            attn = attn + mask
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return attn @ v
+
+    @torch.jit.unused
+    def _fast_attention(self, qkv: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """CPU inference: the windows in cache-sized chunks where that measured faster; else None.
+
+        Not while training (dropout) or while a hook on ``attn_drop`` waits for all attention weights.
+        """
+        if self.training or kernels.has_hooks(self.attn_drop):
+            return None
+        return kernels.window_attention(qkv, self.scale, mask, plain=self._batched_attention)
 
     @torch.jit.unused
     def _forward_traced(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
