@@ -19,9 +19,10 @@ F(2x2, 3x3) (``conv3x3``) the same way.
 
 Restructured calls: the inference MLP may run over cache-sized row chunks (``row_chunks``), each
 chunk through the block's own ``norm2`` and ``mlp`` modules; whether that beats the MLP on the whole
-tensor is calibrated per shape like the kernels (``mlp_kernel``: 'plain' or 'rows'). UPerHead's fusion
-conv runs over the un-resized pyramid. Both are taken only when the modules involved carry no forward
-hooks (``has_hooks``), so hooks always see the full tensors. Compiled graphs keep the MLP whole (its
+tensor is calibrated per shape like the kernels (``mlp_kernel``: 'plain' or 'rows'). SVT's window
+attention may likewise run over cache-sized chunks of windows (``window_attention``: 'plain' or
+'windows'). UPerHead's fusion conv runs over the un-resized pyramid. All are taken only when the modules
+involved carry no forward hooks (``has_hooks``), so hooks always see the full tensors. Compiled graphs keep the MLP whole (its
 chunks unrolled made inductor's compile 2-4x longer) and the global attention on SDPA.
 
 One switch for backbone and decoders: ``set_fast_inference(False)`` (or ``TWINS_TIMM_ONEDNN=0`` in the
@@ -67,8 +68,8 @@ MLP_CHUNK_ELEMENTS = 1 << 20  # hidden activation per inference MLP chunk: 4 MiB
 MLP_CHUNK_MIN_ROWS = 512
 MLP_CALIBRATION_CHUNKS = 8  # the MLP calibration times at most this many chunks' rows
 ATTN_CHUNK_ELEMENTS = 1 << 20  # attention scores per chunk of query rows (oneDNN attention)
-# attention scores per chunk of windows (2 MiB in fp32): at 2x512² SVT-S 5-10 % and SVT-B 3-5 % faster in all
-# than all windows at once; 1 MiB and 4 MiB chunks 1-4 % behind (on the EPYC)
+# attention scores per chunk of windows (2 MiB in fp32): at 2x512² SVT-S 5-9 %, SVT-B 1-5 %, SVT-L 2-4 % faster
+# in all than all windows at once; 1 MiB and 4 MiB chunks 1-4 % behind (on the EPYC)
 WINDOW_CHUNK_ELEMENTS = 1 << 19
 WINDOW_CALIBRATION_CHUNKS = 8  # the window-attention calibration times at most this many chunks' windows
 WINOGRAD_CHUNK_TILES = 512  # 2x2 output tiles per band of the Winograd conv (16 x 512 x channels operand)

@@ -16,8 +16,9 @@ the next patch embedding exactly as in timm, which keeps PCPVT bit-identical to 
 
 Every layer is a module called as a module. The linear layers are ``kernels.Linear`` (an ``nn.Linear``):
 in CPU inference it runs the kernel measured fastest for its shape on this machine, and PCPVT's global
-attention likewise (see ``twins_timm.models.kernels``); inference MLPs run over cache-sized row chunks
-where that measured faster and no hook watches them; stage maps are handed on as channels-last views.
+attention likewise (see ``twins_timm.models.kernels``); inference MLPs and SVT's window attention run
+over cache-sized chunks (of rows, of windows) where that measured faster and no hook watches them; stage
+maps are handed on as channels-last views.
 All of it equals timm's numbers within ~1e-6 of their magnitude; ``set_onednn_inference(False)`` keeps timm's kernels and its
 numbers bit for bit. On GPUs the attention takes ``F.scaled_dot_product_attention`` as timm's does.
 """
