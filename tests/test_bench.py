@@ -118,7 +118,37 @@ def test_kernel_choices_reported(tiny_run):
     assert all(_positive(linear['gflops'][k]['median']) for k in ('plain', 'onednn'))
     assert all(r['choice'] in r['gflops'] for r in ker['shapes'])
     assert all(set(r['gflops']) == {'plain', 'rows'} for r in ker['shapes'] if r['family'] == 'mlp')
+    windows = [r for r in ker['shapes'] if r['family'] == 'window attention']  # SVT's LSA blocks
+    assert windows and all(set(r['gflops']) == {'plain', 'windows'} for r in windows)
     assert 'Kernels our layers took' in text
+
+
+def test_bf16_rows_as_a_gpu_adds_them(tmp_path, monkeypatch):
+    # on CUDA every section gets bf16-autocast rows; here they run under the CPU's autocast, so the code
+    # that makes them is exercised without a GPU (the CUDA calls themselves are not)
+    import io
+    from contextlib import redirect_stdout
+
+    import torch
+
+    from twins_timm.models import kernels
+    resolve = bench.resolve_settings
+    monkeypatch.setattr(bench, 'resolve_settings', lambda args: {**resolve(args), 'precisions': ['fp32', 'bf16']})
+    out, buf, threads = tmp_path / 'bench.json', io.StringIO(), torch.get_num_threads()
+    try:
+        with redirect_stdout(buf), kernels.forced_kernel(None):
+            assert main(TINY + ['--no-segmenters', '--no-memory', '--json', str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    assert set(data['matmul']) == {'fp32', 'bf16'} and _positive(data['matmul']['bf16']['gflops'])
+    rows = data['backbones']
+    assert [(r['precision'], r['mode']) for r in rows] == [('fp32', 'eager'), ('bf16', 'eager')]
+    fp32, bf16 = rows
+    assert _positive(bf16['ratio']) and _positive(bf16['ours']['gflops'])
+    assert bf16['scaled_diff'] <= 5e-2 and bf16['scaled_diff'] != fp32['scaled_diff']  # bf16's own rounding
+    assert any(line.split()[2:4] == ['bf16', 'eager'] for line in buf.getvalue().splitlines()
+               if line.startswith('twins_svt_small'))
 
 
 def test_memory_with_and_without_checkpointing(tiny_run):
