@@ -3,9 +3,10 @@
 The fast paths: linear layers and PCPVT's global attention through whichever kernel the calibration
 picked (forced here to oneDNN so the path is exercised), the MLP run over row chunks through its own
 modules with the residual added in place (inference only), and SVT's window attention over chunks of
-windows (the plain path: all windows' heads as one batch of matmuls, as timm's). Chunk sizes are shrunk here so that small inputs take several ragged chunks; the plain path is the same
-model with autograd recording (F.linear, no chunking, no in-place). Differences are measured against
-the output's scale (see numerics.py). Kernel choice is tested with an injected timer: tests time nothing.
+windows (the plain path: all windows' heads as one batch of matmuls, as timm's). Chunk sizes are shrunk
+here so that small inputs take several ragged chunks; the plain path is the same model with autograd
+recording (F.linear, no chunking, no in-place). Differences are measured against the output's scale (see
+numerics.py). Kernel choice is tested with an injected timer: tests time nothing.
 """
 
 import importlib.util

@@ -22,8 +22,9 @@ chunk through the block's own ``norm2`` and ``mlp`` modules; whether that beats 
 tensor is calibrated per shape like the kernels (``mlp_kernel``: 'plain' or 'rows'). SVT's window
 attention may likewise run over cache-sized chunks of windows (``window_attention``: 'plain' or
 'windows'). UPerHead's fusion conv runs over the un-resized pyramid. All are taken only when the modules
-involved carry no forward hooks (``has_hooks``), so hooks always see the full tensors. Compiled graphs keep the MLP whole (its
-chunks unrolled made inductor's compile 2-4x longer) and the global attention on SDPA.
+involved carry no forward hooks (``has_hooks``), so hooks always see the full tensors. Compiled graphs
+keep the MLP whole (its chunks unrolled made inductor's compile 2-4x longer), the global attention on
+SDPA and the windows all at once.
 
 One switch for backbone and decoders: ``set_fast_inference(False)`` (or ``TWINS_TIMM_ONEDNN=0`` in the
 environment at import) gives timm's kernels and layouts everywhere, bit-identical to timm's Twins.
@@ -49,7 +50,8 @@ __all__ = [
     'Linear', 'set_fast_inference', 'fast_inference_enabled', 'fast_inference', 'compiled_inference', 'linear',
     'compiled_linear_kernel', 'attention',
     'choose', 'forced_kernel', 'calibration_report', 'clear_calibration', 'has_hooks', 'row_chunks',
-    'mlp_kernel', 'chunked_window_attention', 'window_attention', 'Conv2d', 'conv3x3', 'winograd_conv3x3', 'winograd_weight',
+    'mlp_kernel', 'chunked_window_attention', 'window_attention', 'Conv2d', 'conv3x3', 'winograd_conv3x3',
+    'winograd_weight',
 ]
 
 PLAIN = 'plain'    # what timm calls: F.linear / F.scaled_dot_product_attention
@@ -369,11 +371,15 @@ def chunked_window_attention(qkv: torch.Tensor, scale: float, mask: Optional[tor
                              k.reshape(n * nh, n_tok, d).transpose(1, 2), beta=0, alpha=scale)
         if mask is not None:
             attn.view(n, nh, n_tok, n_tok).add_(mask[start:start + n])
-        torch.bmm(attn.softmax(dim=-1), v.reshape(n * nh, n_tok, d), out=out[start:start + n].view(n * nh, n_tok, d))
+        torch.bmm(attn.softmax(dim=-1), v.reshape(n * nh, n_tok, d),
+                  out=out[start:start + n].view(n * nh, n_tok, d))
     return out
 
 
-def window_attention_kernel(qkv: torch.Tensor, plain: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]) -> str:
+AttentionFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]  # (qkv, mask) -> output
+
+
+def window_attention_kernel(qkv: torch.Tensor, plain: AttentionFn) -> str:
     """'plain' (all windows at once: ``plain(qkv, None)``, the layer's own path, as timm's) or 'windows'
     (chunks of windows) for this shape here.
 
@@ -393,7 +399,7 @@ def window_attention_kernel(qkv: torch.Tensor, plain: Callable[[torch.Tensor, Op
 
 
 def window_attention(qkv: torch.Tensor, scale: float, mask: Optional[torch.Tensor],
-                     plain: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]) -> Optional[torch.Tensor]:
+                     plain: AttentionFn) -> Optional[torch.Tensor]:
     """Window attention by the kernel measured faster, or None where the caller's ``plain`` path applies
     (outside fast inference, or where all windows at once measured as fast)."""
     if not fast_inference(qkv) or window_attention_kernel(qkv, plain) != WINDOWS:
