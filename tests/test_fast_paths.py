@@ -13,7 +13,6 @@ import importlib.util
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
