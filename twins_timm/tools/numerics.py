@@ -12,14 +12,14 @@ __all__ = ['max_abs_diff', 'scaled_diff']
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
-    """Largest |a - b| over a tensor or over matching sequences of tensors."""
+    """Largest |a - b| over a tensor or over matching sequences of tensors (no autograd record)."""
     if isinstance(a, torch.Tensor):
-        return float((a.float() - b.float()).abs().max())
+        return float((a.detach().float() - b.detach().float()).abs().max())
     return max(max_abs_diff(x, y) for x, y in zip(a, b))
 
 
 def scaled_diff(a: Any, b: Any) -> float:
     """max_abs_diff per output divided by max(1, max |b|)."""
     if isinstance(a, torch.Tensor):
-        return max_abs_diff(a, b) / max(1.0, float(b.float().abs().max()))
+        return max_abs_diff(a, b) / max(1.0, float(b.detach().float().abs().max()))
     return max(scaled_diff(x, y) for x, y in zip(a, b))
