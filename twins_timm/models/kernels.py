@@ -190,6 +190,11 @@ def _rows_bucket(rows: int, work_per_row: float) -> int:
     return min(_pow2_at_least(rows), cap)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """'float32', 'bfloat16': the dtype as calibration keys and reports name it."""
+    return str(dtype).replace('torch.', '')
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -217,7 +222,7 @@ def _linear_kernel(rows: int, dtype: torch.dtype, weight: torch.Tensor, bias: Op
                    prepacked: bool = False) -> str:
     n, k = weight.shape
     bucket = _rows_bucket(rows, 2.0 * k * n)
-    key = (bucket, k, n, bias is not None, str(dtype).replace('torch.', ''))
+    key = (bucket, k, n, bias is not None, _dtype_name(dtype))
 
     def candidates() -> Dict[str, Callable[[], object]]:
         sample = torch.randn(bucket, k, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -330,7 +335,7 @@ def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
     B, N, C = q.shape
     nk, nh, d = k.shape[1:]
     bucket = _rows_bucket(N, 4.0 * nk * C)
-    key = (bucket, nk, nh, d, str(q.dtype).replace('torch.', ''))
+    key = (bucket, nk, nh, d, _dtype_name(q.dtype))
 
     def candidates() -> Dict[str, Callable[[], object]]:
         gen = torch.Generator().manual_seed(0)
@@ -353,6 +358,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 
 # --------------------------------------------------------------------------- window attention
+def _windows_per_chunk(heads: int, tokens: int) -> int:
+    """Windows whose scores (heads x tokens x tokens) fill one ``WINDOW_CHUNK_ELEMENTS`` chunk."""
+    return max(1, WINDOW_CHUNK_ELEMENTS // (heads * tokens * tokens))
+
+
 def chunked_window_attention(qkv: torch.Tensor, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention inside each window (qkv: (Bw, L, 3, nh, d), mask: additive (Bw, 1, L, L)) over cache-sized
     chunks of windows: (Bw, nh, L, d), as the windows' heads batched all at once would give.
@@ -363,7 +373,7 @@ def chunked_window_attention(qkv: torch.Tensor, scale: float, mask: Optional[tor
     """
     bw, n_tok, _, nh, d = qkv.shape
     out = qkv.new_empty(bw, nh, n_tok, d)
-    step = max(1, WINDOW_CHUNK_ELEMENTS // (nh * n_tok * n_tok))
+    step = _windows_per_chunk(nh, n_tok)
     for start in range(0, bw, step):
         q, k, v = qkv[start:start + step].permute(2, 0, 3, 1, 4).unbind(0)  # (n, nh, L, d) each
         n = q.shape[0]
@@ -387,8 +397,8 @@ def window_attention_kernel(qkv: torch.Tensor, plain: AttentionFn) -> str:
     caches, as they do at full size.
     """
     bw, n_tok, _, nh, d = qkv.shape
-    sample = min(bw, WINDOW_CALIBRATION_CHUNKS * max(1, WINDOW_CHUNK_ELEMENTS // (nh * n_tok * n_tok)))
-    key = (_pow2_at_least(bw), n_tok, nh, d, str(qkv.dtype).replace('torch.', ''))
+    sample = min(bw, WINDOW_CALIBRATION_CHUNKS * _windows_per_chunk(nh, n_tok))
+    key = (_pow2_at_least(bw), n_tok, nh, d, _dtype_name(qkv.dtype))
 
     def candidates() -> Dict[str, Callable[[], object]]:
         qkvs = torch.randn(sample, n_tok, 3, nh, d, generator=torch.Generator().manual_seed(0)).to(qkv.dtype)
@@ -474,7 +484,7 @@ def conv3x3_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     strip = 2 * max(1, WINOGRAD_CHUNK_TILES // 4 // ((width + 1) // 2))
     affordable = 2 * max(1, int(CONV_CALIBRATION_FLOPS // (36.0 * c * k * width)))  # even rows within the cap
     rows = min(strip, affordable, _pow2_at_least(max(2, x.shape[-2])))
-    key = (c, k, width, rows, bias is not None, str(x.dtype).replace('torch.', ''))
+    key = (c, k, width, rows, bias is not None, _dtype_name(x.dtype))
 
     def candidates() -> Dict[str, Callable[[], object]]:
         sample = torch.randn(1, c, rows, width, generator=torch.Generator().manual_seed(0)).to(x.dtype)
@@ -541,7 +551,7 @@ def mlp_kernel(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, hidden: int, ch
     rows, c = x.numel() // x.shape[-1], x.shape[-1]
     per_chunk = -(-rows // chunks)
     sample_chunks = min(chunks, MLP_CALIBRATION_CHUNKS)
-    key = (_pow2_at_least(rows), c, hidden, str(x.dtype).replace('torch.', ''))  # uncapped: whole-tensor size
+    key = (_pow2_at_least(rows), c, hidden, _dtype_name(x.dtype))  # uncapped: whole-tensor size
 
     def candidates() -> Dict[str, Callable[[], object]]:
         sample = torch.randn(per_chunk * sample_chunks, c, generator=torch.Generator().manual_seed(0)).to(x.dtype)
