@@ -146,6 +146,10 @@ class LocallyGroupedAttn(nn.Module):
         torch's own math path (timm's 5-D call) does: bit-identical to timm.
         """
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return self._attend(q, k, v, mask)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) v over the last two dims, with the attention dropout as a module."""
         root_scale = self.scale ** 0.5
         attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
         if mask is not None:
@@ -181,12 +185,8 @@ class LocallyGroupedAttn(nn.Module):
         x = x[:, rows[n], cols[n]]  # (B, nW, L, C): indexed into shape, no reshape of a symbolic size
         qkv = self.qkv(x).unflatten(-1, (3, nh, C // nh))  # (B, nW, L, 3, nh, d)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nh, L, d)
-        root_scale = self.scale ** 0.5
-        attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
-        if self.window_mask:
-            attn = attn + window_attn_mask(H, W, ws, dev, q.dtype)[None, :, None]
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(2, 3).flatten(-2)  # (B, nW, L, C)
+        mask = window_attn_mask(H, W, ws, dev, q.dtype)[None, :, None] if self.window_mask else None
+        x = self._attend(q, k, v, mask).transpose(2, 3).flatten(-2)  # (B, nW, L, C)
         t = torch.arange(H * W, device=dev)
         h, w = t // W, t % W
         x = x[:, h // ws * ((W + ws - 1) // ws) + w // ws, h % ws * ws + w % ws]  # (B, H*W, C)
