@@ -83,6 +83,7 @@ def test_several_runs_in_order_and_an_undated_one(run_json, tmp_path, capsys):
     ('{"machine": ', 'is not JSON'),
     ('{"machine": {}}', 'is not a twins-timm bench result (no settings, matmul)'),
     ('[1, 2]', 'is not a twins-timm bench result'),
+    ('{"machine": {}, "settings": {}, "matmul": {"fp32": 1}}', 'does not hold a complete twins-timm bench result'),
 ])
 def test_bad_input_is_one_paragraph_and_nothing_printed(run_json, tmp_path, capsys, content, says):
     bad = tmp_path / 'bad.json'

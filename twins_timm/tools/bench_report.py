@@ -141,17 +141,28 @@ def read_run(path: Path) -> Dict[str, Any]:
     return run
 
 
+def render_one(path: Path) -> str:
+    run = read_run(path)
+    try:
+        return render_run(run, path.name)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError('%s does not hold a complete twins-timm bench result (%s: %s); give the file written by '
+                         'twins-timm bench --json' % (path, type(e).__name__, e)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m twins_timm.tools.bench_report',
                                      description=__doc__.split('\n\n')[0])
     parser.add_argument('runs', nargs='+', metavar='JSON', help='files written by twins-timm bench --json')
     args = parser.parse_args(argv)
+    sections = []
     try:
-        runs = [(read_run(Path(p)), Path(p).name) for p in args.runs]  # every file checked before any output
+        for p in map(Path, args.runs):  # every file read and rendered before any output
+            sections.append(render_one(p))
     except (OSError, ValueError) as e:
         print('bench_report: error: %s' % e, file=sys.stderr)
         return 2
-    print('\n'.join(render_run(run, name) for run, name in runs), end='')
+    print('\n'.join(sections), end='')
     return 0
 
 
