@@ -35,7 +35,7 @@ def _size(r: Dict[str, Any]) -> str:
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
-    lines += ['| ' + ' | '.join(v if isinstance(v, str) else _cell(v) for v in row) + ' |' for row in rows]
+    lines += ['| ' + ' | '.join(_cell(v) for v in row) + ' |' for row in rows]
     return '\n'.join(lines)
 
 
