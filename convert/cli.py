@@ -23,7 +23,8 @@ final backbone.norm.*), which the segmentation model never uses; the summary lis
 EPILOG = """examples:
   # official ImageNet classifier -> timm Hub folder (config.json, model.safetensors, README.md)
   twins-timm convert alt_gvt_small.pth twins_svt_small.in1k
-  python -c "import timm, twins_timm; timm.create_model('local-dir:twins_svt_small.in1k')"
+  # load it (pretrained=True loads the folder's weights; without it timm builds random ones)
+  python -c "import timm, twins_timm; timm.create_model('local-dir:twins_svt_small.in1k', pretrained=True)"
 
   # mmsegmentation ADE20K UPerNet -> SMP segmenter folder, without the training-only auxiliary head
   twins-timm convert twins_svt-s_uperhead_8xb2-160k_ade20k-512x512.pth svt_s_upernet --drop aux_head

@@ -55,7 +55,7 @@ def _positive(v) -> bool:
 
 def test_json_has_machine_settings_methods(tiny_run):
     data, _ = tiny_run
-    for key in ('machine', 'settings', 'methods', 'matmul', 'compile', 'backbones', 'segmenters', 'memory',
+    for key in ('date', 'machine', 'settings', 'methods', 'matmul', 'compile', 'backbones', 'segmenters', 'memory',
                 'kernels'):
         assert key in data
     assert 'targets' not in data  # measurements only
@@ -185,6 +185,19 @@ def test_table_printed(tiny_run):
     end = header.index('ratio') + len('ratio')  # numbers are right-aligned under their header
     assert row[end - 1].isdigit() and row[end:end + 1] in (' ', '')
     assert 'Peak training memory' in text and 'matmul rate (fp32, 256 x 256)' in text
+
+
+def test_markdown_report_of_a_real_run(tiny_run, tmp_path, capsys):
+    """docs/benchmarks.md's generator reads what the bench writes: every section, headed by CPU and date."""
+    from twins_timm.tools.bench_report import main as report
+    data, _ = tiny_run
+    path = tmp_path / 'run.json'
+    path.write_text(json.dumps(data))
+    assert report([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('## %s, %s\n' % (data['machine']['cpu'], data['date']))
+    assert '| twins_svt_small | 1x64x64 | fp32 | eager |' in out and 'Kernels our layers took' in out
+    assert 'Peak training memory' in out and ('Segmenters end to end' in out) == HAS_MMSEG
 
 
 def test_compile_unavailable_is_reported_not_raised(monkeypatch, tmp_path):

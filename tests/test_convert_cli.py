@@ -134,3 +134,11 @@ def test_help_shows_examples_and_module_entry_point(capsys):
     assert 'examples:' in out and 'twins-timm convert alt_gvt_small.pth' in out and '--drop' in out
     proc = fresh_python(module='twins_timm', argv=['convert', '--help'])  # as `python -m twins_timm`
     assert proc.returncode == 0 and 'examples:' in proc.stdout
+
+
+def test_help_loads_local_dir_with_pretrained_weights(capsys):
+    """timm's local-dir: loader builds random weights unless pretrained=True: every example loading one says it."""
+    with pytest.raises(SystemExit):
+        main(['convert', '--help'])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "create_model('local-dir:" in line]
+    assert lines and all('pretrained=True' in line for line in lines)

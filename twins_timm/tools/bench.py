@@ -594,7 +594,8 @@ class Bench:
     def run(self) -> Dict[str, Any]:
         torch.set_num_threads(self.s['threads'])
         started = time.time()
-        out: Dict[str, Any] = {'machine': machine_info(self.s), 'settings': _json_settings(self.s),
+        out: Dict[str, Any] = {'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started)),
+                               'machine': machine_info(self.s), 'settings': _json_settings(self.s),
                                'methods': METHODS}
         out['matmul'] = mm = self.matmul()
         compile_reason = compile_unavailable_reason(self.device, self.s['compile_backend']) \
