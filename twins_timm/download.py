@@ -1,0 +1,96 @@
+"""One HTTP download with bounds: size, stalls, the announced length, a full disk -- each a clear error.
+
+torch.hub's downloader waits forever on a server that trickles or stalls, writes an endless body until
+the disk is full and accepts a body shorter than its Content-Length; this loop around urllib does not.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO, Optional
+
+TIMEOUT_ENV = 'TWINS_TIMM_DOWNLOAD_TIMEOUT'
+DEFAULT_TIMEOUT_S = 60.0
+# A window of TIMEOUT seconds that brings less than this is a stall too: a server sending a byte now and
+# then would otherwise never time out.
+MIN_BYTES_PER_WINDOW = 64 * 1024
+CHUNK = 1 << 20
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DownloadError(OSError):
+    """The transfer failed (stalled, too large, cut short); ``reason`` says how, in a few words."""
+
+
+def stall_timeout() -> float:
+    """Seconds without progress after which a download is abandoned: $TWINS_TIMM_DOWNLOAD_TIMEOUT or 60."""
+    raw = os.environ.get(TIMEOUT_ENV, '').strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError('%s=%r is not a number of seconds above 0' % (TIMEOUT_ENV, raw))
+    return value
+
+
+def is_full_disk(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in FULL_DISK
+
+
+def _open_output(path: Path) -> BinaryIO:
+    return open(path, 'xb')
+
+
+def download(url: str, dst: Path, max_bytes: int, progress: bool = False) -> str:
+    """Write the body at ``url`` to the new file ``dst``; return its sha256 (hex).
+
+    Raises DownloadError when no progress is made for ``stall_timeout()`` seconds, when the body is (or is
+    announced as) larger than ``max_bytes``, or ends before its Content-Length; urllib's HTTPError /
+    URLError for the request itself; OSError with ENOSPC / EDQUOT for a full disk.
+    """
+    from urllib.request import Request, urlopen
+
+    from tqdm import tqdm
+
+    timeout = stall_timeout()
+    with urlopen(Request(url, headers={'User-Agent': 'twins-timm'}), timeout=timeout) as response:
+        announced = response.headers.get('Content-Length')
+        announced = int(announced) if announced and announced.isdigit() else None
+        if announced is not None and announced > max_bytes:
+            raise DownloadError('the server announces %d bytes, more than the %d this file can be' % (announced,
+                                                                                                      max_bytes))
+        digest, total = hashlib.sha256(), 0
+        with _open_output(dst) as out, tqdm(total=announced, unit='B', unit_scale=True, unit_divisor=1024,
+                                            disable=not progress, file=sys.stderr) as bar:
+            window_start, window_bytes = time.monotonic(), 0
+            while True:
+                try:
+                    chunk = response.read1(CHUNK)
+                except socket.timeout:
+                    raise DownloadError('no data for %g s (stalled; %s sets the limit)' % (timeout, TIMEOUT_ENV)
+                                        ) from None
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > max_bytes:
+                    raise DownloadError('the server sent more than the %d bytes this file can be' % max_bytes)
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+                window_bytes += len(chunk)
+                if time.monotonic() - window_start >= timeout:
+                    if window_bytes < MIN_BYTES_PER_WINDOW:
+                        raise DownloadError('under %d bytes in %g s (stalled; %s sets the limit)'
+                                            % (MIN_BYTES_PER_WINDOW, timeout, TIMEOUT_ENV))
+                    window_start, window_bytes = time.monotonic(), 0
+    if announced is not None and total != announced:
+        raise DownloadError('the connection ended after %d of the %d bytes announced' % (total, announced))
+    return digest.hexdigest()
