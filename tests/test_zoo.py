@@ -5,10 +5,12 @@ never changed: tests add their own records, reached through TWINS_TIMM_MIRROR, o
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import textwrap
@@ -67,7 +69,10 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == 'stall':  # until the test is over (the client is killed meanwhile)
             self.release.wait(60)
         self.close_connection = True
-        self.connection.shutdown(socket.SHUT_RDWR)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client hung up first
+            pass
 
     def _drip(self, body: bytes, mode: str) -> None:
         """Send slowly, or without end; stop when the client hangs up or the test is over."""
@@ -403,3 +408,143 @@ def test_cache_location(monkeypatch, tmp_path):
 def test_unknown_name_suggests_close_ones():
     with pytest.raises(ValueError, match='did you mean upernet_twins_svt_large.ade20k'):
         zoo.get('upernet_twins_svt_larg.ade20k')
+
+
+# ------------------------------------------------------------------------------ safety at the seams
+def test_damaged_entry_is_fetched_again_online_and_named_offline(server, cache, seg_record, tmp_path, monkeypatch,
+                                                                 capsys):
+    from twins_timm.tools import loading
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    name = seg_record.name
+    weights = zoo.fetch(name) / 'model.safetensors'
+    good = weights.read_bytes()
+    weights.write_bytes(good[:len(good) // 2])                 # truncated
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'x.png')
+    assert cli.main(['segment', str(tmp_path / 'x.png'), '--model', name, '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert 'damaged' in err and 'truncated' in err and 'Traceback' not in err
+    assert 'twins-timm models --download %s --force' % name in ' '.join(err.split())
+    assert zoo.cached_path(name) is None and not (tmp_path / 'o').exists()
+
+    monkeypatch.delenv('TWINS_TIMM_OFFLINE')                   # online: fetched again, no --force needed
+    assert cli.main(['models', '--download', name]) == 0
+    assert 'is damaged' in capsys.readouterr().err and weights.read_bytes() == good
+    assert sum(server.handler.hits.values()) == 2
+
+    damaged = bytearray(good)                                  # same size, 4 MiB overwritten
+    damaged[1 << 20:5 << 20] = bytes(4 << 20)
+    weights.write_bytes(bytes(damaged))
+    assert zoo.cached_path(name) == weights.parent             # the listing checks sizes only ...
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    with pytest.raises(zoo.DamagedEntry, match='sha256 differs'):   # ... every use the sha256 too
+        zoo.fetch(name)
+    loaded = loading.load_model(name, allow_random=True)       # a fallback says how to replace it
+    notice = capsys.readouterr().err
+    assert loaded.random_weights and notice.strip().endswith('twins-timm models --download %s --force' % name)
+
+
+def test_kept_raw_file_is_kept_per_url(server, cache, files):
+    """The same path on another host is another file: its server is asked, not the kept file reused."""
+    path = '/plain/fpn_pcpvt_s.pth'
+    url, other = server.url(path), server.url(path).replace('127.0.0.1', 'localhost')
+    zoo.fetch(url, keep_raw=True)
+    assert zoo.raw_path(url).read_bytes() == files[path] and zoo.raw_path(other) != zoo.raw_path(url)
+    server.handler.modes[path] = 'die'
+    with pytest.raises(zoo.ZooError, match='connection ended'):
+        zoo.fetch(other, keep_raw=True)
+    assert server.handler.hits[path] == 2 and zoo.cached_path(other) is None
+
+
+@pytest.mark.parametrize('path', ['/..', '/', '', '/twins/../x.pth', '/twins/.'])
+def test_urls_that_name_no_file_are_refused_before_any_work(cache, tmp_path, capsys, path):
+    url = 'http://127.0.0.1:9' + path
+    assert cli.main(['models', '--download', url, '--keep-raw']) == 2
+    assert cli.main(['segment', '--model', url, '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('does not name a file') == 2 and 'Traceback' not in err
+    assert not cache.exists() and not (tmp_path / 'o').exists()
+
+
+@pytest.mark.parametrize('mode, reason', [
+    ('stall', r'no data for 2 s \(stalled; TWINS_TIMM_DOWNLOAD_TIMEOUT sets the limit\)'),
+    ('trickle', r'under 65536 bytes in 2 s \(stalled'),
+    ('endless', r'the server sent more than the %d bytes' % (int(4 * (1 << 20) * 1.5) + (16 << 20))),
+    ('huge', r'the server announces 1000000000000 bytes, more than the'),
+])
+def test_downloads_are_bounded_in_time_and_size(server, cache, files, monkeypatch, capsys, mode, reason):
+    """The record's size bounds the body (with slack; here a 4 MiB record for the endless one), a window of
+    TWINS_TIMM_DOWNLOAD_TIMEOUT seconds without 64 KiB is a stall."""
+    rec = _record(files, 'fpn_pcpvt_s_test-', 'fpn_twins_pcpvt_small.bounded', params=1 << 20 if mode == 'endless'
+                  else None)
+    monkeypatch.setitem(zoo.MODELS, rec.name, rec)
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    server.handler.modes[_path(files, 'fpn_pcpvt_s_test-')] = mode
+    assert cli.main(['models', '--download', rec.name]) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert re.search(reason, err) and 'nothing was cached' in err and 'Traceback' not in err, err
+    assert zoo.cached_path(rec.name) is None and not _leftovers(cache)
+
+
+def test_full_disk_is_reported_as_such(server, cache, monkeypatch, capsys):
+    from twins_timm import download
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            if self.tell() + len(data) > 1 << 20:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return super().write(data)
+
+    monkeypatch.setattr(download, '_open_output', lambda path: FullDisk())
+    assert cli.main(['models', '--download', server.url('/plain/fpn_pcpvt_s.pth')]) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert 'is full (No space left on device)' in err and 'TWINS_TIMM_CACHE' in err and 'internet' not in err
+    assert not _leftovers(cache)
+
+
+def test_two_fetches_of_one_entry_both_succeed(server, cache, capsys):
+    """torchrun ranks (or two shells) fetching one entry: one downloads, the other waits and uses it."""
+    path = '/plain/fpn_pcpvt_s.pth'
+    server.handler.modes[path] = 'slow'
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(zoo.fetch(server.url(path), progress=False))
+        except Exception as e:  # noqa: BLE001  reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 2 and results[0] == results[1], errors
+    assert server.handler.hits[path] == 1 and 'Waiting for another process' in capsys.readouterr().err
+    assert (results[0] / 'model.safetensors').is_file() and not _leftovers(cache)
+
+
+def test_timm_pretrained_offline_fails_at_once_without_the_network(server, cache, tmp_path, monkeypatch, hf_cache):
+    """timm.create_model(..., pretrained=True) with TWINS_TIMM_OFFLINE: the local Hugging Face cache or a
+    clear error, never the Hub (here a local server that counts requests)."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setattr(constants, 'ENDPOINT', server.root)
+    monkeypatch.setenv('HF_ENDPOINT', server.root)
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    with pytest.raises(zoo.ZooError) as e:
+        timm.create_model('twins_svt_small', pretrained=True)
+    msg = str(e.value)
+    assert 'offline mode is on' in msg and 'hf download timm/twins_svt_small.in1k' in msg and len(msg) < 400
+    assert server.handler.hits == {}
+
+    src = timm.create_model('twins_svt_small')
+    (tmp_path / 'repo').mkdir()
+    save_file(src.state_dict(), str(tmp_path / 'repo' / 'model.safetensors'))
+    (tmp_path / 'repo' / 'config.json').write_text('{"architecture": "twins_svt_small"}')
+    hf_cache(tmp_path / 'hub', 'timm/twins_svt_small.in1k', tmp_path / 'repo')
+    model = timm.create_model('twins_svt_small', pretrained=True)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    assert server.handler.hits == {}
