@@ -38,7 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
     files: dict = {}       # path -> bytes
     # path -> 'ok' | 'die' (half the body, then the connection closes) | 'stall' (1 MiB, then nothing) |
     # 'trickle' (a byte every 0.1 s) | 'slow' (the body in 10 parts, 0.1 s apart) | 'endless' (no length,
-    # zeros until the client hangs up) | 'huge' (announces 1 TB)
+    # zeros until the client hangs up) | 'huge' (announces 1 TB); modes['*']: every path (a stalled mirror)
     modes: dict = {}
     hits: dict = {}
     release = threading.Event()
@@ -49,10 +49,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         path = self.path.split('?')[0]
         self.hits[path] = self.hits.get(path, 0) + 1
-        if path not in self.files:
+        if path not in self.files and '*' not in self.modes:
             self.send_error(404, 'Not Found')
             return
-        body, mode = self.files[path], self.modes.get(path, 'ok')
+        body, mode = self.files.get(path, bytes(2 << 20)), self.modes.get(path, self.modes.get('*', 'ok'))
         self.send_response(200)
         self.send_header('Content-Type', 'application/octet-stream')
         if mode != 'endless':
@@ -548,3 +548,15 @@ def test_timm_pretrained_offline_fails_at_once_without_the_network(server, cache
     model = timm.create_model('twins_svt_small', pretrained=True)
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
     assert server.handler.hits == {}
+
+
+def test_hub_download_from_a_stalled_mirror_is_abandoned(server, cache, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    server.handler.modes['*'] = 'stall'
+    assert cli.main(['models', '--download', 'twins_svt_small.in1k']) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert 'from the Hugging Face Hub failed: ' in err and '(stalled; TWINS_TIMM_DOWNLOAD_TIMEOUT' in err, err
+    assert 'hf download timm/twins_svt_small.in1k' in err and 'Traceback' not in err
+    assert sum(server.handler.hits.values()) >= 1   # the mirror was asked

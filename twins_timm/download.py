@@ -10,9 +10,10 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Callable, TypeVar
 
 TIMEOUT_ENV = 'TWINS_TIMM_DOWNLOAD_TIMEOUT'
 DEFAULT_TIMEOUT_S = 60.0
@@ -21,6 +22,8 @@ DEFAULT_TIMEOUT_S = 60.0
 MIN_BYTES_PER_WINDOW = 64 * 1024
 CHUNK = 1 << 20
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+POLL_S = 0.2
+T = TypeVar('T')
 
 
 class DownloadError(OSError):
@@ -39,6 +42,23 @@ def stall_timeout() -> float:
     if not value > 0:
         raise ValueError('%s=%r is not a number of seconds above 0' % (TIMEOUT_ENV, raw))
     return value
+
+
+class StallWatch:
+    """Progress counted in windows of ``stall_timeout()`` seconds: a window that brings less than
+    MIN_BYTES_PER_WINDOW is a stall (DownloadError)."""
+
+    def __init__(self) -> None:
+        self.timeout = stall_timeout()
+        self._start, self._bytes = time.monotonic(), 0
+
+    def add(self, n: int) -> None:
+        self._bytes += n
+        if time.monotonic() - self._start >= self.timeout:
+            if self._bytes < MIN_BYTES_PER_WINDOW:
+                raise DownloadError('under %d bytes in %g s (stalled; %s sets the limit)'
+                                    % (MIN_BYTES_PER_WINDOW, self.timeout, TIMEOUT_ENV))
+            self._start, self._bytes = time.monotonic(), 0
 
 
 def is_full_disk(e: BaseException) -> bool:
@@ -60,8 +80,8 @@ def download(url: str, dst: Path, max_bytes: int, progress: bool = False) -> str
 
     from tqdm import tqdm
 
-    timeout = stall_timeout()
-    with urlopen(Request(url, headers={'User-Agent': 'twins-timm'}), timeout=timeout) as response:
+    watch = StallWatch()
+    with urlopen(Request(url, headers={'User-Agent': 'twins-timm'}), timeout=watch.timeout) as response:
         announced = response.headers.get('Content-Length')
         announced = int(announced) if announced and announced.isdigit() else None
         if announced is not None and announced > max_bytes:
@@ -70,13 +90,12 @@ def download(url: str, dst: Path, max_bytes: int, progress: bool = False) -> str
         digest, total = hashlib.sha256(), 0
         with _open_output(dst) as out, tqdm(total=announced, unit='B', unit_scale=True, unit_divisor=1024,
                                             disable=not progress, file=sys.stderr) as bar:
-            window_start, window_bytes = time.monotonic(), 0
             while True:
                 try:
                     chunk = response.read1(CHUNK)
                 except socket.timeout:
-                    raise DownloadError('no data for %g s (stalled; %s sets the limit)' % (timeout, TIMEOUT_ENV)
-                                        ) from None
+                    raise DownloadError('no data for %g s (stalled; %s sets the limit)' % (watch.timeout,
+                                                                                         TIMEOUT_ENV)) from None
                 if not chunk:
                     break
                 total += len(chunk)
@@ -85,12 +104,41 @@ def download(url: str, dst: Path, max_bytes: int, progress: bool = False) -> str
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
-                window_bytes += len(chunk)
-                if time.monotonic() - window_start >= timeout:
-                    if window_bytes < MIN_BYTES_PER_WINDOW:
-                        raise DownloadError('under %d bytes in %g s (stalled; %s sets the limit)'
-                                            % (MIN_BYTES_PER_WINDOW, timeout, TIMEOUT_ENV))
-                    window_start, window_bytes = time.monotonic(), 0
+                watch.add(len(chunk))
     if announced is not None and total != announced:
         raise DownloadError('the connection ended after %d of the %d bytes announced' % (total, announced))
     return digest.hexdigest()
+
+
+def run_watched(fn: Callable[[], T], folder: Path) -> T:
+    """``fn()`` (a download by another client) in a thread, abandoned with a DownloadError when the files
+    in ``folder`` stop growing (StallWatch); its own errors are raised here."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result['value'] = fn()
+        except BaseException as e:  # noqa: BLE001  handed to the caller
+            result['error'] = e
+
+    thread = threading.Thread(target=run, name='twins-timm download', daemon=True)
+    thread.start()
+    watch, size = StallWatch(), _folder_bytes(folder)
+    while thread.is_alive():
+        thread.join(POLL_S)
+        now = _folder_bytes(folder)
+        watch.add(max(0, now - size))
+        size = now
+    if 'error' in result:
+        raise result['error']
+    return result['value']
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for p in folder.glob('*') if folder.is_dir() else ():
+        try:
+            total += p.stat().st_size
+        except OSError:  # renamed meanwhile
+            pass
+    return total

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Union
 from urllib.parse import urlsplit
 
 from twins_timm import cache_entry
-from twins_timm.download import DownloadError, download, is_full_disk
+from twins_timm.download import DownloadError, download, is_full_disk, run_watched
 
 MMSEG_ROOT = 'https://download.openmmlab.com/mmsegmentation/v0.5/'
 MMSEG_LICENCE = ('apache-2.0 (OpenMMLab mmsegmentation); trained on ImageNet-1k and ADE20K, whose terms of use '
@@ -444,10 +444,15 @@ def _fetch_hub(record: ZooModel, progress: Optional[bool]) -> Path:
         raise ZooError('%s: not in the local Hugging Face cache, and offline mode is on (%s)'
                        % (record.name, OFFLINE_SWITCHES), manual_steps(record.name))
     _check_reachable(_hub_endpoint() or os.environ.get('HF_ENDPOINT') or 'https://huggingface.co', record.name)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    # the Hub client waits forever on a server that trickles: abandoned when its blobs stop growing
+    blobs = Path(constants.HF_HUB_CACHE) / ('models--%s' % record.hub_repo.replace('/', '--')) / 'blobs'
     try:
-        return Path(snapshot_download(record.hub_repo, allow_patterns=['config.json', WEIGHTS],
-                                      endpoint=_hub_endpoint()))
+        return Path(run_watched(lambda: snapshot_download(record.hub_repo, allow_patterns=['config.json', WEIGHTS],
+                                                          endpoint=_hub_endpoint()), blobs))
+    except DownloadError as e:
+        raise ZooError('%s: downloading %s from the Hugging Face Hub failed: %s' % (record.name, record.hub_repo, e),
+                       manual_steps(record.name)) from None
     except Exception as e:  # huggingface_hub's network errors come in many types
         raise ZooError('%s: downloading %s from the Hugging Face Hub failed (%s)'
                        % (record.name, record.hub_repo,
