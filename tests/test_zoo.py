@@ -38,10 +38,12 @@ class _Handler(BaseHTTPRequestHandler):
     files: dict = {}       # path -> bytes
     # path -> 'ok' | 'die' (half the body, then the connection closes) | 'stall' (1 MiB, then nothing) |
     # 'trickle' (a byte every 0.1 s) | 'slow' (the body in 10 parts, 0.1 s apart) | 'endless' (no length,
-    # zeros until the client hangs up) | 'huge' (announces 1 TB); modes['*']: every path (a stalled mirror)
+    # zeros until the client hangs up) | 'huge' (announces 1 TB) | 'gate' (the body once ``gate`` is set);
+    # modes['*']: every path (a stalled mirror)
     modes: dict = {}
     hits: dict = {}
     release = threading.Event()
+    gate = threading.Event()
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -58,6 +60,9 @@ class _Handler(BaseHTTPRequestHandler):
         if mode != 'endless':
             self.send_header('Content-Length', str(10 ** 12 if mode == 'huge' else len(body)))
         self.end_headers()
+        if mode == 'gate':
+            self.gate.wait(60)
+            mode = 'ok'
         if mode == 'ok':
             self.wfile.write(body)
             return
@@ -92,7 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
 class Server:
     def __init__(self, files):
         handler = type('Handler', (_Handler,), {'files': dict(files), 'modes': {}, 'hits': {},
-                                                 'release': threading.Event()})
+                                                 'release': threading.Event(), 'gate': threading.Event()})
         self.handler = handler
         self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), handler)
         self.httpd.daemon_threads = True
@@ -105,6 +110,7 @@ class Server:
 
     def stop(self) -> None:
         self.handler.release.set()
+        self.handler.gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -524,6 +530,31 @@ def test_two_fetches_of_one_entry_both_succeed(server, cache, capsys):
     assert (results[0] / 'model.safetensors').is_file() and not _leftovers(cache)
 
 
+def test_two_processes_fetching_one_entry_both_succeed(server, cache):
+    """Two `twins-timm models --download URL` at once (as torchrun's ranks): the second waits for the
+    first (its download held until then) and uses its result."""
+    path = '/plain/fpn_pcpvt_s.pth'
+    server.handler.modes[path] = 'gate'
+    env = dict(os.environ, TWINS_TIMM_DOWNLOAD_TIMEOUT='60')   # the held download is no stall
+    children = [start_python(module='twins_timm', argv=['models', '--download', server.url(path)], env=env)
+                for _ in range(2)]
+    try:
+        deadline = time.time() + 120
+        while not any('Waiting for another process' in c.stderr_so_far() for c in children):
+            assert all(c.poll() is None for c in children) and time.time() < deadline, \
+                [c.stderr_so_far() for c in children]
+            time.sleep(0.2)
+        server.handler.gate.set()
+        assert [c.wait(120) for c in children] == [0, 0], [c.stderr for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+    folder = zoo.folder_for(server.url(path))
+    assert [c.stdout for c in children] == ['%s: %s\n' % (server.url(path), folder)] * 2
+    assert server.handler.hits[path] == 1 and zoo.cached_path(server.url(path)) == folder
+
+
 def test_timm_pretrained_offline_fails_at_once_without_the_network(server, cache, tmp_path, monkeypatch, hf_cache):
     """timm.create_model(..., pretrained=True) with TWINS_TIMM_OFFLINE: the local Hugging Face cache or a
     clear error, never the Hub (here a local server that counts requests)."""
@@ -560,3 +591,21 @@ def test_hub_download_from_a_stalled_mirror_is_abandoned(server, cache, tmp_path
     assert 'from the Hugging Face Hub failed: ' in err and '(stalled; TWINS_TIMM_DOWNLOAD_TIMEOUT' in err, err
     assert 'hf download timm/twins_svt_small.in1k' in err and 'Traceback' not in err
     assert sum(server.handler.hits.values()) >= 1   # the mirror was asked
+
+
+def test_a_watched_download_may_outlast_the_timeout_while_it_makes_progress(tmp_path, monkeypatch):
+    from twins_timm.download import DownloadError, run_watched
+    monkeypatch.setenv('TWINS_TIMM_DOWNLOAD_TIMEOUT', '1')
+
+    def growing():
+        for _ in range(20):   # 2 s or more in all, 128 KiB every 0.1 s
+            with open(tmp_path / 'blob.incomplete', 'ab') as f:
+                f.write(os.urandom(1 << 17))
+            time.sleep(0.1)
+        return 'done'
+
+    assert run_watched(growing, tmp_path) == 'done'
+    with pytest.raises(DownloadError, match='stalled'):
+        run_watched(lambda: time.sleep(30), tmp_path / 'nothing')
+    with pytest.raises(KeyError, match='raised by the download'):
+        run_watched(lambda: {}['raised by the download'], tmp_path)

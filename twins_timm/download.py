@@ -27,7 +27,7 @@ T = TypeVar('T')
 
 
 class DownloadError(OSError):
-    """The transfer failed (stalled, too large, cut short); ``reason`` says how, in a few words."""
+    """The transfer failed (stalled, too large, cut short); the message says how, in a few words."""
 
 
 def stall_timeout() -> float:
@@ -114,6 +114,7 @@ def run_watched(fn: Callable[[], T], folder: Path) -> T:
     """``fn()`` (a download by another client) in a thread, abandoned with a DownloadError when the files
     in ``folder`` stop growing (StallWatch); its own errors are raised here."""
     result: dict = {}
+    watch = StallWatch()   # a bad TWINS_TIMM_DOWNLOAD_TIMEOUT is refused before the download starts
 
     def run() -> None:
         try:
@@ -123,7 +124,7 @@ def run_watched(fn: Callable[[], T], folder: Path) -> T:
 
     thread = threading.Thread(target=run, name='twins-timm download', daemon=True)
     thread.start()
-    watch, size = StallWatch(), _folder_bytes(folder)
+    size = _folder_bytes(folder)
     while thread.is_alive():
         thread.join(POLL_S)
         now = _folder_bytes(folder)
@@ -135,10 +136,14 @@ def run_watched(fn: Callable[[], T], folder: Path) -> T:
 
 
 def _folder_bytes(folder: Path) -> int:
+    """Bytes written to the files in ``folder``: blocks where the OS counts them, so that a file made
+    full-size at once and then filled (sparse) still shows its progress."""
     total = 0
     for p in folder.glob('*') if folder.is_dir() else ():
         try:
-            total += p.stat().st_size
+            st = p.stat()
         except OSError:  # renamed meanwhile
-            pass
+            continue
+        blocks = getattr(st, 'st_blocks', None)
+        total += st.st_size if blocks is None else blocks * 512
     return total

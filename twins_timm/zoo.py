@@ -284,7 +284,7 @@ def fetch(spec: str, progress: Optional[bool] = None, keep_raw: bool = False, fo
     try:
         return _fetch_file(spec, record, sys.stderr.isatty() if progress is None else progress, keep_raw, force)
     except ZooError as e:
-        raise type(e)('%s: %s' % (spec, e.reason), e.remedy) from None
+        raise type(e)(e.reason if spec in e.reason else '%s: %s' % (spec, e.reason), e.remedy) from None
 
 
 def _fetch_file(spec: str, record: Optional[ZooModel], progress: bool, keep_raw: bool, force: bool) -> Path:
