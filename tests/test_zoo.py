@@ -460,6 +460,10 @@ def test_kept_raw_file_is_kept_per_url(server, cache, files):
     with pytest.raises(zoo.ZooError, match='connection ended'):
         zoo.fetch(other, keep_raw=True)
     assert server.handler.hits[path] == 2 and zoo.cached_path(other) is None
+    kept = zoo.raw_path(url)                                   # a kept file is checked when used again
+    kept.write_bytes(files[path][:-1] + b'x')
+    with pytest.raises(zoo.ChecksumError, match='the kept file .* is not the file that was published or kept'):
+        zoo.fetch(url, force=True)
 
 
 @pytest.mark.parametrize('path', ['/..', '/', '', '/twins/../x.pth', '/twins/.'])

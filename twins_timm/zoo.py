@@ -319,13 +319,14 @@ def _fill(folder: Path, url: str, record: Optional[ZooModel], progress: bool, ke
     _remove_stale_downloads(root)
     work = Path(tempfile.mkdtemp(prefix='.download-%d-' % os.getpid(), dir=root))
     try:
-        kept = raw_path(url)
+        kept, kept_sha = raw_path(url), _kept_sha256(url)
         if kept.is_file():
-            raw = kept
-            _check_hash(raw, hash_prefix(url), 'the kept file %s' % raw)
+            raw = kept   # kept by us (its sha256 beside it) or put there by hand (the name's prefix, if any)
+            _check_hash(raw, kept_sha.read_text().strip() if kept_sha.is_file() else hash_prefix(url),
+                        'the kept file %s' % raw)
         else:
             raw = work / kept.name
-            _download(url, raw, record, progress)
+            digest = _download(url, raw, record, progress)
         _convert(raw, work / 'entry', url, record, progress)
         folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists() or folder.is_symlink():
@@ -333,6 +334,7 @@ def _fill(folder: Path, url: str, record: Optional[ZooModel], progress: bool, ke
         os.replace(work / 'entry', folder)
         if keep_raw and raw != kept:
             kept.parent.mkdir(parents=True, exist_ok=True)
+            kept_sha.write_text(digest + '\n')
             os.replace(raw, kept)
     except OSError as e:
         if not is_full_disk(e):
@@ -343,11 +345,18 @@ def _fill(folder: Path, url: str, record: Optional[ZooModel], progress: bool, ke
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _kept_sha256(url: str) -> Path:
+    """The sha256 of a raw file kept with ``keep_raw``, checked whenever it is used again."""
+    kept = raw_path(url)
+    return kept.with_name(kept.name + '.sha256')
+
+
 def _size_limit(record: Optional[ZooModel]) -> int:
     return int(record.download_bytes * SIZE_SLACK) + SIZE_MARGIN if record is not None else MAX_UNLISTED_BYTES
 
 
-def _download(url: str, dst: Path, record: Optional[ZooModel], progress: bool) -> None:
+def _download(url: str, dst: Path, record: Optional[ZooModel], progress: bool) -> str:
+    """Download ``url`` (through the mirror, if set) into ``dst``; its sha256."""
     source = mirrored(url)
     manual = manual_steps(url if record is None else record.name)
     if offline():
@@ -373,6 +382,7 @@ def _download(url: str, dst: Path, record: Optional[ZooModel], progress: bool) -
         raise ChecksumError('the file downloaded from %s is not the published one: its sha256 is %s, but the file '
                             'name promises one starting with %s (a changed file or a bad mirror). Nothing was '
                             'cached; retry, or fetch it by hand from %s' % (source, digest, expected, url))
+    return digest
 
 
 def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
@@ -381,8 +391,8 @@ def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
     from twins_timm.convert.io import sha256_file
     digest = sha256_file(path)
     if not digest.startswith(expected):
-        raise ChecksumError('%s is not the published file: its sha256 is %s, but the file name promises one starting '
-                            'with %s. Delete it and fetch it again' % (what, digest, expected))
+        raise ChecksumError('%s is not the file that was published or kept: its sha256 is %s, expected %s. Delete '
+                            'it and fetch it again' % (what, digest, expected + ('...' if len(expected) < 64 else '')))
 
 
 def _convert(raw: Path, dst: Path, url: str, record: Optional[ZooModel], progress: bool) -> None:
