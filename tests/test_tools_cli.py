@@ -178,7 +178,7 @@ def test_eval_never_falls_back_to_random_weights(tmp_path, offline_hub, capsys):
     data = _ade_folder(tmp_path / 'ade', 1, 5)
     assert cli.main(['eval', '--data', str(data)]) == 2
     err = ' '.join(capsys.readouterr().err.split())
-    assert 'upernet_twins_svt_large.ade20k: ' in err and 'is not cached' in err
+    assert 'upernet_twins_svt_large.ade20k: ' in err and 'not cached, and offline mode is on' in err
 
 
 # ----------------------------------------------------------------------------- real adapter
