@@ -193,8 +193,8 @@ def check_url(url: str) -> None:
     parts = urlsplit(url)
     segments = parts.path.split('/')
     if not parts.hostname or segments[-1] in ('', '.') or '..' in segments:
-        raise ValueError('%s does not name a file: a model URL is http(s)://host/path/FILE, e.g. %s'
-                         % (url, MODELS[DEFAULT_SEGMENTER].url))
+        raise ValueError('%s does not name a file: a model URL is http(s)://host/path/FILE, e.g. '
+                         'https://example.org/models/twins_svt-s_fpn-0a0d3317.pth' % url)
 
 
 def hash_prefix(url: str) -> Optional[str]:

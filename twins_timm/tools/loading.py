@@ -279,7 +279,7 @@ def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, 
     if why.startswith(spec + ':'):  # zoo errors already begin with the name
         why = why[len(spec) + 1:].lstrip()
     # one short paragraph (printed under --quiet too): the details come with the command that fixes it
-    log('No converted weights found for %s (%s). Running with a RANDOM-INITIALISED %s UPerNet instead: the '
+    log('No converted weights found for %s: %s. Running with a RANDOM-INITIALISED %s UPerNet instead: the '
         'output shows the pipeline working, not a real segmentation. Get the real model once, with internet: '
         'twins-timm models --download %s%s' % (spec, why, RANDOM_FALLBACK_ENCODER, spec, ' --force' if force else ''))
     return LoadedModel(random_model().eval(), 'random-initialised %s UPerNet (%s)'
