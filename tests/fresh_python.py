@@ -103,6 +103,10 @@ class FreshPython:
     def kill(self) -> None:
         self._proc.kill()
 
+    def stderr_so_far(self) -> str:
+        """What the running child has written to stderr until now."""
+        return Path(self._err).read_text() if self.stderr is None else self.stderr
+
 
 def start_python(code: Optional[str] = None, *, module: Optional[str] = None, argv: Sequence = (),
                  env: Optional[Mapping[str, str]] = None, cwd=None,

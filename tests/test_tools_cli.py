@@ -178,7 +178,7 @@ def test_eval_never_falls_back_to_random_weights(tmp_path, offline_hub, capsys):
     data = _ade_folder(tmp_path / 'ade', 1, 5)
     assert cli.main(['eval', '--data', str(data)]) == 2
     err = ' '.join(capsys.readouterr().err.split())
-    assert 'upernet_twins_svt_large.ade20k: ' in err and 'is not cached' in err
+    assert 'upernet_twins_svt_large.ade20k: ' in err and 'not cached, and offline mode is on' in err
 
 
 # ----------------------------------------------------------------------------- real adapter
@@ -224,7 +224,9 @@ def test_hub_id_found_in_local_cache(offline_hub, saved_segmenter, hf_cache):
 
 def test_main_job_default_model_from_cache(offline_hub, saved_segmenter, tmp_path, capsys):
     from twins_timm import zoo
-    shutil.copytree(saved_segmenter, zoo.folder_for(loading.DEFAULT_MODEL_ID))  # fetched earlier
+    from twins_timm import cache_entry
+    entry = shutil.copytree(saved_segmenter, zoo.folder_for(loading.DEFAULT_MODEL_ID))  # fetched earlier
+    cache_entry.write_record(entry, zoo.WEIGHTS, zoo.MODELS[loading.DEFAULT_MODEL_ID].url)
     out = tmp_path / 'out'
     assert cli.main(['segment', '--out', str(out), '--quiet', '--scale', '96', '64']) == 0
     std = capsys.readouterr()

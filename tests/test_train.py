@@ -354,6 +354,6 @@ def test_imagenet_weights_out_of_reach_fail_at_once_with_what_to_do(tmp_path, mo
     from twins_timm import zoo
     from twins_timm.train import build_model
     _no_hub(monkeypatch, tmp_path / 'empty')
-    with pytest.raises(zoo.ZooError, match=r'twins_pcpvt_small.in1k is not in the local Hugging Face cache and '
-                                           r'127.0.0.1:9 cannot be reached.*huggingface-cli download'):
+    with pytest.raises(zoo.ZooError, match=r'twins_pcpvt_small.in1k: not in the local Hugging Face cache, and '
+                                           r'127.0.0.1:9 cannot be reached.*hf download.*--from-scratch'):
         build_model('fpn:twins_pcpvt_small', classes=3)

@@ -5,10 +5,12 @@ never changed: tests add their own records, reached through TWINS_TIMM_MIRROR, o
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import textwrap
@@ -34,9 +36,14 @@ REAL_HOST = 'https://download.example.invalid'   # test records' host: only reac
 # ---------------------------------------------------------------------------------- the server
 class _Handler(BaseHTTPRequestHandler):
     files: dict = {}       # path -> bytes
-    modes: dict = {}       # path -> 'ok' | 'die' (half the body, then the connection closes) | 'stall'
+    # path -> 'ok' | 'die' (half the body, then the connection closes) | 'stall' (1 MiB, then nothing) |
+    # 'trickle' (a byte every 0.1 s) | 'slow' (the body in 10 parts, 0.1 s apart) | 'endless' (no length,
+    # zeros until the client hangs up) | 'huge' (announces 1 TB) | 'gate' (the body once ``gate`` is set);
+    # modes['*']: every path (a stalled mirror)
+    modes: dict = {}
     hits: dict = {}
     release = threading.Event()
+    gate = threading.Event()
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -44,29 +51,53 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         path = self.path.split('?')[0]
         self.hits[path] = self.hits.get(path, 0) + 1
-        if path not in self.files:
+        if path not in self.files and '*' not in self.modes:
             self.send_error(404, 'Not Found')
             return
-        body, mode = self.files[path], self.modes.get(path, 'ok')
+        body, mode = self.files.get(path, bytes(2 << 20)), self.modes.get(path, self.modes.get('*', 'ok'))
         self.send_response(200)
         self.send_header('Content-Type', 'application/octet-stream')
-        self.send_header('Content-Length', str(len(body)))
+        if mode != 'endless':
+            self.send_header('Content-Length', str(10 ** 12 if mode == 'huge' else len(body)))
         self.end_headers()
+        if mode == 'gate':
+            self.gate.wait(60)
+            mode = 'ok'
         if mode == 'ok':
             self.wfile.write(body)
+            return
+        if mode in ('trickle', 'slow', 'endless'):
+            self._drip(body, mode)
             return
         self.wfile.write(body[:len(body) // 2] if mode == 'die' else body[:1 << 20])
         self.wfile.flush()
         if mode == 'stall':  # until the test is over (the client is killed meanwhile)
             self.release.wait(60)
         self.close_connection = True
-        self.connection.shutdown(socket.SHUT_RDWR)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client hung up first
+            pass
+
+    def _drip(self, body: bytes, mode: str) -> None:
+        """Send slowly, or without end; stop when the client hangs up or the test is over."""
+        parts = {'trickle': (body[i:i + 1] for i in range(len(body))),
+                 'slow': (body[i:i + len(body) // 10 + 1] for i in range(0, len(body), len(body) // 10 + 1)),
+                 'endless': iter(lambda: bytes(1 << 16), None)}[mode]
+        try:
+            for part in parts:
+                self.wfile.write(part)
+                self.wfile.flush()
+                if self.release.wait(0 if mode == 'endless' else 0.1):
+                    return
+        except OSError:  # the client gave up
+            pass
 
 
 class Server:
     def __init__(self, files):
         handler = type('Handler', (_Handler,), {'files': dict(files), 'modes': {}, 'hits': {},
-                                                 'release': threading.Event()})
+                                                 'release': threading.Event(), 'gate': threading.Event()})
         self.handler = handler
         self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), handler)
         self.httpd.daemon_threads = True
@@ -79,6 +110,7 @@ class Server:
 
     def stop(self) -> None:
         self.handler.release.set()
+        self.handler.gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -126,18 +158,22 @@ def server(files):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty zoo cache, online (no offline switches), no mirror."""
+    from huggingface_hub import constants
     root = tmp_path / 'zoo_cache'
     monkeypatch.setenv('TWINS_TIMM_CACHE', str(root))
+    monkeypatch.setenv('TWINS_TIMM_DOWNLOAD_TIMEOUT', '2')   # every stall a test provokes ends in seconds
     for var in ('TWINS_TIMM_OFFLINE', 'HF_HUB_OFFLINE', 'TWINS_TIMM_MIRROR'):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)   # as read at import
     return root
 
 
-def _record(files, stem, name, task='fpn', **kw) -> zoo.ZooModel:
-    """A test-only zoo record whose URL lives on REAL_HOST (reached through the mirror)."""
-    variant = 'twins_pcpvt_small'
+def _record(files, stem, name, task='fpn', params=None, **kw) -> zoo.ZooModel:
+    """A test-only zoo record whose URL lives on REAL_HOST (reached through the mirror); ``params`` as a
+    float32 file of that size would hold (downloads are bounded by it), by default the file's."""
+    variant, path = 'twins_pcpvt_small', _path(files, stem)
     return zoo.ZooModel(name, task, variant, 'ADE20K' if task == 'fpn' else 'ImageNet-1k',
-                        150 if task == 'fpn' else 0, REAL_HOST + _path(files, stem), 1, **kw)
+                        150 if task == 'fpn' else 0, REAL_HOST + path, params or len(files[path]) // 4, **kw)
 
 
 @pytest.fixture
@@ -162,7 +198,11 @@ def test_fetch_by_name_through_mirror_then_offline_with_server_gone(server, cach
         os.umask(old)
     assert folder == cache / seg_record.name and zoo.cached_path(seg_record.name) == folder
     assert server.handler.hits == {_path(files, 'fpn_pcpvt_s_test-'): 1}   # the mirror, same path
-    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors',
+                                                        'zoo_entry.json']
+    entry = json.loads((folder / 'zoo_entry.json').read_text())   # what every later use checks
+    weights = (folder / 'model.safetensors').read_bytes()
+    assert (entry['size'], entry['sha256']) == (len(weights), hashlib.sha256(weights).hexdigest())
     for p in [folder] + list(folder.iterdir()):   # the umask decides, not the writer (safetensors writes 0600)
         assert p.stat().st_mode & 0o777 == (0o750 if p.is_dir() else 0o640), p
     card = (folder / 'README.md').read_text()
@@ -235,7 +275,7 @@ def test_404_is_a_clear_error(server, cache, monkeypatch, capsys):
         zoo.fetch(url)
     assert cli.main(['models', '--download', url]) == 2
     err = capsys.readouterr().err
-    assert '404' in err and 'twins-timm convert' in err and 'Traceback' not in err
+    assert '404' in err and str(zoo.raw_path(url)) in err and 'Traceback' not in err
     assert not _leftovers(cache) and zoo.cached_path(url) is None
 
 
@@ -243,10 +283,10 @@ def test_server_dying_mid_download_caches_nothing(server, cache, seg_record, fil
     monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
     for path in (_path(files, 'fpn_pcpvt_s_test-'), '/plain/fpn_pcpvt_s.pth'):
         server.handler.modes[path] = 'die'
-    with pytest.raises(zoo.ChecksumError, match='incomplete download'):   # the hash catches the short file
-        zoo.fetch(seg_record.name)
-    with pytest.raises(ValueError, match='truncated|corrupted'):           # without a hash: the safe reader does
-        zoo.fetch(server.url('/plain/fpn_pcpvt_s.pth'))
+    for spec in (seg_record.name, server.url('/plain/fpn_pcpvt_s.pth')):   # with a hash in the name or not
+        with pytest.raises(zoo.ZooError, match=r'the connection ended after \d+ of the %d bytes announced'
+                           % len(files['/plain/fpn_pcpvt_s.pth'])):
+            zoo.fetch(spec)
     assert zoo.cached_path(seg_record.name) is None and not _leftovers(cache)
     assert [p.name for p in cache.iterdir() if not p.name.startswith('.')] == []
 
@@ -262,7 +302,7 @@ def test_killed_download_leaves_nothing_a_later_run_takes(server, cache, files):
         '''), argv=[url])
     try:
         deadline = time.time() + 120
-        while not [p for p in cache.rglob('*.partial') if p.stat().st_size > 0]:
+        while not [p for p in cache.glob('.download-*/*') if p.stat().st_size > 0]:
             assert child.poll() is None and time.time() < deadline, 'the download never started'
             time.sleep(0.2)
         child.kill()  # SIGKILL
@@ -281,8 +321,9 @@ def test_offline_and_not_cached_says_how_to_get_it_by_hand(cache, monkeypatch):
     name = zoo.DEFAULT_SEGMENTER
     with pytest.raises(zoo.ZooError) as e:
         zoo.fetch(name)
-    msg = str(e.value)
-    assert zoo.MODELS[name].url in msg and 'twins-timm convert' in msg and str(zoo.raw_path(zoo.MODELS[name].url)) in msg
+    msg, url = str(e.value), zoo.MODELS[name].url
+    assert msg.count(url) == 1 and str(zoo.raw_path(url)) in msg and 'TWINS_TIMM_MIRROR' in msg
+    assert msg.startswith(name + ': not cached, and offline mode is on') and len(msg) < 700
 
 
 def test_file_put_by_hand_is_verified_and_converted_offline(cache, seg_record, files, monkeypatch):
@@ -302,7 +343,9 @@ def test_segment_default_offline_falls_back_with_the_command_that_fixes_it(cache
     assert loading.DEFAULT_MODEL_ID == zoo.DEFAULT_SEGMENTER == 'upernet_twins_svt_large.ade20k'
     loaded = loading.load_model(None)
     assert loaded.random_weights
-    assert 'twins-timm models --download upernet_twins_svt_large.ade20k' in capsys.readouterr().err
+    notice = capsys.readouterr().err.strip()
+    assert notice.endswith('twins-timm models --download upernet_twins_svt_large.ade20k')
+    assert '\n' not in notice and len(notice) < 400 and 'http' not in notice and 'offline mode is on' in notice
     with pytest.raises(zoo.ZooError):
         loading.load_model(zoo.DEFAULT_SEGMENTER)   # asked for by name: no silent random weights
 
@@ -371,3 +414,202 @@ def test_cache_location(monkeypatch, tmp_path):
 def test_unknown_name_suggests_close_ones():
     with pytest.raises(ValueError, match='did you mean upernet_twins_svt_large.ade20k'):
         zoo.get('upernet_twins_svt_larg.ade20k')
+
+
+# ------------------------------------------------------------------------------ safety at the seams
+def test_damaged_entry_is_fetched_again_online_and_named_offline(server, cache, seg_record, tmp_path, monkeypatch,
+                                                                 capsys):
+    from twins_timm.tools import loading
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    name = seg_record.name
+    weights = zoo.fetch(name) / 'model.safetensors'
+    good = weights.read_bytes()
+    weights.write_bytes(good[:len(good) // 2])                 # truncated
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'x.png')
+    assert cli.main(['segment', str(tmp_path / 'x.png'), '--model', name, '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert 'damaged' in err and 'truncated' in err and 'Traceback' not in err
+    assert 'twins-timm models --download %s --force' % name in ' '.join(err.split())
+    assert zoo.cached_path(name) is None and not (tmp_path / 'o').exists()
+
+    monkeypatch.delenv('TWINS_TIMM_OFFLINE')                   # online: fetched again, no --force needed
+    assert cli.main(['models', '--download', name]) == 0
+    assert 'is damaged' in capsys.readouterr().err and weights.read_bytes() == good
+    assert sum(server.handler.hits.values()) == 2
+
+    damaged = bytearray(good)                                  # same size, 4 MiB overwritten
+    damaged[1 << 20:5 << 20] = bytes(4 << 20)
+    weights.write_bytes(bytes(damaged))
+    assert zoo.cached_path(name) == weights.parent             # the listing checks sizes only ...
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    with pytest.raises(zoo.DamagedEntry, match='sha256 differs'):   # ... every use the sha256 too
+        zoo.fetch(name)
+    loaded = loading.load_model(name, allow_random=True)       # a fallback says how to replace it
+    notice = capsys.readouterr().err
+    assert loaded.random_weights and notice.strip().endswith('twins-timm models --download %s --force' % name)
+
+
+def test_kept_raw_file_is_kept_per_url(server, cache, files):
+    """The same path on another host is another file: its server is asked, not the kept file reused."""
+    path = '/plain/fpn_pcpvt_s.pth'
+    url, other = server.url(path), server.url(path).replace('127.0.0.1', 'localhost')
+    zoo.fetch(url, keep_raw=True)
+    assert zoo.raw_path(url).read_bytes() == files[path] and zoo.raw_path(other) != zoo.raw_path(url)
+    server.handler.modes[path] = 'die'
+    with pytest.raises(zoo.ZooError, match='connection ended'):
+        zoo.fetch(other, keep_raw=True)
+    assert server.handler.hits[path] == 2 and zoo.cached_path(other) is None
+    kept = zoo.raw_path(url)                                   # a kept file is checked when used again
+    kept.write_bytes(files[path][:-1] + b'x')
+    with pytest.raises(zoo.ChecksumError, match='the kept file .* is not the file that was published or kept'):
+        zoo.fetch(url, force=True)
+
+
+@pytest.mark.parametrize('path', ['/..', '/', '', '/twins/../x.pth', '/twins/.'])
+def test_urls_that_name_no_file_are_refused_before_any_work(cache, tmp_path, capsys, path):
+    url = 'http://127.0.0.1:9' + path
+    assert cli.main(['models', '--download', url, '--keep-raw']) == 2
+    assert cli.main(['segment', '--model', url, '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('does not name a file') == 2 and 'Traceback' not in err
+    assert not cache.exists() and not (tmp_path / 'o').exists()
+
+
+@pytest.mark.parametrize('mode, reason', [
+    ('stall', r'no data for 2 s \(stalled; TWINS_TIMM_DOWNLOAD_TIMEOUT sets the limit\)'),
+    ('trickle', r'under 65536 bytes in 2 s \(stalled'),
+    ('endless', r'the server sent more than the %d bytes' % (int(4 * (1 << 20) * 1.5) + (16 << 20))),
+    ('huge', r'the server announces 1000000000000 bytes, more than the'),
+])
+def test_downloads_are_bounded_in_time_and_size(server, cache, files, monkeypatch, capsys, mode, reason):
+    """The record's size bounds the body (with slack; here a 4 MiB record for the endless one), a window of
+    TWINS_TIMM_DOWNLOAD_TIMEOUT seconds without 64 KiB is a stall."""
+    rec = _record(files, 'fpn_pcpvt_s_test-', 'fpn_twins_pcpvt_small.bounded', params=1 << 20 if mode == 'endless'
+                  else None)
+    monkeypatch.setitem(zoo.MODELS, rec.name, rec)
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    server.handler.modes[_path(files, 'fpn_pcpvt_s_test-')] = mode
+    assert cli.main(['models', '--download', rec.name]) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert re.search(reason, err) and 'nothing was cached' in err and 'Traceback' not in err, err
+    assert zoo.cached_path(rec.name) is None and not _leftovers(cache)
+
+
+def test_full_disk_is_reported_as_such(server, cache, monkeypatch, capsys):
+    from twins_timm import download
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            if self.tell() + len(data) > 1 << 20:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return super().write(data)
+
+    monkeypatch.setattr(download, '_open_output', lambda path: FullDisk())
+    assert cli.main(['models', '--download', server.url('/plain/fpn_pcpvt_s.pth')]) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert 'is full (No space left on device)' in err and 'TWINS_TIMM_CACHE' in err and 'internet' not in err
+    assert not _leftovers(cache)
+
+
+def test_two_fetches_of_one_entry_both_succeed(server, cache, capsys):
+    """torchrun ranks (or two shells) fetching one entry: one downloads, the other waits and uses it."""
+    path = '/plain/fpn_pcpvt_s.pth'
+    server.handler.modes[path] = 'slow'
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(zoo.fetch(server.url(path), progress=False))
+        except Exception as e:  # noqa: BLE001  reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 2 and results[0] == results[1], errors
+    assert server.handler.hits[path] == 1 and 'Waiting for another process' in capsys.readouterr().err
+    assert (results[0] / 'model.safetensors').is_file() and not _leftovers(cache)
+
+
+def test_two_processes_fetching_one_entry_both_succeed(server, cache):
+    """Two `twins-timm models --download URL` at once (as torchrun's ranks): the second waits for the
+    first (its download held until then) and uses its result."""
+    path = '/plain/fpn_pcpvt_s.pth'
+    server.handler.modes[path] = 'gate'
+    env = dict(os.environ, TWINS_TIMM_DOWNLOAD_TIMEOUT='60')   # the held download is no stall
+    children = [start_python(module='twins_timm', argv=['models', '--download', server.url(path)], env=env)
+                for _ in range(2)]
+    try:
+        deadline = time.time() + 120
+        while not any('Waiting for another process' in c.stderr_so_far() for c in children):
+            assert all(c.poll() is None for c in children) and time.time() < deadline, \
+                [c.stderr_so_far() for c in children]
+            time.sleep(0.2)
+        server.handler.gate.set()
+        assert [c.wait(120) for c in children] == [0, 0], [c.stderr for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+    folder = zoo.folder_for(server.url(path))
+    assert [c.stdout for c in children] == ['%s: %s\n' % (server.url(path), folder)] * 2
+    assert server.handler.hits[path] == 1 and zoo.cached_path(server.url(path)) == folder
+
+
+def test_timm_pretrained_offline_fails_at_once_without_the_network(server, cache, tmp_path, monkeypatch, hf_cache):
+    """timm.create_model(..., pretrained=True) with TWINS_TIMM_OFFLINE: the local Hugging Face cache or a
+    clear error, never the Hub (here a local server that counts requests)."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setattr(constants, 'ENDPOINT', server.root)
+    monkeypatch.setenv('HF_ENDPOINT', server.root)
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    with pytest.raises(zoo.ZooError) as e:
+        timm.create_model('twins_svt_small', pretrained=True)
+    msg = str(e.value)
+    assert 'offline mode is on' in msg and 'hf download timm/twins_svt_small.in1k' in msg and len(msg) < 400
+    assert server.handler.hits == {}
+
+    src = timm.create_model('twins_svt_small')
+    (tmp_path / 'repo').mkdir()
+    save_file(src.state_dict(), str(tmp_path / 'repo' / 'model.safetensors'))
+    (tmp_path / 'repo' / 'config.json').write_text('{"architecture": "twins_svt_small"}')
+    hf_cache(tmp_path / 'hub', 'timm/twins_svt_small.in1k', tmp_path / 'repo')
+    model = timm.create_model('twins_svt_small', pretrained=True)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    assert server.handler.hits == {}
+
+
+def test_hub_download_from_a_stalled_mirror_is_abandoned(server, cache, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    server.handler.modes['*'] = 'stall'
+    assert cli.main(['models', '--download', 'twins_svt_small.in1k']) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert 'from the Hugging Face Hub failed: ' in err and '(stalled; TWINS_TIMM_DOWNLOAD_TIMEOUT' in err, err
+    assert 'hf download timm/twins_svt_small.in1k' in err and 'Traceback' not in err
+    assert sum(server.handler.hits.values()) >= 1   # the mirror was asked
+
+
+def test_a_watched_download_may_outlast_the_timeout_while_it_makes_progress(tmp_path, monkeypatch):
+    from twins_timm.download import DownloadError, run_watched
+    monkeypatch.setenv('TWINS_TIMM_DOWNLOAD_TIMEOUT', '1')
+
+    def growing():
+        for _ in range(20):   # 2 s or more in all, 128 KiB every 0.1 s
+            with open(tmp_path / 'blob.incomplete', 'ab') as f:
+                f.write(os.urandom(1 << 17))
+            time.sleep(0.1)
+        return 'done'
+
+    assert run_watched(growing, tmp_path) == 'done'
+    with pytest.raises(DownloadError, match='stalled'):
+        run_watched(lambda: time.sleep(30), tmp_path / 'nothing')
+    with pytest.raises(KeyError, match='raised by the download'):
+        run_watched(lambda: {}['raised by the download'], tmp_path)

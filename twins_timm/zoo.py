@@ -8,11 +8,15 @@ Names follow timm's ``arch.tag``: ``{upernet,fpn}_twins_{pcpvt,svt}_{small,base,
 ADE20K segmenters), ``twins_*.in1k_mmseg`` (mmseg's converted ImageNet backbones, no head) and
 ``twins_*.in1k`` (timm's ImageNet classifiers on the Hugging Face Hub). ``twins-timm models`` lists them.
 
-Downloads go through ``torch.hub.download_url_to_file`` (progress bar, sha256 prefix from the file
-name checked) into a private temporary folder, then through the converter (safe loading, every key
-accounted for); the converted folder is renamed into ``cache_dir()/NAME`` only when complete.
+Downloads (``twins_timm.download``: bounded in size and time, sha256 prefix from the file name checked)
+go into a private temporary folder, then through the converter (safe loading, every key accounted for);
+the converted folder, with the size and sha256 of its weights (``twins_timm.cache_entry``), is renamed
+into ``cache_dir()/NAME`` only when complete, under a lock per entry: processes fetching the same entry
+(torchrun ranks) wait for the first and use its result. Every use checks the entry first; a damaged one
+is fetched again (or, offline, named with the command that fixes it).
 ``TWINS_TIMM_CACHE`` moves the cache; ``TWINS_TIMM_MIRROR=http://host:port`` replaces scheme and host
-of every download (same path); ``TWINS_TIMM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` never touches the network.
+of every download (same path); ``TWINS_TIMM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` never touches the network;
+``TWINS_TIMM_DOWNLOAD_TIMEOUT`` (seconds, default 60) bounds a stalled download.
 This module imports torch only when something is fetched, so listing stays fast.
 """
 from __future__ import annotations
@@ -25,16 +29,23 @@ import shutil
 import socket
 import sys
 import tempfile
+import urllib.error
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 from urllib.parse import urlsplit
 
+from twins_timm import cache_entry
+from twins_timm.download import DownloadError, download, is_full_disk, run_watched
+
 MMSEG_ROOT = 'https://download.openmmlab.com/mmsegmentation/v0.5/'
 MMSEG_LICENCE = ('apache-2.0 (OpenMMLab mmsegmentation); trained on ImageNet-1k and ADE20K, whose terms of use '
                  'also apply')
 TIMM_LICENCE = 'apache-2.0 (timm); trained on ImageNet-1k, whose terms of use also apply'
-DOWNLOAD_TIMEOUT_S = 60.0
+# the published files hold float32 weights and little else: a body much larger than that is refused
+SIZE_SLACK, SIZE_MARGIN = 1.5, 16 << 20
+MAX_UNLISTED_BYTES = 4 << 30   # a URL that is no zoo record and whose server announces no length
+OFFLINE_SWITCHES = 'TWINS_TIMM_OFFLINE / HF_HUB_OFFLINE'
 # torch.hub's convention: the file name ends in -<first hex digits of the file's sha256>.<ext>
 HASH_IN_NAME = re.compile(r'-([a-f0-9]{6,64})\.[A-Za-z0-9]+$')
 WEIGHTS = 'model.safetensors'
@@ -142,7 +153,17 @@ DEFAULT_SEGMENTER = 'upernet_twins_svt_large.ade20k'
 
 
 class ZooError(OSError):
-    """A published model could not be fetched (network, server, offline and not cached)."""
+    """A published model could not be fetched (network, server, offline and not cached).
+
+    ``reason`` says why in a few words, ``remedy`` what to do; the message is both."""
+
+    def __init__(self, reason: str, remedy: str = ''):
+        super().__init__('%s. %s' % (reason.rstrip('.'), remedy) if remedy else reason)
+        self.reason, self.remedy = reason, remedy
+
+
+class DamagedEntry(ZooError):
+    """A cached converted folder failed its check and cannot be fetched again now (offline)."""
 
 
 class ChecksumError(ValueError):
@@ -165,6 +186,15 @@ def get(name: str) -> ZooModel:
     close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.5)
     raise ValueError('%r is not a published model name%s; `twins-timm models` lists them all'
                      % (name, ' (did you mean %s?)' % ', '.join(close) if close else ''))
+
+
+def check_url(url: str) -> None:
+    """Refuse, before any work, an http(s) URL that does not name a file (no host, ``/``, ``..``)."""
+    parts = urlsplit(url)
+    segments = parts.path.split('/')
+    if not parts.hostname or segments[-1] in ('', '.') or '..' in segments:
+        raise ValueError('%s does not name a file: a model URL is http(s)://host/path/FILE, e.g. '
+                         'https://example.org/models/twins_svt-s_fpn-0a0d3317.pth' % url)
 
 
 def hash_prefix(url: str) -> Optional[str]:
@@ -194,8 +224,11 @@ def mirrored(url: str) -> str:
 
 
 def offline() -> bool:
-    return any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on')
-               for v in ('TWINS_TIMM_OFFLINE', 'HF_HUB_OFFLINE'))
+    """TWINS_TIMM_OFFLINE or huggingface_hub's offline mode (HF_HUB_OFFLINE, now or when it was imported):
+    nothing is downloaded."""
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE) or any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on')
+                                                for v in ('TWINS_TIMM_OFFLINE', 'HF_HUB_OFFLINE'))
 
 
 def _url_folder_name(url: str) -> str:
@@ -209,116 +242,147 @@ def folder_for(spec: str) -> Path:
 
 
 def cached_path(spec: str) -> Optional[Path]:
-    """The usable local folder of ``spec`` (zoo name or URL), or None if it has not been fetched."""
+    """The local folder of ``spec`` (zoo name or URL) if it is cached and whole (its size checked; ``fetch``
+    also checks its sha256), else None."""
     if not is_url(spec) and get(spec).origin == 'timm':
         return _hub_cached(get(spec))
     folder = folder_for(spec)
-    return folder if (folder / 'config.json').is_file() and (folder / WEIGHTS).is_file() else None
+    return folder if folder.is_dir() and cache_entry.problem(folder, WEIGHTS, full=False) is None else None
 
 
 def raw_path(url: str) -> Path:
-    """Where a raw published file is kept (``keep_raw``) or may be put by hand for offline use."""
-    return cache_dir() / 'downloads' / Path(urlsplit(url).path).name
+    """Where a raw published file is kept (``keep_raw``) or may be put by hand for offline use: a folder
+    per URL, so files of the same name from other addresses are never taken for it."""
+    return cache_dir() / 'downloads' / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(urlsplit(url).path).name
 
 
 def manual_steps(spec: str) -> str:
-    """How to get and convert the file by hand (for air-gapped machines)."""
-    url = spec if is_url(spec) else get(spec).url
+    """How to get the weights by hand (for air-gapped machines), in a sentence or two."""
     if not is_url(spec) and get(spec).origin == 'timm':
-        return ('download the Hub repository %s on a machine with internet (huggingface-cli download %s) and copy the '
-                'Hugging Face cache, or set HF_ENDPOINT to a mirror' % (get(spec).hub_repo, get(spec).hub_repo))
-    return ('download %s by hand (or serve it from a mirror and set TWINS_TIMM_MIRROR=http://host:port), then either '
-            'put it at %s (it is then verified and converted on first use), or convert it yourself: '
-            '`twins-timm convert %s ./%s` and pass --model ./%s'
-            % (url, raw_path(url), Path(urlsplit(url).path).name, _short(spec), _short(spec)))
-
-
-def _short(spec: str) -> str:
-    return Path(urlsplit(spec).path).stem if is_url(spec) else spec
+        repo = get(spec).hub_repo
+        return ('Download it once with internet (`hf download %s`, or `twins-timm models --download %s`) and copy '
+                'the Hugging Face cache here, or set HF_ENDPOINT to a mirror.' % (repo, spec))
+    url = spec if is_url(spec) else get(spec).url
+    return ('Download %s by hand and put it at %s (it is verified and converted on first use), or serve it from a '
+            'mirror: TWINS_TIMM_MIRROR=http://host:port.' % ('it' if is_url(spec) else url, raw_path(url)))
 
 
 # ------------------------------------------------------------------------------------- fetching
 def fetch(spec: str, progress: Optional[bool] = None, keep_raw: bool = False, force: bool = False) -> Path:
-    """The converted local folder of a zoo name or an http(s) URL: cached, or downloaded and converted now.
+    """The converted local folder of a zoo name or an http(s) URL: cached and checked, or downloaded and
+    converted now.
 
-    Raises ZooError (network / offline and not cached), ChecksumError (the file is not the published one)
-    and the converter's errors for a file that is not a supported Twins checkpoint; nothing is cached then.
+    Raises ZooError (network / offline and not cached; DamagedEntry: a damaged entry, offline),
+    ChecksumError (the file is not the published one), ValueError for a URL that names no file, and the
+    converter's errors for a file that is not a supported Twins checkpoint; nothing is cached then.
     """
     record = None if is_url(spec) else get(spec)
     if record is not None and record.origin == 'timm':
         return _fetch_hub(record, progress)
+    if record is None:
+        check_url(spec)
     try:
-        return _fetch_file(spec, record, progress, keep_raw, force)
+        return _fetch_file(spec, record, sys.stderr.isatty() if progress is None else progress, keep_raw, force)
     except ZooError as e:
-        raise ZooError('%s: %s' % (record.name, e) if record is not None else str(e)) from None
+        raise type(e)(e.reason if spec in e.reason else '%s: %s' % (spec, e.reason), e.remedy) from None
 
 
-def _fetch_file(spec: str, record: Optional[ZooModel], progress: Optional[bool], keep_raw: bool,
-                force: bool) -> Path:
-    cached = cached_path(spec)
-    if cached is not None and not force:
-        return cached
-    url = spec if record is None else record.url
-    expected = hash_prefix(url)
-    progress = sys.stderr.isatty() if progress is None else progress
+def _fetch_file(spec: str, record: Optional[ZooModel], progress: bool, keep_raw: bool, force: bool) -> Path:
+    folder = folder_for(spec)
+    if not force and folder.is_dir() and cache_entry.problem(folder, WEIGHTS) is None:
+        return folder
     root = cache_dir()
     from twins_timm.tools.paths import check_writable_dir  # here: twins_timm.tools imports the inference code
     # before hundreds of MB are downloaded: a probe file, which also holds for root and read-only mounts
     check_writable_dir(root, 'the model cache (TWINS_TIMM_CACHE moves it)')
     root.mkdir(parents=True, exist_ok=True)
+    waiting = lambda: print('Waiting for another process that is fetching %s ...' % spec, file=sys.stderr)  # noqa: E731
+    with cache_entry.locked(root, str(folder.relative_to(root)), waiting):
+        damage = cache_entry.problem(folder, WEIGHTS) if folder.is_dir() else None
+        if not force and folder.is_dir() and damage is None:
+            return folder   # whole, or just completed by the process we waited for
+        url = spec if record is None else record.url
+        if damage and not force:
+            if offline() and not raw_path(url).is_file():
+                raise DamagedEntry('the cached copy at %s is damaged (%s)' % (folder, damage),
+                                   'Fetch it again with internet access: twins-timm models --download %s --force'
+                                   % spec)
+            print('The cached copy of %s at %s is damaged (%s); fetching it again.' % (spec, folder, damage),
+                  file=sys.stderr)
+        _fill(folder, url, record, progress, keep_raw)
+    return folder
+
+
+def _fill(folder: Path, url: str, record: Optional[ZooModel], progress: bool, keep_raw: bool) -> None:
+    """Download (or take the kept raw file), verify and convert ``url`` into ``folder``."""
+    root = cache_dir()
     _remove_stale_downloads(root)
     work = Path(tempfile.mkdtemp(prefix='.download-%d-' % os.getpid(), dir=root))
     try:
-        kept = raw_path(url)
+        kept, kept_sha = raw_path(url), _kept_sha256(url)
         if kept.is_file():
-            raw = kept
-            _check_hash(raw, expected, 'the kept file %s' % raw)
+            raw = kept   # kept by us (its sha256 beside it) or put there by hand (the name's prefix, if any)
+            _check_hash(raw, kept_sha.read_text().strip() if kept_sha.is_file() else hash_prefix(url),
+                        'the kept file %s' % raw)
         else:
             raw = work / kept.name
-            _download(url, raw, expected, progress)
-        dst = folder_for(spec)
-        _convert(raw, dst, url, record, progress, force)
+            digest = _download(url, raw, record, progress)
+        _convert(raw, work / 'entry', url, record, progress)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists() or folder.is_symlink():
+            os.replace(folder, work / 'replaced')   # our own earlier entry: removed with the work folder
+        os.replace(work / 'entry', folder)
         if keep_raw and raw != kept:
             kept.parent.mkdir(parents=True, exist_ok=True)
+            kept_sha.write_text(digest + '\n')
             os.replace(raw, kept)
+    except OSError as e:
+        if not is_full_disk(e):
+            raise
+        raise ZooError('the disk holding the model cache %s is full (%s); nothing was cached' % (root, e.strerror),
+                       'Free some space, or move the cache to a larger disk with TWINS_TIMM_CACHE') from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return dst
 
 
-def _download(url: str, dst: Path, expected: Optional[str], progress: bool) -> None:
-    from urllib.error import HTTPError, URLError
+def _kept_sha256(url: str) -> Path:
+    """The sha256 of a raw file kept with ``keep_raw``, checked whenever it is used again."""
+    kept = raw_path(url)
+    return kept.with_name(kept.name + '.sha256')
 
-    from torch.hub import download_url_to_file
 
+def _size_limit(record: Optional[ZooModel]) -> int:
+    return int(record.download_bytes * SIZE_SLACK) + SIZE_MARGIN if record is not None else MAX_UNLISTED_BYTES
+
+
+def _download(url: str, dst: Path, record: Optional[ZooModel], progress: bool) -> str:
+    """Download ``url`` (through the mirror, if set) into ``dst``; its sha256."""
     source = mirrored(url)
+    manual = manual_steps(url if record is None else record.name)
     if offline():
-        raise ZooError('%s is not cached and TWINS_TIMM_OFFLINE / HF_HUB_OFFLINE is set, so it is not downloaded. '
-                       'Unset it with internet access, or %s' % (url, manual_steps(url)))
+        raise ZooError('not cached, and offline mode is on (%s)' % OFFLINE_SWITCHES, manual)
     if progress:
         print('Downloading %s' % source, file=sys.stderr)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a stalled server is an error, not a hang
     try:
-        download_url_to_file(source, str(dst), hash_prefix=expected, progress=progress)
-    except HTTPError as e:
-        raise ZooError('downloading %s failed: HTTP %d %s. Check the address%s; or %s'
-                       % (source, e.code, e.reason, ' and TWINS_TIMM_MIRROR' if source != url else '',
-                          manual_steps(url))) from None
-    except (URLError, OSError, socket.timeout) as e:
-        reason = getattr(e, 'reason', None) or e
-        raise ZooError('downloading %s failed (%s): no internet access, or the server is down. Nothing was cached. '
-                       'Retry with internet, or %s' % (source, reason, manual_steps(url))) from None
-    except RuntimeError as e:
-        m = re.search(r'expected "([0-9a-f]+)", got "([0-9a-f]+)"', str(e))
-        if not m:
+        digest = download(source, dst, _size_limit(record), progress)
+    except urllib.error.HTTPError as e:
+        raise ZooError('downloading %s failed: HTTP %d %s' % (source, e.code, e.reason),
+                       'Check the address%s. %s' % (' and TWINS_TIMM_MIRROR' if source != url else '', manual)
+                       ) from None
+    except DownloadError as e:
+        raise ZooError('downloading %s failed: %s; nothing was cached' % (source, e), 'Retry. ' + manual) from None
+    except OSError as e:
+        if is_full_disk(e):
             raise
+        reason = getattr(e, 'reason', None) or e
+        raise ZooError('downloading %s failed (%s): no internet access, or the server is down; nothing was cached'
+                       % (source, reason), 'Retry with internet. ' + manual) from None
+    expected = hash_prefix(url)
+    if expected and not digest.startswith(expected):
         raise ChecksumError('the file downloaded from %s is not the published one: its sha256 is %s, but the file '
-                            'name promises one starting with %s (an incomplete download, a changed file or a bad '
-                            'mirror). Nothing was cached; retry, or fetch it by hand from %s'
-                            % (source, m.group(2), m.group(1), url)) from None
-    finally:
-        socket.setdefaulttimeout(old)
+                            'name promises one starting with %s (a changed file or a bad mirror). Nothing was '
+                            'cached; retry, or fetch it by hand from %s' % (source, digest, expected, url))
+    return digest
 
 
 def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
@@ -327,11 +391,12 @@ def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
     from twins_timm.convert.io import sha256_file
     digest = sha256_file(path)
     if not digest.startswith(expected):
-        raise ChecksumError('%s is not the published file: its sha256 is %s, but the file name promises one starting '
-                            'with %s. Delete it and fetch it again' % (what, digest, expected))
+        raise ChecksumError('%s is not the file that was published or kept: its sha256 is %s, expected %s. Delete '
+                            'it and fetch it again' % (what, digest, expected + ('...' if len(expected) < 64 else '')))
 
 
-def _convert(raw: Path, dst: Path, url: str, record: Optional[ZooModel], progress: bool, force: bool) -> None:
+def _convert(raw: Path, dst: Path, url: str, record: Optional[ZooModel], progress: bool) -> None:
+    """Convert ``raw`` into the new folder ``dst`` and record its weights' size and sha256 there."""
     from twins_timm.convert import convert_checkpoint, save
 
     res = convert_checkpoint(raw, progress=progress)
@@ -343,7 +408,8 @@ def _convert(raw: Path, dst: Path, url: str, record: Optional[ZooModel], progres
         card.update(name=record.name, dataset=record.dataset, licence=record.licence)
         if record.miou is not None:
             card['metrics'] = {'mIoU (single scale)': record.miou, 'mIoU (multi-scale + flip)': record.miou_ms}
-    save(res, dst, force=force, card=card)
+    info = save(res, dst, card=card)
+    cache_entry.write_record(dst, info.weights.name, url, info.sha256)
 
 
 def _remove_stale_downloads(root: Path) -> None:
@@ -353,8 +419,6 @@ def _remove_stale_downloads(root: Path) -> None:
         m = re.match(r'^\.download-(\d+)-', p.name)
         if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
-
-    return True
 
 
 # ---------------------------------------------------------------------- timm's Hub classifiers
@@ -371,8 +435,8 @@ def _check_reachable(url: str, name: str, timeout: float = 5.0) -> None:
         socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == 'https' else 80)),
                                  timeout=timeout).close()
     except OSError as e:
-        raise ZooError('%s is not in the local Hugging Face cache and %s cannot be reached (%s): no internet '
-                       'access? %s' % (name, parts.netloc, e.strerror or e, manual_steps(name))) from None
+        raise ZooError('%s: not in the local Hugging Face cache, and %s cannot be reached (%s): no internet access?'
+                       % (name, parts.netloc, e.strerror or e), manual_steps(name)) from None
 
 
 def _hub_cached(record: ZooModel) -> Optional[Path]:
@@ -387,17 +451,36 @@ def _fetch_hub(record: ZooModel, progress: Optional[bool]) -> Path:
     if cached is not None:
         return cached
     if offline():
-        raise ZooError('%s is not in the local Hugging Face cache and TWINS_TIMM_OFFLINE / HF_HUB_OFFLINE is set; %s'
-                       % (record.name, manual_steps(record.name)))
+        raise ZooError('%s: not in the local Hugging Face cache, and offline mode is on (%s)'
+                       % (record.name, OFFLINE_SWITCHES), manual_steps(record.name))
     _check_reachable(_hub_endpoint() or os.environ.get('HF_ENDPOINT') or 'https://huggingface.co', record.name)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    # the Hub client waits forever on a server that trickles: abandoned when its blobs stop growing
+    blobs = Path(constants.HF_HUB_CACHE) / ('models--%s' % record.hub_repo.replace('/', '--')) / 'blobs'
     try:
-        return Path(snapshot_download(record.hub_repo, allow_patterns=['config.json', WEIGHTS],
-                                      endpoint=_hub_endpoint()))
+        return Path(run_watched(lambda: snapshot_download(record.hub_repo, allow_patterns=['config.json', WEIGHTS],
+                                                          endpoint=_hub_endpoint()), blobs))
+    except DownloadError as e:
+        raise ZooError('%s: downloading %s from the Hugging Face Hub failed: %s' % (record.name, record.hub_repo, e),
+                       manual_steps(record.name)) from None
     except Exception as e:  # huggingface_hub's network errors come in many types
-        raise ZooError('downloading %s from the Hugging Face Hub failed (%s); %s'
-                       % (record.hub_repo, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
-                          manual_steps(record.name))) from None
+        raise ZooError('%s: downloading %s from the Hugging Face Hub failed (%s)'
+                       % (record.name, record.hub_repo,
+                          str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__),
+                       manual_steps(record.name)) from None
+
+
+def timm_weights(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The kwargs of ``timm.create_model(variant, pretrained=True)`` with timm's ImageNet weights found here:
+    the local Hugging Face cache first; offline, a clear error at once; else one download. (timm's own path
+    retries the Hub for a minute without internet, ignores TWINS_TIMM_OFFLINE and ends in a traceback.)
+    Weights the caller chose (a file, URL, state dict, pretrained_cfg, cache_dir) are left to timm."""
+    cfg, overlay = kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay') or {}
+    name = '%s.%s' % (variant, cfg or 'in1k')
+    if (not isinstance(cfg, (str, type(None))) or kwargs.get('cache_dir') or name not in MODELS
+            or any(overlay.get(k) for k in ('file', 'url', 'state_dict', 'hf_hub_id', 'source'))):
+        return kwargs
+    return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=str(fetch(name) / WEIGHTS)))
 
 
 # ------------------------------------------------------------------------------------- models

@@ -717,6 +717,9 @@ def checkpoint_family_args(family: str, variant: str) -> Dict[str, Any]:
 
 
 def _create_twins(variant: str, pretrained: bool = False, **kwargs) -> Twins:
+    if pretrained:  # timm's ImageNet weights: the local cache first, offline a clear error at once
+        from twins_timm import zoo
+        kwargs = zoo.timm_weights(variant, kwargs)
     out_indices = kwargs.pop('out_indices', 4)
     return build_model_with_cfg(
         Twins, variant, pretrained,

@@ -170,8 +170,8 @@ def _cached_snapshot(repo_id: str) -> Optional[str]:
 
 
 def _hub_offline() -> bool:
-    from huggingface_hub import constants
-    return bool(getattr(constants, 'HF_HUB_OFFLINE', False))
+    from twins_timm import zoo
+    return zoo.offline()
 
 
 def _download(repo_id: str) -> Optional[str]:
@@ -256,7 +256,7 @@ def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, 
         except zoo.ZooError as e:
             if not allow_random:
                 raise
-            why = str(e)
+            why, force = e.reason, isinstance(e, zoo.DamagedEntry)
     elif _looks_like_path(spec):
         close = difflib.get_close_matches(spec, list(zoo.MODELS), n=2, cutoff=0.6)
         raise FileNotFoundError('model %s does not exist: not a folder, a checkpoint file, a published model name%s '
@@ -269,18 +269,18 @@ def load_model(spec: Optional[str] = None, allow_random: Optional[bool] = None, 
             folder, where = _download(spec), 'Hub'
         if folder is not None:
             return LoadedModel(_from_folder(folder).eval(), '%s %s (%s)' % (where, spec, folder))
-        why = ('not in the local Hub cache and HF_HUB_OFFLINE is set' if _hub_offline()
+        why = ('not in the local Hub cache and offline mode is on (%s)' % zoo.OFFLINE_SWITCHES if _hub_offline()
                else 'not in the local Hub cache and could not be downloaded')
+        force = False
         if not allow_random:
             raise FileNotFoundError(
                 'model %s: %s. Convert a checkpoint with `twins-timm convert` and pass the folder '
                 'with --model DIR, or download the Hub repository while online.' % (spec, why))
     if why.startswith(spec + ':'):  # zoo errors already begin with the name
         why = why[len(spec) + 1:].lstrip()
-    log('No converted weights found for %s: %s\n'
-        'Running with a RANDOM-INITIALISED %s UPerNet instead: the output shows the pipeline '
-        'working, not a real segmentation.\n'
-        'Get the real model with one command (with internet, once): twins-timm models --download %s'
-        % (spec, why, RANDOM_FALLBACK_ENCODER, spec))
+    # one short paragraph (printed under --quiet too): the details come with the command that fixes it
+    log('No converted weights found for %s: %s. Running with a RANDOM-INITIALISED %s UPerNet instead: the '
+        'output shows the pipeline working, not a real segmentation. Get the real model once, with internet: '
+        'twins-timm models --download %s%s' % (spec, why, RANDOM_FALLBACK_ENCODER, spec, ' --force' if force else ''))
     return LoadedModel(random_model().eval(), 'random-initialised %s UPerNet (%s)'
                        % (RANDOM_FALLBACK_ENCODER, RANDOM_LABEL), random_weights=True)

@@ -10,8 +10,10 @@ DESCRIPTION = """List the published Twins models that twins-timm fetches by name
 Every name works wherever a model does: `twins-timm segment / eval --model NAME`,
 `twins_timm.adapters.from_pretrained(NAME)`, `twins_timm.zoo.create_model(NAME)`. The first use downloads
 the published file (sha256 checked against its name), converts it and caches the converted folder under
-TWINS_TIMM_CACHE (default: ~/.cache/twins_timm); later uses are offline. TWINS_TIMM_MIRROR=http://host:port
-fetches from a mirror (same paths); TWINS_TIMM_OFFLINE=1 never touches the network."""
+TWINS_TIMM_CACHE (default: ~/.cache/twins_timm); later uses are offline, each checking the cached weights
+(a damaged copy is fetched again; offline, --download NAME --force replaces it).
+TWINS_TIMM_MIRROR=http://host:port fetches from a mirror (same paths); TWINS_TIMM_OFFLINE=1 never touches
+the network; TWINS_TIMM_DOWNLOAD_TIMEOUT=SECONDS (default 60) abandons a stalled download."""
 
 EPILOG = """examples:
   twins-timm models                                   # the table
@@ -45,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from twins_timm import zoo
 
     if args.download:
-        for spec in args.download:
-            if not zoo.is_url(spec):
-                zoo.get(spec)  # every name checked before the first download
+        for spec in args.download:  # every name and URL checked before the first download
+            if zoo.is_url(spec):
+                zoo.check_url(spec)
+            else:
+                zoo.get(spec)
         for spec in args.download:
             folder = zoo.fetch(spec, progress=sys.stderr.isatty(), keep_raw=args.keep_raw, force=args.force)
             print('%s: %s' % (spec, folder))

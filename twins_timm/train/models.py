@@ -93,8 +93,12 @@ def build_model(spec: str, classes: Optional[int] = None, class_names: Optional[
         if drop_path_rate is None:
             drop_path_rate = recipe_for(head, variant).drop_path_rate
         n = classes or (len(class_names) if class_names else 150)
-        model = build_arch(head, variant, n, class_names, pretrained=not from_scratch,
-                           drop_path_rate=drop_path_rate)
+        from twins_timm import zoo
+        try:
+            model = build_arch(head, variant, n, class_names, pretrained=not from_scratch,
+                               drop_path_rate=drop_path_rate)
+        except zoo.ZooError as e:  # timm's ImageNet weights out of reach: say that training can go without
+            raise type(e)(e.reason, e.remedy + ' Or train from random weights: --from-scratch.') from None
         return model, '%s on a %s %s backbone' % (head, 'random-initialised' if from_scratch
                                                   else "timm ImageNet", variant)
     if from_scratch:
