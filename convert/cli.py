@@ -114,11 +114,10 @@ def _check_dst(src: Path, dst: Path, to: str, force: bool) -> None:
     (with --force) an earlier output of ours, and its folder is writable."""
     from twins_timm.convert.save import check_output
     from twins_timm.tools.paths import check_writable_dir, model_files, refuse_inputs_as_outputs
-    refuse_inputs_as_outputs([dst], [src], 'Choose another DST.')
     if dst.is_dir() and src.resolve().is_relative_to(dst.resolve()):
         raise ValueError('DST %s is the folder that holds SRC %s; replacing it would delete the input, even with '
                          '--force. Choose another DST.' % (dst, src))
-    refuse_inputs_as_outputs([dst], model_files(str(src)), 'Choose another DST.')
+    refuse_inputs_as_outputs([dst], [src] + model_files(str(src)), 'Choose another DST.')
     check_output(dst, to, force)
     check_writable_dir(dst.parent, 'the folder of DST')
 
