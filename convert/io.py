@@ -418,7 +418,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], dst: PathLike, forc
 
 
 def save_torch(obj: Any, dst: PathLike, force: bool = False,
-               not_ours: Optional[Callable[[Path], Optional[str]]] = mmseg_not_ours, needed: Optional[int] = None) -> Path:
+               not_ours: Optional[Callable[[Path], Optional[str]]] = mmseg_not_ours,
+               needed: Optional[int] = None) -> Path:
     """A torch file; with ``force`` it replaces only one ``not_ours`` recognises (an mmseg file of ours)."""
     with atomic_path(dst, force, not_ours=not_ours, needed=needed) as tmp:
         torch.save(obj, tmp)

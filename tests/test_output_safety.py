@@ -3,7 +3,6 @@ file it reads, and a full disk is one paragraph with nothing left behind -- all 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,23 +12,11 @@ import torch
 from PIL import Image
 
 from checkpoint_factory import write_checkpoint
+from test_tools_safety import _one_paragraph, _sha, no_model_load  # noqa: F401 (a fixture)
 from test_zoo import _leftovers, _path, cache, files, seg_record  # noqa: F401 (fixtures)
 from tools_standin import random_rgb
 from twins_timm import cli, zoo
 from twins_timm.convert import io as convert_io
-from twins_timm.tools import evaluate as evaluate_mod
-from twins_timm.tools import segment as segment_mod
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _error(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err and err.startswith('twins-timm %s: error: ' % command), err
-    assert '\n\n' not in err.strip(), err
-    return ' '.join(err.split())
 
 
 def _debris(root: Path) -> list:
@@ -42,15 +29,11 @@ def src(tmp_path_factory):
 
 
 @pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if a command gets as far as converting or loading a model."""
-    def fail(*a, **k):
-        raise AssertionError('the work started before the mistake was reported')
+def no_work(no_model_load, monkeypatch):
+    """Fail the test if a command gets as far as loading a model, converting or downloading."""
     from twins_timm.convert import api
-    monkeypatch.setattr(api, 'convert_checkpoint', fail)
-    monkeypatch.setattr(segment_mod, 'load_model', fail)
-    monkeypatch.setattr(evaluate_mod, 'load_model', fail)
-    monkeypatch.setattr(zoo, '_download', fail)
+    for owner, name in ((api, 'convert_checkpoint'), (zoo, '_download')):
+        monkeypatch.setattr(owner, name, lambda *a, **k: pytest.fail('the work started before the error'))
 
 
 def _our_folder(path: Path) -> Path:
@@ -74,7 +57,7 @@ def test_convert_force_never_replaces_a_users_folder_or_a_link(tmp_path, src, no
     precious.mkdir()
     (precious / 'thesis.tex').write_text('x')
     assert cli.main(['convert', str(src), str(precious), '--force']) == 2
-    err = _error(capsys, 'convert')
+    err = _one_paragraph(capsys, 'convert')
     assert 'not written by twins-timm' in err and 'thesis.tex' in err
     assert (precious / 'thesis.tex').read_text() == 'x'
     repo = tmp_path / 'repo'
@@ -82,13 +65,13 @@ def test_convert_force_never_replaces_a_users_folder_or_a_link(tmp_path, src, no
     (repo / '.git' / 'HEAD').write_text('ref: refs/heads/main\n')
     monkeypatch.chdir(repo)
     assert cli.main(['convert', str(src), '.', '--force']) == 2
-    assert '.git' in _error(capsys, 'convert')
+    assert '.git' in _one_paragraph(capsys, 'convert')
     assert (repo / '.git' / 'HEAD').read_text() == 'ref: refs/heads/main\n'
     target = _our_folder(tmp_path / 'target')  # even a link to a folder of ours is not replaced
     link = tmp_path / 'link'
     link.symlink_to(target)
     assert cli.main(['convert', str(src), str(link), '--force']) == 2
-    assert 'symbolic link' in _error(capsys, 'convert')
+    assert 'symbolic link' in _one_paragraph(capsys, 'convert')
     assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ['config.json']
     assert _debris(tmp_path) == []
 
@@ -113,7 +96,7 @@ def test_convert_force_replaces_its_own_files_only(tmp_path, src, capsys):
                             (foreign_pth, to_mmseg, 'no twins-timm entry')):
         sha = _sha(dst)
         assert cli.main(['convert', str(src), str(dst), '--force'] + extra) == 2
-        err = _error(capsys, 'convert')
+        err = _one_paragraph(capsys, 'convert')
         assert 'not written by twins-timm' in err and why in err
         assert _sha(dst) == sha
 
@@ -127,7 +110,7 @@ def test_convert_never_writes_a_file_of_its_source_folder(tmp_path, src, monkeyp
     monkeypatch.setattr(api, 'convert_checkpoint', lambda *a, **k: pytest.fail('converted before refusing'))
     for name, extra in (('model.safetensors', ['--dtype', 'bf16']), ('config.json', [])):
         assert cli.main(['convert', str(folder), str(folder / name), '--force'] + extra) == 2
-        err = _error(capsys, 'convert')
+        err = _one_paragraph(capsys, 'convert')
         assert 'would overwrite the input' in err and name in err
     assert {p.name: _sha(p) for p in folder.iterdir()} == shas
 
@@ -143,12 +126,12 @@ def test_eval_json_never_replaces_a_cached_models_file(tmp_path, no_work, monkey
     sha = _sha(entry / 'config.json')
     assert cli.main(['eval', '--data', str(data), '--model', name, '--json', str(entry / 'config.json'),
                      '--force']) == 2
-    assert 'would overwrite the input' in _error(capsys, 'eval')
+    assert 'would overwrite the input' in _one_paragraph(capsys, 'eval')
     assert _sha(entry / 'config.json') == sha
     theirs = tmp_path / 'theirs.json'
     theirs.write_text('{"a": 1}')
     assert cli.main(['eval', '--data', str(data), '--model', name, '--json', str(theirs), '--force']) == 2
-    assert 'not written by twins-timm' in _error(capsys, 'eval')
+    assert 'not written by twins-timm' in _one_paragraph(capsys, 'eval')
     assert theirs.read_text() == '{"a": 1}'
 
 
@@ -157,7 +140,7 @@ def test_eval_json_of_ours_is_replaced_with_force(tmp_path, standin, capsys):
     out = tmp_path / 'm.json'
     assert cli.main(['eval', '--data', str(data), '--json', str(out), '--quiet']) == 0
     assert cli.main(['eval', '--data', str(data), '--json', str(out), '--quiet']) == 2
-    assert '--force' in _error(capsys, 'eval')
+    assert '--force' in _one_paragraph(capsys, 'eval')
     assert cli.main(['eval', '--data', str(data), '--json', str(out), '--quiet', '--force']) == 0
 
 
@@ -169,13 +152,13 @@ def test_segment_force_spares_foreign_pngs_and_links(tmp_path, no_work, capsys):
     Image.fromarray(random_rgb(40, 48, 1)).save(theirs)
     sha = _sha(theirs)
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--out', str(out), '--force']) == 2
-    assert 'not written by twins-timm' in _error(capsys, 'segment')
+    assert 'not written by twins-timm' in _one_paragraph(capsys, 'segment')
     assert _sha(theirs) == sha
     theirs.unlink()
     (out / 'x_overlay.png').symlink_to(tmp_path / 'nowhere.png')  # dangling: exists() says no
     for extra, said in (([], 'already exist'), (['--force'], 'symbolic link')):
         assert cli.main(['segment', str(tmp_path / 'x.png'), '--out', str(out)] + extra) == 2
-        assert said in _error(capsys, 'segment')
+        assert said in _one_paragraph(capsys, 'segment')
     assert (out / 'x_overlay.png').is_symlink() and not (tmp_path / 'nowhere.png').exists()
 
 
@@ -194,7 +177,7 @@ def test_models_download_force_spares_a_users_folder_in_the_cache(cache, seg_rec
     entry.mkdir(parents=True)
     (entry / 'notes.txt').write_text('mine')
     assert cli.main(['models', '--download', seg_record.name, '--force']) == 2
-    err = _error(capsys, 'models')
+    err = _one_paragraph(capsys, 'models')
     assert 'not written by twins-timm' in err and 'notes.txt' in err
     assert (entry / 'notes.txt').read_text() == 'mine'
 
@@ -205,7 +188,7 @@ def test_train_resume_refuses_inputs_inside_out(tmp_path, capsys):
     (out / 'run.json').write_text('{}')
     assert cli.main(['train', '--data', str(out / 'data'), '--model', 'upernet:twins_svt_small', '--out', str(out),
                      '--resume']) == 2
-    assert 'would overwrite the input' in _error(capsys, 'train')
+    assert 'would overwrite the input' in _one_paragraph(capsys, 'train')
 
 
 # ------------------------------------------------------------------------------------------- full disk
@@ -238,7 +221,7 @@ def test_full_disk_during_convert_is_one_paragraph_and_leaves_nothing(tmp_path, 
     dst = tmp_path / 'new' / {'safetensors': 'w.safetensors', 'folder': 'F', 'mmseg': 'm.pth'}[kind]
     extra = ['--to', 'mmseg', '--drop', 'head,norm'] if kind == 'mmseg' else []
     assert cli.main(['convert', str(src), str(dst), '--no-parity'] + extra) == 2
-    err = _error(capsys, 'convert')
+    err = _one_paragraph(capsys, 'convert')
     assert 'no space left on' in err and str(dst) in err and 'needed ~' in err and 'free' in err, err
     assert 'Nothing was written' in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.txt']  # not even the folder made for DST
@@ -248,7 +231,7 @@ def test_too_little_space_is_refused_before_writing(tmp_path, src, monkeypatch, 
     monkeypatch.setattr(convert_io, '_free_bytes', lambda folder: 1000)
     monkeypatch.setattr('safetensors.torch.save_file', lambda *a, **k: pytest.fail('wrote despite no space'))
     assert cli.main(['convert', str(src), str(tmp_path / 'w.safetensors')]) == 2
-    err = _error(capsys, 'convert')
+    err = _one_paragraph(capsys, 'convert')
     assert 'needed ~' in err and 'MB' in err and 'free 1.0 kB' in err
     assert list(tmp_path.iterdir()) == []
 
@@ -261,6 +244,6 @@ def test_full_disk_during_zoo_conversion(cache, seg_record, files, monkeypatch, 
     monkeypatch.setattr('safetensors.torch.save_file',
                         _full_disk_after(4096, OSError(errno.ENOSPC, 'No space left on device')))
     assert cli.main(['models', '--download', seg_record.name]) == 2
-    err = _error(capsys, 'models')
+    err = _one_paragraph(capsys, 'models')
     assert 'no space left on' in err and 'needed ~' in err
     assert not zoo.folder_for(seg_record.name).exists() and _leftovers(cache) == []
