@@ -359,7 +359,7 @@ def atomic_path(dst: PathLike, force: bool = False, folder: bool = False,
     created = _make_parents(dst.parent)
     _remove_stale_partials(dst)
     prefix = _PARTIAL_PREFIX % (dst.name, os.getpid())
-    tmp = None
+    tmp, free = None, None
     try:
         free = _free_bytes(dst.parent)
         if folder:

@@ -8,8 +8,9 @@ model, or -- when it is not available offline -- a random-initialised model that
 its outputs are named <name>_labels_RANDOM-WEIGHTS.png / <name>_overlay_RANDOM-WEIGHTS.png, the overlay
 carries a red banner and both PNGs a "Warning" text chunk.
 
-Safety: no output ever replaces an input (not even with --force); every input header, the output
-folder and the existing outputs are checked before the model loads.  An image that fails later (its
+Safety: no output ever replaces an input (not even with --force), and --force replaces only PNGs that
+twins-timm wrote (never a link); every input header, the output folder and the existing outputs are
+checked before the model loads.  An image that fails later (its
 data turns out corrupt while decoding, or it is too small for the model) is skipped and listed at the
 end; the others are still written, and the exit code is 1 (0: all written; 2: nothing done, the
 error says why).
