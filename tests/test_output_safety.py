@@ -182,6 +182,32 @@ def test_models_download_force_spares_a_users_folder_in_the_cache(cache, seg_rec
     assert (entry / 'notes.txt').read_text() == 'mine'
 
 
+def test_models_download_force_replaces_its_own_cache_entry(cache, seg_record, files, monkeypatch, capsys):
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    raw = zoo.raw_path(seg_record.url)  # put there by hand: converted without a download
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(files[_path(files, 'fpn_pcpvt_s_test-')])
+    assert cli.main(['models', '--download', seg_record.name]) == 0
+    weights = zoo.folder_for(seg_record.name) / 'model.safetensors'
+    inode = weights.stat().st_ino  # the new folder is written beside the old one: its files are new inodes
+    assert cli.main(['models', '--download', seg_record.name, '--force']) == 0
+    assert weights.stat().st_ino != inode and _leftovers(cache) == []
+
+
+def test_training_checkpoints_are_folders_of_ours(tmp_path):
+    from train_data import SHALLOW_DEPTHS, tiny_model
+    from twins_timm.train.engine import save_checkpoint
+    from twins_timm.train.recipe import Recipe
+    model = tiny_model(depths=SHALLOW_DEPTHS)
+    recipe = Recipe(head='upernet', encoder='twins_svt_small', config='test', lr=1e-3, weight_decay=0.01)
+    first = save_checkpoint(tmp_path, 12, model, {'iter': 12}, recipe, {})
+    assert save_checkpoint(tmp_path, 12, model, {'iter': 12}, recipe, {}) == first  # a resumed run writes it again
+    (first / 'notes.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match='notes.txt'):
+        save_checkpoint(tmp_path, 12, model, {'iter': 12}, recipe, {})
+    assert (first / 'notes.txt').read_text() == 'mine' and _debris(tmp_path) == []
+
+
 def test_train_resume_refuses_inputs_inside_out(tmp_path, capsys):
     out = tmp_path / 'run'
     (out / 'data').mkdir(parents=True)
