@@ -274,9 +274,10 @@ def _size(n: Optional[int]) -> str:
 
 
 def disk_full_message(dst: Path, needed: Optional[int], free: Optional[int]) -> str:
-    need = '~%s' % _size(needed) if needed else 'more than that'
-    return ('no space left on %s for %s: needed %s, free %s. Nothing was written; free some space (or quota) '
-            'or choose an output on another disk' % (_file_system(dst.parent), dst, need, _size(free)))
+    space = ('needed ~%s, free %s' % (_size(needed), _size(free)) if needed
+             else 'needed more than the %s that were free' % _size(free))
+    return ('no space left on %s for %s: %s. It was not written and nothing partial is left; free some space '
+            '(or quota) or choose an output on another disk' % (_file_system(dst.parent), dst, space))
 
 
 def check_free_space(dst: PathLike, needed: int) -> None:

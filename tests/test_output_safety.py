@@ -249,7 +249,7 @@ def test_full_disk_during_convert_is_one_paragraph_and_leaves_nothing(tmp_path, 
     assert cli.main(['convert', str(src), str(dst), '--no-parity'] + extra) == 2
     err = _one_paragraph(capsys, 'convert')
     assert 'no space left on' in err and str(dst) in err and 'needed ~' in err and 'free' in err, err
-    assert 'Nothing was written' in err
+    assert 'nothing partial is left' in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.txt']  # not even the folder made for DST
 
 

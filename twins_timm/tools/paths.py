@@ -70,7 +70,7 @@ def check_replaceable(path: PathLike, what: str, force: bool,
                               'output is replaced) or choose another path' % (what, path))
     if path.is_symlink():
         raise FileExistsError('%s %s is a symbolic link (to %s); twins-timm never replaces a link, even with '
-                              '--force. Remove the link or give another path' % (what, path, os.readlink(path)))
+                              '--force. Give the path it points to, or another one' % (what, path, os.readlink(path)))
     problem = not_ours(path) if not_ours is not None else (None if path.is_file() else 'not a regular file')
     if problem:
         raise FileExistsError('%s %s was not written by twins-timm (%s), so --force does not replace it; '
