@@ -80,7 +80,8 @@ class SaveInfo:
 def save(res: ConversionResult, dst: PathLike, to: str = 'timm', force: bool = False,
          dtype: Union[str, torch.dtype, None] = None, parity: bool = True,
          mmseg_drop: Union[str, Iterable[str], None] = (), card: Optional[Mapping[str, Any]] = None) -> SaveInfo:
-    """Write a conversion result, atomically and never over an existing path unless ``force``.
+    """Write a conversion result, atomically; over an existing path only with ``force``, and only over an
+    earlier output of ours (see ``NOT_OURS``). A full disk is a ``DiskFullError`` with nothing left behind.
 
     * ``to='timm'`` and ``dst`` a folder: a Hub folder (timm model, or SMP segmenter for fpn/upernet).
     * ``to='timm'`` and ``dst`` ending in ``.safetensors``: the state dict alone.
