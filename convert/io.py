@@ -176,20 +176,22 @@ def check_destination(dst: PathLike, force: bool, not_ours: Optional[Callable[[P
 
 
 # -------------------------------------------------------------------- what marks an output as ours
-# Every folder twins-timm writes (convert, the zoo cache, training checkpoints) holds only these files, and its
-# config.json names a twins-timm model: a timm folder from `convert` carries a 'twins_timm' entry, a segmenter
-# folder the adapter class that save_pretrained records.
-OUR_FOLDER_FILES = frozenset({'config.json', 'model.safetensors', 'README.md', 'recipe.json', 'training_state.pt'})
+# Every folder twins-timm writes holds only these files (Hub folders from `convert` and the zoo cache; training
+# checkpoints add theirs), and its config.json names a twins-timm model: a timm folder from `convert` carries a
+# 'twins_timm' entry, a segmenter folder the adapter class that save_pretrained records.
+HUB_FOLDER_FILES = frozenset({'config.json', 'model.safetensors', 'README.md'})
+OUR_FOLDER_FILES = HUB_FOLDER_FILES | {'recipe.json', 'training_state.pt'}
 OUR_SEGMENTER_CLASSES = frozenset({'TwinsUPerNet', 'TwinsFPN'})
 SAFETENSORS_FORMAT = 'twins_timm'  # the 'format' metadata of a .safetensors file that `convert` writes
 
 
-def folder_not_ours(path: Path) -> Optional[str]:
-    """Why ``path`` is not a folder twins-timm wrote (None: it is one, and replacing it loses nothing else)."""
+def folder_not_ours(path: Path, names: frozenset = OUR_FOLDER_FILES) -> Optional[str]:
+    """Why ``path`` is not a folder twins-timm wrote, holding only ``names`` (None: it is one, and replacing it
+    loses nothing else)."""
     if not path.is_dir() or path.is_symlink():
         return 'not a folder'
     entries = sorted(path.iterdir())
-    foreign = [p.name for p in entries if p.name not in OUR_FOLDER_FILES or p.is_symlink() or not p.is_file()]
+    foreign = [p.name for p in entries if p.name not in names or p.is_symlink() or not p.is_file()]
     if foreign:
         return 'it holds %s' % ', '.join(foreign[:3]) + (', ...' if len(foreign) > 3 else '')
     try:
@@ -199,6 +201,11 @@ def folder_not_ours(path: Path) -> Optional[str]:
     if not isinstance(cfg, dict) or not ('twins_timm' in cfg or cfg.get('_model_class') in OUR_SEGMENTER_CLASSES):
         return 'its config.json is not that of a twins-timm model'
     return None
+
+
+def hub_folder_not_ours(path: Path) -> Optional[str]:
+    """Why ``path`` is not a Hub folder that `convert` (or the zoo) wrote: a training checkpoint is not one."""
+    return folder_not_ours(path, HUB_FOLDER_FILES)
 
 
 def safetensors_not_ours(path: Path) -> Optional[str]:

@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 
 from twins_timm.convert.build import build_model
-from twins_timm.convert.io import PathLike, folder_not_ours, mmseg_not_ours, safetensors_not_ours
+from twins_timm.convert.io import PathLike, hub_folder_not_ours, mmseg_not_ours, safetensors_not_ours
 from twins_timm.convert.mapping import ConversionResult, to_mmseg
 from twins_timm.convert.verify import reference_parity, verify_written
 
@@ -34,7 +34,7 @@ def _cast_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 # each output kind's test of whether an existing DST is an earlier output of ours (--force replaces only that)
-NOT_OURS = {'mmseg checkpoint': mmseg_not_ours, 'safetensors': safetensors_not_ours, 'folder': folder_not_ours}
+NOT_OURS = {'mmseg checkpoint': mmseg_not_ours, 'safetensors': safetensors_not_ours, 'folder': hub_folder_not_ours}
 
 
 def output_kind(dst: PathLike, to: str = 'timm') -> str:

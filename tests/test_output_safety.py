@@ -194,7 +194,7 @@ def test_models_download_force_replaces_its_own_cache_entry(cache, seg_record, f
     assert weights.stat().st_ino != inode and _leftovers(cache) == []
 
 
-def test_training_checkpoints_are_folders_of_ours(tmp_path):
+def test_training_checkpoints_are_folders_of_ours(tmp_path, src, capsys):
     from train_data import SHALLOW_DEPTHS, tiny_model
     from twins_timm.train.engine import save_checkpoint
     from twins_timm.train.recipe import Recipe
@@ -202,6 +202,8 @@ def test_training_checkpoints_are_folders_of_ours(tmp_path):
     recipe = Recipe(head='upernet', encoder='twins_svt_small', config='test', lr=1e-3, weight_decay=0.01)
     first = save_checkpoint(tmp_path, 12, model, {'iter': 12}, recipe, {})
     assert save_checkpoint(tmp_path, 12, model, {'iter': 12}, recipe, {}) == first  # a resumed run writes it again
+    assert cli.main(['convert', str(src), str(first), '--force']) == 2  # ours, but not an output of convert
+    assert 'training_state.pt' in _one_paragraph(capsys, 'convert')
     (first / 'notes.txt').write_text('mine')
     with pytest.raises(FileExistsError, match='notes.txt'):
         save_checkpoint(tmp_path, 12, model, {'iter': 12}, recipe, {})
