@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--to', choices=('timm', 'mmseg'), default='timm',
                    help='output naming: timm/SMP (default) or mmsegmentation 1.x')
     p.add_argument('--dtype', choices=('fp32', 'fp16', 'bf16'), default=None, help='cast floating weights')
-    p.add_argument('--force', action='store_true', help='replace DST if it exists')
+    p.add_argument('--force', action='store_true',
+                   help='replace DST if it is an earlier output of twins-timm convert (never anything else)')
     p.add_argument('--push-to-hub', metavar='REPO', help='upload the written folder to this Hugging Face repo')
     p.add_argument('--private', action='store_true', help='with --push-to-hub: create the repo private')
     p.add_argument('--no-parity', action='store_true', help="skip the parity forward pass against timm's Twins")
@@ -109,15 +110,16 @@ def _print_summary(s: dict) -> None:
         print('%s : %s' % (k.ljust(width), v))
 
 
-def _check_dst(src: Path, dst: Path, force: bool) -> None:
-    """Before any work: DST is not SRC (nor a folder holding it), is new unless --force, and writable."""
-    from twins_timm.tools.paths import check_writable_dir, refuse_inputs_as_outputs
-    refuse_inputs_as_outputs([dst], [src], 'Choose another DST.')
+def _check_dst(src: Path, dst: Path, to: str, force: bool) -> None:
+    """Before any work: DST is none of the files SRC reads (nor a folder holding them), fits --to, is new or
+    (with --force) an earlier output of ours, and its folder is writable."""
+    from twins_timm.convert.save import check_output
+    from twins_timm.tools.paths import check_writable_dir, model_files, refuse_inputs_as_outputs
     if dst.is_dir() and src.resolve().is_relative_to(dst.resolve()):
         raise ValueError('DST %s is the folder that holds SRC %s; replacing it would delete the input, even with '
                          '--force. Choose another DST.' % (dst, src))
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise FileExistsError('%s already exists; choose another output path or pass --force to replace it' % dst)
+    refuse_inputs_as_outputs([dst], [src] + model_files(str(src)), 'Choose another DST.')
+    check_output(dst, to, force)
     check_writable_dir(dst.parent, 'the folder of DST')
 
 
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.push_to_hub and args.dst and Path(args.dst).suffix:
         raise ValueError('--push-to-hub uploads a Hub folder; give a folder path as DST (not %s)' % args.dst)
     if args.dst is not None and not args.dry_run:
-        _check_dst(Path(args.src), Path(args.dst), args.force)
+        _check_dst(Path(args.src), Path(args.dst), args.to, args.force)
     t0 = time.time()
     drop = [p for d in args.drop for p in d.split(',') if p.strip()]
     # the final norm exists in every timm model; it can only be left out of an mmseg output

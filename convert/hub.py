@@ -138,7 +138,8 @@ def _conversion_lines(res, parity: Optional[Dict[str, Any]], source_sha256: Opti
 
 
 def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Optional[Dict[str, Any]] = None,
-                     source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None) -> Path:
+                     source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None,
+                     needed: Optional[int] = None) -> Path:
     """timm Hub folder: config.json (architecture, num_classes, model_args, pretrained_cfg), weights, card."""
     from timm.models import save_for_hf
 
@@ -150,17 +151,18 @@ def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Op
         cfg_path.write_text(json.dumps(cfg, indent=2))
         model_card(res, parity, source_sha256, card).save(tmp / 'README.md')
 
-    return write_folder(dst, fill, force)
+    return write_folder(dst, fill, force, needed)
 
 
 def save_segmenter_folder(res, model: nn.Module, dst, force: bool = False, parity: Optional[Dict[str, Any]] = None,
-                          source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None) -> Path:
+                          source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None,
+                          needed: Optional[int] = None) -> Path:
     """SMP Hub folder through the adapter's own ``save_pretrained``, loadable by ``from_pretrained``."""
     def fill(tmp: Path) -> None:  # the card comes from the adapter's generate_model_card, given the conversion
         model.save_pretrained(str(tmp), model_card_kwargs=dict(
             conversion=dict(res=res, parity=parity, source_sha256=source_sha256, card=card)))
 
-    return write_folder(dst, fill, force)
+    return write_folder(dst, fill, force, needed)
 
 
 def _provenance(res, parity: Optional[Dict[str, Any]], card: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:

@@ -125,16 +125,22 @@ def test_atomic_write_never_overwrites_without_force(tmp_path, small_sd):
             tmp.write_bytes(b'partial')
             raise RuntimeError('boom')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out.safetensors']
-    # a folder is replaced as a whole with force
+    # a folder of ours is replaced as a whole with force; one holding anything else never is
     folder = tmp_path / 'folder'
     folder.mkdir()
-    (folder / 'old.txt').write_text('old')
+    (folder / 'config.json').write_text('{"_model_class": "TwinsFPN"}')
     with pytest.raises(FileExistsError):
         with atomic_path(folder, folder=True) as tmp:
             pass
     with atomic_path(folder, force=True, folder=True) as tmp:
-        (tmp / 'new.txt').write_text('new')
-    assert sorted(p.name for p in folder.iterdir()) == ['new.txt']
+        (tmp / 'config.json').write_text('{"twins_timm": {}}')
+    assert sorted(p.name for p in folder.iterdir()) == ['config.json']
+    assert 'twins_timm' in (folder / 'config.json').read_text()
+    (folder / 'notes.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match='not written by twins-timm.*notes.txt'):
+        with atomic_path(folder, force=True, folder=True) as tmp:
+            (tmp / 'config.json').write_text('{"twins_timm": {}}')
+    assert (folder / 'notes.txt').read_text() == 'mine'
 
 
 def test_kill_mid_write_leaves_no_output(tmp_path):

@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from tqdm import tqdm
 from .common import (add_inference_arguments, add_model_arguments, describe_settings,
                      model_classes, pick_device, quiet_stdout, settings_from_args)
 from .inference import InferenceSettings, predict_labels
-from .loading import RANDOM_LABEL, load_model, read_image, read_label_map
-from .paths import check_output_file, refuse_inputs_as_outputs
+from .loading import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model, read_image, read_label_map
+from .paths import check_output_file, model_files, refuse_inputs_as_outputs
 from .visualize import class_name_list
 from twins_timm.convert.io import atomic_path
 from ..train.data import IMAGE_SUFFIXES, check_pairs, find_pairs, reduce_zero_label  # noqa: F401
@@ -157,13 +157,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--ignore-index', type=int, default=255, help='label ignored (default 255)')
     parser.add_argument('--limit', type=int, default=None, metavar='N', help='first N images only')
     parser.add_argument('--json', metavar='FILE', default=None, help='also write the metrics as JSON')
-    parser.add_argument('--force', action='store_true', help='overwrite an existing --json file')
+    parser.add_argument('--force', action='store_true',
+                        help='overwrite an existing --json file that an earlier `twins-timm eval` wrote')
     parser.add_argument('--quiet', action='store_true', help='no progress bar or model-loading messages')
     add_inference_arguments(parser)
 
 
+# what every --json file of this command holds (besides the metrics): what marks one as ours for --force
+JSON_KEYS = frozenset({'model', 'random_weights', 'images', 'settings', 'per_class'})
+
+
+def json_not_ours(path: Path) -> Optional[str]:
+    """Why ``path`` is not a --json file that `twins-timm eval` wrote (None: it is one)."""
+    try:
+        payload = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return 'not a JSON file'
+    return None if isinstance(payload, dict) and JSON_KEYS <= set(payload) else 'not a twins-timm eval result'
+
+
 def _write_json(path: Path, payload: dict, overwrite: bool) -> None:
-    with atomic_path(path, force=overwrite) as tmp:
+    with atomic_path(path, force=overwrite, not_ours=json_not_ours) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
 
 
@@ -175,12 +189,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError('--limit must be at least 1')
         pairs = pairs[:args.limit]
     if args.json:  # checked before the model loads: a bad path must not cost an evaluation
-        inputs = [p for pair in pairs for p in pair]
-        model_path = Path(args.model) if args.model else None
-        if model_path is not None and model_path.exists():
-            inputs += sorted(model_path.iterdir()) if model_path.is_dir() else [model_path]
+        inputs = [p for pair in pairs for p in pair] + model_files(args.model, DEFAULT_MODEL_ID)
         refuse_inputs_as_outputs([args.json], inputs, 'Give --json a new file name.')
-        check_output_file(args.json, '--json', force=args.force)
+        check_output_file(args.json, '--json', force=args.force, not_ours=json_not_ours)
     check_pairs(pairs, progress=not args.quiet, what=args.split)  # every file, before the first forward
     device = pick_device(args.device)
     ctx = distributed.init(device.type, quiet_others=True)  # torchrun: each process evaluates every world-th image

@@ -32,7 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='download, verify, convert and cache these models now (names from the list, or http(s) URLs)')
     p.add_argument('--keep-raw', action='store_true',
                    help='with --download: also keep the published .pth file in the cache (downloads/)')
-    p.add_argument('--force', action='store_true', help='with --download: fetch and convert again even if cached')
+    p.add_argument('--force', action='store_true',
+                   help='with --download: fetch and convert again even if cached (replacing only a model folder '
+                        'twins-timm wrote)')
+
+
+def _check_cache_entry(spec: str, force: bool) -> None:
+    """Before any download: the folder the converted model goes to is free, or (with --force) a model folder
+    twins-timm wrote there; never a folder of the user's that happens to sit in the cache."""
+    from twins_timm import zoo
+    from twins_timm.convert.io import hub_folder_not_ours
+    from twins_timm.tools.paths import check_replaceable
+
+    if not zoo.is_url(spec) and zoo.get(spec).origin == 'timm':
+        return  # kept in the Hugging Face cache, by huggingface_hub
+    if force or zoo.cached_path(spec) is None:
+        check_replaceable(zoo.folder_for(spec), 'the cache folder', force, hub_folder_not_ours)
 
 
 def _size(n: float) -> str:
@@ -52,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 zoo.check_url(spec)
             else:
                 zoo.get(spec)
+            _check_cache_entry(spec, args.force)
         for spec in args.download:
             folder = zoo.fetch(spec, progress=sys.stderr.isatty(), keep_raw=args.keep_raw, force=args.force)
             print('%s: %s' % (spec, folder))

@@ -3,8 +3,9 @@
 * :func:`check_writable_dir` / :func:`check_output_file` prove that a folder (or the folder of a file)
   can take new files by creating and removing a probe file there -- the only test that also holds for
   root, read-only mounts and pseudo file systems such as /proc, where ``os.access`` says yes.
-* :func:`refuse_inputs_as_outputs` makes sure no planned output is one of the command's inputs, with or
-  without --force.
+* :func:`refuse_inputs_as_outputs` makes sure no planned output is one of the command's inputs (nor a folder
+  holding one), with or without --force; :func:`model_files` lists the files a --model reads.
+* :func:`check_replaceable` lets --force replace only what twins-timm wrote before, never a link.
 
 Torch-free on purpose: the command line imports it while building its parser.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, List, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -43,15 +44,37 @@ def check_writable_dir(folder: PathLike, what: str) -> None:
                               'folder' % (what, folder, where, e.strerror or e)) from None
 
 
-def check_output_file(path: PathLike, what: str, force: bool = False) -> None:
-    """A file output: not an existing folder, not existing unless ``force``, its folder writable."""
+def check_output_file(path: PathLike, what: str, force: bool = False,
+                      not_ours: Optional[Callable[[Path], Optional[str]]] = None) -> None:
+    """A file output: not an existing folder, replaceable (see :func:`check_replaceable`), its folder writable."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError('%s %s is a folder; give a file path' % (what, path))
-    if path.exists() and not force:
-        raise FileExistsError('%s %s already exists; pass --force to replace it or choose another path'
-                              % (what, path))
+    check_replaceable(path, what, force, not_ours)
     check_writable_dir(path.parent, '%s %s: its folder' % (what, path))
+
+
+def check_replaceable(path: PathLike, what: str, force: bool,
+                      not_ours: Optional[Callable[[Path], Optional[str]]] = None) -> None:
+    """Refuse an existing ``path`` unless ``force`` and it is a twins-timm output.
+
+    ``not_ours(path)`` says why an existing path is not an earlier output of the same writer (None: it is);
+    without it, any regular file counts. A symbolic link is never replaced: a dangling one would be found
+    only when the writer renames its result over it, a live one points at something that is not ours.
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not force:
+        raise FileExistsError('%s %s already exists; pass --force to replace it (only an earlier twins-timm '
+                              'output is replaced) or choose another path' % (what, path))
+    if path.is_symlink():
+        raise FileExistsError('%s %s is a symbolic link (to %s); twins-timm never replaces a link, even with '
+                              '--force. Give the path it points to, or another one' % (what, path, os.readlink(path)))
+    problem = not_ours(path) if not_ours is not None else (None if path.is_file() else 'not a regular file')
+    if problem:
+        raise FileExistsError('%s %s was not written by twins-timm (%s), so --force does not replace it; '
+                              'move it away yourself or choose another path' % (what, path, problem))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -63,9 +86,14 @@ def _same_file(a: Path, b: Path) -> bool:
     return Path(os.path.realpath(a)) == Path(os.path.realpath(b))
 
 
+def _inside(inner: Path, folder: Path) -> bool:
+    return folder.is_dir() and Path(os.path.realpath(inner)).is_relative_to(os.path.realpath(folder))
+
+
 def refuse_inputs_as_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike],
                              hint: Optional[str] = None) -> None:
-    """Raise ValueError if any planned output is one of the inputs (same file, links resolved).
+    """Raise ValueError if any planned output is one of the inputs (same file, links resolved) or an
+    existing folder holding one (replacing it would delete the input).
 
     This holds with or without --force: no command writes over what it reads.
     """
@@ -73,7 +101,26 @@ def refuse_inputs_as_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathL
     for out in outputs:
         out = Path(out)
         for inp in inputs:
-            if _same_file(out, inp):
+            if _same_file(out, inp) or _inside(inp, out):
                 raise ValueError('the output %s would overwrite the input %s; twins-timm never writes over '
                                  'its inputs, even with --force. %s'
                                  % (out, inp, hint or 'Choose another output path.'))
+
+
+def model_files(spec: Optional[str], default: Optional[str] = None) -> List[Path]:
+    """The local files a --model reads: the file, every file in the folder, or a zoo entry's cached files
+    (``spec`` None: the ``default`` name). A Hub id reads nothing that a command could write."""
+    spec = spec or default
+    if not spec:
+        return []
+    path = Path(spec)
+    if not path.exists():
+        from twins_timm import zoo
+        if not (zoo.is_url(spec) or spec in zoo.MODELS):
+            return []
+        path = zoo.folder_for(spec)
+        kept = [zoo.raw_path(spec if zoo.is_url(spec) else zoo.MODELS[spec].url)]
+        return [p for p in kept if p.is_file()] + (model_files(str(path)) if path.is_dir() else [])
+    if path.is_dir():
+        return sorted(p for p in path.rglob('*') if p.is_file())
+    return [path]

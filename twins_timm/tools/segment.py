@@ -8,8 +8,9 @@ model, or -- when it is not available offline -- a random-initialised model that
 its outputs are named <name>_labels_RANDOM-WEIGHTS.png / <name>_overlay_RANDOM-WEIGHTS.png, the overlay
 carries a red banner and both PNGs a "Warning" text chunk.
 
-Safety: no output ever replaces an input (not even with --force); every input header, the output
-folder and the existing outputs are checked before the model loads.  An image that fails later (its
+Safety: no output ever replaces an input (not even with --force), and --force replaces only PNGs that
+twins-timm wrote (never a link); every input header, the output folder and the existing outputs are
+checked before the model loads.  An image that fails later (its
 data turns out corrupt while decoding, or it is too small for the model) is skipped and listed at the
 end; the others are still written, and the exit code is 1 (0: all written; 2: nothing done, the
 error says why).
@@ -20,7 +21,7 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,10 +31,10 @@ from . import distributed
 from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
                      pick_device, quiet_stdout, settings_from_args)
 from .inference import predict_labels
-from .loading import (DEFAULT_MAX_PIXELS, RANDOM_LABEL, check_image, load_model, read_image,
+from .loading import (DEFAULT_MAX_PIXELS, DEFAULT_MODEL_ID, RANDOM_LABEL, check_image, load_model, read_image,
                       sample_image_path)
-from .paths import check_writable_dir, refuse_inputs_as_outputs
-from .visualize import class_name_list, label_image, make_palette, overlay_image, save_png
+from .paths import check_replaceable, check_writable_dir, model_files, refuse_inputs_as_outputs
+from .visualize import class_name_list, label_image, make_palette, overlay_image, png_not_ours, save_png
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -70,10 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 RANDOM_SUFFIX = '_RANDOM-WEIGHTS'
 
 
-def output_paths(images: List[Path], out_dir: Path, random_weights: bool = False) -> List[Tuple[Path, Path]]:
+def output_paths(images: List[Path], out_dir: Path, random_weights: bool = False,
+                 model_inputs: Sequence[Path] = ()) -> List[Tuple[Path, Path]]:
     """(class-index PNG, overlay PNG) per image: OUT/<stem>_labels[...].png, OUT/<stem>_overlay[...].png.
 
-    Refuses two inputs that would share outputs, and any output that is one of the inputs.
+    Refuses two inputs that would share outputs, and any output that is one of the inputs (the images and
+    ``model_inputs``, the files the model is read from).
     """
     suffix = RANDOM_SUFFIX if random_weights else ''
     seen: Dict[str, Path] = {}
@@ -86,19 +89,20 @@ def output_paths(images: List[Path], out_dir: Path, random_weights: bool = False
         seen[stem] = img
         paths.append((out_dir / ('%s_labels%s.png' % (stem, suffix)),
                       out_dir / ('%s_overlay%s.png' % (stem, suffix))))
-    refuse_inputs_as_outputs([p for pair in paths for p in pair], images,
+    refuse_inputs_as_outputs([p for pair in paths for p in pair], list(images) + list(model_inputs),
                              'Rename the input or choose another --out folder.')
     return paths
 
 
 def _check_outputs(outputs: List[Tuple[Path, Path]], force: bool) -> None:
-    if force:
-        return
-    existing = [str(p) for pair in outputs for p in pair if p.exists()]
-    if existing:
-        raise FileExistsError('%d output file(s) already exist (%s%s); pass --force to replace them (inputs '
-                              'are never replaced) or choose another --out'
+    """Every output is new, or (with --force) a PNG this command wrote before; links never count as either."""
+    existing = [str(p) for pair in outputs for p in pair if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FileExistsError('%d output file(s) already exist (%s%s); pass --force to replace them (only PNGs '
+                              'twins-timm made; inputs are never replaced) or choose another --out'
                               % (len(existing), ', '.join(existing[:3]), ', ...' if len(existing) > 3 else ''))
+    for p in existing:
+        check_replaceable(p, 'the output', force, png_not_ours)
 
 
 def _summary(labels: np.ndarray, names: List[str], top: int = 5) -> str:
@@ -128,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError('cannot read %d of %d input(s), nothing was written. %s'
                          % (len(problems), len(images), ' | '.join(problems)))
     out_dir = Path(args.out)
-    outputs = output_paths(images, out_dir)
+    model_inputs = model_files(args.model, DEFAULT_MODEL_ID)
+    outputs = output_paths(images, out_dir, model_inputs=model_inputs)
     check_writable_dir(out_dir, '--out')
     _check_outputs(outputs, args.force)
     device = pick_device(args.device)
@@ -144,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     colours = make_palette(num_classes, palette)
     banner = RANDOM_LABEL if loaded.random_weights else None
     if banner:  # the random model's outputs carry the mark in their names too
-        outputs = output_paths(images, out_dir, random_weights=True)
+        outputs = output_paths(images, out_dir, random_weights=True, model_inputs=model_inputs)
         _check_outputs(outputs, args.force)
     text = {'Software': 'twins-timm', 'Source': loaded.source}
     if banner:
@@ -196,7 +201,10 @@ def run(args: argparse.Namespace) -> int:
     written = int(distributed.all_sum([[written]], ctx)[0][0])
     failed = distributed.gather(failed, ctx)
     distributed.finish(ctx)
-    print('Wrote %d class-index PNG(s) and %d overlay(s) to %s' % (written, written, out_dir))
+    if written:
+        print('Wrote %d class-index PNG(s) and %d overlay(s) to %s' % (written, written, out_dir))
+    else:
+        print('Wrote nothing%s' % ('' if out_dir.is_dir() else ' (%s was not created)' % out_dir))
     if banner:
         print('(made with %s)' % RANDOM_LABEL)
     if failed:

@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     from twins_timm.train.data import find_pairs
     from twins_timm.train.engine import check_out
     check_out(out, args.resume)  # fail before loading a model
+    from .paths import model_files, refuse_inputs_as_outputs
+    inputs = [Path(args.data)] + model_files(args.model) + ([Path(args.class_names)] if args.class_names else [])
+    refuse_inputs_as_outputs([out], inputs, 'Keep the data, the model and --class-names outside the --out folder.')
     find_pairs(args.data, 'training')  # the labels are checked once the classes are known
     if args.eval_interval != 0:
         find_pairs(args.data, 'validation')

@@ -115,17 +115,29 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
     return canvas
 
 
+SOFTWARE = 'twins-timm'  # the PNG 'Software' text of every picture save_png writes: what marks it as ours
+
+
+def png_not_ours(path: Path) -> Optional[str]:
+    """Why ``path`` is not a PNG that save_png wrote (None: it is one; --force may replace it)."""
+    try:
+        with Image.open(path) as im:
+            software = im.text.get('Software') if im.format == 'PNG' else None
+    except Exception:  # Pillow raises many types for files that are no image
+        return 'not a PNG image'
+    return None if software == SOFTWARE else 'a PNG that twins-timm did not make'
+
+
 def save_png(img: Image.Image, path: os.PathLike, overwrite: bool = False,
              text: Optional[Mapping[str, str]] = None) -> Path:
-    """Write ``img`` as PNG through a temporary file and a rename; refuse to replace unless asked.
+    """Write ``img`` as PNG through a temporary file and a rename; replace only a PNG of ours, when asked.
 
-    ``text``: PNG tEXt chunks (e.g. the model that made it), readable as ``Image.open(p).text``.
+    ``text``: PNG tEXt chunks (e.g. the model that made it), readable as ``Image.open(p).text``; the
+    'Software' chunk is always ``SOFTWARE``.
     """
-    info = None
-    if text:
-        info = PngInfo()
-        for key, value in text.items():
-            info.add_text(key, value)
-    with atomic_path(path, force=overwrite) as tmp:
+    info = PngInfo()
+    for key, value in dict(text or {}, Software=SOFTWARE).items():
+        info.add_text(key, value)
+    with atomic_path(path, force=overwrite, not_ours=png_not_ours) as tmp:
         img.save(tmp, format='PNG', pnginfo=info)
     return Path(path)
