@@ -38,16 +38,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_cache_entry(spec: str, force: bool) -> None:
-    """Before any download: the folder the converted model goes to is free, or (with --force) a model folder
-    twins-timm wrote there; never a folder of the user's that happens to sit in the cache."""
-    from twins_timm import zoo
-    from twins_timm.convert.io import hub_folder_not_ours
+    """Before any download: the folder the converted model goes to is free, or a model folder twins-timm
+    wrote there (replaced with --force, or when damaged); never a folder of the user's that happens to sit
+    in the cache."""
+    from twins_timm import cache_entry, zoo
+    from twins_timm.convert.io import HUB_FOLDER_FILES, folder_not_ours
     from twins_timm.tools.paths import check_replaceable
 
     if not zoo.is_url(spec) and zoo.get(spec).origin == 'timm':
         return  # kept in the Hugging Face cache, by huggingface_hub
-    if force or zoo.cached_path(spec) is None:
-        check_replaceable(zoo.folder_for(spec), 'the cache folder', force, hub_folder_not_ours)
+    if force or zoo.cached_path(spec) is None:  # the fetch will (re)place the folder: only one of ours
+        entry_files = HUB_FOLDER_FILES | {cache_entry.RECORD}
+        check_replaceable(zoo.folder_for(spec), 'the cache folder', True,
+                          lambda folder: folder_not_ours(folder, entry_files))
 
 
 def _size(n: float) -> str:
