@@ -2,6 +2,7 @@
 trained model carries, resuming, and damaged or huge files -- each a clear error or the right result."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -16,7 +17,7 @@ from twins_timm.cli import main as cli_main
 from twins_timm.train import checkpoint_folders
 from twins_timm.train.data import label_convention_problem
 
-from train_data import SHALLOW_DEPTHS, make_dataset, tiny_model
+from train_data import make_dataset, tiny_model_folder
 
 
 @pytest.fixture(scope='module')
@@ -26,9 +27,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('model') / 'tiny'
-    tiny_model(dropout=False, depths=SHALLOW_DEPTHS).save_pretrained(str(folder))
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp('model') / 'tiny')
 
 
 def _train(data, model, out, *extra):
@@ -148,6 +147,15 @@ def test_eval_and_segment_test_at_the_scale_the_model_was_trained_for(tmp_path, 
     assert 'keep-ratio to 2048x512 (the ADE20K test scale; --scale overrides)' in capsys.readouterr().out
 
 
+def test_a_wrong_test_scale_in_config_json_is_refused(tmp_path, model_folder):
+    folder = _copy(model_folder, tmp_path / 'm')
+    config = json.loads((folder / 'config.json').read_text())
+    for bad in ([256], [256, 0], '256x64', [256.5, 64], [True, 64]):
+        (folder / 'config.json').write_text(json.dumps(dict(config, test_scale=bad)))
+        with pytest.raises(ValueError, match='test_scale must be two positive integers'):
+            from_pretrained(str(folder))
+
+
 # ----------------------------------------------------------------------------- resuming
 
 @pytest.fixture
@@ -187,8 +195,7 @@ def test_resume_refuses_other_settings_and_another_model(run_of_two, dataset, mo
     assert '--model %s --out NEW_FOLDER' % (out / 'checkpoints' / 'iter_000002') in err
     assert _train(dataset, model_folder, out, '--resume', '--no-reduce-zero-label') == 2
     assert 'with --no-reduce-zero-label (the run: without)' in _one_paragraph(capsys, 'train')
-    fpn = tmp_path / 'fpn'
-    tiny_model(TwinsFPN, dropout=False, depths=SHALLOW_DEPTHS).save_pretrained(str(fpn))
+    fpn = tiny_model_folder(tmp_path / 'fpn', TwinsFPN)
     assert _train(dataset, fpn, out, '--resume') == 2
     err = _one_paragraph(capsys, 'train')
     assert ('the run in %s trained a TwinsUPerNet on twins_svt_small with 4 classes, but --model gives a TwinsFPN '
