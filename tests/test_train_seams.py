@@ -79,8 +79,13 @@ def test_zero_based_labels_without_the_option_stop_before_training(tmp_path, mod
     data = make_dataset(tmp_path / 'zero_based', n_train=2, n_val=1, classes=3, reduce_zero_label=False)
     assert _train(data, model_folder, tmp_path / 'o', '--classes', '3') == 2  # labels 0..2
     err = _one_paragraph(capsys, 'train')
-    assert 'fit 0..2' in err and 'class 0 would be silently ignored' in err and 'Pass --no-reduce-zero-label' in err
-    assert 'Rule:' in err and not (tmp_path / 'o').exists()
+    assert 'fit 0..2' in err and 'class 0 would be ignored without a word' in err and 'Pass --no-reduce-zero-label' in err
+    assert 'The rule:' in err and not (tmp_path / 'o').exists()
+    # eval cannot refuse (a split may lack the last class) but says so
+    assert cli_main(['eval', '--data', str(data), '--model', str(model_folder), '--quiet', '--device', 'cpu',
+                     '--scale', '64', '32']) == 0  # 4 classes, labels 0..2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert err.startswith('twins-timm eval: warning: the labels fit 0..3') and 'Pass --no-reduce-zero-label' in err
 
 
 def test_one_based_labels_with_no_reduce_zero_label_get_the_other_hint(tmp_path, dataset, model_folder, capsys):

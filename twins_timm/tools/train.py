@@ -9,8 +9,10 @@ distortion.  Every setting is printed at the start and stored with each checkpoi
 
 Several processes: `torchrun --nproc-per-node N -m twins_timm train ...` (DDP with SyncBN; NCCL
 on CUDA, gloo on CPU); --batch-size is per process.  OUT/checkpoints/iter_N/ are folders that
-`from_pretrained` and `segment --model` load; --resume continues from the newest; OUT/best/ holds
-the best mIoU; OUT/metrics.jsonl logs loss and mIoU.
+`from_pretrained` and `segment --model` load (they carry the test scale that `eval` and `segment` then
+use); --resume continues from the newest readable one with the run's own settings; OUT/best/ holds
+the best mIoU; OUT/metrics.jsonl logs loss and mIoU (in percent, as printed: mIoU_percent).
+Labels are checked against --classes and the labelling convention before the first step.
 """
 from __future__ import annotations
 

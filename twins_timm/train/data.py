@@ -148,16 +148,16 @@ def label_convention_problem(values: Sequence[int], num_classes: int, reduce_zer
     if not seen:
         return None
     if reduce_zero and seen[0] == 0 and seen[-1] <= num_classes - 1:
-        return ('the labels fit 0..%d (label 0 occurs and none is %d): these look like 0-based class indices, '
-                'but with reduce-zero-label on (the default, ADE20K\'s 1-based files: 0 = "other", ignored, '
-                'classes 1..%d) class 0 would be silently ignored and class %d would never be learned. Pass '
-                '--no-reduce-zero-label. (Rule: with reduce-zero-label on, label 0 plus no label reaching '
-                '--classes is refused.)' % (num_classes - 1, num_classes, num_classes, num_classes))
+        return ('the labels fit 0..%d (label 0 occurs, none is %d): 0-based class indices, it seems, but with '
+                'reduce-zero-label on (the default, for ADE20K\'s 1-based files: 0 = "other", ignored, classes '
+                '1..%d) class 0 would be ignored without a word and the last class would have no pixels. Pass '
+                '--no-reduce-zero-label. (The rule: with reduce-zero-label on, labels that include 0 and stay '
+                'below the number of classes are taken for 0-based.)' % (num_classes - 1, num_classes, num_classes))
     if not reduce_zero and seen[-1] == num_classes and seen[0] >= 0:
-        return ('the labels reach %d = --classes: these look like ADE20K-style 1-based class indices (0 = "other", '
-                'classes 1..%d), which --no-reduce-zero-label reads as 0-based. Leave out '
-                '--no-reduce-zero-label. (Rule: with it, a label equal to --classes is refused.)'
-                % (num_classes, num_classes))
+        return ('the labels reach %d, the number of classes: ADE20K-style 1-based class indices, it seems (0 = '
+                '"other", classes 1..%d), which --no-reduce-zero-label reads as 0-based. Leave out '
+                '--no-reduce-zero-label. (The rule: without reduce-zero-label, a label equal to the number of '
+                'classes is taken for 1-based.)' % (num_classes, num_classes))
     return None
 
 
