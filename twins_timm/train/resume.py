@@ -15,9 +15,9 @@ from torch import nn
 
 from .recipe import Recipe
 
-# fit() argument -> (recipe field, command-line option)
-RECIPE_OPTIONS = {'iters': ('iters', '--iters'), 'crop_size': ('crop_size', '--crop-size'), 'lr': ('lr', '--lr'),
-                  'global_batch': ('global_batch', '--global-batch'), 'seed': ('seed', '--seed')}
+# fit() arguments that set a recipe field of the same name -> their command-line option
+RECIPE_OPTIONS = {'iters': '--iters', 'crop_size': '--crop-size', 'lr': '--lr', 'global_batch': '--global-batch',
+                  'seed': '--seed'}
 
 
 def newest_readable(folders: Sequence[Path], read: Callable[[Path], Dict[str, Any]],
@@ -46,10 +46,9 @@ def resumed_recipe(meta: Dict[str, Any], folder: Path, given: Dict[str, Any], re
     """The run's own recipe (stored in the checkpoint); raise when ``given`` options contradict it."""
     stored = Recipe.from_dict(meta['recipe'])
     conflicts = []
-    for arg, value in given.items():
-        name, option = RECIPE_OPTIONS[arg]
+    for name, value in given.items():
         if value is not None and value != getattr(stored, name):
-            conflicts.append('%s %s (the run: %s)' % (option, value, getattr(stored, name)))
+            conflicts.append('%s %s (the run: %s)' % (RECIPE_OPTIONS[name], value, getattr(stored, name)))
     if recipe is not None and recipe.to_dict() != stored.to_dict():
         conflicts.append('a recipe that differs from the run\'s')
     run_reduce = (meta.get('settings') or {}).get('reduce_zero_label', reduce_zero_label)
