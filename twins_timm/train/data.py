@@ -191,7 +191,7 @@ def check_pairs(pairs: Sequence[Pair], num_classes: Optional[int] = None, reduce
                 if num_classes is not None else ' Fix or remove these files.')
         raise DatasetError('%d of %d %s pair(s) are unusable; nothing was done: %s%s.%s' % (
             len(problems), len(pairs), what, '; '.join(problems[:3]), more,
-            ' ' + convention if convention else hint))
+            ' ' + convention[0].upper() + convention[1:] if convention else hint))
     return values
 
 
