@@ -88,6 +88,9 @@ class TwinsSegmentationModel(SegmentationModel):
         activation: optional activation on the logits, as in SMP (None: raw logits).
     """
 
+    # The keep-ratio test resize (long, short) the model was trained for, saved in config.json as 'test_scale'
+    # (`twins-timm train` sets it; `eval` / `segment` use it unless --scale). None: ADE20K's 2048x512.
+    test_scale: Optional[Tuple[int, int]] = None
     requires_divisible_input_shape = False
     _is_torch_scriptable = False
     loss_weights = (MAIN_WEIGHT, AUX_WEIGHT)
@@ -182,6 +185,9 @@ class TwinsSegmentationModel(SegmentationModel):
         """
         from twins_timm.convert.io import honour_umask
 
+        self.config.pop('test_scale', None)
+        if self.test_scale is not None:
+            self.config['test_scale'] = list(_checked_test_scale(self.test_scale))
         result = super().save_pretrained(save_directory, *args, **kwargs)
         for name in ('config.json', 'model.safetensors', 'README.md'):
             path = os.path.join(save_directory, name)
@@ -190,18 +196,21 @@ class TwinsSegmentationModel(SegmentationModel):
         return result
 
     @classmethod
-    def _from_pretrained(cls, **kwargs: Any) -> 'TwinsSegmentationModel':
+    def _from_pretrained(cls, *, config: Optional[Dict[str, Any]] = None, **kwargs: Any) -> 'TwinsSegmentationModel':
         """The hub mixin's loading, with the model built on the meta device and the file's tensors adopted:
         no random init to throw away (SVT-L UPerNet from a folder: 1.5 s -> 0.1 s on 2 CPU cores).
 
         If the file leaves some tensor unset (``strict=False`` with keys missing), the mixin's own way
         runs instead: random init, then the file's weights over it.
         """
+        test_scale = _checked_test_scale((config or {}).get('test_scale'))
         try:
             with torch.device('meta'):
-                return super()._from_pretrained(**kwargs)
+                model = super()._from_pretrained(**kwargs)
         except _PartialStateDict:
-            return super()._from_pretrained(**kwargs)
+            model = super()._from_pretrained(**kwargs)
+        model.test_scale = test_scale
+        return model
 
     @classmethod
     def _load_as_safetensor(cls, model: 'TwinsSegmentationModel', model_file: str, map_location: str,
@@ -224,6 +233,15 @@ class TwinsSegmentationModel(SegmentationModel):
         return model_card(conversion.get('res'), conversion.get('parity'), conversion.get('source_sha256'),
                           conversion.get('card'), model=self, metrics=kwargs.get('metrics'),
                           dataset=kwargs.get('dataset'))
+
+
+def _checked_test_scale(value: Any) -> Optional[Tuple[int, int]]:
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f'test_scale must be two positive integers (long side, short side), got {value!r}')
+    return int(value[0]), int(value[1])
 
 
 class _PartialStateDict(Exception):

@@ -192,7 +192,7 @@ def test_fit_learns_tiny_shapes(trained):
 
 
 def test_fit_writes_loadable_checkpoints_and_logs(trained, dataset):
-    result, out, _ = trained
+    result, out, lines = trained
     ckpts = checkpoint_folders(out)
     assert [p.name for p in ckpts] == ['iter_000012', 'iter_000024'] and result.last_checkpoint == ckpts[-1]
     assert (out / 'last_checkpoint').read_text().strip() == 'checkpoints/iter_000024'
@@ -204,9 +204,13 @@ def test_fit_writes_loadable_checkpoints_and_logs(trained, dataset):
     assert state['iter'] == 24 and 'optimizer' in state and state['rng']
     records = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
     assert [r['iter'] for r in records if 'loss' in r] == [6, 12, 18, 24]
-    assert [r['iter'] for r in records if 'mIoU' in r] == [12, 24]
+    evals = [r for r in records if 'mIoU_percent' in r]
+    assert [r['iter'] for r in evals] == [12, 24]
+    # the files hold what the console prints: percent, 2 decimals
+    assert lines[-1] == 'mIoU: %.2f' % evals[-1]['mIoU_percent'] and evals[-1]['mIoU_percent'] > 1
     best = json.loads((out / 'best' / 'recipe.json').read_text())
-    assert best['metrics']['mIoU'] == pytest.approx(result.best_miou)
+    assert best['metrics']['mIoU_percent'] == round(100 * result.best_miou, 2)
+    assert json.loads((ckpts[-1] / 'config.json').read_text())['test_scale'] == [256, 64]  # crop 64: (4 c, c)
     assert from_pretrained(str(out / 'best')).classes == 4
     # segment --model loads a checkpoint folder
     img = sorted((dataset / 'images' / 'validation').iterdir())[0]

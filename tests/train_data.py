@@ -68,3 +68,9 @@ def tiny_model(cls=TwinsUPerNet, classes=4, dropout=True, seed=0, depths=None):
     else:
         args.update(decoder_pyramid_channels=32, decoder_segmentation_channels=16)
     return cls(**args)
+
+
+def tiny_model_folder(folder: Path, cls=TwinsUPerNet) -> Path:
+    """A saved shallow tiny model without dropout: what `train --model DIR` starts from in tests."""
+    tiny_model(cls, dropout=False, depths=SHALLOW_DEPTHS).save_pretrained(str(folder))
+    return folder

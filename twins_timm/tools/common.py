@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -45,8 +46,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                    help='slide mode: crop size H [W] (default 512 512)')
     g.add_argument('--stride', type=int, nargs='+', metavar='N', default=[341, 341],
                    help='slide mode: stride H [W] (default 341 341)')
-    g.add_argument('--scale', type=int, nargs=2, metavar=('LONG', 'SHORT'), default=list(ADE20K_TEST_SCALE),
-                   help='keep-ratio test resize bound (default 2048 512, the ADE20K test scale)')
+    g.add_argument('--scale', type=int, nargs=2, metavar=('LONG', 'SHORT'), default=None,
+                   help='keep-ratio test resize bound (default: the test scale saved with the model by '
+                        '`twins-timm train`, else %d %d, the ADE20K test scale)' % ADE20K_TEST_SCALE)
     g.add_argument('--no-resize', action='store_true',
                    help='feed images at their own size instead of the --scale resize')
     g.add_argument('--tta', action='store_true',
@@ -64,7 +66,7 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
     ratios = args.ratios or (MS_RATIOS if args.tta else (1.0,))
     if args.crop_batch < 1:
         raise ValueError('--crop-batch must be at least 1')
-    if min(args.scale) < 1:
+    if args.scale is not None and min(args.scale) < 1:
         raise ValueError('--scale takes two positive integers (LONG SHORT), got %s; the ADE20K test scale is '
                          '--scale %d %d' % (' '.join(map(str, args.scale)), *ADE20K_TEST_SCALE))
     crop = _pair(args.crop_size, '--crop-size')
@@ -74,7 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
                          % (' '.join(map(str, args.crop_size)), MIN_CROP_SIZE, MIN_CROP_SIZE))
     return InferenceSettings(
         mode=args.mode,
-        scale=None if args.no_resize else tuple(args.scale),
+        scale=None if args.no_resize else tuple(args.scale or ADE20K_TEST_SCALE),
         ratios=tuple(ratios),
         flip=bool(args.flip or args.tta),
         crop_size=crop,
@@ -83,11 +85,26 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
     )
 
 
-def describe_settings(s: InferenceSettings) -> str:
+def scale_for_model(settings: InferenceSettings, args: argparse.Namespace, model) -> Tuple[InferenceSettings, str]:
+    """The settings with the test scale the model was trained for (``model.test_scale``, saved by
+    `twins-timm train`) unless --scale or --no-resize was given; and where the scale comes from."""
+    if args.no_resize:
+        return settings, '--no-resize'
+    if args.scale is not None:
+        return settings, '--scale'
+    own = getattr(model, 'test_scale', None)
+    if own:
+        return dataclasses.replace(settings, scale=tuple(own)), "the model's own test scale; --scale overrides"
+    return settings, 'the ADE20K test scale; --scale overrides'
+
+
+def describe_settings(s: InferenceSettings, scale_source: Optional[str] = None) -> str:
     parts = ['mode=%s' % s.mode]
     if s.mode == 'slide':
         parts.append('crop=%dx%d stride=%dx%d' % (s.crop_size + s.stride))
     parts.append('resize=%s' % ('none' if s.scale is None else 'keep-ratio to %dx%d' % tuple(s.scale)))
+    if scale_source and s.scale is not None:
+        parts[-1] += ' (%s)' % scale_source
     if s.ratios != (1.0,):
         parts.append('ratios=%s' % ','.join('%g' % r for r in s.ratios))
     if s.flip:

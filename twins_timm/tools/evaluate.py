@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -21,13 +22,14 @@ import torch
 from tqdm import tqdm
 
 from .common import (add_inference_arguments, add_model_arguments, describe_settings,
-                     model_classes, pick_device, quiet_stdout, settings_from_args)
+                     model_classes, pick_device, quiet_stdout, scale_for_model, settings_from_args)
 from .inference import InferenceSettings, predict_labels
 from .loading import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model, read_image, read_label_map
 from .paths import check_output_file, model_files, refuse_inputs_as_outputs
 from .visualize import class_name_list
 from twins_timm.convert.io import atomic_path
-from ..train.data import IMAGE_SUFFIXES, check_pairs, find_pairs, reduce_zero_label  # noqa: F401
+from ..train.data import (IMAGE_SUFFIXES, check_pairs, find_pairs, label_convention_problem,  # noqa: F401
+                          reduce_zero_label)
 from . import distributed
 
 DESCRIPTION = __doc__
@@ -199,13 +201,23 @@ def run(args: argparse.Namespace) -> int:
     with quiet_stdout(args.quiet):
         loaded = load_model(args.model, allow_random=False)
     model = loaded.model.to(device).eval()
+    settings, scale_source = scale_for_model(settings, args, model)
     num_classes, names, _ = model_classes(model)
     names = class_name_list(num_classes, names)
+    # every annotation decoded before the first forward: truncated files and labels the model has no class for
+    labels = check_pairs(distributed.shard(pairs, ctx), num_classes, not args.no_reduce_zero_label,
+                         args.ignore_index, progress=not args.quiet and ctx.main, what=args.split,
+                         report=lambda items: distributed.gather(items, ctx))
+    convention = label_convention_problem(labels, num_classes, not args.no_reduce_zero_label, args.ignore_index)
+    if convention and ctx.main:  # a warning, not a refusal: a split may simply lack the last class
+        print(textwrap.fill('twins-timm eval: warning: %s If these labels are 1-based and the last class just does '
+                            'not occur in this split, the metrics are right.' % convention, 100,
+                            break_long_words=False, break_on_hyphens=False), file=sys.stderr)
     print('Model: %s' % loaded.source)
     if loaded.random_weights:
         print('*** %s: these metrics are NOT those of a trained model ***' % RANDOM_LABEL)
     print('Data: %d image(s) from %s/%s; inference: %s on %s'
-          % (len(pairs), args.data, args.split, describe_settings(settings), device))
+          % (len(pairs), args.data, args.split, describe_settings(settings, scale_source), device))
     acc = evaluate(model, distributed.shard(pairs, ctx), settings, num_classes, device=device,
                    reduce_zero=not args.no_reduce_zero_label, ignore_index=args.ignore_index,
                    progress=not args.quiet and ctx.main)

@@ -132,7 +132,10 @@ def read_label_map(path: os.PathLike) -> np.ndarray:
             if im.mode not in ('L', 'P', 'I', 'I;16'):
                 raise ValueError('%s: annotation has mode %r; expected a single-channel class-index '
                                  'PNG (mode L or P)' % (path, im.mode))
-            return np.asarray(im).astype(np.int64)
+            try:
+                return np.asarray(im).astype(np.int64)
+            except (OSError, SyntaxError) as e:  # truncated or corrupt PNG data
+                raise ValueError('%s: annotation data is truncated or corrupt (%s)' % (path, e)) from None
     except UnidentifiedImageError:
         raise ValueError('%s: not an image Pillow can read' % path) from None
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
-                     pick_device, quiet_stdout, settings_from_args)
+                     pick_device, quiet_stdout, scale_for_model, settings_from_args)
 from .inference import predict_labels
 from .loading import (DEFAULT_MAX_PIXELS, DEFAULT_MODEL_ID, RANDOM_LABEL, check_image, load_model, read_image,
                       sample_image_path)
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     with quiet_stdout(args.quiet):
         loaded = load_model(args.model, log=None if not args.quiet else _stderr_if_random)
     model = loaded.model.to(device).eval()
+    settings, scale_source = scale_for_model(settings, args, model)
     num_classes, names, palette = model_classes(model)
     names = class_name_list(num_classes, names)
     colours = make_palette(num_classes, palette)
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     print('Model: %s' % loaded.source)
     if banner:
         print('*** %s: the segmentation below is NOT meaningful ***' % RANDOM_LABEL)
-    print('Inference: %s on %s' % (describe_settings(settings), device))
+    print('Inference: %s on %s' % (describe_settings(settings, scale_source), device))
 
     failed: List[str] = []
     written = 0

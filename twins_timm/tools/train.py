@@ -9,8 +9,10 @@ distortion.  Every setting is printed at the start and stored with each checkpoi
 
 Several processes: `torchrun --nproc-per-node N -m twins_timm train ...` (DDP with SyncBN; NCCL
 on CUDA, gloo on CPU); --batch-size is per process.  OUT/checkpoints/iter_N/ are folders that
-`from_pretrained` and `segment --model` load; --resume continues from the newest; OUT/best/ holds
-the best mIoU; OUT/metrics.jsonl logs loss and mIoU.
+`from_pretrained` and `segment --model` load (they carry the test scale that `eval` and `segment` then
+use); --resume continues from the newest readable one with the run's own settings; OUT/best/ holds
+the best mIoU; OUT/metrics.jsonl logs loss and mIoU (in percent, as printed: mIoU_percent).
+Labels are checked against --classes and the labelling convention before the first step.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--batch-size', type=int, default=2, metavar='N', help='images per process and step (default 2)')
     parser.add_argument('--global-batch', type=int, default=None, metavar='N',
                         help="images per optimizer step over all processes (default: the config's, 8x4 or 8x2)")
-    parser.add_argument('--crop-size', type=int, default=512, metavar='N', help='training crop (default 512)')
+    parser.add_argument('--crop-size', type=int, default=None, metavar='N', help='training crop (default 512)')
     parser.add_argument('--lr', type=float, default=None, help="base learning rate (default: the config's)")
     parser.add_argument('--save-interval', type=int, default=None, metavar='N',
                         help="iterations between checkpoints (default: the config's, 16000 / 8000)")
@@ -54,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='iterations between loss lines in metrics.jsonl (default 50)')
     parser.add_argument('--drop-path-rate', type=float, default=None, metavar='F',
                         help="backbone stochastic depth (default: the config's, 0.2 or 0.3)")
-    parser.add_argument('--resume', action='store_true', help='continue the run in --out from its newest checkpoint')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue the run in --out from its newest readable checkpoint, with its own settings '
+                             '(--iters, --lr, --crop-size, --global-batch, --seed may repeat them, not change them)')
     parser.add_argument('--from-scratch', action='store_true',
                         help='HEAD:VARIANT with a random-initialised backbone (no download)')
     parser.add_argument('--amp', action='store_true', help='mixed precision (autocast) where the device supports it')
@@ -63,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--no-reduce-zero-label', action='store_true',
                         help='annotations are 0-based class indices (ADE20K files are 1-based, 0 = other)')
     parser.add_argument('--device', default='auto', help="'cpu', 'cuda' (default: cuda if available)")
-    parser.add_argument('--seed', type=int, default=0, help='data order and augmentation seed (default 0)')
+    parser.add_argument('--seed', type=int, default=None, help='data order and augmentation seed (default 0)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
 
 
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     check_settings(iters=args.iters, lr=args.lr, global_batch=args.global_batch, batch_size=args.batch_size,
                    save_interval=args.save_interval, eval_interval=args.eval_interval,
                    log_interval=args.log_interval, workers=args.workers, drop_path_rate=args.drop_path_rate)
-    if args.crop_size < min_crop_size():
+    if args.crop_size is not None and args.crop_size < min_crop_size():
         raise ValueError('--crop-size %d is too small: the Twins backbone needs at least %d pixels'
                          % (args.crop_size, min_crop_size()))
     names = _class_names(args.class_names)
@@ -112,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if device != 'auto':
         from .common import pick_device
         device = str(pick_device(device))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed or 0)
     ctx = Dist()
     try:
         ctx = init('cuda' if (device == 'auto' and torch.cuda.is_available()) or device.startswith('cuda') else 'cpu')

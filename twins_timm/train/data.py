@@ -77,6 +77,53 @@ def _oriented_size(im: Image.Image) -> Tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def _label_problem(path: Path, values: np.ndarray, num_classes: int, reduce_zero: bool,
+                   ignore_index: int) -> Optional[str]:
+    lo, hi = allowed_label_range(num_classes, reduce_zero)
+    bad = values[((values < lo) | (values > hi)) & (values != ignore_index)]
+    if not bad.size:
+        return None
+    rule = ('0 = ignored "other", 1..%d the classes' % num_classes if reduce_zero
+            else '0..%d the classes' % (num_classes - 1))
+    return '%s holds label(s) %s but %d classes allow %d..%d (%s; %d ignored)' % (
+        path, ', '.join(str(int(v)) for v in bad[:5]), num_classes, lo, hi, rule, ignore_index)
+
+
+def _unreadable(path: Path, what: str, e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return '%s: no such %sfile' % (path, 'annotation ' if what == 'annotation' else '')
+    if isinstance(e, Image.DecompressionBombError):  # Pillow's guard: the header claims a huge image
+        return '%s: too large to read (%s); downscale it or leave it out' % (path, str(e).rstrip('.'))
+    if isinstance(e, UnidentifiedImageError) or what == 'image':
+        return '%s: not a readable %s (%s)' % (path, what if what == 'image' else 'annotation PNG',
+                                              e.__class__.__name__)
+    return '%s: not a readable annotation PNG, its data is truncated or corrupt (%s)' % (path, e)
+
+
+def _check_pair(image: Path, annotation: Path, num_classes: Optional[int], reduce_zero: bool,
+                ignore_index: int) -> Tuple[Optional[str], Optional[np.ndarray]]:
+    """(problem or None, the annotation's label values when decoded)."""
+    try:
+        with Image.open(image) as im:
+            size = _oriented_size(im)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        return _unreadable(image, 'image', e), None
+    try:
+        with Image.open(annotation) as an:
+            if an.mode not in ANNOTATION_MODES:
+                return ('%s: annotation has mode %s; it must be a single-channel class-index PNG (mode L or P)'
+                        % (annotation, an.mode)), None
+            if an.size != size:
+                return '%s is %dx%d but its annotation %s is %dx%d' % (
+                    image, size[0], size[1], annotation, an.size[0], an.size[1]), None
+            if num_classes is None:
+                return None, None
+            values = np.unique(np.asarray(an))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # truncated PNG data: OSError
+        return _unreadable(annotation, 'annotation', e), None
+    return _label_problem(annotation, values, num_classes, reduce_zero, ignore_index), values
+
+
 def check_pair(image: Path, annotation: Path, num_classes: Optional[int] = None,
                reduce_zero: bool = True, ignore_index: int = IGNORE_INDEX) -> Optional[str]:
     """What is wrong with one pair (None if nothing): readable, annotation mode and size, labels.
@@ -84,62 +131,76 @@ def check_pair(image: Path, annotation: Path, num_classes: Optional[int] = None,
     Only headers are read unless ``num_classes`` is given; then the annotation is decoded and its
     values are checked against the classes (the ignore value is always allowed).
     """
-    try:
-        with Image.open(image) as im:
-            size = _oriented_size(im)
-    except FileNotFoundError:
-        return '%s: no such file' % image
-    except (UnidentifiedImageError, OSError) as e:
-        return '%s: not a readable image (%s)' % (image, e.__class__.__name__)
-    try:
-        with Image.open(annotation) as an:
-            if an.mode not in ANNOTATION_MODES:
-                return ('%s: annotation has mode %s; it must be a single-channel class-index PNG (mode L or P)'
-                        % (annotation, an.mode))
-            if an.size != size:
-                return '%s is %dx%d but its annotation %s is %dx%d' % (
-                    image, size[0], size[1], annotation, an.size[0], an.size[1])
-            if num_classes is None:
-                return None
-            values = np.unique(np.asarray(an))
-    except FileNotFoundError:
-        return '%s: no such annotation file' % annotation
-    except (UnidentifiedImageError, OSError) as e:
-        return '%s: not a readable annotation PNG (%s)' % (annotation, e.__class__.__name__)
-    lo, hi = allowed_label_range(num_classes, reduce_zero)
-    bad = values[((values < lo) | (values > hi)) & (values != ignore_index)]
-    if bad.size:
-        rule = ('0 = ignored "other", 1..%d the classes' % num_classes if reduce_zero
-                else '0..%d the classes' % (num_classes - 1))
-        return '%s holds label(s) %s but %d classes allow %d..%d (%s; %d ignored)' % (
-            annotation, ', '.join(str(int(v)) for v in bad[:5]), num_classes, lo, hi, rule, ignore_index)
+    return _check_pair(image, annotation, num_classes, reduce_zero, ignore_index)[0]
+
+
+def label_convention_problem(values: Sequence[int], num_classes: int, reduce_zero: bool,
+                             ignore_index: int = IGNORE_INDEX) -> Optional[str]:
+    """Why the label values of a whole data set fit the other labelling convention (None: they do not).
+
+    Both conventions store one class index per pixel: ADE20K's is 1-based (0 = "other", ignored; the
+    classes are 1..N, reduce-zero-label on), the other 0-based (classes 0..N-1).  Only what is
+    unambiguous is refused: with reduce-zero-label on, a label 0 that occurs while no label reaches N
+    (the values fit 0..N-1 exactly, and class 0 would be ignored without a word); with it off, a label
+    equal to N (which only 1..N holds).
+    """
+    seen = sorted(int(v) for v in set(values) if int(v) != ignore_index)
+    if not seen:
+        return None
+    if reduce_zero and seen[0] == 0 and seen[-1] <= num_classes - 1:
+        return ('the labels fit 0..%d (label 0 occurs, none is %d): 0-based class indices, it seems, but with '
+                'reduce-zero-label on (the default, for ADE20K\'s 1-based files: 0 = "other", ignored, classes '
+                '1..%d) class 0 would be ignored without a word and the last class would have no pixels. Pass '
+                '--no-reduce-zero-label. (The rule: with reduce-zero-label on, labels that include 0 and stay '
+                'below the number of classes are taken for 0-based.)' % (num_classes - 1, num_classes, num_classes))
+    if not reduce_zero and seen[-1] == num_classes and seen[0] >= 0:
+        return ('the labels reach %d, the number of classes: ADE20K-style 1-based class indices, it seems (0 = '
+                '"other", classes 1..%d), which --no-reduce-zero-label reads as 0-based. Leave out '
+                '--no-reduce-zero-label. (The rule: without reduce-zero-label, a label equal to the number of '
+                'classes is taken for 1-based.)' % (num_classes, num_classes))
     return None
 
 
 def check_pairs(pairs: Sequence[Pair], num_classes: Optional[int] = None, reduce_zero: bool = True,
                 ignore_index: int = IGNORE_INDEX, progress: bool = False, what: str = 'data',
-                workers: int = 4, report: Optional[Callable[[List[str]], List[str]]] = None) -> None:
+                workers: int = 4, report: Optional[Callable[[List], List]] = None) -> List[int]:
     """Check every pair (see :func:`check_pair`); raise one :class:`DatasetError` listing the problems.
 
-    ``report`` merges the problems found by other processes (sharded checks under torchrun).
+    Returns the label values seen (sorted; empty unless ``num_classes`` is given), for
+    :func:`check_label_convention` over all splits.  ``report`` merges lists over processes (sharded
+    checks under torchrun): the problems found, then the values seen.
     """
-    def one(pair: Pair) -> Optional[str]:
-        return check_pair(pair[0], pair[1], num_classes, reduce_zero, ignore_index)
+    def one(pair: Pair) -> Tuple[Optional[str], Optional[np.ndarray]]:
+        return _check_pair(pair[0], pair[1], num_classes, reduce_zero, ignore_index)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = pool.map(one, pairs)
         if progress and len(pairs) > 50:
             from tqdm import tqdm
             results = tqdm(results, total=len(pairs), desc='checking %s' % what, unit='file', leave=False)
-        problems = [r for r in results if r]
+        results = list(results)
+    problems = [problem for problem, _ in results if problem]
+    values = sorted({int(v) for _, vals in results if vals is not None for v in vals})
     if report is not None:
         problems = report(problems)
+        values = sorted(set(report(values)))
     if problems:
+        convention = label_convention_problem(values, num_classes, reduce_zero, ignore_index) if num_classes else None
         more = ' (and %d more)' % (len(problems) - 3) if len(problems) > 3 else ''
         hint = (' Fix or remove these files, or pass the right --classes / --no-reduce-zero-label.'
                 if num_classes is not None else ' Fix or remove these files.')
         raise DatasetError('%d of %d %s pair(s) are unusable; nothing was done: %s%s.%s' % (
-            len(problems), len(pairs), what, '; '.join(problems[:3]), more, hint))
+            len(problems), len(pairs), what, '; '.join(problems[:3]), more,
+            ' ' + convention[0].upper() + convention[1:] if convention else hint))
+    return values
+
+
+def check_label_convention(values: Sequence[int], num_classes: int, reduce_zero: bool,
+                           ignore_index: int = IGNORE_INDEX) -> None:
+    """Raise :class:`DatasetError` when the labels of all splits fit the other convention."""
+    problem = label_convention_problem(values, num_classes, reduce_zero, ignore_index)
+    if problem:
+        raise DatasetError('Nothing was done: %s' % problem)
 
 
 def read_pair(image: Path, annotation: Path, reduce_zero: bool = True) -> Tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,8 @@
 
 OUT/
   run.json                 settings of the run (recipe, batch, processes, data)
-  metrics.jsonl            one JSON line per log interval (loss, lr) and per evaluation (mIoU, ...)
+  metrics.jsonl            one JSON line per log interval (loss, lr) and per evaluation (mIoU_percent, ...:
+                           percent with 2 decimals, as printed)
   checkpoints/iter_N/      save_pretrained folder (config.json, model.safetensors) + training_state.pt
                            (optimizer, scheduler, RNG, sampler position) + recipe.json
   last_checkpoint          name of the newest complete checkpoint
@@ -11,6 +12,8 @@ OUT/
 Every folder is written to a hidden temporary sibling and renamed into place, so a kill at any
 moment leaves only complete checkpoints; ``resume=True`` continues from the newest one and, on CPU,
 ends with the weights of an uninterrupted run (per-image augmentation seeds, saved RNG states).
+A damaged newest checkpoint is passed over for the newest readable one; the run's recipe is the
+checkpoint's, and options that contradict it (or a model of another shape) are refused.
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from twins_timm.convert.io import atomic_path, write_folder
 from ..tools import distributed
-from .data import DatasetError, SegmentationFolder, check_pairs, find_pairs
+from .data import DatasetError, SegmentationFolder, check_label_convention, check_pairs, find_pairs
 from .models import head_of
 from .recipe import Recipe, build_optimizer, check_settings, recipe_for
+from .resume import check_same_model, newest_readable, resumed_recipe
 from .transforms import min_crop_size, train_transform
 
 CHECKPOINTS = 'checkpoints'
@@ -183,6 +187,9 @@ def _trim_metrics(path: Path, upto: int) -> None:
             continue
         if rec.get('iter', 0) <= upto:
             keep.append(line)
+    if not keep:  # (an empty file is not a write atomic_path accepts)
+        path.unlink()
+        return
     with atomic_path(path, force=True) as tmp:
         tmp.write_text(''.join(l + '\n' for l in keep))
 
@@ -217,15 +224,31 @@ def load_training_state(folder: Path) -> Dict[str, Any]:
     return torch.load(folder / STATE_FILE, map_location='cpu', weights_only=True)
 
 
+def read_checkpoint(folder: Path) -> Dict[str, Any]:
+    """The recipe.json of checkpoint ``folder``, once every file of it has read back whole (raises if not)."""
+    from safetensors.torch import load_file
+    meta = json.loads((folder / RECIPE_FILE).read_text())
+    Recipe.from_dict(meta['recipe'])
+    json.loads((folder / 'config.json').read_text())
+    load_training_state(folder)
+    load_file(str(folder / 'model.safetensors'))
+    return meta
+
+
 # ----------------------------------------------------------------------------- evaluation
 
+def percent(summary: Dict[str, float]) -> Dict[str, float]:
+    """Metrics as the files store them: percent with 2 decimals, as printed (mmseg's tables), named so."""
+    return {'%s_percent' % k: round(100 * v, 2) for k, v in summary.items()}
+
+
 def evaluate_sharded(model: nn.Module, pairs: Sequence, num_classes: int, ctx: distributed.Dist,
-                     crop_size: int, device, reduce_zero: bool, progress: bool = False):
-    """mmseg's whole-image test (keep-ratio resize to (4 crop, crop)) on this process's share of
-    ``pairs``; per-class areas summed exactly over the processes."""
+                     scale: Tuple[int, int], device, reduce_zero: bool, progress: bool = False):
+    """mmseg's whole-image test (keep-ratio resize to ``scale``, the recipe's (4 crop, crop)) on this
+    process's share of ``pairs``; per-class areas summed exactly over the processes."""
     from ..tools.evaluate import evaluate
     from ..tools.inference import InferenceSettings
-    settings = InferenceSettings(scale=(4 * crop_size, crop_size))
+    settings = InferenceSettings(scale=tuple(scale))
     was_training = model.training
     model.eval()
     try:
@@ -256,13 +279,14 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
         crop_size: Optional[int] = None, lr: Optional[float] = None, save_interval: Optional[int] = None,
         eval_interval: Optional[int] = None, log_interval: Optional[int] = None, resume: bool = False,
         amp: bool = False, grad_checkpointing: bool = False, workers: int = 2,
-        reduce_zero_label: bool = True, device=None, seed: int = 0, progress: bool = True,
+        reduce_zero_label: bool = True, device=None, seed: Optional[int] = None, progress: bool = True,
         train_split: str = 'training', val_split: str = 'validation',
         log: Callable[[str], None] = print, extra_settings: Optional[Dict[str, Any]] = None) -> FitResult:
     """Fine-tune a TwinsUPerNet / TwinsFPN on an ADE20K-layout folder with mmseg's recipe.
 
     ``recipe`` defaults to :func:`recipe_for` the model's head and backbone, overridden by ``iters``,
-    ``crop_size``, ``lr`` and ``global_batch``; ``batch_size`` is per process and the global batch is
+    ``crop_size``, ``lr``, ``global_batch`` and ``seed`` (None: the default; with ``resume``, the
+    run's own recipe, which these may repeat but not change); ``batch_size`` is per process and the global batch is
     reached by gradient accumulation.  Under torchrun this runs DistributedDataParallel with
     SyncBatchNorm.  ``eval_interval=0`` skips evaluation (no validation split needed).
     Everything is checked (data, labels, ``out``) before the first step; errors are ValueError /
@@ -278,9 +302,19 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     main_log = log if ctx.main else (lambda msg: None)
 
     head = head_of(model)
-    if recipe is None:
+    point = None
+    if resume:  # the newest readable checkpoint, read on the main process (its recipe is the run's)
+        point = _agreed(ctx, lambda: newest_readable(checkpoint_folders(out), read_checkpoint, main_log))
+        point = distributed.gather([point] if ctx.main else [], ctx)[0]
+    if point is not None:
+        recipe = resumed_recipe(point[1], point[0], dict(iters=iters, crop_size=crop_size, lr=lr,
+                                                         global_batch=global_batch, seed=seed),
+                                recipe, reduce_zero_label)
+        check_same_model(model, point[0], point[1])
+    elif recipe is None:
         recipe = recipe_for(head, model.encoder_name, iters=iters, crop_size=crop_size, lr=lr,
-                            global_batch=global_batch, seed=seed)
+                            global_batch=global_batch, seed=0 if seed is None else seed)
+    model.test_scale = tuple(recipe.scale)  # saved with every checkpoint: eval and segment test at it
     if recipe.crop_size < min_crop_size():
         raise ValueError('--crop-size %d is too small: the Twins backbone needs at least %d pixels'
                          % (recipe.crop_size, min_crop_size()))
@@ -303,17 +337,18 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
         v = find_pairs(data, val_split) if eval_interval else []
         return t, v
     train_pairs, val_pairs = _agreed(ctx, find, everyone=True)
-    report = lambda problems: distributed.gather(problems, ctx)  # noqa: E731
-    check_pairs(distributed.shard(train_pairs, ctx), num_classes, reduce_zero_label, progress=progress
-                and ctx.main, what='%s' % train_split, report=report)
+    report = lambda items: distributed.gather(items, ctx)  # noqa: E731
+    labels = check_pairs(distributed.shard(train_pairs, ctx), num_classes, reduce_zero_label, progress=progress
+                         and ctx.main, what='%s' % train_split, report=report)
     if val_pairs:
-        check_pairs(distributed.shard(val_pairs, ctx), num_classes, reduce_zero_label, progress=progress
-                    and ctx.main, what='%s' % val_split, report=report)
+        labels += check_pairs(distributed.shard(val_pairs, ctx), num_classes, reduce_zero_label, progress=progress
+                              and ctx.main, what='%s' % val_split, report=report)
+    check_label_convention(labels, num_classes, reduce_zero_label)
     if len(train_pairs) < per_step:
         raise DatasetError('%d training image(s) cannot fill one step of %d process(es) x --batch-size %d; '
                            'lower --batch-size' % (len(train_pairs), ctx.world, batch_size))
-    resume_from = _agreed(ctx, lambda: prepare_out(out, resume))
-    resume_from = distributed.gather([resume_from] if ctx.main else [], ctx)[0]
+    _agreed(ctx, lambda: prepare_out(out, resume))
+    resume_from = point[0] if point is not None else None
 
     # -------- model, optimizer
     if grad_checkpointing:
@@ -427,7 +462,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
             interval_loss.zero_()
             interval_n = 0
         if val_pairs and (done % eval_interval == 0 or done == recipe.iters):
-            acc = evaluate_sharded(model, val_pairs, num_classes, ctx, recipe.crop_size, dev,
+            acc = evaluate_sharded(model, val_pairs, num_classes, ctx, recipe.scale, dev,
                                    reduce_zero_label)
             try:
                 summary = acc.summary()
@@ -435,7 +470,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
                 summary = dict(mIoU=float('nan'), aAcc=float('nan'), mAcc=float('nan'))
             result.miou = summary['mIoU']
             result.evals.append(dict(iter=done, **summary))
-            write_metrics(dict(iter=done, **summary, images=acc.images))
+            write_metrics(dict(iter=done, **percent(summary), images=acc.images))
             if ctx.main:
                 bar.write('iter %d: mIoU %.2f  aAcc %.2f  mAcc %.2f' % (
                     done, 100 * summary['mIoU'], 100 * summary['aAcc'], 100 * summary['mAcc']), file=sys.stderr)
@@ -443,7 +478,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
                 best = dict(miou=summary['mIoU'], iter=done)
                 if ctx.main:
                                     write_folder(out / 'best', lambda tmp: _save_model_folder(
-                        model, tmp, recipe, dict(iter=done, metrics=summary)), force=True)
+                        model, tmp, recipe, dict(iter=done, metrics=percent(summary))), force=True)
             distributed.barrier(ctx)
         if done % save_interval == 0 or done == recipe.iters:
             rng = distributed.gather([dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(dev)
