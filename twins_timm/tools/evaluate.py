@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import (add_inference_arguments, add_model_arguments, describe_settings,
+from .common import (add_inference_arguments, add_model_arguments, describe_settings, engine_from_args,
                      model_classes, pick_device, quiet_stdout, settings_from_args)
 from .inference import InferenceSettings, predict_labels
 from .loading import RANDOM_LABEL, load_model, read_image, read_label_map
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.device_for(ctx, device)
     with quiet_stdout(args.quiet):
         loaded = load_model(args.model, allow_random=False)
-    model = loaded.model.to(device).eval()
+    model = engine_from_args(loaded.model.to(device).eval(), args, loaded.source)
     num_classes, names, _ = model_classes(model)
     names = class_name_list(num_classes, names)
     print('Model: %s' % loaded.source)

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
-                     pick_device, quiet_stdout, settings_from_args)
+from .common import (add_inference_arguments, add_model_arguments, describe_settings, engine_from_args,
+                     model_classes, pick_device, quiet_stdout, settings_from_args)
 from .inference import predict_labels
 from .loading import (DEFAULT_MAX_PIXELS, RANDOM_LABEL, check_image, load_model, read_image,
                       sample_image_path)
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     mine = distributed.shard(list(range(len(images))), ctx)
     with quiet_stdout(args.quiet):
         loaded = load_model(args.model, log=None if not args.quiet else _stderr_if_random)
-    model = loaded.model.to(device).eval()
+    model = engine_from_args(loaded.model.to(device).eval(), args, loaded.source)
     num_classes, names, palette = model_classes(model)
     names = class_name_list(num_classes, names)
     colours = make_palette(num_classes, palette)
