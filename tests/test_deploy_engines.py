@@ -191,3 +191,24 @@ def test_base_install_imports_no_engine_package():
                         'print(sorted(m for m in ("onnx", "onnxscript", "onnxruntime", "openvino") if m in sys.modules))')
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == '[]'
+
+
+def test_eval_engine_shards_over_processes(tmp_path, monkeypatch):
+    """torchrun: both processes want the export at once; one makes it, the other waits and uses it, and the
+    summed metrics are the one-process torch engine's."""
+    import test_train_distributed as dist_tests
+    from train_data import make_dataset
+    from twins_timm.adapters import TwinsFPN
+    torch.manual_seed(0)
+    folder = tmp_path / 'model'
+    TwinsFPN(encoder_name='twins_pcpvt_small', classes=4, encoder_args={'depths': [1, 1, 1, 1]},
+             decoder_pyramid_channels=32, decoder_segmentation_channels=16).save_pretrained(str(folder))
+    data = make_dataset(tmp_path / 'data', n_train=1, n_val=3)
+    monkeypatch.setitem(dist_tests.ENV, 'TWINS_TIMM_CACHE', str(tmp_path / 'cache'))
+    common = ['eval', '--data', data, '--model', folder, '--scale', '64', '48', '--quiet']
+    rank0, rank1 = dist_tests.two_ranks(*common, '--engine', 'onnxruntime', '--json', tmp_path / 'two.json')
+    assert cli.main(list(map(str, [*common, '--json', tmp_path / 'one.json']))) == 0
+    one, two = (json.loads((tmp_path / n).read_text()) for n in ('one.json', 'two.json'))
+    assert two['images'] == one['images'] == 3
+    assert abs(two['mIoU'] - one['mIoU']) <= 0.01
+    assert len([p for p in (tmp_path / 'cache' / 'exports').glob('*/onnxruntime-*') if p.is_dir()]) == 1

@@ -22,7 +22,7 @@ from twins_timm import zoo
 from twins_timm.convert.io import atomic_path
 
 from .export import (FORMAT_MODULES, OPENVINO_XML, ONNX_FILE, engine_versions, export_folder, folder_problem, require_modules, weights_sha256)
-from .runners import Runner, load_onnxruntime, load_openvino
+from .runners import Outputs, Runner, load_onnxruntime, load_openvino
 
 ENGINES = ('torch', 'onnxruntime', 'openvino')
 DTYPES = ('fp32', 'bf16')
@@ -87,12 +87,12 @@ class EngineModel(nn.Module):
         for name in METADATA:
             setattr(self, name, getattr(like, name, None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x).to(x.device)
+    def forward(self, x: torch.Tensor) -> Outputs:
+        return self._run(x)
 
 
 class TorchAutocast(nn.Module):
-    """The torch model under bf16 autocast (device of the input), logits handed on as float32."""
+    """The torch model under bf16 autocast (device of the input), outputs handed on as float32."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -100,9 +100,10 @@ class TorchAutocast(nn.Module):
         for name in METADATA:
             setattr(self, name, getattr(model, name, None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Outputs:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return self.model(x).float()
+            out = self.model(x)
+        return out.float() if isinstance(out, torch.Tensor) else [t.float() for t in out]
 
 
 def export_entry(weights_sha: str, engine: str) -> Path:

@@ -129,14 +129,14 @@ def check_against_torch(engine: str, run: Callable[[torch.Tensor], torch.Tensor]
     return check
 
 
-def export_onnx(model: nn.Module, path: Path, log: Log) -> None:
+def export_onnx(model: nn.Module, path: Path, log: Log, output_names: Sequence[str] = (OUTPUT_NAME,)) -> None:
     """``torch.onnx.export(dynamo=True)`` of the plain model, batch / height / width symbolic."""
     require_modules(FORMAT_MODULES['onnx'], 'ONNX export')
     free = torch.export.Dim.DYNAMIC
     log('tracing the model with torch.export (batch, height and width free) and writing ONNX ...')
     with plain_model_path(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(model, (sample_input(TRACE_SHAPE),), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: free, 2: free, 3: free},),
+                                    output_names=list(output_names), dynamic_shapes=({0: free, 2: free, 3: free},),
                                     optimize=True, verbose=False)
     program.save(str(path))
 

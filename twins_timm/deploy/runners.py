@@ -1,4 +1,5 @@
-"""Exported files run by their engines as plain functions: normalised NCHW float32 tensor in, logits out.
+"""Exported files run by their engines as plain functions: normalised NCHW float32 tensor in, logits out (or
+a list of tensors, for a model with several outputs such as a backbone's feature maps).
 
 The engines' own packages (optional: ``pip install "twins-timm[deploy]"``) are imported here, when a file is
 loaded, so that a base install never needs them.
@@ -6,7 +7,7 @@ loaded, so that a base install never needs them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -15,11 +16,17 @@ OUTPUT_NAME = 'logits'
 # OpenVINO's names of our dtypes: set explicitly, since its own default on CPUs with bf16 is bf16
 OPENVINO_PRECISION = {'fp32': 'f32', 'bf16': 'bf16'}
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Outputs = Union[torch.Tensor, List[torch.Tensor]]
+Runner = Callable[[torch.Tensor], Outputs]
 
 
 def _as_numpy(x: torch.Tensor):
     return x.detach().to('cpu', torch.float32).contiguous().numpy()
+
+
+def _outputs(arrays) -> Outputs:
+    tensors = [torch.from_numpy(a) for a in arrays]
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 def load_onnxruntime(path: Path, threads: Optional[int] = None) -> Runner:
@@ -30,8 +37,8 @@ def load_onnxruntime(path: Path, threads: Optional[int] = None) -> Runner:
     options.log_severity_level = 3  # errors only: no warnings about shapes it cannot infer ahead
     session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: _as_numpy(x)})[0])
+    def run(x: torch.Tensor) -> Outputs:
+        return _outputs(session.run(None, {INPUT_NAME: _as_numpy(x)}))
     return run
 
 
@@ -44,7 +51,7 @@ def load_openvino(xml_path: Path, dtype: str, threads: Optional[int] = None) -> 
     })
     request = compiled.create_infer_request()
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor) -> Outputs:
         request.infer({INPUT_NAME: _as_numpy(x)})
-        return torch.from_numpy(request.get_tensor(OUTPUT_NAME).data.copy())
+        return _outputs(request.get_output_tensor(i).data.copy() for i in range(len(compiled.outputs)))
     return run
