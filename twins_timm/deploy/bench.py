@@ -15,7 +15,7 @@ from torch import nn
 
 from twins_timm.tools.numerics import max_abs_diff, scaled_diff
 
-from .engines import ENGINE_MODULES, TorchAutocast, native_bf16
+from .engines import ENGINE_MODULES, NO_ORT_BF16, TorchAutocast, native_bf16
 from .export import OPENVINO_XML, ONNX_FILE, export_onnx, export_openvino, require_modules
 from .runners import Outputs, Runner, load_onnxruntime, load_openvino
 
@@ -52,7 +52,7 @@ def unavailable(engine: str, dtype: str, device: str) -> Optional[str]:
         return str(e)
     if dtype == 'bf16':
         if engine == 'onnxruntime':
-            return "ONNX Runtime's CPU provider has no bf16 kernels"
+            return NO_ORT_BF16
         native, why = native_bf16()
         if not native:
             return 'no native bf16: %s' % why

@@ -21,7 +21,8 @@ from torch import nn
 from twins_timm import zoo
 from twins_timm.convert.io import atomic_path
 
-from .export import (FORMAT_MODULES, OPENVINO_XML, ONNX_FILE, engine_versions, export_folder, folder_problem, require_modules, weights_sha256)
+from .export import (FORMAT_MODULES, OPENVINO_XML, ONNX_FILE, engine_versions, export_folder, folder_problem,
+                     require_modules, weights_sha256)
 from .runners import Outputs, Runner, load_onnxruntime, load_openvino
 
 ENGINES = ('torch', 'onnxruntime', 'openvino')
@@ -30,6 +31,7 @@ ENGINE_MODULES = {'torch': (), 'onnxruntime': FORMAT_MODULES['onnx'], 'openvino'
 # what the inference tools read from a segmenter besides calling it
 METADATA = ('mean', 'std', 'classes', 'class_names', 'palette')
 NATIVE_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
+NO_ORT_BF16 = "ONNX Runtime's CPU execution provider has no bf16 kernels for this model's operations (MatMul, Conv)"
 
 Log = Callable[[str], None]
 
@@ -65,14 +67,13 @@ def check_engine_request(engine: str, dtype: str, force_bf16: bool = False, devi
         device = 'cpu'
     if dtype == 'bf16':
         if engine == 'onnxruntime':
-            raise ValueError('--engine onnxruntime --dtype bf16: ONNX Runtime\'s CPU execution provider has no bf16 '
-                             'kernels for this model\'s operations (MatMul, Conv, ...), so it runs fp32 only. For '
-                             'bf16 on the CPU use --engine openvino --dtype bf16 or --engine torch --dtype bf16')
+            raise ValueError('--engine onnxruntime --dtype bf16: %s, so it runs fp32 only. For bf16 on the CPU use '
+                             '--engine openvino --dtype bf16 or --engine torch --dtype bf16' % NO_ORT_BF16)
         on_cpu = engine != 'torch' or device == 'cpu' or (device == 'auto' and not torch.cuda.is_available())
         native, why = native_bf16()
         if on_cpu and not native and not force_bf16:
-            raise ValueError('--dtype bf16: %s (AVX512-BF16 or AMX), so bf16 would be emulated: slower than fp32 '
-                             'and less accurate. Keep the default --dtype fp32, or pass --force-bf16 to run bf16 '
+            raise ValueError('--dtype bf16: %s (AVX512-BF16 or AMX), so bf16 would be emulated, slower than fp32. '
+                             'Keep the default --dtype fp32, or pass --force-bf16 to run bf16 '
                              'anyway' % why)
     return device
 
@@ -145,7 +146,7 @@ def engine_model(model: nn.Module, engine: str = 'torch', dtype: str = 'fp32', s
     folder = cached_export(model, engine, source, log)
     if engine == 'onnxruntime':
         if dtype != 'fp32':
-            raise ValueError('ONNX Runtime runs this model in fp32 only (its CPU provider has no bf16 kernels)')
+            raise ValueError('%s: --engine onnxruntime runs fp32 only' % NO_ORT_BF16)
         run = load_onnxruntime(folder / ONNX_FILE)
     else:
         run = load_openvino(folder / OPENVINO_XML, dtype)
