@@ -68,7 +68,8 @@ def test_export_writes_a_checked_folder_with_free_sizes(tmp_path, model, capsys)
     assert config['input']['name'] == 'pixel_values' and config['output']['name'] == 'logits'
     assert config['input']['mean'] == list(model.mean) and config['input']['std'] == list(model.std)
     assert config['classes'] == 5 and config['class_names'] == model.class_names
-    assert [c['engine'] for c in config['checks']] == ['onnxruntime', 'openvino']
+    assert [(c['engine'], tuple(c['shape'])) for c in config['checks']] == [
+        (engine, shape) for engine in ('onnxruntime', 'openvino') for shape in export.CHECK_SHAPES]
     assert export.folder_problem(out) is None  # every file's sha256 recorded
     assert 'pixel_values' in (out / 'README.md').read_text()
     import onnxruntime as ort
@@ -101,7 +102,7 @@ def test_export_never_writes_where_the_model_is(tmp_path, model, capsys):
 
 def test_export_check_catches_a_wrong_graph(tmp_path, model):
     with pytest.raises(export.ExportError, match='disagrees with torch'):
-        export.check_against_torch('onnxruntime', lambda x: model(x) + 1.0, model)
+        export.check_against_torch('onnxruntime', lambda x: model(x) + 1.0, model, (1, 3, 40, 40))
 
 
 # ------------------------------------------------------------------------------------ engines

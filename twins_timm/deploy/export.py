@@ -43,9 +43,11 @@ DEPLOY_INSTALL = 'pip install "twins-timm[deploy]"'
 # Python modules each format needs (the [deploy] extra installs them all)
 FORMAT_MODULES = {'onnx': ('onnx', 'onnxscript', 'onnxruntime'), 'openvino': ('onnx', 'onnxscript', 'openvino')}
 # Traced at batch 2 (batch 1 would be specialised) and a size whose every stage, window grid included, is
-# larger than 1 x 1 and padded; checked at batch 1 and a size with other remainders (and one SVT window).
+# larger than 1 x 1 and padded. Checked at other batches and at two sizes, so a graph specialised either way
+# fails: one with other remainders everywhere (and a single SVT window), one a multiple of the patches and
+# windows at every stage (no padding at all).
 TRACE_SHAPE = (2, 3, 288, 320)
-CHECK_SHAPE = (1, 3, 97, 130)
+CHECK_SHAPES = ((1, 3, 97, 130), (3, 3, 224, 224))
 # Largest difference from torch fp32 an export may show, as a share of the logits' scale (numerics.scaled_diff):
 # measured ~1e-6 on the S models, so this catches a wrong graph and nothing else.
 CHECK_TOLERANCE = 1e-3
@@ -111,7 +113,7 @@ class Check:
 
 
 def check_against_torch(engine: str, run: Callable[[torch.Tensor], torch.Tensor], model: nn.Module,
-                        shape: Tuple[int, int, int, int] = CHECK_SHAPE) -> Check:
+                        shape: Tuple[int, int, int, int]) -> Check:
     """Run ``run`` and the torch model on the same input; raise unless they agree within CHECK_TOLERANCE."""
     x = sample_input(shape, seed=1)
     with torch.inference_mode():
@@ -183,12 +185,15 @@ def export_folder(model: nn.Module, folder: Path, openvino: bool, source: str, l
     checks: List[Check] = []
     started = time.perf_counter()
     export_onnx(model, folder / ONNX_FILE, log)
-    log('checking the ONNX file in ONNX Runtime against torch at %s ...' % 'x'.join(map(str, CHECK_SHAPE)))
-    checks.append(check_against_torch('onnxruntime', load_onnxruntime(folder / ONNX_FILE), model))
+    runners = {'onnxruntime': lambda: load_onnxruntime(folder / ONNX_FILE)}
     if openvino:
         export_openvino(folder / ONNX_FILE, folder / OPENVINO_XML, log)
-        log('checking the OpenVINO IR against torch at %s ...' % 'x'.join(map(str, CHECK_SHAPE)))
-        checks.append(check_against_torch('openvino', load_openvino(folder / OPENVINO_XML, 'fp32'), model))
+        runners['openvino'] = lambda: load_openvino(folder / OPENVINO_XML, 'fp32')
+    for engine, load in runners.items():
+        run = load()
+        for shape in CHECK_SHAPES:
+            log('checking the export in %s against torch at %s ...' % (engine, 'x'.join(map(str, shape))))
+            checks.append(check_against_torch(engine, run, model, shape))
     files = [ONNX_FILE] + ([OPENVINO_XML, OPENVINO_BIN] if openvino else [])
     meta = model_metadata(model)
     config = {
