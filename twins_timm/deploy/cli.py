@@ -19,8 +19,8 @@ from twins_timm.tools.common import quiet_stdout
 from twins_timm.tools.loading import load_model
 from twins_timm.tools.paths import check_writable_dir
 
-from .export import (CONFIG_FILE, FORMAT_MODULES, FORMATS, INPUT_NAME, ONNX_FILE, OPENVINO_BIN, OPENVINO_XML,
-                     OUTPUT_NAME, README_FILE, export_folder, require_modules)
+from .export import (CONFIG_FILE, EXPORT_FILES, FORMAT_MODULES, FORMATS, INPUT_NAME, OUTPUT_NAME, README_FILE,
+                     export_folder, folder_problem, require_modules)
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -29,7 +29,7 @@ EPILOG = """examples:
   twins-timm export fpn_twins_pcpvt_small.ade20k out/ --force    # replace an earlier export in out/
 """
 # every name an export writes: --force replaces a folder holding nothing else
-EXPORT_NAMES = {CONFIG_FILE, README_FILE, ONNX_FILE, OPENVINO_XML, OPENVINO_BIN}
+EXPORT_NAMES = {CONFIG_FILE, README_FILE, *EXPORT_FILES}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,12 +60,11 @@ def check_out(out: Path, model_spec: str, force: bool) -> None:
         if not out.is_dir():
             raise NotADirectoryError('OUT %s is a file, not a folder; give a new folder path' % out)
         names = {p.name for p in out.iterdir()}
-        ours = (CONFIG_FILE in names and names <= EXPORT_NAMES
-                and '"exported_by": "twins-timm"' in (out / CONFIG_FILE).read_text(errors='replace'))
-        if names and not ours:
-            raise FileExistsError('OUT %s exists and is not an earlier twins-timm export (it holds %s); '
-                                  '--force replaces only those. Choose a new folder'
-                                  % (out, ', '.join(sorted(names)[:5])))
+        problem = 'holds %s' % ', '.join(sorted(names - EXPORT_NAMES)[:5]) if names - EXPORT_NAMES else \
+            folder_problem(out)
+        if names and problem:
+            raise FileExistsError('OUT %s exists and is not an earlier twins-timm export, unchanged (it %s); '
+                                  '--force replaces only those. Choose a new folder' % (out, problem))
         if names and not force:
             raise FileExistsError('OUT %s holds an earlier export; pass --force to replace it or choose a new '
                                   'folder' % out)

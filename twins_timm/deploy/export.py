@@ -39,6 +39,7 @@ OPENVINO_BIN = 'openvino_model.bin'
 CONFIG_FILE = 'config.json'
 README_FILE = 'README.md'
 FORMATS = ('onnx', 'openvino')
+EXPORT_FILES = (ONNX_FILE, OPENVINO_XML, OPENVINO_BIN)  # what config.json may list, with their sha256
 DEPLOY_INSTALL = 'pip install "twins-timm[deploy]"'
 # Python modules each format needs (the [deploy] extra installs them all)
 FORMAT_MODULES = {'onnx': ('onnx', 'onnxscript', 'onnxruntime'), 'openvino': ('onnx', 'onnxscript', 'openvino')}
@@ -175,7 +176,8 @@ def model_metadata(model: nn.Module) -> Dict[str, object]:
 
 def export_folder(model: nn.Module, folder: Path, openvino: bool, source: str, log: Log,
                   weights_sha: Optional[str] = None) -> Dict[str, object]:
-    """Write model.onnx (+ the OpenVINO IR if ``openvino``), config.json and README.md into the existing empty ``folder``; return the config.
+    """Write model.onnx (+ the OpenVINO IR if ``openvino``), config.json and README.md into the existing empty
+    ``folder``; return the config.
 
     Raises ExportError (nothing usable left behind: the caller removes ``folder``) when an export disagrees
     with torch.
@@ -231,7 +233,7 @@ def folder_problem(folder: Path, weights_sha: Optional[str] = None) -> Optional[
     if not isinstance(files, dict) or ONNX_FILE not in files:
         return 'lists no exported files'
     for name, sha in files.items():
-        if name not in (ONNX_FILE, OPENVINO_XML, OPENVINO_BIN):
+        if name not in EXPORT_FILES:
             return 'lists a file export never writes (%r)' % name
         path = Path(folder) / str(name)
         if not path.is_file() or file_sha256(path) != sha:

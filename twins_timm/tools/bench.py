@@ -51,6 +51,7 @@ EPILOG = """examples:
   twins-timm bench --variants twins_svt_small --sizes 2x512x512,32x224x224 --no-segmenters
   twins-timm bench --no-backbones --no-memory --repeats 3   # segmenters vs mmseg only
   twins-timm bench --threads 2 --repeats 5 --no-compile --no-memory
+  twins-timm bench --quick --engines --no-memory   # + torch / ONNX Runtime / OpenVINO, fp32 and bf16
 """
 
 VARIANTS = ('twins_pcpvt_small', 'twins_pcpvt_base', 'twins_pcpvt_large',
