@@ -135,7 +135,8 @@ def test_cached_export_is_verified_and_redone_when_changed(photos, model, capsys
     capsys.readouterr()
     assert cli.main(['segment', str(photos / 'a.png'), '--out', str(photos / 'again'), '--scale', '96', '64',
                      '--engine', 'onnxruntime']) == 0
-    assert 'Using the onnxruntime export cached' in capsys.readouterr().err
+    std = capsys.readouterr()
+    assert 'Using the onnxruntime export cached' in std.err and 'Engine: onnxruntime fp32' in std.out
     with open(entry / 'model.onnx', 'ab') as f:
         f.write(b'\0')  # a changed file is never used
     assert cli.main(['segment', str(photos / 'a.png'), '--out', str(photos / 'third'), '--scale', '96', '64',
@@ -182,6 +183,9 @@ def test_engine_requests_refused_before_any_work(photos, model, monkeypatch, cap
     monkeypatch.setattr(engines, 'native_bf16', lambda: (False, 'this CPU has neither flag'))
     err = _refused(capsys, photos, '--engine', 'openvino', '--dtype', 'bf16')
     assert 'neither flag' in err and '--force-bf16' in err
+    (photos / 'a_file').write_text('')
+    monkeypatch.setenv('TWINS_TIMM_CACHE', str(photos / 'a_file'))
+    assert 'export cache' in _refused(capsys, photos, '--engine', 'onnxruntime')
     monkeypatch.setitem(engines.ENGINE_MODULES, 'openvino', ('openvino', 'no_such_module_for_twins_test'))
     err = _refused(capsys, photos, '--engine', 'openvino')
     assert 'no_such_module_for_twins_test' in err and 'pip install "twins-timm[deploy]"' in err

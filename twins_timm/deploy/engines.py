@@ -20,6 +20,7 @@ from torch import nn
 
 from twins_timm import zoo
 from twins_timm.convert.io import atomic_path
+from twins_timm.tools.paths import check_writable_dir
 
 from .export import (FORMAT_MODULES, OPENVINO_XML, ONNX_FILE, engine_versions, export_folder, folder_problem,
                      require_modules, weights_sha256)
@@ -64,6 +65,7 @@ def check_engine_request(engine: str, dtype: str, force_bf16: bool = False, devi
             raise ValueError('--engine %s runs on the CPU; leave --device out or give --device cpu (on a GPU use '
                              'the default --engine torch)' % engine)
         require_modules(ENGINE_MODULES[engine], '--engine %s' % engine)
+        check_writable_dir(zoo.cache_dir() / 'exports', 'the export cache (move it with TWINS_TIMM_CACHE)')
         device = 'cpu'
     if dtype == 'bf16':
         if engine == 'onnxruntime':

@@ -99,7 +99,9 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
 def engine_from_args(model: torch.nn.Module, args: argparse.Namespace, source: str) -> torch.nn.Module:
     """The loaded model on --engine at --dtype (export progress on stderr unless --quiet)."""
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    return engine_model(model, args.engine, args.dtype, source, log)
+    model = engine_model(model, args.engine, args.dtype, source, log)
+    print('Engine: %s %s' % (args.engine, args.dtype))
+    return model
 
 
 def describe_settings(s: InferenceSettings) -> str:
