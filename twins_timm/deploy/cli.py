@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from twins_timm.convert.io import atomic_path
 from twins_timm.tools.common import quiet_stdout
@@ -50,22 +51,29 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def not_an_earlier_export(folder: Path) -> Optional[str]:
+    """Why OUT may not be replaced: None for an empty folder or an earlier, unchanged `twins-timm export`."""
+    if folder.is_symlink() or not folder.is_dir():
+        return 'a symbolic link' if folder.is_symlink() else 'a file, not a folder'
+    names = sorted(p.name for p in folder.iterdir())
+    others = [n for n in names if n not in EXPORT_NAMES]
+    if others:
+        return 'it holds %s' % ', '.join(others[:5])
+    return folder_problem(folder) if names else None
+
+
 def check_out(out: Path, model_spec: str, force: bool) -> None:
-    """OUT is new, or an earlier export replaced with --force; never the model or around it."""
+    """OUT is new (or empty), or an earlier export replaced with --force; never the model or around it."""
     model_path = Path(os.path.expanduser(model_spec))
     if model_path.exists() and (_inside(out, model_path) or _inside(model_path, out)):
         raise ValueError('OUT %s and MODEL %s overlap; twins-timm never writes where it reads. Choose an OUT '
                          'folder outside the model' % (out, model_spec))
     if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise NotADirectoryError('OUT %s is a file, not a folder; give a new folder path' % out)
-        names = {p.name for p in out.iterdir()}
-        problem = 'holds %s' % ', '.join(sorted(names - EXPORT_NAMES)[:5]) if names - EXPORT_NAMES else \
-            folder_problem(out)
-        if names and problem:
-            raise FileExistsError('OUT %s exists and is not an earlier twins-timm export, unchanged (it %s); '
+        problem = not_an_earlier_export(out)
+        if problem:
+            raise FileExistsError('OUT %s exists and is not an earlier twins-timm export, unchanged (%s); '
                                   '--force replaces only those. Choose a new folder' % (out, problem))
-        if names and not force:
+        if any(out.iterdir()) and not force:
             raise FileExistsError('OUT %s holds an earlier export; pass --force to replace it or choose a new '
                                   'folder' % out)
     check_writable_dir(out.parent, 'OUT %s: its parent folder' % out)
