@@ -43,6 +43,7 @@ SLOW_FILES = (
     'test_mmseg_parity_models.py',
     'test_mmseg_parity_official.py',
     'test_deploy.py',
+    'test_deploy_engines.py',
     'test_bench.py',
 )
 # single long tests (they were over a minute on a busy machine) where a faster sibling covers the same code

@@ -69,6 +69,7 @@ def test_json_has_machine_settings_methods(tiny_run):
     assert _positive(mm['onednn_gflops'])  # the kernel of our inference linear, timed on the same product
     assert mm['best_gflops'] == max(mm['gflops'], mm['onednn_gflops'])
     assert data['compile']['available'] is False and 'skipped' in data['compile']['reason']
+    assert data['engines']['results'] == [] and 'skipped' in data['engines']['reason']  # only with --engines
 
 
 def test_backbone_row_ratios_and_parity(tiny_run):
@@ -291,3 +292,42 @@ def test_mmseg_import_leaves_transformers_importable(monkeypatch):
     monkeypatch.setitem(sys.modules, 'transformers', loaded := object())
     import_mmseg()
     assert sys.modules['transformers'] is loaded  # something had loaded it: left alone
+
+
+def test_engines_side_by_side_with_parity(tmp_path, monkeypatch):
+    """--engines: every engine x dtype on a shallow PCPVT backbone and FPN (timm's options: fast to export),
+    each row with its parity against torch fp32, export and first-call times apart; unavailable ones say why."""
+    import functools
+    for mod in ('onnx', 'onnxscript', 'onnxruntime', 'openvino'):
+        pytest.importorskip(mod)
+    from twins_timm.deploy import bench as deploy_bench
+    monkeypatch.setattr(bench, 'build_engine_model', functools.partial(
+        bench.build_engine_model, depths=[1, 1, 1, 1], patch_padding='none'))
+    monkeypatch.setattr(deploy_bench, 'native_bf16', lambda: (False, 'no bf16 flags (test)'))
+    settings = bench.resolve_settings(bench_args(tmp_path, ['--engines', '--heads', 'fpn', '--segmenter-size',
+                                                            '1x64x64', '--no-compile', '--no-memory']))
+    section = bench.Bench(settings).engines()
+    rows = section['results']
+    assert section['method'] == deploy_bench.METHOD
+    assert [(r['model'], r['engine'], r['dtype']) for r in rows] == [
+        (model, engine, dtype) for model in ('twins_pcpvt_small', 'fpn twins_pcpvt_small')
+        for engine, dtype in deploy_bench.ENGINE_DTYPES]
+    for r in rows:
+        if r['dtype'] == 'bf16':
+            assert 'bf16' in r['skipped'] and 'seconds' not in r  # refused with the reason, not measured
+            continue
+        assert 'error' not in r, r
+        assert _positive(r['seconds']) and _positive(r['images_per_s']) and _positive(r['speedup'])
+        assert r['first_call_seconds'] > 0 and r['scaled_diff'] < 1e-3
+        if r['engine'] == 'torch':
+            assert r['scaled_diff'] == 0 and 'export_seconds' not in r
+        else:
+            assert _positive(r['export_seconds'])
+        if r['engine'] == 'openvino':
+            assert _positive(r['convert_seconds'])
+        if r['head']:
+            assert r['argmax_agreement'] >= 0.999
+        else:
+            assert r['argmax_agreement'] is None  # backbones have no classes
+    text = '\n'.join(bench.render_engines(section))
+    assert 'CPU inference engines' in text and 'openvino' in text and 'no bf16 flags' in text

@@ -195,6 +195,24 @@ def test_onnx_upernet_dynamic_hw(exported_upernet, tmp_path):
     check_onnx(*exported_upernet, tmp_path, 'upernet')
 
 
+def test_export_folder_svt_runs_at_any_size(tmp_path):
+    """twins-timm's export of an SVT UPerNet (windows gathered by computed indices): one file for any batch and
+    any H, W >= 32, multiples of 32 or of the window or not; checked against torch when it was written."""
+    for mod in ('onnx', 'onnxscript', 'onnxruntime'):
+        pytest.importorskip(mod)
+    from twins_timm.deploy.export import export_folder
+    from twins_timm.deploy.runners import load_onnxruntime
+    model = segmenter(TwinsUPerNet, 'twins_svt_small', family='timm')
+    config = export_folder(model, tmp_path, openvino=False, source='test', log=lambda msg: None)
+    assert {c['engine'] for c in config['checks']} == {'onnxruntime'} and len(config['checks']) == 2
+    assert all(c['scaled_diff'] < 1e-3 for c in config['checks'])
+    run = load_onnxruntime(tmp_path / 'model.onnx')
+    with torch.no_grad():
+        for batch, size in ((1, (32, 32)), (2, (33, 47)), (1, (230, 70))):
+            x = image(size, batch=batch)
+            assert max_diff(run(x), model(x)) < 1e-3, (batch, size)
+
+
 # ------------------------------------------------------------------------------ channels_last
 @pytest.mark.parametrize('build', [lambda: backbone('twins_svt_small'),
                                    lambda: segmenter(TwinsFPN, 'twins_svt_small')],

@@ -26,6 +26,7 @@ COMMANDS = {
     'segment': 'twins_timm.tools.segment',
     'eval': 'twins_timm.tools.evaluate',
     'bench': 'twins_timm.tools.bench',
+    'export': 'twins_timm.deploy.cli',
     'models': 'twins_timm.tools.models',
     'train': 'twins_timm.tools.train',
 }

@@ -50,12 +50,13 @@ def window_token_index(height: int, width: int, ws: int, device: torch.device) -
     """Row and column of every token of the ws x ws windows (zero padding right/bottom), window-major.
 
     1-D integer arithmetic on one arange: with symbolic sizes (torch.export) nothing is reshaped or
-    broadcast along a size that depends on the input, so no fact about H, W has to be proven.
+    broadcast along a size that depends on the input, so no fact about H, W has to be proven. A remainder
+    by a symbolic size is written ``a - a // b * b`` (same values): ONNX export converts no other form.
     """
     gw = (width + ws - 1) // ws
     n = torch.arange((height + ws - 1) // ws * gw * ws * ws, device=device)
     window, pos = n // (ws * ws), n % (ws * ws)
-    return window // gw * ws + pos // ws, window % gw * ws + pos % ws
+    return window // gw * ws + pos // ws, (window - window // gw * gw) * ws + pos % ws
 
 
 def window_attn_mask(
@@ -188,7 +189,8 @@ class LocallyGroupedAttn(nn.Module):
         mask = window_attn_mask(H, W, ws, dev, q.dtype)[None, :, None] if self.window_mask else None
         x = self._attend(q, k, v, mask).transpose(2, 3).flatten(-2)  # (B, nW, L, C)
         t = torch.arange(H * W, device=dev)
-        h, w = t // W, t % W
+        h = t // W
+        w = t - h * W  # t % W, in the form ONNX export converts (window_token_index)
         x = x[:, h // ws * ((W + ws - 1) // ws) + w // ws, h % ws * ws + w % ws]  # (B, H*W, C)
         return self.proj_drop(self.proj(x))
 

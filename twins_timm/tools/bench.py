@@ -27,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -35,6 +36,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from twins_timm.deploy.bench import METHOD as ENGINES_METHOD
+from twins_timm.deploy.bench import prepare_engines
+from twins_timm.deploy.engines import native_bf16
 from twins_timm.tools import mmseg_reference
 from twins_timm.tools.speed_ceiling import flop_mapping, speed_ceiling
 from twins_timm.tools.paths import check_output_file
@@ -47,6 +51,7 @@ EPILOG = """examples:
   twins-timm bench --variants twins_svt_small --sizes 2x512x512,32x224x224 --no-segmenters
   twins-timm bench --no-backbones --no-memory --repeats 3   # segmenters vs mmseg only
   twins-timm bench --threads 2 --repeats 5 --no-compile --no-memory
+  twins-timm bench --quick --engines --no-memory   # + torch / ONNX Runtime / OpenVINO, fp32 and bf16
 """
 
 VARIANTS = ('twins_pcpvt_small', 'twins_pcpvt_base', 'twins_pcpvt_large',
@@ -141,6 +146,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='segmenter heads to compare (default fpn,upernet)')
     parser.add_argument('--segmenter-size', metavar='BxHxW',
                         help='segmenter input (default 2x512x512; --quick: 1x512x512)')
+    parser.add_argument('--engines', action='store_true',
+                        help='also time the CPU inference engines side by side: torch, ONNX Runtime and OpenVINO, '
+                             'fp32 and bf16 (where the CPU has native bf16), for the backbones (first of --sizes) and '
+                             'the segmenters, with each one\'s parity against torch fp32 and the export and '
+                             'first-call times apart; needs pip install "twins-timm[deploy]"')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak training memory measurement')
     parser.add_argument('--memory-size', default='2x512x512', metavar='BxHxW',
                         help='training memory input (default 2x512x512)')
@@ -207,6 +217,7 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         compile_backend=args.compile_backend, freezing=not getattr(args, 'no_freezing', False),
         backbones=not args.no_backbones, segmenters=not args.no_segmenters,
         segmenter_size=parse_size(args.segmenter_size or ('1x512x512' if quick else '2x512x512')),
+        engines=bool(args.engines),
         memory=not args.no_memory, memory_size=parse_size(args.memory_size),
         memory_variants=variants[:1] if quick and not args.variants else variants,
         segmenter_variants=variants[:1] if quick and not args.variants else variants,
@@ -557,6 +568,39 @@ class Bench:
                 gc.collect()
         return {'available': True, 'reason': None, 'results': rows}
 
+    # engines --------------------------------------------------------------------------------
+    def engines(self) -> Dict[str, Any]:
+        """Every engine x dtype on the same models and inputs, timed interleaved (twins_timm.deploy.bench)."""
+        models = [(variant, None, self.s['sizes'][0]) for variant in self.s['variants'] if self.s['backbones']]
+        models += [(variant, head, self.s['segmenter_size']) for variant in self.s['segmenter_variants']
+                   for head in self.s['heads'] if self.s['segmenters']]
+        rows = []
+        for variant, head, size in models:
+            name = variant if head is None else '%s %s' % (head, variant)
+            self.log('engines: %s %dx%dx%d' % ((name,) + size))
+            model = build_engine_model(variant, head, self.device, self.s['seed'])
+            x = self._input(size, seed_offset=2)
+            outputs = ['logits'] if head else ['features_%d' % i for i in range(4)]
+            with tempfile.TemporaryDirectory(prefix='twins-timm-bench-export-') as tmp:
+                runners, engine_rows = prepare_engines(model, x, outputs, Path(tmp), head is not None, self.device,
+                                                       self.log)
+                with torch.inference_mode():
+                    t = time_interleaved({k: (lambda run=run: run(x)) for k, run in runners.items()},
+                                         self.s['warmup'], self.s['repeats'], self.device)
+            reference = t.get('torch fp32', {}).get('seconds')
+            for row in engine_rows:
+                timing = t.get('%s %s' % (row['engine'], row['dtype']))
+                if timing:
+                    row.update(seconds=timing['seconds'], images_per_s=size[0] / timing['seconds'],
+                               all_seconds=timing['all_seconds'],
+                               speedup=reference / timing['seconds'] if reference else None)
+                rows.append(dict({'model': name, 'variant': variant, 'head': head, 'batch': size[0],
+                                  'height': size[1], 'width': size[2]}, **row))
+            del model, runners
+            gc.collect()
+        native, why = native_bf16()
+        return {'method': ENGINES_METHOD, 'bf16_native': native, 'bf16_note': why, 'results': rows}
+
     # memory ---------------------------------------------------------------------------------
     def memory(self) -> Dict[str, Any]:
         rows = []
@@ -606,6 +650,8 @@ class Bench:
             if self.s['backbones'] else []
         out['segmenters'] = self.segmenters(mm) if self.s['segmenters'] else \
             {'available': False, 'reason': 'skipped (--no-segmenters)', 'results': []}
+        out['engines'] = self.engines() if self.s['engines'] else \
+            {'method': None, 'reason': 'skipped (no --engines)', 'results': []}
         out['memory'] = self.memory() if self.s['memory'] else \
             {'method': None, 'reason': 'skipped (--no-memory)', 'results': []}
         out['kernels'] = kernel_choices()
@@ -754,6 +800,24 @@ def _memory_in_subprocess(specs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     raise RuntimeError('memory subprocess exited with %d: %s' % (proc.returncode, tail))
 
 
+def build_engine_model(variant: str, head: Optional[str], device: str, seed: int, **backbone_args: Any) -> nn.Module:
+    """Our backbone (features_only semantics) or segmenter (mmseg's ADE20K options), seeded weights, eval.
+
+    ``backbone_args`` change the backbone (the tests' shallow ``depths``).
+    """
+    import timm
+
+    from twins_timm.adapters import TwinsFPN, TwinsUPerNet
+    from twins_timm.models.twins import checkpoint_family_args
+    if head is None:
+        return Intermediates(_materialize(lambda **kw: timm.create_model(variant, pretrained=False, **backbone_args,
+                                                                         **kw), device, seed)).eval()
+    cls = {'fpn': TwinsFPN, 'upernet': TwinsUPerNet}[head]
+    args = dict(checkpoint_family_args('mmseg', variant), **backbone_args)
+    return _materialize(lambda **kw: cls(encoder_name=variant, classes=150, aux_head=False,
+                                         encoder_args=dict(args, **kw)), device, seed)
+
+
 # ------------------------------------------------------------------------------------- mmseg
 def build_mmseg_segmenter(variant: str, head: str, device: str, seed: int) -> nn.Module:
     """mmseg's own ADE20K Twins EncoderDecoder (SyncBN -> BN, no downloads), seeded weights, eval."""
@@ -861,6 +925,7 @@ def render(out: Dict[str, Any]) -> str:
                   format_table(['variant', 'head', 'BxHxW', 'prec', 'ours img/s', 'mmseg img/s', 'ratio',
                                 'ours %mm', 'ours %gemm', 'ceiling %gemm', 'ceiling ratio', 'max|diff|', 'scaled'],
                                rows)]
+    parts += render_engines(out.get('engines') or {})
     mem = out['memory']
     parts.append('')
     if not mem['results']:
@@ -890,6 +955,26 @@ def render(out: Dict[str, Any]) -> str:
                                 'other median', 'plain max', 'other max'], rows)]
     parts.append('')
     return '\n'.join(parts)
+
+
+def render_engines(eng: Dict[str, Any]) -> List[str]:
+    """The engines table: speed-up over torch fp32, export and first-call times, parity."""
+    if not eng.get('results'):
+        return []
+    rows = []
+    for r in eng['results']:
+        agree = r.get('argmax_agreement')
+        rows.append([r['model'], '%dx%dx%d' % (r['batch'], r['height'], r['width']), r['engine'], r['dtype'],
+                     r.get('images_per_s'), r.get('speedup'), r.get('export_seconds'), r.get('convert_seconds'),
+                     r.get('first_call_seconds'),
+                     '%.1e' % r['scaled_diff'] if 'scaled_diff' in r else None,
+                     '%.2f%%' % (100 * agree) if agree is not None else None,
+                     (r.get('skipped') or r.get('error') or '')[:100] or None])
+    return ['', 'CPU inference engines, each against torch fp32 on the same input (speed-up: torch fp32 time over '
+                'the engine\'s; export, OpenVINO conversion and first call in s; bf16 native: %s)'
+            % eng.get('bf16_note'),
+            format_table(['model', 'BxHxW', 'engine', 'dtype', 'img/s', 'speed-up', 'export s', 'convert s',
+                          'first call s', 'scaled diff', 'argmax agree', 'note'], rows)]
 
 
 def _mib(d: Dict[str, Any]) -> Optional[float]:

@@ -5,9 +5,12 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import sys
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from twins_timm.deploy.engines import DTYPES, ENGINES, check_engine_request, engine_model
 
 from .inference import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
 from .loading import DEFAULT_MODEL_ID
@@ -60,9 +63,19 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--flip', action='store_true', help='add the horizontally flipped view')
     g.add_argument('--crop-batch', type=int, default=4, metavar='N',
                    help='slide mode: crops per forward pass (default 4)')
+    g.add_argument('--engine', choices=ENGINES, default='torch',
+                   help='what runs the model: torch (default), or onnxruntime / openvino on the CPU (the model is '
+                        'exported once, checked against torch and cached; pip install "twins-timm[deploy]")')
+    g.add_argument('--dtype', choices=DTYPES, default='fp32',
+                   help='fp32 (default) or bf16: torch autocast, OpenVINO\'s inference precision; on a CPU only '
+                        'with native bf16 (AVX512-BF16 or AMX) unless --force-bf16')
+    g.add_argument('--force-bf16', action='store_true',
+                   help='run --dtype bf16 even on a CPU without native bf16 (emulated: slow)')
 
 
 def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
+    """The inference settings; also checks --engine / --dtype (and moves an exported engine to the CPU)."""
+    args.device = check_engine_request(args.engine, args.dtype, args.force_bf16, args.device)
     ratios = args.ratios or (MS_RATIOS if args.tta else (1.0,))
     if args.crop_batch < 1:
         raise ValueError('--crop-batch must be at least 1')
@@ -96,6 +109,14 @@ def scale_for_model(settings: InferenceSettings, args: argparse.Namespace, model
     if own:
         return dataclasses.replace(settings, scale=tuple(own)), "the model's own test scale; --scale overrides"
     return settings, 'the ADE20K test scale; --scale overrides'
+
+
+def engine_from_args(model: torch.nn.Module, args: argparse.Namespace, source: str) -> torch.nn.Module:
+    """The loaded model on --engine at --dtype (export progress on stderr unless --quiet)."""
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    model = engine_model(model, args.engine, args.dtype, source, log)
+    print('Engine: %s %s' % (args.engine, args.dtype))
+    return model
 
 
 def describe_settings(s: InferenceSettings, scale_source: Optional[str] = None) -> str:

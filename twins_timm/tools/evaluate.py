@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import (add_inference_arguments, add_model_arguments, describe_settings,
+from .common import (add_inference_arguments, add_model_arguments, describe_settings, engine_from_args,
                      model_classes, pick_device, quiet_stdout, scale_for_model, settings_from_args)
 from .inference import InferenceSettings, predict_labels
 from .loading import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model, read_image, read_label_map
@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, allow_random=False)
     model = loaded.model.to(device).eval()
     settings, scale_source = scale_for_model(settings, args, model)
+    model = engine_from_args(model, args, loaded.source)
     num_classes, names, _ = model_classes(model)
     names = class_name_list(num_classes, names)
     # every annotation decoded before the first forward: truncated files and labels the model has no class for

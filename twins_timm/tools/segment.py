@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
-                     pick_device, quiet_stdout, scale_for_model, settings_from_args)
+from .common import (add_inference_arguments, add_model_arguments, describe_settings, engine_from_args,
+                     model_classes, pick_device, quiet_stdout, scale_for_model, settings_from_args)
 from .inference import predict_labels
 from .loading import (DEFAULT_MAX_PIXELS, DEFAULT_MODEL_ID, RANDOM_LABEL, check_image, load_model, read_image,
                       sample_image_path)
@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, log=None if not args.quiet else _stderr_if_random)
     model = loaded.model.to(device).eval()
     settings, scale_source = scale_for_model(settings, args, model)
+    model = engine_from_args(model, args, loaded.source)
     num_classes, names, palette = model_classes(model)
     names = class_name_list(num_classes, names)
     colours = make_palette(num_classes, palette)
