@@ -2,7 +2,10 @@
 every user error is one paragraph with exit code 2 (issue 14)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -185,6 +188,45 @@ def test_huge_images_clear_error_and_limit_option(tmp_path, no_model_load, capsy
     with pytest.raises(ValueError, match='15000x12000'):
         loading.read_label_map(big)  # an annotation that large: the same clear error, no traceback
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard is back for everyone else
+
+
+def test_memory_estimate_is_right_at_small_sizes(tmp_path, no_model_load, capsys):
+    Image.new('L', (1001, 1000)).save(tmp_path / 'x.png')
+    assert cli.main(['segment', str(tmp_path / 'x.png'), '--max-pixels', '1000000', '--out', str(tmp_path / 'o')]) == 2
+    err = _one_paragraph(capsys, 'segment')
+    assert 'limit of 1 megapixels' in err and 'about %.0f MB' % (1001 * 1000 * loading.DECODE_BYTES_PER_PIXEL / 1e6) in err
+    assert '0.0 GB' not in err
+
+
+@contextlib.contextmanager
+def _within(seconds: float):
+    """Fail instead of hanging: SIGALRM interrupts a blocked open() or read() in this (main) thread."""
+    def expire(signum, frame):
+        raise TimeoutError('still blocked after %g s' % seconds)
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='named pipes are POSIX')
+def test_fifo_and_devices_are_refused_without_opening_them(tmp_path, no_model_load, capsys):
+    fifo = tmp_path / 'photo.png'
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    inputs = [str(fifo)] + [d for d in ('/dev/zero', '/dev/null') if os.path.exists(d)]
+    with _within(30):
+        assert cli.main(['segment'] + inputs + ['--out', str(tmp_path / 'o')]) == 2
+        err = _one_paragraph(capsys, 'segment')
+        assert 'photo.png: is a named pipe (FIFO), not an image file' in err
+        assert all('%s: is a device' % d in err for d in inputs[1:])
+        with pytest.raises(ValueError, match='named pipe'):
+            loading.read_image(fifo)
+        with pytest.raises(ValueError, match='named pipe'):
+            loading.read_label_map(fifo)
+    assert not (tmp_path / 'o').exists()
 
 
 # ----------------------------------------------------------------------------- the dispatcher
