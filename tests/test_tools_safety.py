@@ -3,6 +3,7 @@ every user error is one paragraph with exit code 2 (issue 14)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tools_standin import random_rgb
+from tools_standin import OpsSeen, random_rgb
 from twins_timm import cli
 from twins_timm.tools import evaluate as evaluate_mod
 from twins_timm.tools import loading
@@ -351,6 +352,26 @@ def test_tta_frees_each_network_size_view_before_the_next_forward(standin, monke
     seen = []
     predict_labels(standin, random_rgb(40, 48), ms_flip_settings(scale=(64, 48)), on_view=lambda: seen.append(1))
     assert len(outputs) == 12 and len(seen) == 12
+
+
+@pytest.mark.parametrize('extra', [[], ['--tta']], ids=['one-view', 'tta'])
+def test_large_photo_never_makes_its_score_map(tmp_path, standin, monkeypatch, extra):
+    """A photo whose score map is over the memory bound: one view gives its labels without the map, TTA
+    keeps its (smaller) views and merges them in bands; the labels are those of the plain whole-map merge."""
+    photo = random_rgb(240, 320)
+    Image.fromarray(photo).save(tmp_path / 'big.png')
+    settings_from_args, plain = segment_mod.settings_from_args, []
+
+    def bounded(args):  # 256 MB stands for bands of 16 rows here
+        plain.append(settings_from_args(args))
+        return dataclasses.replace(plain[-1], full_bytes=standin.classes * 320 * 4 * 16)
+    monkeypatch.setattr(segment_mod, 'settings_from_args', bounded)
+    with OpsSeen() as seen:
+        assert cli.main(['segment', str(tmp_path / 'big.png'), '--scale', '48', '36', '--quiet',
+                         '--out', str(tmp_path / 'o')] + extra) == 0
+    assert seen.largest < standin.classes * 240 * 320  # no tensor as large as the score map
+    expected = predict_labels(standin, photo, plain[0])[0].numpy()  # default bound: the whole map at once
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'o' / 'big_labels.png')), expected)
 
 
 def test_quiet_silences_the_loader(tmp_path, capsys):

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from twins_timm.adapters.base import MMSEG_MEAN, MMSEG_STD
-from twins_timm.adapters.modules import resize_matrix
+
+from .bilinear import resized_rows, upsampled_argmax
 
 # mmseg's ADE20K test scale (w, h) -- long side at most 2048, short side at most 512.
 ADE20K_TEST_SCALE: Tuple[int, int] = (2048, 512)
@@ -251,69 +252,62 @@ def _unflip(logits: torch.Tensor, channels: int = 16) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- merge at image size
 
-def bilinear_matrix(out_size: int, in_size: int, device=None) -> torch.Tensor:
-    """(out, in) weights of 1-D bilinear resizing with ``align_corners=False`` (PyTorch's rule)."""
-    return resize_matrix(in_size, out_size, torch.empty(0, device=device))
-
-
 def merged_bands(views: Iterable[torch.Tensor], out_hw: Tuple[int, int], band_rows: int = 1 << 30,
-                 full_bytes: int = 256 << 20) -> Iterator[Tuple[int, int, torch.Tensor]]:
-    """Resize each view to ``out_hw`` and merge them; bands of rows when the result is large.
+                 full_bytes: int = 256 << 20, view_pixels: Optional[int] = None
+                 ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """Resize each view to ``out_hw`` and merge them, as mmseg: one view's logits, or the mean softmax.
 
-    A single view yields its logits; several views yield the mean of their softmax
-    probabilities.  Yields (row_start, row_end, (B, C, rows, W) scores).
+    Yields (row_start, row_end, (B, C, rows, W) scores).  Every resize is ``F.interpolate``
+    (bilinear, ``align_corners=False``); above ``full_bytes`` a view is resized in bands of rows
+    (:func:`_resized_rows`, same values), so no temporary is larger than a band.  Two ways to merge:
 
-    While the merged map at image size needs at most ``full_bytes``, views are consumed one at a
-    time into one accumulator and resized with ``F.interpolate``, exactly as mmseg.  Above that
-    (large photos), all views are kept at their network size and the result is produced in bands
-    of at most ``band_rows`` rows that fit ``full_bytes``, with explicit bilinear weights (same
-    rule; float32 rounding of the source coordinate differs, ~1e-6 relative).
+    * accumulate: views are consumed one at a time into one image-size map (one view held);
+    * keep: all views are held at their network size and the result is made band by band (no
+      image-size map).  Used for a large image when the views' ``view_pixels`` in all (per image;
+      None: unknown) are fewer than the image's pixels -- a big photo under the test scale's bound.
     """
     h_out, w_out = out_hw
     views = iter(views)
     first = next(views)
     b, c = first.shape[:2]
-    rows_fit = max(1, full_bytes // (b * c * w_out * 4))
-    if rows_fit >= h_out and band_rows >= h_out:
-        acc, n = _resized_rows(first, out_hw, 0, h_out), 1
-        del first  # no network-size map is held while the next view is computed
-        for v in views:
-            acc = acc.softmax(dim=1) if n == 1 else acc
-            resized = _resized_rows(v, out_hw, 0, h_out)
-            del v  # the network-size map goes before the softmax is allocated
-            acc.add_(resized.softmax(dim=1))
-            del resized
-            n += 1
-        yield 0, h_out, acc if n == 1 else acc.div_(n)
+    step = max(1, min(band_rows, full_bytes // (b * c * w_out * 4)))
+    bands = [(r0, min(r0 + step, h_out)) for r0 in range(0, h_out, step)]
+    if len(bands) > 1 and (view_pixels is None or view_pixels < h_out * w_out):
+        yield from _merged_from_kept([first] + list(views), out_hw, bands)
         return
-    kept = [first] + list(views)
-    step = min(band_rows, rows_fit)
-    for r0 in range(0, h_out, step):
-        r1 = min(r0 + step, h_out)
-        acc = None
-        for v in kept:
-            band = _resized_rows(v, out_hw, r0, r1)
-            if len(kept) > 1:
-                band = band.softmax(dim=1)
-            acc = band if acc is None else acc + band
-        yield r0, r1, acc if len(kept) == 1 else acc / len(kept)
+    acc, n = None, 0
+    view = first
+    del first  # no network-size map is held while the next view is computed
+    while view is not None:
+        for r0, r1 in bands:
+            band = resized_rows(view, out_hw, r0, r1)
+            if acc is None and len(bands) == 1:
+                acc = band if band is not view else band.clone()
+                continue
+            if acc is None:
+                acc = view.new_empty((b, c, h_out, w_out))
+            if n == 0:
+                acc[:, :, r0:r1] = band
+                continue
+            if n == 1:  # a second view: the first one's logits become probabilities
+                acc[:, :, r0:r1] = acc[:, :, r0:r1].softmax(dim=1)
+            acc[:, :, r0:r1] += band.softmax(dim=1)
+        n += 1
+        del view, band  # the network-size map goes before the next view is computed
+        view = next(views, None)
+    yield 0, h_out, acc if n == 1 else acc.div_(n)
 
 
-def _resized_rows(v: torch.Tensor, out_hw: Tuple[int, int], r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of ``v`` bilinearly resized (align_corners=False) to ``out_hw``."""
-    h_out, w_out = out_hw
-    h_in, w_in = v.shape[-2:]
-    if (h_in, w_in) == (h_out, w_out):
-        return v[:, :, r0:r1]
-    if (r0, r1) == (0, h_out):
-        return F.interpolate(v, size=out_hw, mode='bilinear', align_corners=False)
-    band = v if h_in == h_out else torch.einsum(
-        'rh,bchw->bcrw', bilinear_matrix(h_out, h_in, v.device)[r0:r1], v)
-    if h_in == h_out:
-        band = band[:, :, r0:r1]
-    if w_in != w_out:
-        band = band @ bilinear_matrix(w_out, w_in, v.device).t()
-    return band
+def _merged_from_kept(kept: List[torch.Tensor], out_hw: Tuple[int, int],
+                      bands: List[Tuple[int, int]]) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    for r0, r1 in bands:
+        acc = resized_rows(kept[0], out_hw, r0, r1)
+        if len(kept) > 1:
+            acc = acc.softmax(dim=1)
+            for v in kept[1:]:
+                acc += resized_rows(v, out_hw, r0, r1).softmax(dim=1)
+            acc /= len(kept)
+        yield r0, r1, acc
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -358,11 +352,15 @@ def predict_scores(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
     settings = settings or InferenceSettings()
     x = _prepare(model, images, device)
     mean, std = _model_norm(model)
+    scores = None
     with torch.inference_mode():
-        views = _counted(augmented_logits(model, x, settings, mean, std), on_view)
-        bands = merged_bands(views, tuple(x.shape[-2:]), settings.band_rows, settings.full_bytes)
-        bands = [band for _, _, band in bands]
-        return torch.cat(bands, dim=2)
+        for r0, r1, band in _merged(model, x, settings, mean, std, on_view):
+            if (r0, r1) == (0, x.shape[-2]):
+                return band
+            if scores is None:
+                scores = band.new_empty(band.shape[:2] + x.shape[-2:])
+            scores[:, :, r0:r1] = band
+    return scores
 
 
 def predict_labels(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
@@ -378,7 +376,26 @@ def predict_labels(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
     b, _, h, w = x.shape
     labels = torch.empty((b, h, w), dtype=torch.int64)
     with torch.inference_mode():
-        views = _counted(augmented_logits(model, x, settings, mean, std), on_view)
-        for r0, r1, band in merged_bands(views, (h, w), settings.band_rows, settings.full_bytes):
+        if settings.num_predictions == 1 and _score_map_bytes(model, x) > settings.full_bytes:
+            view, = _counted(augmented_logits(model, x, settings, mean, std), on_view)
+            return upsampled_argmax(view, (h, w), settings.full_bytes // 4).cpu()  # no image-size score map
+        for r0, r1, band in _merged(model, x, settings, mean, std, on_view):
             labels[:, r0:r1] = band.argmax(dim=1).cpu()
     return labels
+
+
+def _score_map_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Size of the float32 score map at image size (classes from the model; 150 when it does not say)."""
+    classes = getattr(model, 'classes', None)
+    return x.shape[0] * (classes if isinstance(classes, int) else 150) * x.shape[-2] * x.shape[-1] * 4
+
+
+def _merged(model: nn.Module, x: torch.Tensor, settings: InferenceSettings, mean: Sequence[float],
+            std: Sequence[float], on_view: Optional[Callable[[], None]]) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """The merged scores of ``x`` in bands of rows; told how large the views will be, so that
+    :func:`merged_bands` can hold whichever needs less memory (the views or an image-size map)."""
+    h, w = x.shape[-2:]
+    view_pixels = settings.num_predictions // len(settings.ratios) * sum(
+        vw * vh for vw, vh in (network_input_size((w, h), settings.scale, r) for r in settings.ratios))
+    views = _counted(augmented_logits(model, x, settings, mean, std), on_view)
+    return merged_bands(views, (h, w), settings.band_rows, settings.full_bytes, view_pixels)
