@@ -99,6 +99,17 @@ def test_sixteen_bit_grey_and_rgb_read_the_same_way(tmp_path, standin, capsys):
     assert np.array_equal(grey, predict_labels(standin, expected)[0].numpy())
 
 
+def test_overlay_blend_in_bands_is_the_plain_blend():
+    from twins_timm.tools.visualize import blend, colorize
+    rng = np.random.default_rng(0)
+    img, labels = random_rgb(123, 77), rng.integers(0, 9, (123, 77))
+    palette = rng.integers(0, 256, (9, 3), dtype=np.uint8)
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        plain = img.astype(np.float32) * (1 - alpha) + colorize(labels, palette).astype(np.float32) * alpha
+        assert np.array_equal(blend(img, labels, palette, alpha, chunk_pixels=500),
+                              np.clip(plain + 0.5, 0, 255).astype(np.uint8))
+
+
 # ----------------------------------------------------------------------------- segment
 
 def test_segment_writes_label_and_overlay_pngs(tmp_path, standin, capsys):

@@ -68,6 +68,17 @@ def test_resize_matches_opencv_within_one_level():
         assert np.abs(plain[0].permute(1, 2, 0).numpy() - ref).max() <= 1
 
 
+def test_resize_of_a_large_photo_reads_only_the_rows_it_needs():
+    """The horizontal pass runs on the source rows the vertical pass reads: a 12000-pixel photo brought to
+    512 touches ~1000 rows, and no tensor the size of the photo (in 64-bit integers) is made."""
+    img = torch.randint(0, 256, (1, 3, 600, 450), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with OpsSeen() as seen:
+        small = resize_uint8(img, (25, 19))
+    assert seen.largest <= img.numel() // 8
+    plain = resize_uint8(img[:, :, :, :], (25, 19), method='torch')
+    assert (small - plain).abs().max() <= 1  # the same picture (cv2's rounding against F.interpolate's)
+
+
 # ----------------------------------------------------------------------------- slide mode
 
 def test_slide_windows_grid():
