@@ -22,9 +22,11 @@ its integer arithmetic in torch (no OpenCV needed), which matches cv2 on x86 exa
 images and by at most one grey level on ~0.05% of pixels; plain ``F.interpolate`` rounded to
 uint8 (``method='torch'``) is off by one grey level on ~12% of pixels (see the tests).
 Memory: one view is computed at a time (the flipped copy in its own forward pass) and merged into
-one image-size accumulator as it comes, so TTA holds one network-size score map, not all; for photos whose
-150-class score map would exceed ``full_bytes``, the merge runs in bands of rows instead (see
-:func:`merged_bands`), so only network-size maps are held.
+one image-size accumulator as it comes, so TTA holds one network-size score map, not all.  For photos
+whose score map would exceed ``full_bytes`` (a 150-class map is 7 GB at 12 megapixels): one view's
+labels come without the map (:func:`~twins_timm.tools.bilinear.upsampled_argmax`); TTA holds either
+its views at network size or one image-size map, whichever is smaller, and resizes in bands of rows
+with ``F.interpolate``'s own numbers (:func:`merged_bands`), in time linear in the pixels.
 """
 from __future__ import annotations
 
