@@ -99,6 +99,24 @@ def fixed_kernels():
         yield
 
 
+@pytest.fixture(autouse=True, scope='module')
+def module_temp_files(request, tmp_path_factory):
+    """What a module makes under the run's temp root (its module-scoped checkpoints, converted models and
+    exports: ~100-700 MB a module) goes when the module ends, unless one of its tests failed: a run leaves
+    nothing behind when it passes (with ``tmp_path_retention_policy = failed`` in setup.cfg for the tests'
+    own tmp_path), and only what a failure needs to be looked at otherwise. A session-scoped fixture that
+    needs a folder must make its own (tempfile), as it would go with the first module that used it."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def same_thread_count():
     """A test that changes torch's thread count (the bench sets its --threads) gives it back: later tests,

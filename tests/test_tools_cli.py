@@ -51,14 +51,63 @@ def test_image_modes_converted_or_refused(tmp_path):
     assert arr.shape == (9, 11, 3) and 'CMYK' in note
     Image.fromarray(rgb).convert('P').save(tmp_path / 'pal.png')
     assert read_image(tmp_path / 'pal.png')[0].shape == (9, 11, 3)
-    Image.fromarray(np.zeros((4, 4), np.uint16) + 1000).save(tmp_path / 'deep.png')
-    with pytest.raises(ValueError, match='not supported.*8-bit RGB'):
-        read_image(tmp_path / 'deep.png')
+    Image.fromarray(np.zeros((4, 4), np.float32) + 0.5).save(tmp_path / 'float.tiff')
+    with pytest.raises(ValueError, match='float.tiff: image mode .F.*not supported.*16-bit'):
+        read_image(tmp_path / 'float.tiff')
     (tmp_path / 'junk.jpg').write_bytes(b'not an image at all')
     with pytest.raises(ValueError, match='junk.jpg: not an image'):
         read_image(tmp_path / 'junk.jpg')
     with pytest.raises(FileNotFoundError, match='no such file'):
         read_image(tmp_path / 'missing.png')
+
+
+def _png16(path: Path, values: np.ndarray) -> None:
+    """A 16-bit PNG (greyscale for HxW, RGB for HxWx3), written by hand: Pillow cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    h, w = values.shape[:2]
+    colour_type = 2 if values.ndim == 3 else 0
+    rows = values.astype('>u2').reshape(h, -1)
+    raw = b''.join(b'\x00' + row.tobytes() for row in rows)  # filter type 0 on every row
+    header = struct.pack('>IIBBBBB', w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw))
+                     + chunk(b'IEND', b''))
+
+
+def test_sixteen_bit_grey_and_rgb_read_the_same_way(tmp_path, standin, capsys):
+    """16-bit greyscale and 16-bit RGB both keep the high byte (as OpenCV, mmseg's reader) and segment."""
+    values = np.random.default_rng(0).integers(0, 65536, (24, 30), dtype=np.uint16)
+    values[0, :3] = (255, 256, 65535)  # high bytes 0, 1, 255: cut, not rounded
+    _png16(tmp_path / 'grey16.png', values)
+    _png16(tmp_path / 'rgb16.png', np.dstack([values] * 3))
+    expected = np.dstack([values >> 8] * 3).astype(np.uint8)
+    for name in ('grey16.png', 'rgb16.png'):
+        arr, note = read_image(tmp_path / name)
+        assert arr.dtype == np.uint8 and np.array_equal(arr, expected), name
+        assert '16-bit' in note and 'high byte' in note, name
+    assert read_image(tmp_path / 'grey16.png')[0][0, :3, 0].tolist() == [0, 1, 255]
+    out = tmp_path / 'out'
+    assert cli.main(['segment', str(tmp_path / 'grey16.png'), str(tmp_path / 'rgb16.png'),
+                     '--out', str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert 'grey16.png: 16-bit greyscale' in stdout and 'rgb16.png: 16-bit values' in stdout
+    grey, rgb = (np.asarray(Image.open(out / n)) for n in ('grey16_labels.png', 'rgb16_labels.png'))
+    assert np.array_equal(grey, rgb)
+    assert np.array_equal(grey, predict_labels(standin, expected)[0].numpy())
+
+
+def test_overlay_blend_in_bands_is_the_plain_blend():
+    from twins_timm.tools.visualize import blend, colorize
+    rng = np.random.default_rng(0)
+    img, labels = random_rgb(123, 77), rng.integers(0, 9, (123, 77))
+    palette = rng.integers(0, 256, (9, 3), dtype=np.uint8)
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        plain = img.astype(np.float32) * (1 - alpha) + colorize(labels, palette).astype(np.float32) * alpha
+        assert np.array_equal(blend(img, labels, palette, alpha, chunk_pixels=500),
+                              np.clip(plain + 0.5, 0, 255).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------- segment

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools_standin import TinySegmenter, image, require_mmseg
+from tools_standin import MATRIX_PRODUCTS, OpsSeen, TinySegmenter, image, region_logits, require_mmseg
+from twins_timm.tools.bilinear import resized_rows, upsampled_argmax
 from twins_timm.tools.inference import (
     ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings, merged_bands, ms_flip_settings,
     network_input_size, normalize, predict_labels, predict_scores, rescale_size, resize_uint8,
@@ -65,6 +66,17 @@ def test_resize_matches_opencv_within_one_level():
         assert (diff > 0).mean() < 0.01, (h, w, nh, nw, (diff > 0).mean())
         plain = resize_uint8(torch.from_numpy(img).permute(2, 0, 1)[None], (nh, nw), method='torch')
         assert np.abs(plain[0].permute(1, 2, 0).numpy() - ref).max() <= 1
+
+
+def test_resize_of_a_large_photo_reads_only_the_rows_it_needs():
+    """The horizontal pass runs on the source rows the vertical pass reads: a 12000-pixel photo brought to
+    512 touches ~1000 rows, and no tensor the size of the photo (in 64-bit integers) is made."""
+    img = torch.randint(0, 256, (1, 3, 600, 450), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with OpsSeen() as seen:
+        small = resize_uint8(img, (25, 19))
+    assert seen.largest <= img.numel() // 8
+    plain = resize_uint8(img[:, :, :, :], (25, 19), method='torch')
+    assert (small - plain).abs().max() <= 1  # the same picture (cv2's rounding against F.interpolate's)
 
 
 # ----------------------------------------------------------------------------- slide mode
@@ -216,6 +228,79 @@ def test_banded_merge_equals_whole_merge():
     single = torch.cat([b for _, _, b in merged_bands(views[:1], (40, 50), band_rows=9)], 2)
     ref = F.interpolate(views[0], size=(40, 50), mode='bilinear', align_corners=False)
     assert (single - ref).abs().max().item() <= 1e-4
+
+
+def _whole_map_merge(views, out_hw):
+    """mmseg's merge written plainly: every view interpolated at once, mean softmax."""
+    maps = [F.interpolate(v, size=out_hw, mode='bilinear', align_corners=False) for v in views]
+    return maps[0] if len(maps) == 1 else torch.stack([m.softmax(1) for m in maps]).mean(0)
+
+
+@pytest.mark.parametrize('in_hw,out_hw', [((13, 17), (40, 50)), ((29, 31), (97, 120)), ((300, 200), (100, 150)),
+                                          ((7, 9), (1000, 13)), ((100, 100), (33, 100)), ((1, 1), (5, 5))])
+def test_band_resize_equals_whole_map_interpolation(in_hw, out_hw):
+    v = torch.randn(2, 3, *in_hw, generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(v, size=out_hw, mode='bilinear', align_corners=False)
+    for rows in (1, 7, 64):
+        bands = [resized_rows(v, out_hw, r0, min(r0 + rows, out_hw[0])) for r0 in range(0, out_hw[0], rows)]
+        assert all(b.shape[2] == min(rows, out_hw[0] - k * rows) for k, b in enumerate(bands))
+        assert (torch.cat(bands, dim=2) - ref).abs().max().item() <= 1e-6  # PyTorch's weights; an ulp at most
+
+
+def test_large_merge_holds_no_image_size_map():
+    """A photo far larger than its views (TTA under the test scale): views kept, the result made in bands,
+    and no tensor as large as the image-size score map is ever made; the values are mmseg's."""
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(1, 6, h, w, generator=g) for h, w in ((12, 16), (18, 24), (24, 32), (24, 32))]
+    out_hw, row = (300, 400), 6 * 400
+    ref = _whole_map_merge(views, out_hw)
+    with OpsSeen() as seen:
+        bands = list(merged_bands(iter(views), out_hw, full_bytes=20 * row * 4,
+                                  view_pixels=sum(v[0, 0].numel() for v in views)))
+    assert [b[0] for b in bands] == list(range(0, 300, 20))
+    assert seen.largest <= 20 * row  # a band; the image-size map has 15x more
+    assert 'upsample_bilinear2d' in seen.names and not seen.names & MATRIX_PRODUCTS
+    assert (torch.cat([b for _, _, b in bands], dim=2) - ref).abs().max().item() <= 1e-6
+
+
+def test_merge_of_views_larger_than_the_image_accumulates_in_bands():
+    """Views that together outweigh the image (--no-resize, upscaling ratios): one image-size map, each view
+    merged into it band by band as it comes; nothing else near the image's size."""
+    g = torch.Generator().manual_seed(2)
+    views = [torch.randn(1, 6, h, w, generator=g) for h, w in ((60, 80), (90, 120), (45, 60))]
+    out_hw, row = (60, 80), 6 * 80
+    ref = _whole_map_merge(views, out_hw)
+    with OpsSeen() as seen:
+        (r0, r1, merged), = merged_bands(iter(views), out_hw, full_bytes=10 * row * 4,
+                                         view_pixels=sum(v[0, 0].numel() for v in views))
+    assert (r0, r1) == (0, 60)
+    assert seen.largest <= max(views[1].numel(), 60 * row)  # the accumulator or the views themselves
+    assert 'upsample_bilinear2d' in seen.names and not seen.names & MATRIX_PRODUCTS
+    assert (merged - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize('in_hw,out_hw', [((48, 64), (403, 517)), ((64, 48), (50, 40)), ((40, 40), (1, 300))])
+def test_upsampled_argmax_is_the_argmax_of_the_whole_map(in_hw, out_hw):
+    """One view's class map of a large photo, without its score map: only the cells along class borders
+    are computed, for the classes that can win there; the labels are the whole map's argmax."""
+    views = torch.cat([region_logits(30, *in_hw, seed=3), region_logits(30, *in_hw, seed=4)])
+    ref = F.interpolate(views, size=out_hw, mode='bilinear', align_corners=False).argmax(1)
+    with OpsSeen() as seen:
+        got = upsampled_argmax(views, out_hw)
+    assert got.dtype == torch.int64 and torch.equal(got, ref)
+    assert 'upsample_bilinear2d' not in seen.names and not seen.names & MATRIX_PRODUCTS
+    assert seen.largest <= max(got.numel(), views.numel())  # no score map at image size (30x the labels)
+    assert len(ref[0].unique()) > 3  # several regions: borders were computed
+
+
+def test_upsampled_argmax_of_noise_falls_back_to_bands():
+    """Classes crowding every cell (noise, no regions): the same labels from interpolated bands."""
+    v = torch.randn(1, 12, 20, 24, generator=torch.Generator().manual_seed(5))
+    ref = F.interpolate(v, size=(170, 150), mode='bilinear', align_corners=False).argmax(1)
+    with OpsSeen() as seen:
+        got = upsampled_argmax(v, (170, 150), band_elements=12 * 150 * 16)
+    assert torch.equal(got, ref)
+    assert 'upsample_bilinear2d' in seen.names and seen.largest <= 12 * 150 * 16  # bands of 16 rows
 
 
 def test_settings_refuse_nonsense():

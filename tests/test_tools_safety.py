@@ -2,7 +2,11 @@
 every user error is one paragraph with exit code 2 (issue 14)."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -14,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tools_standin import random_rgb
+from tools_standin import OpsSeen, random_rgb
 from twins_timm import cli
 from twins_timm.tools import evaluate as evaluate_mod
 from twins_timm.tools import loading
@@ -187,6 +191,45 @@ def test_huge_images_clear_error_and_limit_option(tmp_path, no_model_load, capsy
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard is back for everyone else
 
 
+def test_memory_estimate_is_right_at_small_sizes(tmp_path, no_model_load, capsys):
+    Image.new('L', (1001, 1000)).save(tmp_path / 'x.png')
+    assert cli.main(['segment', str(tmp_path / 'x.png'), '--max-pixels', '1000000', '--out', str(tmp_path / 'o')]) == 2
+    err = _one_paragraph(capsys, 'segment')
+    assert 'limit of 1 megapixels' in err and 'about %.0f MB' % (1001 * 1000 * loading.DECODE_BYTES_PER_PIXEL / 1e6) in err
+    assert '0.0 GB' not in err
+
+
+@contextlib.contextmanager
+def _within(seconds: float):
+    """Fail instead of hanging: SIGALRM interrupts a blocked open() or read() in this (main) thread."""
+    def expire(signum, frame):
+        raise TimeoutError('still blocked after %g s' % seconds)
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='named pipes are POSIX')
+def test_fifo_and_devices_are_refused_without_opening_them(tmp_path, no_model_load, capsys):
+    fifo = tmp_path / 'photo.png'
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    inputs = [str(fifo)] + [d for d in ('/dev/zero', '/dev/null') if os.path.exists(d)]
+    with _within(30):
+        assert cli.main(['segment'] + inputs + ['--out', str(tmp_path / 'o')]) == 2
+        err = _one_paragraph(capsys, 'segment')
+        assert 'photo.png: is a named pipe (FIFO), not an image file' in err
+        assert all('%s: is a device' % d in err for d in inputs[1:])
+        with pytest.raises(ValueError, match='named pipe'):
+            loading.read_image(fifo)
+        with pytest.raises(ValueError, match='named pipe'):
+            loading.read_label_map(fifo)
+    assert not (tmp_path / 'o').exists()
+
+
 # ----------------------------------------------------------------------------- the dispatcher
 
 def test_unknown_command_version_and_bugs(monkeypatch, capsys):
@@ -309,6 +352,26 @@ def test_tta_frees_each_network_size_view_before_the_next_forward(standin, monke
     seen = []
     predict_labels(standin, random_rgb(40, 48), ms_flip_settings(scale=(64, 48)), on_view=lambda: seen.append(1))
     assert len(outputs) == 12 and len(seen) == 12
+
+
+@pytest.mark.parametrize('extra', [[], ['--tta']], ids=['one-view', 'tta'])
+def test_large_photo_never_makes_its_score_map(tmp_path, standin, monkeypatch, extra):
+    """A photo whose score map is over the memory bound: one view gives its labels without the map, TTA
+    keeps its (smaller) views and merges them in bands; the labels are those of the plain whole-map merge."""
+    photo = random_rgb(240, 320)
+    Image.fromarray(photo).save(tmp_path / 'big.png')
+    settings_from_args, plain = segment_mod.settings_from_args, []
+
+    def bounded(args):  # 256 MB stands for bands of 16 rows here
+        plain.append(settings_from_args(args))
+        return dataclasses.replace(plain[-1], full_bytes=standin.classes * 320 * 4 * 16)
+    monkeypatch.setattr(segment_mod, 'settings_from_args', bounded)
+    with OpsSeen() as seen:
+        assert cli.main(['segment', str(tmp_path / 'big.png'), '--scale', '48', '36', '--quiet',
+                         '--out', str(tmp_path / 'o')] + extra) == 0
+    assert seen.largest < standin.classes * 240 * 320  # no tensor as large as the score map
+    expected = predict_labels(standin, photo, plain[0])[0].numpy()  # default bound: the whole map at once
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'o' / 'big_labels.png')), expected)
 
 
 def test_quiet_silences_the_loader(tmp_path, capsys):

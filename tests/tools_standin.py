@@ -15,11 +15,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def random_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     """An (h, w, 3) uint8 photo of seeded noise."""
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def region_logits(classes: int, h: int, w: int, regions=(6, 8), seed: int = 0) -> torch.Tensor:
+    """(1, classes, h, w) logits like a segmenter's: one class leads in each of a grid of regions, with
+    smooth borders (bilinear from a quarter of the size, as the decoders' outputs) and some noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, classes, h // 4, w // 4, generator=g) * 1.5
+    lead = torch.randint(0, classes, (1, 1) + tuple(regions), generator=g).float()
+    lead = F.interpolate(lead, size=coarse.shape[-2:], mode='nearest').long()[0]
+    coarse[0].scatter_add_(0, lead, torch.full(lead.shape, 6.0))
+    return F.interpolate(coarse, size=(h, w), mode='bilinear', align_corners=False)
 
 
 class TinySegmenter(nn.Module):
@@ -44,6 +56,27 @@ class TinySegmenter(nn.Module):
         f = F.relu(self.conv1(x))
         out = self.conv2(f) + self.context(f.mean(dim=(2, 3)))[:, :, None, None]
         return F.interpolate(out, size=x.shape[-2:], mode='bilinear', align_corners=False)
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records the operations run and the largest tensor any of them makes (elements): the merge's work
+    is linear in pixels when no matrix product runs, and its temporaries are bounded by ``largest``."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.names = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+# operations that would make a resize quadratic (a dense weight matrix per axis)
+MATRIX_PRODUCTS = {'mm', 'bmm', 'matmul', 'einsum', 'addmm', 'baddbmm'}
 
 
 def image(h: int, w: int, seed: int = 0) -> torch.Tensor:

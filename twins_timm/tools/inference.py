@@ -22,9 +22,11 @@ its integer arithmetic in torch (no OpenCV needed), which matches cv2 on x86 exa
 images and by at most one grey level on ~0.05% of pixels; plain ``F.interpolate`` rounded to
 uint8 (``method='torch'``) is off by one grey level on ~12% of pixels (see the tests).
 Memory: one view is computed at a time (the flipped copy in its own forward pass) and merged into
-one image-size accumulator as it comes, so TTA holds one network-size score map, not all; for photos whose
-150-class score map would exceed ``full_bytes``, the merge runs in bands of rows instead (see
-:func:`merged_bands`), so only network-size maps are held.
+one image-size accumulator as it comes, so TTA holds one network-size score map, not all.  For photos
+whose score map would exceed ``full_bytes`` (a 150-class map is 7 GB at 12 megapixels): one view's
+labels come without the map (:func:`~twins_timm.tools.bilinear.upsampled_argmax`); TTA holds either
+its views at network size or one image-size map, whichever is smaller, and resizes in bands of rows
+with ``F.interpolate``'s own numbers (:func:`merged_bands`), in time linear in the pixels.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from twins_timm.adapters.base import MMSEG_MEAN, MMSEG_STD
-from twins_timm.adapters.modules import resize_matrix
+
+from .bilinear import resized_rows, upsampled_argmax
 
 # mmseg's ADE20K test scale (w, h) -- long side at most 2048, short side at most 512.
 ADE20K_TEST_SCALE: Tuple[int, int] = (2048, 512)
@@ -133,10 +136,14 @@ def resize_uint8(images: torch.Tensor, size_hw: Tuple[int, int], method: str = '
         return out.round_().clamp_(0, 255)
     if method != 'cv2':
         raise ValueError("resize method must be 'cv2' or 'torch', got %r" % (method,))
-    x = images.long()
-    x0, x1, a0, a1 = (t.to(x.device) for t in _cv2_linear_weights(size_hw[1], w))
-    rows = x[..., x0] * a0 + x[..., x1] * a1  # horizontal pass, weights sum to 2048
-    y0, y1, b0, b1 = (t.to(x.device) for t in _cv2_linear_weights(size_hw[0], h))
+    device = images.device
+    y0, y1, b0, b1 = (t.to(device) for t in _cv2_linear_weights(size_hw[0], h))
+    x0, x1, a0, a1 = (t.to(device) for t in _cv2_linear_weights(size_hw[1], w))
+    # the horizontal pass only for the source rows the vertical one reads (a large photo: a few percent)
+    needed = torch.cat([y0, y1]).unique()
+    x = images.index_select(-2, needed)
+    rows = x[..., x0].long() * a0 + x[..., x1].long() * a1  # horizontal pass, weights sum to 2048
+    y0, y1 = torch.searchsorted(needed, y0), torch.searchsorted(needed, y1)
     b0, b1 = b0.view(-1, 1), b1.view(-1, 1)
     v = (((rows[..., y0, :] >> 4) * b0) >> 16) + (((rows[..., y1, :] >> 4) * b1) >> 16)
     return ((v + 2) >> 2).clamp_(0, 255).float()
@@ -251,69 +258,62 @@ def _unflip(logits: torch.Tensor, channels: int = 16) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- merge at image size
 
-def bilinear_matrix(out_size: int, in_size: int, device=None) -> torch.Tensor:
-    """(out, in) weights of 1-D bilinear resizing with ``align_corners=False`` (PyTorch's rule)."""
-    return resize_matrix(in_size, out_size, torch.empty(0, device=device))
-
-
 def merged_bands(views: Iterable[torch.Tensor], out_hw: Tuple[int, int], band_rows: int = 1 << 30,
-                 full_bytes: int = 256 << 20) -> Iterator[Tuple[int, int, torch.Tensor]]:
-    """Resize each view to ``out_hw`` and merge them; bands of rows when the result is large.
+                 full_bytes: int = 256 << 20, view_pixels: Optional[int] = None
+                 ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """Resize each view to ``out_hw`` and merge them, as mmseg: one view's logits, or the mean softmax.
 
-    A single view yields its logits; several views yield the mean of their softmax
-    probabilities.  Yields (row_start, row_end, (B, C, rows, W) scores).
+    Yields (row_start, row_end, (B, C, rows, W) scores).  Every resize is ``F.interpolate``
+    (bilinear, ``align_corners=False``); above ``full_bytes`` a view is resized in bands of rows
+    (:func:`_resized_rows`, same values), so no temporary is larger than a band.  Two ways to merge:
 
-    While the merged map at image size needs at most ``full_bytes``, views are consumed one at a
-    time into one accumulator and resized with ``F.interpolate``, exactly as mmseg.  Above that
-    (large photos), all views are kept at their network size and the result is produced in bands
-    of at most ``band_rows`` rows that fit ``full_bytes``, with explicit bilinear weights (same
-    rule; float32 rounding of the source coordinate differs, ~1e-6 relative).
+    * accumulate: views are consumed one at a time into one image-size map (one view held);
+    * keep: all views are held at their network size and the result is made band by band (no
+      image-size map).  Used for a large image when the views' ``view_pixels`` in all (per image;
+      None: unknown) are fewer than the image's pixels -- a big photo under the test scale's bound.
     """
     h_out, w_out = out_hw
     views = iter(views)
     first = next(views)
     b, c = first.shape[:2]
-    rows_fit = max(1, full_bytes // (b * c * w_out * 4))
-    if rows_fit >= h_out and band_rows >= h_out:
-        acc, n = _resized_rows(first, out_hw, 0, h_out), 1
-        del first  # no network-size map is held while the next view is computed
-        for v in views:
-            acc = acc.softmax(dim=1) if n == 1 else acc
-            resized = _resized_rows(v, out_hw, 0, h_out)
-            del v  # the network-size map goes before the softmax is allocated
-            acc.add_(resized.softmax(dim=1))
-            del resized
-            n += 1
-        yield 0, h_out, acc if n == 1 else acc.div_(n)
+    step = max(1, min(band_rows, full_bytes // (b * c * w_out * 4)))
+    bands = [(r0, min(r0 + step, h_out)) for r0 in range(0, h_out, step)]
+    if len(bands) > 1 and (view_pixels is None or view_pixels < h_out * w_out):
+        yield from _merged_from_kept([first] + list(views), out_hw, bands)
         return
-    kept = [first] + list(views)
-    step = min(band_rows, rows_fit)
-    for r0 in range(0, h_out, step):
-        r1 = min(r0 + step, h_out)
-        acc = None
-        for v in kept:
-            band = _resized_rows(v, out_hw, r0, r1)
-            if len(kept) > 1:
-                band = band.softmax(dim=1)
-            acc = band if acc is None else acc + band
-        yield r0, r1, acc if len(kept) == 1 else acc / len(kept)
+    acc, n = None, 0
+    view = first
+    del first  # no network-size map is held while the next view is computed
+    while view is not None:
+        for r0, r1 in bands:
+            band = resized_rows(view, out_hw, r0, r1)
+            if acc is None and len(bands) == 1:
+                acc = band if band is not view else band.clone()
+                continue
+            if acc is None:
+                acc = view.new_empty((b, c, h_out, w_out))
+            if n == 0:
+                acc[:, :, r0:r1] = band
+                continue
+            if n == 1:  # a second view: the first one's logits become probabilities
+                acc[:, :, r0:r1] = acc[:, :, r0:r1].softmax(dim=1)
+            acc[:, :, r0:r1] += band.softmax(dim=1)
+        n += 1
+        del view, band  # the network-size map goes before the next view is computed
+        view = next(views, None)
+    yield 0, h_out, acc if n == 1 else acc.div_(n)
 
 
-def _resized_rows(v: torch.Tensor, out_hw: Tuple[int, int], r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of ``v`` bilinearly resized (align_corners=False) to ``out_hw``."""
-    h_out, w_out = out_hw
-    h_in, w_in = v.shape[-2:]
-    if (h_in, w_in) == (h_out, w_out):
-        return v[:, :, r0:r1]
-    if (r0, r1) == (0, h_out):
-        return F.interpolate(v, size=out_hw, mode='bilinear', align_corners=False)
-    band = v if h_in == h_out else torch.einsum(
-        'rh,bchw->bcrw', bilinear_matrix(h_out, h_in, v.device)[r0:r1], v)
-    if h_in == h_out:
-        band = band[:, :, r0:r1]
-    if w_in != w_out:
-        band = band @ bilinear_matrix(w_out, w_in, v.device).t()
-    return band
+def _merged_from_kept(kept: List[torch.Tensor], out_hw: Tuple[int, int],
+                      bands: List[Tuple[int, int]]) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    for r0, r1 in bands:
+        acc = resized_rows(kept[0], out_hw, r0, r1)
+        if len(kept) > 1:
+            acc = acc.softmax(dim=1)
+            for v in kept[1:]:
+                acc += resized_rows(v, out_hw, r0, r1).softmax(dim=1)
+            acc /= len(kept)
+        yield r0, r1, acc
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -358,11 +358,15 @@ def predict_scores(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
     settings = settings or InferenceSettings()
     x = _prepare(model, images, device)
     mean, std = _model_norm(model)
+    scores = None
     with torch.inference_mode():
-        views = _counted(augmented_logits(model, x, settings, mean, std), on_view)
-        bands = merged_bands(views, tuple(x.shape[-2:]), settings.band_rows, settings.full_bytes)
-        bands = [band for _, _, band in bands]
-        return torch.cat(bands, dim=2)
+        for r0, r1, band in _merged(model, x, settings, mean, std, on_view):
+            if (r0, r1) == (0, x.shape[-2]):
+                return band
+            if scores is None:
+                scores = band.new_empty(band.shape[:2] + x.shape[-2:])
+            scores[:, :, r0:r1] = band
+    return scores
 
 
 def predict_labels(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
@@ -378,7 +382,26 @@ def predict_labels(model: nn.Module, images: Union[np.ndarray, torch.Tensor],
     b, _, h, w = x.shape
     labels = torch.empty((b, h, w), dtype=torch.int64)
     with torch.inference_mode():
-        views = _counted(augmented_logits(model, x, settings, mean, std), on_view)
-        for r0, r1, band in merged_bands(views, (h, w), settings.band_rows, settings.full_bytes):
+        if settings.num_predictions == 1 and _score_map_bytes(model, x) > settings.full_bytes:
+            view, = _counted(augmented_logits(model, x, settings, mean, std), on_view)
+            return upsampled_argmax(view, (h, w), settings.full_bytes // 4).cpu()  # no image-size score map
+        for r0, r1, band in _merged(model, x, settings, mean, std, on_view):
             labels[:, r0:r1] = band.argmax(dim=1).cpu()
     return labels
+
+
+def _score_map_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Size of the float32 score map at image size (classes from the model; 150 when it does not say)."""
+    classes = getattr(model, 'classes', None)
+    return x.shape[0] * (classes if isinstance(classes, int) else 150) * x.shape[-2] * x.shape[-1] * 4
+
+
+def _merged(model: nn.Module, x: torch.Tensor, settings: InferenceSettings, mean: Sequence[float],
+            std: Sequence[float], on_view: Optional[Callable[[], None]]) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """The merged scores of ``x`` in bands of rows; told how large the views will be, so that
+    :func:`merged_bands` can hold whichever needs less memory (the views or an image-size map)."""
+    h, w = x.shape[-2:]
+    view_pixels = settings.num_predictions // len(settings.ratios) * sum(
+        vw * vh for vw, vh in (network_input_size((w, h), settings.scale, r) for r in settings.ratios))
+    views = _counted(augmented_logits(model, x, settings, mean, std), on_view)
+    return merged_bands(views, (h, w), settings.band_rows, settings.full_bytes, view_pixels)

@@ -33,6 +33,20 @@ def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return palette[np.asarray(labels)]
 
 
+def blend(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float,
+          chunk_pixels: int = 1 << 20) -> np.ndarray:
+    """HxWx3 uint8: ``image * (1 - alpha) + colour * alpha``, rounded; a band of rows at a time, so the
+    float temporaries stay a few MB whatever the photo's size."""
+    h, w = labels.shape
+    out = np.empty((h, w, 3), np.uint8)
+    step = max(1, chunk_pixels // max(1, w))
+    for r0 in range(0, h, step):
+        rows = slice(r0, r0 + step)
+        mixed = image[rows].astype(np.float32) * (1 - alpha) + colorize(labels[rows], palette).astype(np.float32) * alpha
+        out[rows] = np.clip(mixed + 0.5, 0, 255)
+    return out
+
+
 def label_image(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
     """Class-index PNG: pixel value = class index (0-based, as the model's class_names).
 
@@ -73,8 +87,7 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
         raise ValueError('overlay opacity must be between 0 and 1, got %r' % (alpha,))
     labels = np.asarray(labels)
     h, w = labels.shape
-    blended = (image.astype(np.float32) * (1 - alpha) + colorize(labels, palette).astype(np.float32) * alpha)
-    canvas_img = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    canvas_img = Image.fromarray(blend(image, labels, palette, alpha))
     font_size = max(12, min(h, w) // 40)
     font = _font(font_size)
     probe = ImageDraw.Draw(canvas_img)
