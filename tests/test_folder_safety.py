@@ -48,16 +48,20 @@ def _copy(saved, tmp_path, edit_config=None, edit_weights=None):
     return folder
 
 
+def _forbid(monkeypatch, why, *targets):
+    """Fail the test if any of ``targets`` ((module, name) pairs) is called."""
+    def fail(*a, **k):
+        raise AssertionError(why)
+    for module, name in targets:
+        monkeypatch.setattr(module, name, fail)
+
+
 @pytest.fixture
 def nothing_built(monkeypatch):
     """Fail the test if a backbone is created or default class names / colours are made."""
     from twins_timm.adapters import base, encoder
-
-    def fail(*a, **k):
-        raise AssertionError('built before config.json was checked')
-    monkeypatch.setattr(encoder.timm, 'create_model', fail)
-    monkeypatch.setattr(base, 'default_class_names', fail)
-    monkeypatch.setattr(base, 'default_palette', fail)
+    _forbid(monkeypatch, 'built before config.json was checked', (encoder.timm, 'create_model'),
+            (base, 'default_class_names'), (base, 'default_palette'))
 
 
 def _set_encoder_arg(key, value):
@@ -204,10 +208,8 @@ BROKEN = {
 
 @pytest.fixture
 def no_inference(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError('inference ran with broken weights')
-    monkeypatch.setattr(segment_mod, 'predict_labels', fail)
-    monkeypatch.setattr(evaluate_mod, 'evaluate', fail)
+    _forbid(monkeypatch, 'inference ran with broken weights', (segment_mod, 'predict_labels'),
+            (evaluate_mod, 'evaluate'))
 
 
 def _ade_folder(root):
