@@ -49,7 +49,7 @@ def _flag() -> Check:
 
 def _list_of(n: Tuple[int, int], what: str, item: Callable[[Any], bool]) -> Check:
     count = '%d' % n[0] if n[0] == n[1] else '%d to %d' % n
-    return '%s %s' % (count, what), lambda v: isinstance(v, list) and n[0] <= len(v) <= n[1] and all(map(item, v))
+    return '%s %s' % (count, what), lambda v: isinstance(v, (list, tuple)) and n[0] <= len(v) <= n[1] and all(map(item, v))
 
 
 def _optional(check: Check) -> Check:
