@@ -57,6 +57,9 @@ def _resolve(name_or_path: str) -> str:
 def _config_file(name_or_path: str, kwargs: Dict[str, Any]) -> str:
     if os.path.isdir(name_or_path):
         path = Path(name_or_path) / CONFIG_NAME
+        if path.exists() and not path.is_file():  # a device or FIFO: reading it would never end or wait forever
+            raise ConfigError(f'{path} is not a regular file; a model folder holds the config.json written by '
+                              'save_pretrained()')
         if not path.is_file():
             raise FileNotFoundError(
                 f'{name_or_path} has no {CONFIG_NAME}; point to a folder written by '

@@ -112,6 +112,10 @@ def test_config_that_is_not_a_json_object(saved, tmp_path):
         (folder / 'config.json').write_text(text)
         with pytest.raises(ValueError, match=message):
             from_pretrained(folder)
+    (folder / 'config.json').unlink()
+    os.mkfifo(folder / 'config.json')  # opening it would wait for a writer forever
+    with pytest.raises(ValueError, match='config.json is not a regular file'):
+        from_pretrained(folder)
 
 
 def test_the_constructor_and_save_pretrained_follow_the_same_rules(tmp_path):
