@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, inference
 from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
                      pick_device, quiet_stdout, settings_from_args)
-from .inference import NonFiniteLogitsError, predict_labels
+from .inference import predict_labels
 from .loading import (DEFAULT_MAX_PIXELS, RANDOM_LABEL, check_image, load_model, read_image,
                       sample_image_path)
 from .paths import check_writable_dir, refuse_inputs_as_outputs
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 labels = predict_labels(model, batch, settings, device=device,
                                         on_view=lambda: bar.update(len(idx))).numpy()
-            except NonFiniteLogitsError:  # the model, not this image: stop
+            except inference.NonFiniteLogitsError:  # the model, not this image: stop
                 raise
             except ValueError as e:  # e.g. an image too small for the model: skip it, go on
                 tqdm.write('error: %s: %s (skipped)' % (', '.join(str(images[i]) for i in idx), e),
