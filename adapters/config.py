@@ -49,7 +49,8 @@ def _flag() -> Check:
 
 def _list_of(n: Tuple[int, int], what: str, item: Callable[[Any], bool]) -> Check:
     count = '%d' % n[0] if n[0] == n[1] else '%d to %d' % n
-    return '%s %s' % (count, what), lambda v: isinstance(v, (list, tuple)) and n[0] <= len(v) <= n[1] and all(map(item, v))
+    return '%s %s' % (count, what), lambda v: (isinstance(v, (list, tuple)) and n[0] <= len(v) <= n[1]
+                                               and all(map(item, v)))
 
 
 def _optional(check: Check) -> Check:
@@ -102,7 +103,7 @@ SEGMENTER_CONFIG: Dict[str, Check] = {
     'mean': _list_of((3, 3), 'numbers (0-255 RGB)', _is_number),
     'std': _list_of((3, 3), 'numbers above 0 (0-255 RGB)', lambda v: _is_number(v) and v > 0),
     'activation': ('null or one of %s' % ', '.join(map(str, ACTIVATIONS[1:])), lambda v: v in ACTIVATIONS),
-    'architecture': ('the encoder_name, for timm\'s local-dir: loader', lambda v: isinstance(v, str)),
+    'architecture': ('a Twins variant (the encoder_name, for timm\'s local-dir: loader)', _twins_variant),
     'pretrained_cfg': ('{} (for timm\'s local-dir: loader)', lambda v: v == {}),
 }
 
@@ -112,8 +113,9 @@ def _check(values: Mapping[str, Any], schema: Mapping[str, Check], what: str) ->
         raise ConfigError('%s must be a JSON object, got %s' % (what, _short(values)))
     for key, value in values.items():
         if key not in schema:
-            raise ConfigError('%s has the key %r, which twins_timm does not define, so it is refused (nothing from '
-                              'a model folder reaches a loader unless twins_timm defines it); the keys are: %s'
+            raise ConfigError('%s has the key %r, which twins_timm does not define, so it is refused (a model '
+                              'folder\'s config.json carries these: only defined keys may reach timm or a loader); '
+                              'the keys are: %s'
                               % (what, key, ', '.join(schema)))
         allowed, test = schema[key]
         if not test(value):

@@ -93,6 +93,7 @@ def test_keys_we_do_not_define_are_refused_naming_the_allowed_ones(saved, tmp_pa
     (lambda c: c.update(encoder_weights=True), "'encoder_weights' must be null"),  # would download
     (lambda c: c.update(pretrained_cfg={'file': '/etc/passwd'}), "'pretrained_cfg' must be {}"),
     (lambda c: c.update(encoder_name='resnet50'), "'encoder_name' must be a Twins variant"),
+    (lambda c: c.update(architecture='resnet50'), "'architecture' must be a Twins variant"),  # timm's local-dir:
     (lambda c: c.update(palette='red'), "'palette' must be null or"),
     (_set_encoder_arg('stage_norm', 'yes'), "'stage_norm' must be true or false, got 'yes'"),
     (_set_encoder_arg('norm_eps', -1), "'norm_eps' must be a number above 0"),
