@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed, inference
+from . import distributed
 from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
                      pick_device, quiet_stdout, settings_from_args)
 from .inference import predict_labels
@@ -179,9 +179,10 @@ def run(args: argparse.Namespace) -> int:
             try:
                 labels = predict_labels(model, batch, settings, device=device,
                                         on_view=lambda: bar.update(len(idx))).numpy()
-            except inference.NonFiniteLogitsError:  # the model, not this image: stop
-                raise
             except ValueError as e:  # e.g. an image too small for the model: skip it, go on
+                from .inference import NonFiniteLogitsError
+                if isinstance(e, NonFiniteLogitsError):  # the model, not this image: stop
+                    raise
                 tqdm.write('error: %s: %s (skipped)' % (', '.join(str(images[i]) for i in idx), e),
                            file=sys.stderr)
                 failed.extend(str(images[i]) for i in idx)
