@@ -105,6 +105,8 @@ SEGMENTER_CONFIG: Dict[str, Check] = {
     'activation': ('null or one of %s' % ', '.join(map(str, ACTIVATIONS[1:])), lambda v: v in ACTIVATIONS),
     'architecture': ('a Twins variant (the encoder_name, for timm\'s local-dir: loader)', _twins_variant),
     'pretrained_cfg': ('{} (for timm\'s local-dir: loader)', lambda v: v == {}),
+    # the test scale a trained model was trained for: checked where it is read (base._checked_test_scale)
+    'test_scale': ('two positive integers (long side, short side)', lambda v: True),
 }
 
 
