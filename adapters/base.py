@@ -7,8 +7,9 @@ check: the Twins backbone and the heads handle any size).
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from huggingface_hub import ModelCard
@@ -17,6 +18,7 @@ from segmentation_models_pytorch.base import initialization as init
 from segmentation_models_pytorch.base.modules import Activation
 
 from twins_timm.adapters import ade20k
+from twins_timm.adapters.config import MAX_CLASSES, check_config
 from twins_timm.adapters.encoder import TwinsEncoder
 from twins_timm.adapters.loss import AUX_WEIGHT, MAIN_WEIGHT
 from twins_timm.adapters.modules import FCNHead, fold_batchnorm, resize
@@ -47,8 +49,8 @@ def default_palette(classes: int) -> List[List[int]]:
 def _checked_metadata(classes: int, class_names: Optional[Sequence[str]],
                       palette: Optional[Sequence[Sequence[int]]],
                       mean: Sequence[float], std: Sequence[float]):
-    if not isinstance(classes, int) or classes < 1:
-        raise ValueError(f'classes must be a positive integer, got {classes!r}')
+    if not isinstance(classes, int) or isinstance(classes, bool) or not 1 <= classes <= MAX_CLASSES:
+        raise ValueError(f'classes must be an integer from 1 to {MAX_CLASSES}, got {classes!r}')
     names = default_class_names(classes) if class_names is None else [str(n) for n in class_names]
     if len(names) != classes:
         raise ValueError(f'class_names has {len(names)} entries but classes={classes}; '
@@ -182,12 +184,16 @@ class TwinsSegmentationModel(SegmentationModel):
         """SMP's save_pretrained; the written files then get the modes the umask gives.
 
         (safetensors writes model.safetensors 0600, unreadable for a container running as another user.)
+        config.json is checked first by the rules `from_pretrained` applies (`twins_timm.adapters.config`),
+        so what is saved loads back.
         """
         from twins_timm.convert.io import honour_umask
 
         self.config.pop('test_scale', None)
         if self.test_scale is not None:
             self.config['test_scale'] = list(_checked_test_scale(self.test_scale))
+        as_json = json.loads(json.dumps(dict(self.config, _model_class=type(self).__name__), default=repr))
+        check_config(as_json, f'save_pretrained({str(save_directory)!r})')
         result = super().save_pretrained(save_directory, *args, **kwargs)
         for name in ('config.json', 'model.safetensors', 'README.md'):
             path = os.path.join(save_directory, name)
@@ -200,9 +206,13 @@ class TwinsSegmentationModel(SegmentationModel):
         """The hub mixin's loading, with the model built on the meta device and the file's tensors adopted:
         no random init to throw away (SVT-L UPerNet from a folder: 1.5 s -> 0.1 s on 2 CPU cores).
 
+        ``config`` (the mixin hands it over because this signature names it) is the folder's config.json as
+        read, checked here before anything is built: only the keys twins_timm defines may pass (a ConfigError).
         If the file leaves some tensor unset (``strict=False`` with keys missing), the mixin's own way
         runs instead: random init, then the file's weights over it.
         """
+        if config is not None:
+            check_config(config, kwargs['model_id'])
         test_scale = _checked_test_scale((config or {}).get('test_scale'))
         try:
             with torch.device('meta'):
@@ -215,14 +225,12 @@ class TwinsSegmentationModel(SegmentationModel):
     @classmethod
     def _load_as_safetensor(cls, model: 'TwinsSegmentationModel', model_file: str, map_location: str,
                             strict: bool) -> 'TwinsSegmentationModel':
-        from safetensors.torch import load_file
-        return _load_state(model, load_file(model_file, device=str(map_location)), map_location, strict)
+        return _load_state(model, model_file, map_location, strict)
 
     @classmethod
     def _load_as_pickle(cls, model: 'TwinsSegmentationModel', model_file: str, map_location: str,
                         strict: bool) -> 'TwinsSegmentationModel':
-        state = torch.load(model_file, map_location=torch.device(map_location), weights_only=True)
-        return _load_state(model, state, map_location, strict)
+        return _load_state(model, model_file, map_location, strict)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """The card ``save_pretrained`` writes, by the package's one card writer (``convert.hub.model_card``):
@@ -235,12 +243,16 @@ class TwinsSegmentationModel(SegmentationModel):
                           dataset=kwargs.get('dataset'))
 
 
+MAX_TEST_SIDE = 16384  # a test scale beyond this is a typo, not a resize to run
+
+
 def _checked_test_scale(value: Any) -> Optional[Tuple[int, int]]:
     if value is None:
         return None
     if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        raise ValueError(f'test_scale must be two positive integers (long side, short side), got {value!r}')
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_TEST_SIDE for v in value)):
+        raise ValueError(f'test_scale must be two integers from 32 to {MAX_TEST_SIDE} (long side, short side), '
+                         f'got {value!r}')
     return int(value[0]), int(value[1])
 
 
@@ -248,18 +260,64 @@ class _PartialStateDict(Exception):
     """A meta-built model that the weights file did not fill completely."""
 
 
-def _load_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], map_location: Union[str, torch.device],
+class WeightsError(ValueError):
+    """A weights file that does not fit its model (keys, shapes) or holds NaN / infinite values."""
+
+
+def _few(items: Sequence[str], n: int = 3) -> str:
+    return ', '.join(items[:n]) + (', ...' if len(items) > n else '')
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf: one NaN classifier bias labels every pixel with that class."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f'{source} holds NaN or infinite values in {len(bad)} tensor(s) ({_few(bad)}), so the '
+                           'model\'s output would mean nothing; the file is damaged or the training diverged: use '
+                           'another copy of the weights')
+
+
+def check_weights(model: torch.nn.Module, state: Any, strict: bool, source: str) -> None:
+    """Refuse, before a tensor is adopted, weights whose keys (``strict``) or shapes differ from ``model``'s
+    (built from config.json), or that are not finite."""
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f'{source} holds no state dict of tensors; it is not a saved twins_timm segmenter')
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    wrong = [f'{k} {tuple(v.shape)} where the model has {expected[k]}' for k, v in state.items()
+             if k in expected and tuple(v.shape) != expected[k]]
+    if wrong:
+        problems.append(f'{len(wrong)} tensor(s) of another shape: {_few(wrong)}')
+    missing = [k for k in expected if k not in state] if strict else []
+    if missing:
+        problems.append(f'{len(missing)} tensor(s) missing: {_few(missing)}')
+    unexpected = [k for k in state if k not in expected] if strict else []
+    if unexpected:
+        problems.append(f'{len(unexpected)} tensor(s) the model does not have: {_few(unexpected)}')
+    if problems:
+        raise WeightsError(f'{source} does not fit the model its config.json describes ({"; ".join(problems)}); '
+                           'the weights and config.json come from different models or one was edited: save or '
+                           'convert the model again')
+    check_finite(state, source)
+
+
+def _load_state(model: torch.nn.Module, model_file: str, map_location: Union[str, torch.device],
                 strict: bool) -> torch.nn.Module:
-    """``state`` into ``model`` in eval mode. A model built on the meta device adopts a copy of each tensor in
+    """``model_file``'s weights, read without running code (``convert.io``) and checked (``check_weights``),
+    into ``model`` in eval mode. A model built on the meta device adopts a copy of each tensor in
     the dtype it was built with (as an ordinary load casts). A copy: torch's allocator aligns it to 64 bytes,
     where safetensors' tensors sit at any 4-byte offset, and the CPU kernels take other paths on those (not
     the bits of the saved model's output); and no loaded weight stays tied to a file."""
+    from twins_timm.convert.io import load_file
+
+    state = load_file(model_file)
+    check_weights(model, state, strict, model_file)
     if not next(model.parameters()).is_meta:
         model.load_state_dict(state, strict=strict)
         return model.eval()
     with torch.device(map_location):  # leave the caller's meta default behind for what loading creates
         dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-        state = {k: v.to(dtypes[k] if k in dtypes and v.is_floating_point() else v.dtype, copy=True)
+        state = {k: v.to(map_location, dtypes[k] if k in dtypes and v.is_floating_point() else v.dtype, copy=True)
                  for k, v in state.items()}
         model.load_state_dict(state, strict=strict, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):

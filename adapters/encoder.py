@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import nn
 
+from twins_timm.adapters.config import check_encoder_args
 from twins_timm.models import kernels
 
 NUM_STAGES = 4
@@ -28,7 +29,8 @@ class TwinsEncoder(nn.Module):
         in_channels: input channels.
         weights: True (or SMP's 'imagenet') loads timm's ImageNet weights (downloads); None: random.
         **encoder_args: backbone options (`stage_norm`, `norm_eps`, `window_mask`,
-            `patch_padding`, drop_path_rate, ...), passed to `timm.create_model`.
+            `patch_padding`, drop_path_rate, ...), passed to `timm.create_model`; only those in
+            `twins_timm.adapters.config.ENCODER_ARGS` (a config.json holds them: they must load back safely).
     """
 
     def __init__(self, name: str = 'twins_svt_small', in_channels: int = 3,
@@ -37,6 +39,7 @@ class TwinsEncoder(nn.Module):
         if not name.startswith('twins_'):
             raise ValueError(f"TwinsEncoder builds Twins backbones (twins_pcpvt_* / twins_svt_*), "
                              f"got encoder_name={name!r}")
+        encoder_args = check_encoder_args(encoder_args)
         pretrained = bool(weights)
         create_args = dict(pretrained=pretrained, in_chans=in_channels, num_classes=0)
         if pretrained:

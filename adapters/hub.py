@@ -17,6 +17,7 @@ from typing import Any, Dict, Type, Union
 from huggingface_hub import hf_hub_download
 
 from twins_timm.adapters.base import TwinsSegmentationModel
+from twins_timm.adapters.config import ConfigError
 from twins_timm.adapters.decoders.fpn.model import TwinsFPN
 from twins_timm.adapters.decoders.upernet.model import TwinsUPerNet
 
@@ -56,6 +57,9 @@ def _resolve(name_or_path: str) -> str:
 def _config_file(name_or_path: str, kwargs: Dict[str, Any]) -> str:
     if os.path.isdir(name_or_path):
         path = Path(name_or_path) / CONFIG_NAME
+        if path.exists() and not path.is_file():  # a device or FIFO: reading it would never end or wait forever
+            raise ConfigError(f'{path} is not a regular file; a model folder holds the config.json written by '
+                              'save_pretrained()')
         if not path.is_file():
             raise FileNotFoundError(
                 f'{name_or_path} has no {CONFIG_NAME}; point to a folder written by '
@@ -67,9 +71,18 @@ def _config_file(name_or_path: str, kwargs: Dict[str, Any]) -> str:
 
 
 def read_config(name_or_path: Union[str, Path], **hub_kwargs: Any) -> Dict[str, Any]:
-    """config.json of a saved segmenter (folder or Hub repo id)."""
-    with open(_config_file(_resolve(str(name_or_path)), hub_kwargs), encoding='utf-8') as f:
-        return json.load(f)
+    """config.json of a saved segmenter (folder or Hub repo id), as read: a JSON object, else a ConfigError.
+    (Its keys and values are checked when a model is built from it: ``twins_timm.adapters.config``.)"""
+    path = _config_file(_resolve(str(name_or_path)), hub_kwargs)
+    try:
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f'{path} is not a JSON file ({e}); it should be the config.json written by '
+                          'save_pretrained() / `twins-timm convert`') from None
+    if not isinstance(config, dict):
+        raise ConfigError(f'{path} holds a JSON {type(config).__name__}, not the object save_pretrained() writes')
+    return config
 
 
 def from_pretrained(name_or_path: Union[str, Path], *, strict: bool = True,

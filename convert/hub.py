@@ -143,8 +143,11 @@ def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Op
     """timm Hub folder: config.json (architecture, num_classes, model_args, pretrained_cfg), weights, card."""
     from timm.models import save_for_hf
 
+    from twins_timm.adapters.config import check_encoder_args
+    model_args = check_encoder_args(res.model_args, 'model_args')  # what the reader will accept back
+
     def fill(tmp: Path) -> None:
-        save_for_hf(model, tmp, model_args=dict(res.model_args), safe_serialization=True)
+        save_for_hf(model, tmp, model_args=model_args, safe_serialization=True)
         cfg_path = tmp / 'config.json'
         cfg = json.loads(cfg_path.read_text())
         cfg['twins_timm'] = _provenance(res, parity, card)

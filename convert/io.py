@@ -47,6 +47,9 @@ def load_file(path: PathLike, progress: Optional[bool] = None) -> Any:
         raise FileNotFoundError('checkpoint %s does not exist' % path)
     if path.is_dir():
         raise CheckpointReadError('%s is a directory; pass the checkpoint file inside it' % path)
+    if not path.is_file():  # reading a device or a FIFO would never end (/dev/zero) or wait for a writer
+        raise CheckpointReadError('%s is not a regular file (a device, FIFO or socket%s); pass the checkpoint file '
+                                  'itself' % (path, ', reached through a symlink' if path.is_symlink() else ''))
     if path.stat().st_size == 0:
         raise CheckpointReadError('%s is empty (0 bytes): the download or copy probably failed; '
                                   'fetch the file again' % path)

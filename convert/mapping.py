@@ -98,7 +98,7 @@ def convert_checkpoint(src: Union[PathLike, Mapping[str, Any]], variant: Optiona
                          'mmseg format (--to mmseg)')
 
     if det.format == 'timm':
-        model_args = config_model_args(folder_cfg or {})
+        model_args = config_model_args(folder_cfg or {}, 'config.json next to %s' % source)
         if model_args is None:
             model_args = family_args('timm', det.variant)
             if any('stage_norms.' in k for k in sd):

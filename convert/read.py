@@ -20,13 +20,19 @@ def read_folder_config(path: Path) -> Tuple[Path, Dict[str, Any]]:
     return weights, cfg
 
 
-def config_model_args(cfg: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """Backbone kwargs recorded in a timm or SMP config.json, without the generic ones."""
+def config_model_args(cfg: Mapping[str, Any], where: str = 'config.json') -> Optional[Dict[str, Any]]:
+    """Backbone kwargs recorded in a timm or SMP config.json, without the generic ones that the conversion sets
+    itself; the rest must be backbone settings twins_timm defines (a ConfigError otherwise)."""
+    from twins_timm.adapters.config import check_encoder_args
+
     if 'encoder_args' in cfg:
-        return dict(cfg.get('encoder_args') or {})
+        return check_encoder_args(cfg.get('encoder_args') or {}, '%s encoder_args' % where)
     if 'model_args' in cfg:
-        skip = ('num_classes', 'in_chans', 'global_pool', 'img_size', 'pretrained_cfg_overlay')
-        return {k: v for k, v in cfg['model_args'].items() if k not in skip}
+        skip = ('num_classes', 'in_chans', 'global_pool', 'img_size')
+        model_args = cfg['model_args'] or {}
+        if isinstance(model_args, Mapping):
+            model_args = {k: v for k, v in model_args.items() if k not in skip}
+        return check_encoder_args(model_args, '%s model_args' % where)
     return None
 
 

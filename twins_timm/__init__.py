@@ -5,6 +5,9 @@ own Twins under the same names (same parameter names and pretrained tags, so tim
 """
 import warnings
 
+from .requirements import check_timm
+
+check_timm()
 with warnings.catch_warnings():
     # Replacing timm's registrations is the point of this package, not a conflict worth a warning.
     warnings.filterwarnings('ignore', message=r'Overwriting twins_', category=UserWarning)

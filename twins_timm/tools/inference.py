@@ -215,11 +215,22 @@ def slide_logits(model: nn.Module, x: torch.Tensor, crop_size: Tuple[int, int],
     return preds / count
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model's output holds NaN or Inf: an argmax over it would label pixels arbitrarily, not fail."""
+
+
 def model_logits(model: nn.Module, x: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
-    """Logits at the size of ``x`` (normalised NCHW) in the configured mode."""
+    """Logits at the size of ``x`` (normalised NCHW) in the configured mode; a NonFiniteLogitsError if any is
+    NaN or infinite."""
     if settings.mode == 'slide':
-        return slide_logits(model, x, settings.crop_size, settings.stride, settings.crop_batch)
-    return _at_size(model(x), x.shape[-2:])
+        logits = slide_logits(model, x, settings.crop_size, settings.stride, settings.crop_batch)
+    else:
+        logits = _at_size(model(x), x.shape[-2:])
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError('the model gave NaN or infinite logits, so its labels would mean nothing: its '
+                                   'weights hold extreme values, or a half-precision model overflowed (run it in '
+                                   'float32)')
+    return logits
 
 
 def _at_size(logits: torch.Tensor, size_hw) -> torch.Tensor:

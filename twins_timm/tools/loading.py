@@ -244,6 +244,7 @@ def _from_folder(folder: str) -> nn.Module:
 
 
 def _from_checkpoint(path: str) -> nn.Module:
+    from twins_timm.adapters.base import check_finite
     from twins_timm.convert import build_model, convert_checkpoint
     res = convert_checkpoint(path)
     if res.task not in ('upernet', 'fpn'):
@@ -251,6 +252,7 @@ def _from_checkpoint(path: str) -> nn.Module:
                          'segmenter instead: a published one by name (`twins-timm models`, e.g. --model %s) or a '
                          'converted segmentation checkpoint' % (path, res.variant, res.task, res.format,
                                                                 DEFAULT_MODEL_ID))
+    check_finite(res.state_dict, path)
     return build_model(res)
 
 

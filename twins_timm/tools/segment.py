@@ -187,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
                 labels = predict_labels(model, batch, settings, device=device,
                                         on_view=lambda: bar.update(len(idx))).numpy()
             except ValueError as e:  # e.g. an image too small for the model: skip it, go on
+                from .inference import NonFiniteLogitsError
+                if isinstance(e, NonFiniteLogitsError):  # the model, not this image: stop
+                    raise
                 tqdm.write('error: %s: %s (skipped)' % (', '.join(str(images[i]) for i in idx), e),
                            file=sys.stderr)
                 failed.extend(str(images[i]) for i in idx)
