@@ -250,8 +250,8 @@ def _checked_test_scale(value: Any) -> Optional[Tuple[int, int]]:
     if value is None:
         return None
     if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_TEST_SIDE for v in value)):
-        raise ValueError(f'test_scale must be two integers from 32 to {MAX_TEST_SIDE} (long side, short side), '
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_TEST_SIDE for v in value)):
+        raise ValueError(f'test_scale must be two positive integers up to {MAX_TEST_SIDE} (long side, short side), '
                          f'got {value!r}')
     return int(value[0]), int(value[1])
 

@@ -155,7 +155,7 @@ def test_eval_and_segment_test_at_the_scale_the_model_was_trained_for(tmp_path, 
 def test_a_wrong_test_scale_in_config_json_is_refused(tmp_path, model_folder):
     folder = _copy(model_folder, tmp_path / 'm')
     config = json.loads((folder / 'config.json').read_text())
-    for bad in ([256], [256, 0], '256x64', [256.5, 64], [True, 64]):
+    for bad in ([256], [256, 0], '256x64', [256.5, 64], [True, 64], [10 ** 9, 64]):
         (folder / 'config.json').write_text(json.dumps(dict(config, test_scale=bad)))
         with pytest.raises(ValueError, match='test_scale must be two positive integers'):
             from_pretrained(str(folder))
