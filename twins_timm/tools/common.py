@@ -8,6 +8,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..optimize.kernels import KernelTable
 from .inference import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
 from .loading import DEFAULT_MODEL_ID
 
@@ -36,8 +37,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, random_fallback: bool) 
                         help="torch device: 'cpu', 'cuda', 'cuda:1', 'mps' (default: cuda if available)")
 
 
+def add_kernels_argument(parser) -> None:
+    """``--kernels``: the kernel table ``twins_timm.optimize`` gives the model (checked by KernelTable.from_spec)."""
+    parser.add_argument('--kernels', default='auto', metavar='POLICY_OR_JSON',
+                        help="CPU kernels of the optimized model: 'auto' (each layer shape timed once, the faster "
+                             "kept; default), 'plain' (timm's calls), 'onednn' (the alternatives), or a JSON file "
+                             "of saved choices (the bench's results hold one under kernels.choices) for the same "
+                             'kernels, and numbers, run after run')
+
+
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('inference (mmseg test rules)')
+    add_kernels_argument(g)
     g.add_argument('--mode', choices=('whole', 'slide'), default='whole',
                    help='whole image in one forward (default, as the Twins ADE20K configs), or '
                         'sliding window with averaged overlaps')
@@ -61,6 +72,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
+    KernelTable.from_spec(args.kernels)  # a wrong --kernels is an error before the work
     ratios = args.ratios or (MS_RATIOS if args.tta else (1.0,))
     if args.crop_batch < 1:
         raise ValueError('--crop-batch must be at least 1')

@@ -29,6 +29,7 @@ from .visualize import class_name_list
 from twins_timm.convert.io import atomic_path
 from ..train.data import IMAGE_SUFFIXES, check_pairs, find_pairs, reduce_zero_label  # noqa: F401
 from . import distributed
+from ..optimize import optimize
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.device_for(ctx, device)
     with quiet_stdout(args.quiet):
         loaded = load_model(args.model, allow_random=False)
-    model = loaded.model.to(device).eval()
+    model = optimize(loaded.model.to(device).eval(), kernels=args.kernels)  # CPU-inference layers
     num_classes, names, _ = model_classes(model)
     names = class_name_list(num_classes, names)
     print('Model: %s' % loaded.source)

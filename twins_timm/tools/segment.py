@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from ..optimize import optimize
 from .common import (add_inference_arguments, add_model_arguments, describe_settings, model_classes,
                      pick_device, quiet_stdout, settings_from_args)
 from .inference import predict_labels
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     mine = distributed.shard(list(range(len(images))), ctx)
     with quiet_stdout(args.quiet):
         loaded = load_model(args.model, log=None if not args.quiet else _stderr_if_random)
-    model = loaded.model.to(device).eval()
+    model = optimize(loaded.model.to(device).eval(), kernels=args.kernels)  # CPU-inference layers
     num_classes, names, palette = model_classes(model)
     names = class_name_list(num_classes, names)
     colours = make_palette(num_classes, palette)
