@@ -413,3 +413,18 @@ def test_channels_last_input_accepted():
 def test_version():
     assert twins_timm.__version__
     assert isinstance(ours('twins_svt_small'), Twins)
+
+
+def test_the_model_depends_on_neither_its_speed_ups_nor_the_environment():
+    # one direction only: twins_timm.optimize builds on twins_timm.models; the model reads no environment
+    # variable and keeps no global switch (its numbers are timm's wherever it runs)
+    import ast
+    from pathlib import Path
+
+    import twins_timm.models
+    for path in Path(twins_timm.models.__file__).parent.glob('*.py'):
+        tree = ast.parse(path.read_text())
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or '' for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if 'optimize' in m or m == 'os'], path.name
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)], path.name

@@ -247,6 +247,8 @@ class Block(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.norm1 = norm_layer(dim, **dd)
         if ws is None:
+            # timm's line, as broken as in timm 1.0.31 (no Twins variant builds it): its positional
+            # arguments miss the newer Attention's signature, whose forward takes no size
             self.attn = Attention(dim, num_heads, False, None, attn_drop, proj_drop, **dd)
         elif ws == 1:
             self.attn = GlobalSubSampleAttn(dim, num_heads, attn_drop, proj_drop, sr_ratio, **dd)

@@ -12,7 +12,7 @@ from twins_timm.adapters.decoders.fpn.decoder import FPNDecoder, FPNNeck
 from twins_timm.adapters.decoders.upernet.decoder import UPerNetDecoder
 from twins_timm.adapters.modules import is_plain_conv, resize, resize_matrix
 from twins_timm.optimize import kernels
-from twins_timm.optimize.kernels import KernelTable
+from twins_timm.optimize.kernels import PLAIN_TABLE, KernelTable
 
 __all__ = ['FastUPerNetDecoder', 'FastFPNNeck', 'FastFPNDecoder', 'upsampled_conv3x3', 'shifted_resize_matrices']
 
@@ -45,7 +45,7 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int]
     into it in place and `add_to` is returned: no full-size temporary. The products along W take the
     kernel `table` picks (``F.linear`` without one).
     """
-    table = table or KernelTable('plain')
+    table = table or PLAIN_TABLE
     b, c, h, w = x.shape
     out_ch = weight.shape[0]
     height, width = size
@@ -77,7 +77,7 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int]
 class FastUPerNetDecoder(UPerNetDecoder):
     """UPerNet whose fusion conv runs over the un-resized pyramid (``fused_bottleneck``) in CPU inference,
     with the library's own, unhooked ``fpn_bottleneck`` (hooks see the full concatenation)."""
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def fuse(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
         block = self.fpn_bottleneck
@@ -102,7 +102,7 @@ class FastUPerNetDecoder(UPerNetDecoder):
 
 class FastFPNNeck(FPNNeck):
     """FPN neck summing top-down in place: the lateral outputs are fresh and nothing keeps them."""
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if not kernels.fast_inference(features[0]):
@@ -115,7 +115,7 @@ class FastFPNNeck(FPNNeck):
 
 class FastFPNDecoder(FPNDecoder):
     """FPN decoder summing its scale heads in place (a resize to the same size is the identity)."""
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if not kernels.fast_inference(features[0]):

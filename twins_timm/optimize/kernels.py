@@ -158,6 +158,11 @@ class KernelTable:
         return [dict(v) for v in self.measured.values()]
 
 
+# the table of a swapped-in layer made without optimize (PEFT's LoRA builds its adapters as type(base_layer)):
+# timm's calls, nothing timed, nothing stored
+PLAIN_TABLE = KernelTable(PLAIN)
+
+
 def _time_interleaved(candidates: Dict[str, Callable[[], object]], timer: Callable[[], float]) -> Dict[str, float]:
     best = {name: math.inf for name in candidates}
     for name, fn in candidates.items():  # warm-up: first-call allocations and weight reorders

@@ -15,16 +15,21 @@ import torch.nn.functional as F
 from twins_timm.models.twins import Block, GlobalSubSampleAttn, LocallyGroupedAttn, PosConv, Size_, Twins, \
     window_attn_mask
 from twins_timm.optimize import kernels
-from twins_timm.optimize.kernels import KernelTable
+from twins_timm.optimize.kernels import PLAIN_TABLE, KernelTable
 
 __all__ = ['Linear', 'Conv2d', 'InplaceGELU', 'FastLocallyGroupedAttn', 'FastGlobalSubSampleAttn', 'FastBlock',
            'FastPosConv', 'FastTwins']
 
 
+def _inference(module: nn.Module, x: torch.Tensor) -> bool:
+    """Eager CPU inference in eval mode: where the swapped-in paths (which skip dropout) apply."""
+    return not module.training and kernels.fast_inference(x)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose CPU-inference forward takes the kernel its table picks for the shape
     (``F.linear`` or a oneDNN 1x1 conv); under torch.compile in CPU inference the one measured for it."""
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.compiled_inference(x):
@@ -41,7 +46,7 @@ class Conv2d(nn.Conv2d):
     The transformed kernels are made on every call, never kept: a kept copy would miss weight changes that
     leave the parameter's version alone (``weight.data += delta``, as PEFT's merge does).
     """
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
     plain_base = nn.Conv2d  # the library's own conv, which fold_batchnorm may fold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,13 +66,13 @@ class InplaceGELU(nn.GELU):
 
 
 class FastLocallyGroupedAttn(LocallyGroupedAttn):
-    """LSA on a strided window view (no padding copy where the map fills the windows), with the windows
-    in cache-sized chunks where the table picks that (not while a hook on ``attn_drop`` waits for all
-    attention weights)."""
-    kernel_table: KernelTable
+    """LSA on a strided window view (no padding copy where the map fills the windows), all windows' heads
+    as one batch of matmuls (through ``attn_drop``, where a hook sees all attention weights at once), or
+    in cache-sized chunks of windows where the table picks that and no hook waits on ``attn_drop``."""
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        if not kernels.fast_inference(x) or kernels.has_hooks(self.attn_drop):
+        if not _inference(self, x):
             return super().forward(x, size)
         B, N, C = x.shape
         H, W = size
@@ -82,7 +87,8 @@ class FastLocallyGroupedAttn(LocallyGroupedAttn):
         if self.window_mask and H % ws > 0 and W % ws > 0:
             mask = window_attn_mask(H, W, ws, x.device, qkv.dtype)
             mask = mask.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * gh * gw, 1, ws * ws, ws * ws)
-        x = kernels.window_attention(qkv, self.scale, mask, self._all_windows, self.kernel_table)
+        x = None if kernels.has_hooks(self.attn_drop) else \
+            kernels.window_attention(qkv, self.scale, mask, self._all_windows, self.kernel_table)
         if x is None:
             x = self._all_windows(qkv, mask)
         x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, gh * ws * gw * ws, C)
@@ -112,10 +118,10 @@ class FastLocallyGroupedAttn(LocallyGroupedAttn):
 class FastGlobalSubSampleAttn(GlobalSubSampleAttn):
     """GSA whose reduction conv reads the tokens as a channels-last map (no layout copies), with the
     attention as oneDNN grouped 1x1 convs where the table picks that."""
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        if not kernels.fast_inference(x) or not self.fused_attn:
+        if not _inference(self, x) or not self.fused_attn:
             return super().forward(x, size)
         B, N, C = x.shape
         nh = self.num_heads
@@ -136,10 +142,10 @@ class FastBlock(Block):
     """Block whose residuals are added in place into the fresh branch outputs, and whose MLP runs over
     cache-sized row chunks, each through ``norm2`` and ``mlp``, where the table picks that and no hook
     watches them (hooks see whole tensors)."""
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        if not kernels.fast_inference(x):
+        if not _inference(self, x):
             return super().forward(x, size)
         x = self.drop_path1(self.attn(self.norm1(x), size)).add_(x)
         chunks = self._mlp_row_chunks(x)
@@ -160,7 +166,7 @@ class FastBlock(Block):
         """Row chunks of the inference MLP: >1 where the hidden activation would leave the caches and
         the table picks 'rows' for this shape."""
         hidden = getattr(getattr(self.mlp, 'fc1', None), 'out_features', None)  # a user's own MLP: no chunks
-        if not isinstance(hidden, int) or not x.is_contiguous():
+        if not isinstance(hidden, int) or not _inference(self, x) or not x.is_contiguous():
             return 1
         chunks = kernels.row_chunks(x, hidden)
         if chunks == 1 or kernels.has_hooks(self.norm2, self.mlp):
@@ -171,7 +177,7 @@ class FastBlock(Block):
 
 class FastPosConv(PosConv):
     """PEG on a channels-last view of the tokens: no layout copy on either side."""
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
         if not kernels.fast_inference(x):
@@ -186,7 +192,7 @@ class FastPosConv(PosConv):
 
 class FastTwins(Twins):
     """Twins handing stage maps on as channels-last views (oneDNN's patch conv reads them directly)."""
-    kernel_table: KernelTable
+    kernel_table: KernelTable = PLAIN_TABLE
 
     def _stage_map(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
         if not kernels.fast_inference(x):

@@ -89,7 +89,8 @@ METHODS = {
                "reference's time over the ceiling (about the most our speed-up can be without faster kernels). "
                'A measurement, not a proof: each replay pays its own memory costs. ops: every distinct call',
     'kernels': "the kernel table all our optimized models share in this run (twins_timm.optimize(model, "
-               "kernels=--kernels)): for every layer shape they met, the kernel its calibration chose (plain = what timm calls, onednn = a oneDNN convolution, rows = '
+               "kernels=--kernels)): for every layer shape they met, the kernel its calibration chose "
+               '(plain = what timm calls, onednn = a oneDNN convolution, rows = '
                'the MLP over cache-sized row chunks instead of the whole tensor, winograd = a 3x3 convolution by '
                'Winograd F(2x2, 3x3)) and the '
                'GFLOP/s each kernel reached in the calibration (interleaved, best of 3 short runs); choices: the '
