@@ -545,7 +545,6 @@ class Twins(nn.Module):
             pos_blocks = self.pos_block[:max_index + 1]
             stage_norms = self.stage_norms[:max_index + 1]
 
-        B = x.shape[0]
         i = 0
         for i, (embed, drop, blocks, pos_blk, stage_norm) in enumerate(zip(
                 patch_embeds, pos_drops, stages, pos_blocks, stage_norms)):
