@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from twins_timm.adapters.config import check_encoder_args
-from twins_timm.models import kernels
 
 NUM_STAGES = 4
 
@@ -82,11 +81,7 @@ class TwinsEncoder(nn.Module):
         self.model.set_grad_checkpointing(enable)
 
     def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The four NCHW stage maps, strides 4, 8, 16, 32 (channels-last views in fast inference)."""
-        if kernels.fast_inference(x):  # the backbone's tokens are channels-last maps already: no copies
-            maps = self.model.forward_intermediates(
-                x, indices=list(range(NUM_STAGES)), intermediates_only=True, output_fmt='NHWC')
-            return [m.permute(0, 3, 1, 2) for m in maps]
+        """The four NCHW stage maps, strides 4, 8, 16, 32 (channels-last views from an optimized backbone)."""
         return self.model.forward_intermediates(
             x, indices=list(range(NUM_STAGES)), intermediates_only=True)
 

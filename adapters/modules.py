@@ -8,7 +8,7 @@ deployment `fold_batchnorm` folds each eval BatchNorm into its conv once, with t
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,20 +16,15 @@ from timm.layers import BatchNormAct2d, ConvNormAct
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from twins_timm.models import kernels
 
-
-PLAIN_CONVS = (nn.Conv2d, kernels.Conv2d)  # the library's own convs (a user's swapped-in layer is neither)
+def is_plain_conv(conv: nn.Module) -> bool:
+    """The library's own conv: ``nn.Conv2d`` or the subclass ``optimize`` swaps in (a user's layer is neither)."""
+    return type(conv) is nn.Conv2d or getattr(type(conv), 'plain_base', None) is nn.Conv2d
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize with `align_corners=False`, as every mmseg Twins head does."""
     return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
-
-
-def fast_inference(x: torch.Tensor) -> bool:
-    """Whether the decoders take their inference shortcuts: the backbone's switch (CPU inference)."""
-    return kernels.fast_inference(x)
 
 
 def adaptive_pool_matrix(n: int, bins: int, like: torch.Tensor) -> torch.Tensor:
@@ -63,73 +58,14 @@ def resize_matrix(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
     return resize(eye, (size, n))[0, 0]
 
 
-def shifted_resize_matrices(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
-    """(3, size, n): `resize` from n to size along one axis as a matrix, then moved by -1, 0, +1 rows.
-
-    Row r of matrix k is output position r + k - 1 (zero outside), i.e. what tap k of a padded 3x3
-    conv reads along that axis. Built by resizing an identity, so it is `resize`'s own weights.
-    """
-    rows = F.pad(resize_matrix(n, size, like), (0, 0, 1, 1))
-    return torch.stack([rows[k:k + size] for k in range(3)])
-
-
-# Output channels of `upsampled_conv3x3` go in chunks whose nine tap maps hold about this many elements
-# (16 MiB in fp32): the temporaries stay near cache size and are re-used from chunk to chunk instead of being
-# fresh 75 MB buffers (UPerHead at 512x512). Measured on a 2-core EPYC: 371 -> 241 ms for the 1/8 level,
-# 90 -> 73 ms for the 1/16 level; the 1/32 level is one chunk.
-UPSAMPLED_CONV_CHUNK_ELEMENTS = 1 << 22
-
-
-def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int],
-                      add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`conv2d(resize(x, size), weight, padding=1)` without the conv at the large size.
-
-    Bilinear resizing acts on each channel alone and a conv tap mixes channels at one offset, so the
-    9 taps' channel mixes run on the small map; resizing and shifting the mixed maps are then two small
-    matmuls, along W and along H. Same function, other summation order (~1e-7 relative); about 3x
-    fewer FLOPs at 2x upsampling, 10x at 4x. With `add_to` (a (b, out, *size) map) the result is added
-    into it in place and `add_to` is returned: no full-size temporary.
-    """
-    b, c, h, w = x.shape
-    out_ch = weight.shape[0]
-    height, width = size
-    result = add_to if add_to is not None else \
-        x.new_empty(b, height, width, out_ch).permute(0, 3, 1, 2)  # NCHW, channels-last memory
-    x = x.contiguous()
-    cols = shifted_resize_matrices(w, width, x)
-    rows = shifted_resize_matrices(h, height, x).permute(1, 0, 2).reshape(height, 3 * h)
-    taps_weight = weight.permute(3, 2, 0, 1)  # (kx, ky, out, in)
-    chunks = max(1, min(out_ch, -(-9 * out_ch * h * w // UPSAMPLED_CONV_CHUNK_ELEMENTS)))
-    start = 0
-    for part in taps_weight.tensor_split(chunks, dim=2):
-        n = part.shape[2]
-        taps = F.conv2d(x, part.reshape(9 * n, c, 1, 1)).view(b, 3, 3 * n * h, w)  # channels (kx, ky, o)
-        along_w = kernels.linear(taps[:, 0], cols[0])
-        for kx in (1, 2):
-            along_w += kernels.linear(taps[:, kx], cols[kx])  # (b, (ky, o, r), width)
-        along_w = along_w.view(b, 3, n, h, width).permute(0, 1, 3, 4, 2).reshape(b, 3 * h, width * n)
-        out = (rows @ along_w).view(b, height, width, n).permute(0, 3, 1, 2)  # one GEMM along H
-        target = result[:, start:start + n]
-        if add_to is not None:
-            target += out
-        else:
-            target.copy_(out)
-        start += n
-    return result
-
-
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int,
                   norm: bool = True, act: bool = True) -> ConvNormAct:
     """timm's `ConvNormAct`: conv -> BatchNorm + ReLU (mmcv `ConvModule` keys), or a plain biased conv.
 
     With `norm=True` the conv has no bias (BN supplies it); the FPN neck uses `norm=False,
-    act=False`, i.e. a conv with bias and nothing else. The conv is `kernels.Conv2d` (an `nn.Conv2d`, same
-    state dict): in CPU inference a 3x3 one takes Winograd where that measured faster.
+    act=False`, i.e. a conv with bias and nothing else. The conv is a plain `nn.Conv2d`.
     """
-    block = ConvNormAct(in_channels, out_channels, kernel_size, bias=not norm, apply_norm=norm, apply_act=act,
-                        conv_kwargs=dict(device='meta'))  # replaced at once: no storage, no init
-    block.conv = kernels.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
-    return block
+    return ConvNormAct(in_channels, out_channels, kernel_size, bias=not norm, apply_norm=norm, apply_act=act)
 
 
 def upsample2x() -> nn.Upsample:
@@ -148,7 +84,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if model.training:
         raise ValueError('fold_batchnorm folds eval-mode statistics; call model.eval() first')
     for m in model.modules():
-        if isinstance(m, ConvNormAct) and isinstance(m.bn, BatchNormAct2d) and type(m.conv) in PLAIN_CONVS:
+        if isinstance(m, ConvNormAct) and isinstance(m.bn, BatchNormAct2d) and is_plain_conv(m.conv):
             m.conv = fuse_conv_bn_eval(m.conv, m.bn)
             m.bn = nn.Sequential(OrderedDict(drop=m.bn.drop, act=m.bn.act))
     return model

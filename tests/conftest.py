@@ -1,4 +1,4 @@
-"""Shared test set-up: the ``slow`` marker, fixed kernel choices, a local Hugging Face cache, timm's
+"""Shared test set-up: the ``slow`` marker, a local Hugging Face cache, timm's
 reference models (seeded weights: tests/references.py), the stand-in segmenter.
 
 ``python -m pytest -q -n 2 --dist worksteal -m "not slow"`` is the quick first check (every module and
@@ -16,11 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
-# Tests time nothing: the CPU-inference kernels are fixed to oneDNN's (the path that differs from timm's)
-# instead of calibrated. Set before twins_timm is imported, so subprocesses that tests start inherit it;
-# a test of the calibration itself uses kernels.forced_kernel(None) with an injected timer.
-os.environ.setdefault('TWINS_TIMM_KERNEL', 'onednn')
 
 # glibc keeps freed memory for reuse instead of handing every large block back to the OS: torch allocates
 # and frees big buffers op after op, and each fresh mapping is paid again in page faults (the mmseg parity
@@ -89,14 +84,6 @@ def pytest_sessionfinish(session):
     import gc
     gc.collect()
     gc.freeze()
-
-
-@pytest.fixture(autouse=True, scope='session')
-def fixed_kernels():
-    """Every kernel choice is oneDNN's for the whole run, also where TWINS_TIMM_KERNEL was set otherwise."""
-    from twins_timm.models import kernels
-    with kernels.forced_kernel(kernels.ONEDNN):
-        yield
 
 
 @pytest.fixture(autouse=True, scope='module')

@@ -7,8 +7,7 @@ default (norms, BN statistics), so a wrong eps, a missing norm or swapped statis
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Tuple
+from typing import Callable, Tuple
 
 import timm
 import timm.models.twins as timm_twins
@@ -17,10 +16,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import twins_timm  # noqa: F401  registers our Twins under timm's names
-from twins_timm.models import kernels
 
 __all__ = ['randomize_', 'timm_like_init_', 'no_init_on_meta', 'no_parameter_init', 'create_on_meta',
-           'seeded_model', 'timm_reference', 'timm_pair', 'perturb_batchnorm_', 'fast_inference', 'ONE_BLOCK_DEPTHS']
+           'seeded_model', 'timm_reference', 'timm_pair', 'perturb_batchnorm_', 'ONE_BLOCK_DEPTHS']
 
 # the smallest Twins that still has every block kind: SVT's stage 3 gets an LSA and a GSA block
 ONE_BLOCK_DEPTHS = dict(depths=[1, 1, 2, 1])
@@ -154,14 +152,3 @@ def timm_pair(name: str, seed: int = 0) -> Tuple[nn.Module, nn.Module]:
     """(ours, timm's own Twins) for variant ``name`` with the same seeded timm-scale weights, eval mode."""
     ours = seeded_model(name, seed, init=timm_like_init_)
     return ours, timm_reference(name, ours.state_dict())
-
-
-@contextlib.contextmanager
-def fast_inference(enabled: bool) -> Iterator[None]:
-    """Within the block our CPU-inference kernels are on (default) or off (timm's kernels, bit for bit)."""
-    before = kernels.fast_inference_enabled()
-    kernels.set_fast_inference(enabled)
-    try:
-        yield
-    finally:
-        kernels.set_fast_inference(before)

@@ -1,4 +1,5 @@
-"""The segmenters' inference shortcuts compute what their plain (autograd) path computes.
+"""The segmenters' inference shortcuts (swapped in by ``twins_timm.optimize``) compute what their plain
+(autograd) path computes.
 
 Shortcuts: UPerHead's fusion conv over the concatenated pyramid run as a sum of per-level convs, the
 coarse levels through `upsampled_conv3x3` (channel mixing at the small size, resize as matmuls); the
@@ -14,8 +15,11 @@ from numerics import FP32_TOL, scaled_diff
 from references import perturb_batchnorm_
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.adapters import modules
-from twins_timm.adapters.modules import resize, shifted_resize_matrices, upsampled_conv3x3
+from twins_timm.adapters.modules import resize
 from twins_timm.models.twins import checkpoint_family_args
+from twins_timm.optimize import decoders, optimize
+from twins_timm.optimize.decoders import shifted_resize_matrices, upsampled_conv3x3
+from twins_timm.optimize.layers import FastBlock
 
 SHALLOW = {'twins_pcpvt_small': [1, 1, 1, 1], 'twins_svt_small': [2, 2, 2, 2]}
 
@@ -25,7 +29,7 @@ SHALLOW = {'twins_pcpvt_small': [1, 1, 1, 1], 'twins_svt_small': [2, 2, 2, 2]}
 @pytest.mark.parametrize('chunk_elements', [None, 2000], ids=['one-chunk', 'channel-chunks'])
 def test_upsampled_conv3x3_is_conv_of_resized_map(small, size, chunk_elements, monkeypatch):
     if chunk_elements:  # 16 output channels in uneven chunks (e.g. 6, 5, 5 at 8x12), each its own taps
-        monkeypatch.setattr(modules, 'UPSAMPLED_CONV_CHUNK_ELEMENTS', chunk_elements)
+        monkeypatch.setattr(decoders, 'UPSAMPLED_CONV_CHUNK_ELEMENTS', chunk_elements)
     torch.manual_seed(0)
     x = torch.randn(2, 24, *small)
     weight = torch.randn(16, 24, 3, 3) / 24 ** .5
@@ -67,9 +71,11 @@ HEAD = {TwinsUPerNet: dict(decoder_channels=128), TwinsFPN: {}}
 
 
 def _segmenter(cls, variant, **encoder_args):
+    """Optimized with every alternative taken (nothing timed)."""
     torch.manual_seed(0)
     args = dict(checkpoint_family_args('mmseg', variant), depths=SHALLOW[variant], **encoder_args)
-    return perturb_batchnorm_(cls(encoder_name=variant, classes=7, encoder_args=args, **HEAD[cls]).eval())
+    model = perturb_batchnorm_(cls(encoder_name=variant, classes=7, encoder_args=args, **HEAD[cls]).eval())
+    return optimize(model, kernels='onednn')
 
 
 def _plain(model, x):
@@ -78,7 +84,7 @@ def _plain(model, x):
 
 
 # The backbone's inference MLP over row chunks inside the segmenter: a stride-4 MLP 2048 wide (mlp ratio
-# 32) is chunked every 512 rows (kernels.MLP_CHUNK_MIN_ROWS), so 97x130 (2 x 25x33 tokens) splits it into 3
+# 32) is chunked every 512 rows (optimize.kernels.MLP_CHUNK_MIN_ROWS), so 97x130 (2 x 25x33 tokens) splits it into 3
 # uneven chunks; the variants' own MLPs (256 / 512 wide) split from 2 x 4096 / 2048 rows on, i.e. 250x333,
 # at 5x the pixels for the same code.
 ROW_CHUNKS = dict(mlp_ratios=(32, 4, 4, 4))
@@ -88,14 +94,13 @@ ROW_CHUNKS = dict(mlp_ratios=(32, 4, 4, 4))
 @pytest.mark.parametrize('size, encoder_args', [((64, 64), {}), ((97, 130), {}), ((97, 130), ROW_CHUNKS)],
                          ids=['64x64', '97x130', '97x130-mlp-row-chunks'])
 def test_upernet_inference_equals_plain_path(variant, size, encoder_args, monkeypatch):
-    from twins_timm.models.twins import Block
     model = _segmenter(TwinsUPerNet, variant, **encoder_args)
     calls, row_chunks = [], []
-    fused = modules.upsampled_conv3x3
-    monkeypatch.setattr('twins_timm.adapters.decoders.upernet.decoder.upsampled_conv3x3',
-                        lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
-    by_rows = Block._mlp_by_rows
-    monkeypatch.setattr(Block, '_mlp_by_rows', lambda blk, x, chunks: row_chunks.append(chunks) or by_rows(blk, x, chunks))
+    fused = decoders.upsampled_conv3x3
+    monkeypatch.setattr(decoders, 'upsampled_conv3x3', lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
+    decide = FastBlock._mlp_row_chunks
+    monkeypatch.setattr(FastBlock, '_mlp_row_chunks',
+                        lambda blk, x: (lambda n: (n > 1 and row_chunks.append(n)) or n)(decide(blk, x)))
     x = torch.randn(2, 3, *size)
     plain = _plain(model, x)
     assert calls == [] and row_chunks == []  # autograd: the concatenation path, as mmseg computes it

@@ -1,4 +1,5 @@
 """The six Twins backbones as timm models: registration, parity with timm, dense features, options."""
+import copy
 import textwrap
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import save_file
 import twins_timm
 from fresh_python import fresh_python
 from numerics import FP32_TOL, max_diff, scaled_diff
-from references import fast_inference, randomize_, seeded_model, timm_reference
+from references import randomize_, seeded_model, timm_reference
 from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
 
 VARIANTS = [f'twins_{a}_{s}' for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
@@ -115,8 +116,8 @@ PARITY_CASES = {name: (2, PARITY_SIZES) if name in SMALL else (1, PARITY_SIZES[1
 @pytest.fixture(scope='module', params=VARIANTS)
 def timm_parity(request, timm_pair):
     """Differences of ours from timm's Twins, same weights, at PARITY_CASES (batch, sizes): logits
-    (``m(x)``) and the 4 maps (``forward_intermediates``), with ours on its default inference path
-    ('fast') and with ``set_fast_inference(False)`` ('exact').
+    (``m(x)``) and the 4 maps (``forward_intermediates``), of our plain model ('plain') and of a copy with
+    ``twins_timm.optimize(m, kernels='onednn')`` ('optimized': every fast path that differs from timm's).
 
     Each variant's pair is built once and timm's reference run once per size for both tests below:
     its logits are ``forward_head`` of the final tokens its ``forward_intermediates`` returns. Ours run
@@ -140,8 +141,10 @@ def timm_parity(request, timm_pair):
         final, maps = m.forward_intermediates(x)
         return [m.forward_head(final)] + maps
 
-    for mode, fast in (('fast', True), ('exact', False)):
-        with fast_inference(fast), torch.no_grad():
+    for mode in ('plain', 'optimized'):
+        if mode == 'optimized':
+            m = twins_timm.optimize(copy.deepcopy(m), kernels='onednn')
+        with torch.no_grad():
             outs = [o for x in xs for o in run(x)]
         assert [o.shape for o in outs] == [o.shape for o in expected]
         diffs[mode] = max_diff(outs, expected), scaled_diff(outs, expected)
@@ -150,7 +153,7 @@ def timm_parity(request, timm_pair):
 
 def test_parity_cases_split_the_fast_paths():
     """PARITY_CASES keep the splits the comment above names, at timm's floored stride-4 map."""
-    from twins_timm.models import kernels
+    from twins_timm.optimize import kernels
     chunked_mlp, chunked_attention = set(), set()
     for name in VARIANTS:
         cfg = timm.create_model(name, device='meta')
@@ -168,15 +171,14 @@ def test_parity_cases_split_the_fast_paths():
     assert chunked_attention == {'twins_svt_base', 'twins_svt_large'}
 
 
-def test_same_numbers_as_timm(timm_parity):
-    # the default CPU inference path: oneDNN sums long products in another order than MKL (~1e-6 scaled)
-    assert timm_parity['fast'][1] <= FP32_TOL
+def test_optimized_model_has_timms_numbers(timm_parity):
+    # oneDNN sums long products in another order than MKL, the row chunks block GEMMs otherwise (~1e-6 scaled)
+    assert timm_parity['optimized'][1] <= FP32_TOL
 
 
-def test_same_bits_as_timm_with_exact_inference(timm_parity):
-    # Measured bit-identical (0.0) for all six: the same kernels on the same rows in the same order. The
-    # inference MLP runs in row chunks; BLAS may block a chunk differently on other CPUs, hence 1e-5.
-    assert timm_parity['exact'][0] <= 1e-5
+def test_plain_model_has_timms_bits(timm_parity):
+    # the same modules and ops as timm's Twins in the same order: logits and the 4 maps bit for bit
+    assert timm_parity['plain'][0] == 0
 
 
 # ----------------------------------------------------------------------------- dense prediction
@@ -435,3 +437,18 @@ def test_channels_last_input_accepted():
 def test_version():
     assert twins_timm.__version__
     assert isinstance(ours('twins_svt_small'), Twins)
+
+
+def test_the_model_depends_on_neither_its_speed_ups_nor_the_environment():
+    # one direction only: twins_timm.optimize builds on twins_timm.models; the model reads no environment
+    # variable and keeps no global switch (its numbers are timm's wherever it runs)
+    import ast
+    from pathlib import Path
+
+    import twins_timm.models
+    for path in Path(twins_timm.models.__file__).parent.glob('*.py'):
+        tree = ast.parse(path.read_text())
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or '' for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if 'optimize' in m or m == 'os'], path.name
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)], path.name

@@ -28,20 +28,18 @@ HAS_MMSEG = all(importlib.util.find_spec(m) for m in ('mmseg', 'mmcv', 'mmengine
 def tiny_run(tmp_path_factory):
     """One tiny run covering every section (segmenters only where mmseg is installed).
 
-    The bench measures kernels by design, so here the session's fixed choice (conftest.py) is lifted;
-    the tests read only what it reports, never how fast anything was."""
+    The bench measures kernels by design (--kernels auto, its default); the tests read only what it
+    reports, never how fast anything was."""
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
     import io
     from contextlib import redirect_stdout
 
     import torch
 
-    from twins_timm.models import kernels
     buf = io.StringIO()
     threads = torch.get_num_threads()  # the bench sets its --threads for the process
     try:
-        with redirect_stdout(buf), kernels.forced_kernel(None):
-            kernels.clear_calibration()
+        with redirect_stdout(buf):
             rc = main(TINY + ['--json', str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -84,9 +82,9 @@ def test_backbone_row_ratios_and_parity(tiny_run):
             assert _positive(row[side][key]), (side, key)
         assert len(row[side]['all_seconds']) == 1
         assert row[side]['pct_gemm'] <= row[side]['pct_matmul']
-    # same weights, same input: the two implementations agree (F.linear: timm's kernels)
-    assert row['scaled_diff'] <= 1e-5 and row['exact']['scaled_diff'] <= 1e-5
-    assert row['max_abs_diff'] < 1e-3 and row['exact']['max_abs_diff'] < 1e-3
+    # same weights, same input: the two implementations agree; our plain model ('exact') bit for bit
+    assert row['scaled_diff'] <= 1e-5 and row['max_abs_diff'] < 1e-3
+    assert row['exact']['scaled_diff'] == row['exact']['max_abs_diff'] == 0
     assert row['exact']['ratio'] == pytest.approx(row['timm']['seconds'] / row['exact']['seconds'])
     assert row['ratio'] == pytest.approx(row['timm']['seconds'] / row['ours']['seconds'])
 
@@ -112,7 +110,10 @@ def test_backbone_row_speed_ceiling(tiny_run):
 def test_kernel_choices_reported(tiny_run):
     data, text = tiny_run
     ker = data['kernels']
-    assert ker['enabled'] is True
+    assert ker['policy'] == 'auto' and data['settings']['kernels'] == 'auto'
+    # the table to pass back as --kernels: one choice per measured shape
+    assert len(ker['choices']) == len(ker['shapes']) and set(ker['choices'].values()) <= {
+        'plain', 'onednn', 'rows', 'windows', 'winograd'}
     linear = ker['families']['linear']
     assert linear['shapes'] == sum(linear['chosen'].values()) > 0
     assert set(linear['chosen']) <= {'plain', 'onednn'}
@@ -132,12 +133,11 @@ def test_bf16_rows_as_a_gpu_adds_them(tmp_path, monkeypatch):
 
     import torch
 
-    from twins_timm.models import kernels
     resolve = bench.resolve_settings
     monkeypatch.setattr(bench, 'resolve_settings', lambda args: {**resolve(args), 'precisions': ['fp32', 'bf16']})
     out, buf, threads = tmp_path / 'bench.json', io.StringIO(), torch.get_num_threads()
     try:
-        with redirect_stdout(buf), kernels.forced_kernel(None):
+        with redirect_stdout(buf):
             assert main(TINY + ['--no-segmenters', '--no-memory', '--json', str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -267,18 +267,22 @@ def test_flop_count_includes_cpu_attention():
     assert flops == 2 * (2 * 2 * 3 * 64 * 32 * 16)  # q @ k^T and attn @ v, 2 FLOPs per multiply-add
 
 
-def test_flop_count_is_the_plain_paths_work():
-    # counted with fast inference off: a Winograd conv counts as the direct conv it computes, and no
-    # calibration (which runs both kernels) lands inside the count
+def test_flop_count_is_the_plain_models_work():
+    # the bench counts FLOPs on our plain model (timm's work; no calibration inside the count) and times
+    # the optimized copy, whose layers share the bench's one kernel table
     import torch
-    from twins_timm.models import kernels
-    conv = kernels.Conv2d(8, 16, 3, padding=1).eval()
-    x = torch.randn(1, 8, 12, 20)
-    with kernels.forced_kernel(None), torch.inference_mode():
-        kernels.clear_calibration()
-        flops = bench.count_flops(lambda: conv(x))
-        assert kernels.calibration_report() == [] and kernels.fast_inference_enabled()
-    assert flops == 2 * 8 * 16 * 9 * 12 * 20
+    from twins_timm.optimize import kernel_choices
+    from twins_timm.optimize.kernels import KernelTable
+    table = KernelTable('onednn')
+    ours, plain, ref = bench.build_backbone_pair('twins_svt_small', 'cpu', 0, table)
+    assert not any(hasattr(m, 'kernel_table') for m in plain.modules())
+    assert {m.kernel_table for m in ours.modules() if hasattr(m, 'kernel_table')} == {table}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        flops = bench.count_flops(lambda: plain(x))
+        assert flops == bench.count_flops(lambda: ref(x)) > 0
+        assert all(torch.equal(a, b) for a, b in zip(plain(x), ref(x)))
+    assert kernel_choices(ours) == {}  # a fixed policy measures and stores nothing
 
 
 def test_mmseg_import_leaves_transformers_importable(monkeypatch):

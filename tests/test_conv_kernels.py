@@ -1,16 +1,23 @@
-"""The decoders' 3x3 convolutions: `kernels.Conv2d` and its Winograd F(2x2, 3x3) kernel.
+"""The decoders' optimized 3x3 convolutions: the `Conv2d` `optimize` swaps in and its Winograd F(2x2, 3x3) kernel.
 
 Winograd computes what `F.conv2d(x, w, b, padding=1)` computes (other summation order, measured against
 the output's scale); the module is an `nn.Conv2d` that takes it only in CPU inference, for 3x3 stride-1
-convs, where the calibration measured it faster. Choices are forced or timed by an injected timer here.
+convs, where its kernel table picks it. Choices are fixed or timed by an injected timer here.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from numerics import FP32_TOL, scaled_diff
-from twins_timm.models import kernels
+from twins_timm.optimize import calibration_report, kernels, optimize
+from twins_timm.optimize.layers import Conv2d
+
+
+def _conv(*args, kernels='winograd', **kwargs):
+    """An optimized nn.Conv2d whose table fixes every choice ('winograd': Winograd, the alternative)."""
+    return optimize(nn.Conv2d(*args, **kwargs), kernels='onednn' if kernels == 'winograd' else kernels)
 
 
 def _conv_input(channels, size, batch=2, channels_last=True):
@@ -63,25 +70,20 @@ def _winograd_calls(monkeypatch):
 
 def test_conv_module_takes_winograd_only_in_cpu_inference(monkeypatch):
     torch.manual_seed(0)
-    conv = kernels.Conv2d(16, 32, 3, padding=1)
-    assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {'weight', 'bias'}
+    conv = _conv(16, 32, 3, padding=1)
+    assert type(conv) is Conv2d and isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {'weight', 'bias'}
     calls = _winograd_calls(monkeypatch)
     x = _conv_input(16, (9, 14))
     direct = F.conv2d(x, conv.weight, conv.bias, padding=1).detach()
-    with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
+    with torch.inference_mode():
         fast = conv(x)
     assert len(calls) == 1 and scaled_diff(fast, direct) <= FP32_TOL
     assert torch.equal(conv(x), direct)  # autograd: F.conv2d, as nn.Conv2d
-    with kernels.forced_kernel(kernels.PLAIN), torch.no_grad():
-        assert torch.equal(conv(x), direct)  # plain chosen
-    with kernels.forced_kernel(kernels.WINOGRAD), torch.no_grad():
-        kernels.set_fast_inference(False)
-        try:
-            assert torch.equal(conv(x), direct)  # the exact switch: timm's kernels everywhere
-        finally:
-            kernels.set_fast_inference(True)
-        for other in (kernels.Conv2d(16, 32, 1), kernels.Conv2d(16, 32, 3, stride=2, padding=1),
-                      kernels.Conv2d(16, 32, 3, padding=1, groups=4), kernels.Conv2d(16, 32, 3, padding=2, dilation=2)):
+    with torch.no_grad():
+        assert torch.equal(optimize(conv, kernels='plain')(x), direct)  # plain chosen
+        optimize(conv, kernels='onednn')
+        for other in (_conv(16, 32, 1), _conv(16, 32, 3, stride=2, padding=1),
+                      _conv(16, 32, 3, padding=1, groups=4), _conv(16, 32, 3, padding=2, dilation=2)):
             assert torch.equal(other(x), F.conv2d(x, other.weight, other.bias, other.stride, other.padding,
                                                   other.dilation, other.groups))
         with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -91,11 +93,12 @@ def test_conv_module_takes_winograd_only_in_cpu_inference(monkeypatch):
 
 def test_conv_module_hooks_fire_and_weight_changes_are_seen():
     torch.manual_seed(0)
-    conv = kernels.Conv2d(8, 8, 3, padding=1).eval()
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
     seen = []
-    conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # before optimize: it still fires
+    optimize(conv, kernels='onednn')
     x = _conv_input(8, (6, 6))
-    with kernels.forced_kernel(kernels.WINOGRAD), torch.no_grad():
+    with torch.no_grad():
         first = conv(x)
         conv.weight.mul_(2)  # in place: the parameter's version moves
         second = conv(x)
@@ -116,7 +119,7 @@ def test_conv_module_hooks_fire_and_weight_changes_are_seen():
     (1.0, 1.2, kernels.PLAIN),      # slower: never taken
 ])
 def test_conv3x3_is_a_measured_choice(monkeypatch, plain_s, winograd_s, expect):
-    conv = kernels.Conv2d(8, 16, 3, padding=1).eval()
+    conv = _conv(8, 16, 3, padding=1, kernels='auto').eval()
     ran = []
 
     def timed(candidates, timer):
@@ -125,16 +128,14 @@ def test_conv3x3_is_a_measured_choice(monkeypatch, plain_s, winograd_s, expect):
         return {kernels.PLAIN: plain_s, kernels.WINOGRAD: winograd_s}
     monkeypatch.setattr(kernels, '_time_interleaved', timed)
     calls = _winograd_calls(monkeypatch)
-    kernels.clear_calibration()
     x = _conv_input(8, (10, 30), batch=1)
-    with kernels.forced_kernel(None), torch.no_grad():
+    with torch.no_grad():
         out = conv(x)
         conv(x)
     rows = 16  # the map's 10 rows rounded up: less than the strip (a quarter band: 128 tiles, 16 rows of 16)
     assert ran == [(1, 16, rows, 32)] * 2  # measured once, cached
     assert len(calls) == (3 if expect == kernels.WINOGRAD else 1)  # 1 in the calibration
-    (rec,) = kernels.calibration_report()
+    (rec,) = calibration_report(conv)
     assert rec['family'] == 'conv3x3' and rec['choice'] == expect and rec['shape'][:4] == (8, 16, 32, rows)
     with torch.no_grad():
         assert scaled_diff(out, F.conv2d(x, conv.weight, conv.bias, padding=1)) <= FP32_TOL
-    kernels.clear_calibration()

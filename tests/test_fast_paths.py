@@ -1,15 +1,16 @@
-"""Every inference fast path of the backbone computes what the plain (training / autograd) path computes.
+"""Every inference fast path ``twins_timm.optimize`` swaps into the backbone computes what the plain
+(training / autograd) path computes.
 
-The fast paths: linear layers and PCPVT's global attention through whichever kernel the calibration
-picked (forced here to oneDNN so the path is exercised), the MLP run over row chunks through its own
-modules with the residual added in place (inference only), and SVT's window attention over chunks of
-windows (the plain path: all windows' heads as one batch of matmuls, as timm's). Chunk sizes are shrunk
-here so that small inputs take several ragged chunks; the plain path is the same model with autograd
-recording (F.linear, no chunking, no in-place). Differences are measured against the output's scale (see
-numerics.py). Kernel choice is tested with an injected timer: tests time nothing.
+The fast paths: linear layers and PCPVT's global attention through whichever kernel the model's kernel
+table picked (``optimize(model, kernels='onednn')`` here, so the path is exercised), the MLP run over row
+chunks through its own modules with the residual added in place (inference only), and SVT's window
+attention over chunks of windows (else all windows' heads as one batch of matmuls). Chunk sizes are
+shrunk here so that small inputs take several ragged chunks; the plain path is the same model with
+autograd recording (F.linear, no chunking, no in-place). Differences are measured against the output's
+scale (see numerics.py). Kernel choice is tested with an injected timer: tests time nothing.
 """
 
-import importlib.util
+import json
 import math
 
 import pytest
@@ -21,17 +22,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from numerics import FP32_TOL, scaled_diff
 from references import ONE_BLOCK_DEPTHS, seeded_model, timm_like_init_
-from twins_timm.models import kernels
-from twins_timm.models.twins import Block, checkpoint_family_args
+from twins_timm.models.twins import Block, LocallyGroupedAttn, checkpoint_family_args, window_attn_mask
+from twins_timm.optimize import calibration_report, kernel_choices, kernels, optimize
+from twins_timm.optimize.kernels import KernelTable
+from twins_timm.optimize.layers import FastBlock, Linear
 
 SIZES = [(64, 64), (97, 131), (250, 333)]
-
-
-@pytest.fixture(autouse=True)
-def onednn_kernels():
-    """Every choice oneDNN (where a oneDNN kernel exists): the fast path runs whatever this CPU prefers."""
-    with kernels.forced_kernel(kernels.ONEDNN):
-        yield
 
 
 @pytest.fixture
@@ -41,30 +37,33 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(kernels, 'WINDOW_CHUNK_ELEMENTS', 3 * 2 * 49 * 49)  # 3 windows of 2 heads per chunk
 
 
-def _model(name, family='timm', seed=0, **kwargs):
-    """Seeded weights on timm's init scale, norms off their unit / zero defaults (references.py)."""
+def _model(name, family='timm', seed=0, kernels='onednn', **kwargs):
+    """Seeded weights on timm's init scale, norms off their unit / zero defaults (references.py), optimized
+    with ``kernels`` (None: the plain model)."""
     args = checkpoint_family_args(family, name) if family != 'timm' else {}
-    return seeded_model(name, seed, init=timm_like_init_, **args, **kwargs)
+    model = seeded_model(name, seed, init=timm_like_init_, **args, **kwargs)
+    return model if kernels is None else optimize(model, kernels=kernels)
 
 
 def _count_fc1_calls(model, monkeypatch):
     """fc1 applications: one per block on the plain path, one per chunk on the chunked one.
 
-    Counted without hooks (a hook on the MLP turns chunking off): the chunk loop is wrapped instead.
+    Counted without hooks (a hook on the MLP turns chunking off): the chunk decision is wrapped instead.
     """
     calls = []
-    chunked = Block._mlp_by_rows
+    decide = FastBlock._mlp_row_chunks
 
-    def counting(self, x, chunks):
-        calls.extend([1] * chunks)
-        return chunked(self, x, chunks)
-    original = Block.forward
+    def counting(self, x):
+        chunks = decide(self, x)
+        calls.extend([1] * chunks if chunks > 1 else [])
+        return chunks
+    original = FastBlock.forward
 
     def forward(self, x, size):
         calls.append(0)  # one per block call; chunked calls add their chunks
         return original(self, x, size)
-    monkeypatch.setattr(Block, '_mlp_by_rows', counting)
-    monkeypatch.setattr(Block, 'forward', forward)
+    monkeypatch.setattr(FastBlock, '_mlp_row_chunks', counting)
+    monkeypatch.setattr(FastBlock, 'forward', forward)
     return calls
 
 
@@ -142,14 +141,15 @@ def test_default_chunking_at_512_matches_plain_path(monkeypatch):
 
 @pytest.mark.parametrize('size', [(70, 70), (75, 90), (100, 64)])
 def test_masked_window_attention_equals_reference_math(size):
-    # official-segmentation mask, only where a window is padded: check against a direct computation
-    from twins_timm.models.twins import LocallyGroupedAttn, window_attn_mask
+    # official-segmentation mask, only where a window is padded: check against a direct computation, for
+    # the plain layer and the optimized one
     torch.manual_seed(0)
     attn = LocallyGroupedAttn(32, 2, ws=7, window_mask=True).eval()
     h, w = size[0] // 4, size[1] // 4
     x = torch.randn(2, h * w, 32)
     with torch.inference_mode():
-        out = attn(x, (h, w))
+        plain = attn(x, (h, w))
+        out = optimize(attn, kernels='onednn')(x, (h, w))
         ws, hp, wp = 7, -(-h // 7) * 7, -(-w // 7) * 7
         xp = torch.nn.functional.pad(x.view(2, h, w, 32), (0, 0, 0, wp - w, 0, hp - h))
         win = xp.view(2, hp // ws, ws, wp // ws, ws, 32).transpose(2, 3).reshape(-1, ws * ws, 32)
@@ -160,11 +160,10 @@ def test_masked_window_attention_equals_reference_math(size):
             logits = logits + mask[:, None]
         ref = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, hp // ws, wp // ws, ws, ws, 32)
         ref = attn.proj(ref.transpose(2, 3).reshape(2, hp, wp, 32)[:, :h, :w].reshape(2, h * w, 32))
-    assert (out - ref).abs().max().item() <= 1e-5
+    assert (out - ref).abs().max().item() <= 1e-5 and (plain - ref).abs().max().item() <= 1e-5
 
 
 def _window_blocks(model):
-    from twins_timm.models.twins import LocallyGroupedAttn
     return sum(isinstance(m, LocallyGroupedAttn) for m in model.modules())
 
 
@@ -177,14 +176,13 @@ def _count_window_chunks(monkeypatch):
 
 @pytest.mark.parametrize('masked', [False, True])
 def test_chunked_window_attention_equals_all_windows_at_once(masked, monkeypatch):
-    from twins_timm.models.twins import LocallyGroupedAttn, window_attn_mask
     monkeypatch.setattr(kernels, 'WINDOW_CHUNK_ELEMENTS', 4 * 2 * 49 * 49)  # ragged: 4 + 4 + 4 + 3 windows
     torch.manual_seed(0)
-    layer = LocallyGroupedAttn(32, 2, ws=7).eval()
+    layer = optimize(LocallyGroupedAttn(32, 2, ws=7).eval())
     qkv = torch.randn(15, 49, 3, 2, 16)
     mask = window_attn_mask(19, 30, 7, qkv.device, qkv.dtype)[:, None] if masked else None
     with torch.no_grad():
-        want = layer._batched_attention(qkv, mask)
+        want = layer._all_windows(qkv, mask)
         got = kernels.chunked_window_attention(qkv, layer.scale, mask)
     assert got.shape == want.shape == (15, 2, 49, 16) and got.is_contiguous()
     assert scaled_diff(got, want) <= FP32_TOL
@@ -194,10 +192,10 @@ def test_chunked_window_attention_equals_all_windows_at_once(masked, monkeypatch
 
 @pytest.mark.parametrize('kernel,chunked', [(kernels.ONEDNN, True), (kernels.PLAIN, False)])
 def test_svt_inference_window_attention_follows_the_choice(kernel, chunked, monkeypatch):
-    model = _model('twins_svt_small')
+    model = _model('twins_svt_small', kernels=kernel)
     calls = _count_window_chunks(monkeypatch)
     x = torch.randn(1, 3, 96, 96)
-    with kernels.forced_kernel(kernel), torch.no_grad():
+    with torch.no_grad():
         model.forward_intermediates(x, intermediates_only=True)
     assert len(calls) == (_window_blocks(model) if chunked else 0)  # one per window-attention block
     calls.clear()
@@ -229,7 +227,6 @@ def test_hooked_attention_dropout_sees_all_attention_weights(monkeypatch):
 
 
 def test_window_attention_chunks_are_a_measured_choice(monkeypatch):
-    from twins_timm.models.twins import LocallyGroupedAttn
     layer = LocallyGroupedAttn(64, 2, ws=7).eval()
     dropout_calls = []
     monkeypatch.setattr(layer.attn_drop, 'forward', lambda t: dropout_calls.append(t.shape) or t)
@@ -245,19 +242,18 @@ def test_window_attention_chunks_are_a_measured_choice(monkeypatch):
     monkeypatch.setattr(kernels, 'WINDOW_CHUNK_ELEMENTS', 10 * 2 * 49 * 49)  # 10 windows of 2 heads per chunk
     x = torch.randn(1, 140 * 140, 64)  # 400 windows: more than the calibration's sample
     for speed, chunked in ((0.97, False), (0.5, True)):  # within the margin: all at once, as timm
-        kernels.clear_calibration()
+        optimize(layer, kernels='auto')  # a new, empty table
         measured.clear()
         measured['speed'] = speed
         calls = _count_window_chunks(monkeypatch)
-        with kernels.forced_kernel(None), torch.no_grad():
+        with torch.no_grad():
             layer(x, (140, 140))
         assert (calls.count((400, 49, 3, 2, 32)) == 1) == chunked  # the layer's own call (not the sample's)
-        (rec,) = [r for r in kernels.calibration_report() if r['family'] == 'window attention']
+        (rec,) = [r for r in calibration_report(layer) if r['family'] == 'window attention']
         assert rec['choice'] == (kernels.WINDOWS if chunked else kernels.PLAIN) and rec['shape'][:2] == (512, 49)
         sample = measured[kernels.PLAIN].shape[0]  # the plain candidate is the layer's own path (its dropout)
         assert sample == 10 * kernels.WINDOW_CALIBRATION_CHUNKS and (sample, 2, 49, 49) in dropout_calls
         assert scaled_diff(measured[kernels.WINDOWS], measured[kernels.PLAIN]) <= FP32_TOL
-    kernels.clear_calibration()
 
 
 # ------------------------------------------------------------------------------ oneDNN linear
@@ -274,28 +270,26 @@ class _CountCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _calls(model, x, grad=False, exact=False, kernel=kernels.ONEDNN):
-    kernels.set_fast_inference(not exact)
-    try:
-        with kernels.forced_kernel(kernel), torch.set_grad_enabled(grad), _CountCalls() as mode:
-            model.forward_intermediates(x, intermediates_only=True)
-    finally:
-        kernels.set_fast_inference(True)
+def _calls(model, x, grad=False):
+    with torch.set_grad_enabled(grad), _CountCalls() as mode:
+        model.forward_intermediates(x, intermediates_only=True)
     return mode.counts[F.linear], mode.counts[F.conv2d]
 
 
 def test_inference_linears_take_the_chosen_kernel():
-    model = _model('twins_svt_small')
+    plain = _model('twins_svt_small', kernels=None)
     x = torch.randn(1, 3, 64, 64)
-    convs_only = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())  # patch embeds, PEGs, reductions
-    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.blocks.modules())
+    convs_only = sum(isinstance(m, torch.nn.Conv2d) for m in plain.modules())  # patch embeds, PEGs, reductions
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in plain.blocks.modules())
     assert (convs_only, n_linear) == (4 + 4 + 7, 9 * 4 + 9 * 5)  # SVT-S: 9 LSA and 9 GSA blocks
-    assert all(type(m) is kernels.Linear for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    assert all(type(m) is torch.nn.Linear for m in plain.modules() if isinstance(m, torch.nn.Linear))
+    assert _calls(plain, x) == (n_linear, convs_only)  # the plain model: timm's F.linear
+    model = optimize(plain, kernels='onednn')
+    assert all(type(m) is Linear for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
     gsa_blocks = 9  # one image: the global attention as two grouped 1x1 convs per GSA block
     assert _calls(model, x) == (0, convs_only + n_linear + 2 * gsa_blocks)  # oneDNN chosen everywhere
-    assert _calls(model, x, kernel=kernels.PLAIN) == (n_linear, convs_only)  # plain chosen: timm's F.linear
     assert _calls(model, x, grad=True) == (n_linear, convs_only)  # autograd: timm's F.linear
-    assert _calls(model, x, exact=True) == (n_linear, convs_only)  # set_onednn_inference(False)
+    assert _calls(optimize(model, kernels='plain'), x) == (n_linear, convs_only)  # plain chosen: timm's F.linear
 
 
 def _traced(model, x, grad=False, kernel=kernels.ONEDNN, dynamic=False):
@@ -306,8 +300,8 @@ def _traced(model, x, grad=False, kernel=kernels.ONEDNN, dynamic=False):
         graphs.append(gm)
         return gm.forward
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=keep, fullgraph=True, dynamic=dynamic)
-    with kernels.forced_kernel(kernel), torch.set_grad_enabled(grad):
+    compiled = torch.compile(optimize(model, kernels=kernel), backend=keep, fullgraph=True, dynamic=dynamic)
+    with torch.set_grad_enabled(grad):
         out = compiled(x)
     targets = [n.target for g in graphs for n in g.graph.nodes if n.op == 'call_function']
     return out, sum(t in (F.linear, torch._C._nn.linear) for t in targets), sum(t in (F.conv2d, torch.conv2d) for t in targets)
@@ -318,11 +312,11 @@ def test_compiled_inference_traces_the_chosen_linear_kernel(name):
     model = _model(name, **ONE_BLOCK_DEPTHS)
     x = torch.randn(1, 3, 64, 64)
     convs_only = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    n_linear = sum(isinstance(m, kernels.Linear) for m in model.modules())
+    n_linear = sum(isinstance(m, Linear) for m in model.blocks.modules())
     with torch.no_grad():
         eager = model(x)
     out, linears, convs = _traced(model, x)
-    assert (linears, convs) == (1, convs_only + n_linear)  # every block linear a 1x1 conv; the head stays
+    assert (linears, convs) == (0, convs_only + n_linear + 1)  # every linear a 1x1 conv, the head too
     assert scaled_diff(out, eager) <= FP32_TOL
     assert _traced(model, x, kernel=kernels.PLAIN)[1:] == (n_linear + 1, convs_only)
     out, linears, convs = _traced(model, x, grad=True)  # autograd: timm's F.linear
@@ -338,11 +332,11 @@ def test_compiled_inference_with_free_sizes_keeps_the_kernel_choice():
         with torch.no_grad():
             eager = model(x)
         out, linears, convs = _traced(model, x, dynamic=True)
-        assert linears == 1 and scaled_diff(out, eager) <= FP32_TOL
+        assert linears == 0 and scaled_diff(out, eager) <= FP32_TOL
     torch._dynamo.reset()
 
 
-def test_export_keeps_f_linear():
+def test_export_keeps_f_linear():  # the optimized model exports as the plain one
     model = _model('twins_svt_small', **ONE_BLOCK_DEPTHS)
     with torch.no_grad():
         program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
@@ -360,30 +354,27 @@ def test_compiled_choice_measures_what_inductor_runs(monkeypatch):
         seen.update(candidates)
         return {kernels.PLAIN: 1.0, kernels.ONEDNN: 0.5}
     monkeypatch.setattr(kernels, '_time_interleaved', fake_timing)
-    layer = kernels.Linear(64, 96)
-    kernels.clear_calibration()
-    with kernels.forced_kernel(None):
-        with inductor_config.patch(freezing=True):
-            assert kernels.compiled_linear_kernel(layer, torch.float32) == kernels.ONEDNN
-        ops = []
+    layer = optimize(nn.Linear(64, 96), kernels='auto')
+    with inductor_config.patch(freezing=True):
+        assert kernels.compiled_linear_kernel(layer, torch.float32) == kernels.ONEDNN
+    ops = []
 
-        class Record(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                ops.append(str(func.overloadpacket))
-                return func(*args, **(kwargs or {}))
-        with torch.no_grad():
-            reference = seen[kernels.PLAIN]()
-            with Record():
-                packed = seen[kernels.ONEDNN]()
-        assert ops == ['mkldnn._convolution_pointwise']
-        assert scaled_diff(packed.permute(0, 2, 3, 1).reshape(reference.shape), reference) <= FP32_TOL
-        with inductor_config.patch(freezing=False):
-            assert kernels.compiled_linear_kernel(layer, torch.float32) == kernels.ONEDNN
-    families = sorted(r['family'] for r in kernels.calibration_report())
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+    with torch.no_grad():
+        reference = seen[kernels.PLAIN]()
+        with Record():
+            packed = seen[kernels.ONEDNN]()
+    assert ops == ['mkldnn._convolution_pointwise']
+    assert scaled_diff(packed.permute(0, 2, 3, 1).reshape(reference.shape), reference) <= FP32_TOL
+    with inductor_config.patch(freezing=False):
+        assert kernels.compiled_linear_kernel(layer, torch.float32) == kernels.ONEDNN
+    families = sorted(r['family'] for r in calibration_report(layer))
     assert families == ['compiled linear', 'linear']
     largest = 2 ** int(math.log2(kernels.CALIBRATION_FLOPS / (2 * 64 * 96)))  # rows bucket within the work cap
-    assert all(r['shape'][0] == largest for r in kernels.calibration_report())
-    kernels.clear_calibration()
+    assert all(r['shape'][0] == largest for r in calibration_report(layer))
 
 
 @pytest.mark.parametrize('shape,k,n', [((5, 7, 64), 64, 192), ((2, 300, 320), 320, 1280), ((1000, 1024), 1024, 256)])
@@ -402,7 +393,7 @@ def test_onednn_linear_equals_f_linear(shape, k, n, bias):
 
 def test_linear_module_follows_autograd_and_bf16():
     torch.manual_seed(0)
-    layer = kernels.Linear(32, 64)
+    layer = optimize(nn.Linear(32, 64), kernels='onednn')
     x = torch.randn(10, 32, requires_grad=True)
     layer(x).sum().backward()  # grad enabled: F.linear, differentiable
     assert torch.allclose(x.grad, layer.weight.sum(0).expand(10, 32), atol=1e-6)
@@ -414,20 +405,44 @@ def test_linear_module_follows_autograd_and_bf16():
         assert scaled_diff(out.float(), F.linear(xb, layer.weight, layer.bias).float()) <= 1e-2
 
 
-def test_fast_inference_switch_from_environment(monkeypatch):
-    # read when kernels.py is imported: a separate copy of the module is loaded from its file with
-    # TWINS_TIMM_ONEDNN=0, then =1 (the package's own kernels module is left as it is)
-    def load_kernels():
-        spec = importlib.util.spec_from_file_location('kernels_copy', kernels.__file__)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+def test_saved_kernel_table_replays_the_choices_without_timing(monkeypatch, tmp_path):
+    # 'auto' measures (here: a fake timer on which oneDNN and the chunks win every other shape); the
+    # choices it saved, given back as a dict or a JSON file, give the same kernels and the same numbers
+    # with nothing timed, also in another model instance
+    timed = []
 
-    x = torch.randn(4, 8)
-    for value, expected in (('0', False), ('1', True)):
-        monkeypatch.setenv('TWINS_TIMM_ONEDNN', value)
+    def fake_timing(candidates, timer):
+        timed.append(list(candidates))
+        alternative = list(candidates)[1]
+        return {kernels.PLAIN: 1.0, alternative: 0.5 if len(timed) % 2 else 2.0}
+    monkeypatch.setattr(kernels, '_time_interleaved', fake_timing)
+    x = torch.randn(1, 3, 97, 131)
+    measured = _model('twins_svt_small', kernels='auto', **ONE_BLOCK_DEPTHS)
+    with torch.no_grad():
+        first = measured(x)
+    choices = kernel_choices(measured)
+    assert timed and len(choices) == len(timed) and set(choices.values()) > {kernels.PLAIN}
+    path = tmp_path / 'kernels.json'
+    path.write_text(json.dumps(choices))
+    timed.clear()
+    for saved in (choices, str(path)):
+        replay = _model('twins_svt_small', kernels=saved, **ONE_BLOCK_DEPTHS)
         with torch.no_grad():
-            assert load_kernels().fast_inference(x) is expected
+            assert torch.equal(replay(x), first)
+        assert timed == [] and kernel_choices(replay) == choices
+    for bad in ('fastest', str(tmp_path / 'missing.json'), {'linear:1': 'gpu'}):
+        with pytest.raises(ValueError, match='kernel'):
+            KernelTable.from_spec(bad)
+
+
+def test_plain_model_never_takes_a_fast_path(monkeypatch):
+    # no global switch: the plain model has no optimize layers, so nothing is timed or chosen
+    monkeypatch.setattr(kernels, '_time_interleaved', lambda *a: pytest.fail('the plain model timed a kernel'))
+    model = _model('twins_svt_small', kernels=None, **ONE_BLOCK_DEPTHS)
+    assert not any(hasattr(m, 'kernel_table') for m in model.modules())
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert kernel_choices(model) == {}
 
 
 def test_nothing_cpu_specific_off_the_cpu():
@@ -449,17 +464,19 @@ class _CountSDPA(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_window_attention_off_the_cpu_takes_torch_fused_attention():
-    # on a non-CPU device (meta stands in for CUDA) the windows go through F.scaled_dot_product_attention
-    from twins_timm.models.twins import LocallyGroupedAttn
-    attn = LocallyGroupedAttn(32, 2, ws=7, window_mask=True, device='meta').eval()
+def test_window_attention_takes_torch_fused_attention_except_optimized_on_the_cpu():
+    # timm's call everywhere; off the CPU (meta stands in for CUDA) also in an optimized model
+    attn = optimize(LocallyGroupedAttn(32, 2, ws=7, window_mask=True, device='meta').eval())
     with torch.no_grad(), _CountSDPA() as mode:
         out = attn(torch.empty(2, 10 * 12, 32, device='meta'), (10, 12))
     assert mode.calls == 1 and out.shape == (2, 120, 32)
     cpu = LocallyGroupedAttn(32, 2, ws=7).eval()
     with torch.no_grad(), _CountSDPA() as mode:
         cpu(torch.randn(2, 10 * 12, 32), (10, 12))
-    assert mode.calls == 0  # CPU: 49-token windows as batched matmuls (the plain path bit-identical to timm's)
+    assert mode.calls == 1  # the plain layer: timm's SDPA call
+    with torch.no_grad(), _CountSDPA() as mode:
+        optimize(cpu, kernels='plain')(torch.randn(2, 10 * 12, 32), (10, 12))
+    assert mode.calls == 0  # optimized on the CPU: 49-token windows as batched matmuls
 
 
 @pytest.mark.parametrize('heads,keys', [(1, 49), (5, 16), (8, 100)])
@@ -482,8 +499,9 @@ def test_pcpvt_inference_attention_follows_the_choice(kernel, expect, monkeypatc
     calls = []
     original = kernels.onednn_attention
     monkeypatch.setattr(kernels, 'onednn_attention', lambda *a: calls.append(1) or original(*a))
-    with kernels.forced_kernel(kernel), torch.no_grad():
-        _model('twins_pcpvt_small').forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
+    with torch.no_grad():
+        _model('twins_pcpvt_small', kernels=kernel).forward_intermediates(torch.randn(1, 3, 64, 64),
+                                                                          intermediates_only=True)
     assert len(calls) == expect
 
 
@@ -513,22 +531,20 @@ def _fake_candidates(timer, seconds, calls):
     (1.0, 2.0, kernels.PLAIN),    # slower: never taken
 ])
 def test_choice_by_measurement(plain_s, onednn_s, expect):
-    kernels.clear_calibration()
     timer, calls = FakeTimer(), []
+    table = KernelTable('auto', timer=timer)
     cands = _fake_candidates(timer, {kernels.PLAIN: plain_s, kernels.ONEDNN: onednn_s}, calls)
-    with kernels.forced_kernel(None):
-        assert kernels.choose('test', ('shape', plain_s, onednn_s), 1e9, cands, timer=timer) == expect
-        n = len(calls)
-        assert n == 2 * (1 + kernels.CALIBRATION_ROUNDS)  # warm-up + interleaved rounds
-        assert kernels.choose('test', ('shape', plain_s, onednn_s), 1e9, cands, timer=timer) == expect
-        assert len(calls) == n  # cached per process and shape: measured once
-    (rec,) = [r for r in kernels.calibration_report() if r['family'] == 'test']
+    assert table.choose('test', ('shape', plain_s, onednn_s), 1e9, cands) == expect
+    n = len(calls)
+    assert n == 2 * (1 + kernels.CALIBRATION_ROUNDS)  # warm-up + interleaved rounds
+    assert table.choose('test', ('shape', plain_s, onednn_s), 1e9, cands) == expect
+    assert len(calls) == n  # cached per table and shape: measured once
+    (rec,) = table.report()
     assert rec['choice'] == expect and rec['gflops'][kernels.PLAIN] == pytest.approx(1.0 / plain_s)
-    kernels.clear_calibration()
+    assert table.choices == {'test:shape,%s,%s' % (plain_s, onednn_s): expect}
 
 
 def test_calibration_keeps_the_fastest_round_and_interleaves():
-    kernels.clear_calibration()
     timer, calls = FakeTimer(), []
     slow_once = {'n': 0}
 
@@ -540,32 +556,32 @@ def test_calibration_keeps_the_fastest_round_and_interleaves():
     def onednn():
         calls.append('o')
         timer.now += 1.5
-    with kernels.forced_kernel(None):
-        choice = kernels.choose('test', ('noisy',), 1.0, {kernels.PLAIN: plain, kernels.ONEDNN: onednn}, timer=timer)
+    table = KernelTable('auto', timer=timer)
+    choice = table.choose('test', ('noisy',), 1.0, {kernels.PLAIN: plain, kernels.ONEDNN: onednn})
     assert choice == kernels.PLAIN  # its best round counts, not the disturbed one
     assert calls == ['p', 'o'] * (1 + kernels.CALIBRATION_ROUNDS)
-    kernels.clear_calibration()
 
 
 def test_real_calibration_picks_a_kernel_and_records_rates():
     # no timing asserted: whichever wins, the choice is one of the two and the rates are recorded
-    kernels.clear_calibration()
-    layer = kernels.Linear(64, 96)
+    layer = optimize(nn.Linear(64, 96))
     x = torch.randn(300, 64)
-    with kernels.forced_kernel(None), torch.no_grad():
+    with torch.no_grad():
         out = layer(x)
     assert scaled_diff(out, F.linear(x, layer.weight, layer.bias)) <= FP32_TOL
-    (rec,) = kernels.calibration_report()
+    (rec,) = calibration_report(layer)
     assert rec['family'] == 'linear' and rec['choice'] in (kernels.PLAIN, kernels.ONEDNN)
     assert rec['shape'][:3] == (512, 64, 96) and all(v > 0 for v in rec['gflops'].values())
 
 
 def test_mlp_row_chunks_only_in_cpu_inference():
-    blk = Block(64, 1, mlp_ratio=8).eval()
+    blk = optimize(Block(64, 1, mlp_ratio=8, ws=1).eval(), kernels='onednn')
     with torch.no_grad():
         assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) > 1
         assert blk._mlp_row_chunks(torch.empty(2, 16384, 64, device='meta')) == 1  # GPUs: one product
     assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) == 1  # autograd: the plain path
+    with torch.no_grad():
+        assert blk.train()._mlp_row_chunks(torch.empty(2, 16384, 64)) == 1  # training (drop path): whole
 
 
 @pytest.mark.parametrize('plain_s,rows_s,chunked', [
@@ -574,7 +590,7 @@ def test_mlp_row_chunks_only_in_cpu_inference():
     (0.5, 1.0, False),    # slower: never taken
 ])
 def test_mlp_row_chunks_are_a_measured_choice(monkeypatch, plain_s, rows_s, chunked):
-    blk = Block(64, 1, mlp_ratio=8).eval()
+    blk = optimize(Block(64, 1, mlp_ratio=8, ws=1).eval())
     norm_calls = []
     norm_forward = blk.norm2.forward
     monkeypatch.setattr(blk.norm2, 'forward', lambda t: norm_calls.append(t.shape[0]) or norm_forward(t))
@@ -587,14 +603,13 @@ def test_mlp_row_chunks_are_a_measured_choice(monkeypatch, plain_s, rows_s, chun
             run()
         return {kernels.PLAIN: plain_s, kernels.ROWS: rows_s}
     monkeypatch.setattr(kernels, '_time_interleaved', timed)
-    kernels.clear_calibration()
-    with kernels.forced_kernel(None), torch.no_grad():
+    with torch.no_grad():
         assert (blk._mlp_row_chunks(torch.empty(2, 16384, 64)) > 1) == chunked
         assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) > 1 if chunked else True  # cached: no second run
     sample_rows = norm_calls[0]
     assert len(norm_calls) == 1 + kernels.MLP_CALIBRATION_CHUNKS and sum(norm_calls[1:]) == sample_rows
-    (rec,) = [r for r in kernels.calibration_report() if r['family'] == 'mlp']
+    (rec,) = [r for r in calibration_report(blk) if r['family'] == 'mlp']
     assert rec['choice'] == (kernels.ROWS if chunked else kernels.PLAIN)
-    kernels.clear_calibration()
-    with kernels.forced_kernel(kernels.PLAIN), torch.no_grad():  # timm's calls everywhere: no chunks
+    optimize(blk, kernels='plain')
+    with torch.no_grad():  # timm's calls everywhere: no chunks
         assert blk._mlp_row_chunks(torch.empty(2, 16384, 64)) == 1

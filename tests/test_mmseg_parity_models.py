@@ -16,9 +16,13 @@ patch padding, FPN's scale heads meet at equal sizes, the in-place sum without a
 the patch embedding (corner padding), SVT windows padded in both dims (mask on) in some stages and in
 one dim only (mask off) in another. 512x512 adds no case to these (every stage map divisible, windows
 padded in both dims) and is left out; the backbones at 512x512 against mmseg's are in test_backbone.py.
+Each converted model is compared as built (plain: mmseg's computation) and after
+``twins_timm.optimize(model, kernels='onednn')`` (every fast path taken, nothing timed), at the same tolerances.
 B / L checkpoints go to the converter as the in-memory `{'meta', 'state_dict'}` object instead of a
 file (same content; the S tests cover reading files) to keep CI's disk traffic down.
 """
+import copy
+
 import pytest
 import torch
 
@@ -46,17 +50,27 @@ def _capture(module, store):
     return module.register_forward_hook(lambda mod, inp, out: store.append(list(out)[-4:]))
 
 
-def _compare(theirs, ours, head, h, w):
+def _compare(theirs, models, head, h, w):
+    """Each of ``models`` (ours: plain, optimized) against mmseg at h x w, mmseg run once."""
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * w))
-    their_feats, our_feats = [], []
-    hooks = [_capture(theirs.backbone, their_feats), _capture(ours.encoder, our_feats)]
+    their_feats = []
+    hook = _capture(theirs.backbone, their_feats)
     try:
         expected = ref.reference_logits(theirs, x)
+    finally:
+        hook.remove()
+    return max(_compare_one(theirs, their_feats, expected, ours, head, x) for ours in models)
+
+
+def _compare_one(theirs, their_feats, expected, ours, head, x):
+    h, w = x.shape[-2:]
+    our_feats = []
+    hook = _capture(ours.encoder, our_feats)
+    try:
         with torch.no_grad():
             logits = ours(x)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
 
     for stage, (a, b) in enumerate(zip(our_feats[0], their_feats[0]), start=1):
         assert a.shape == b.shape, f'{h}x{w} stage {stage}: {tuple(a.shape)} vs mmseg {tuple(b.shape)}'
@@ -77,7 +91,7 @@ def _compare(theirs, ours, head, h, w):
 def test_full_size_splits_the_fast_paths_work():
     """257x513 is chosen for the MLP's row chunks and the attention's query-row chunks (above): it must
     still split both at the stride-4 stage (PCPVT-S: MLP hidden 512, 1 head; SVT-S: MLP hidden 256)."""
-    from twins_timm.models import kernels
+    from twins_timm.optimize import kernels
     h, w = -(-FULL_SIZES[0][0] // 4), -(-FULL_SIZES[0][1] // 4)  # corner padding: ceil
     tokens = torch.empty(h * w, 64)
     for hidden in (512, 256):
@@ -99,6 +113,7 @@ def test_converted_mmseg_model_matches_mmseg(family, size, head, tmp_path):
     ref.require_mmseg()
     from twins_timm.adapters import TwinsFPN, TwinsUPerNet
     from twins_timm.convert import build_model
+    from twins_timm.optimize import optimize
 
     theirs = ref.build_reference(family, size, head, seed=7)
     res, _ = _convert(theirs, family, size, head, tmp_path)
@@ -111,5 +126,6 @@ def test_converted_mmseg_model_matches_mmseg(family, size, head, tmp_path):
     assert ours.class_names[:3] == ['wall', 'building', 'sky'] and len(ours.palette) == 150
 
     sizes = SMALL_SIZES if size != 'small' else UPERNET_FULL_SIZES if head == 'upernet' else FULL_SIZES
+    optimized = optimize(copy.deepcopy(ours), kernels='onednn')
     for h, w in sizes:
-        _compare(theirs, ours, head, h, w)
+        _compare(theirs, [ours, optimized], head, h, w)

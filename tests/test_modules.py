@@ -2,8 +2,9 @@
 
 What module-level tools rely on: forward hooks fire (feature taps, Grad-CAM), a replaced layer changes
 the output, PEFT's LoRA on the attention and MLP linears changes the output and trains, BN folding keeps
-the logits. Tiny models (one or two blocks per stage) on small inputs; the fast kernels are forced so
-that the inference path under test is the one a CPU user gets.
+the logits. Tiny models (one or two blocks per stage) on small inputs, each plain and optimized
+(``twins_timm.optimize(model, kernels='onednn')``: every fast path taken, nothing timed), the inference
+path a CPU user of the tools gets.
 """
 import pytest
 import torch
@@ -14,16 +15,22 @@ from builders import seeded
 from numerics import FP32_TOL, scaled_diff
 from references import perturb_batchnorm_, seeded_model
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
-from twins_timm.models import kernels
 from twins_timm.models.twins import checkpoint_family_args
+from twins_timm.optimize import optimize
+from twins_timm.optimize.layers import Conv2d, Linear
 
 TINY = dict(depths=[2, 2, 2, 2])
 NARROW_HEAD = {TwinsFPN: {}, TwinsUPerNet: dict(decoder_channels=64, aux_channels=32)}  # same layers, fewer FLOPs
 LORA_TARGETS = r'.*\.(attn\.(qkv|q|kv|proj)|mlp\.(fc1|fc2))$'
+KERNELS = [None, 'onednn']  # the plain model, and optimized with every fast path
 
 
-def _backbone(name='twins_svt_small'):
-    return seeded_model(name, num_classes=5, **TINY)  # seeded random weights, eval mode
+def _optimized(model, kernels):
+    return model if kernels is None else optimize(model, kernels=kernels)
+
+
+def _backbone(name='twins_svt_small', kernels=None):
+    return _optimized(seeded_model(name, num_classes=5, **TINY), kernels)  # seeded random weights, eval mode
 
 
 def _parameterised(model):
@@ -44,8 +51,9 @@ def _fired(model, run):
 
 @pytest.mark.parametrize('name', ['twins_svt_small', 'twins_pcpvt_small'])
 @pytest.mark.parametrize('mode', ['inference', 'no_grad', 'train'])
-def test_every_backbone_layer_fires_its_hooks(name, mode):
-    model = _backbone(name).train(mode == 'train')
+@pytest.mark.parametrize('kernels', KERNELS)
+def test_every_backbone_layer_fires_its_hooks(name, mode, kernels):
+    model = _backbone(name, kernels).train(mode == 'train')
     x = torch.randn(1, 3, 32, 32)
     if mode == 'train':
         run = lambda: model(x).sum().backward()  # noqa: E731
@@ -59,10 +67,12 @@ def test_every_backbone_layer_fires_its_hooks(name, mode):
 
 
 @pytest.mark.parametrize('cls', [TwinsFPN, TwinsUPerNet])
-def test_every_segmenter_layer_fires_its_hooks(cls):
+@pytest.mark.parametrize('kernels', KERNELS)
+def test_every_segmenter_layer_fires_its_hooks(cls, kernels):
     torch.manual_seed(0)
     model = seeded(cls, encoder_name='twins_svt_small', classes=3,
                    encoder_args=dict(checkpoint_family_args('mmseg', 'twins_svt_small'), **TINY), **NARROW_HEAD[cls])
+    model = _optimized(model, kernels)
     x = torch.randn(2, 3, 64, 64)  # two images: training BatchNorm of the 1x1 pooling needs them
 
     def run():
@@ -83,8 +93,9 @@ class Zero(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def test_replacing_a_layer_changes_the_inference_output():
-    model = _backbone().eval()
+@pytest.mark.parametrize('kernels', KERNELS)
+def test_replacing_a_layer_changes_the_inference_output(kernels):
+    model = _backbone(kernels=kernels).eval()
     x = torch.randn(1, 3, 64, 64)  # stage 1 GSA sees 2x2 keys: a query matters
     with torch.inference_mode():
         before = model(x)
@@ -101,16 +112,19 @@ def test_replacing_a_layer_changes_the_inference_output():
 
 @pytest.mark.parametrize('cls', [TwinsFPN, TwinsUPerNet])
 def test_decoder_3x3_convs_are_kernel_modules_that_peft_wraps(cls):
-    # the heads' 3x3 convs take Winograd in CPU inference (forced here); a LoRA wrapped around them
-    # (PEFT's Conv2d) still reaches the output, and a swapped conv changes it
+    # the heads' 3x3 convs take Winograd in CPU inference once optimized (its table fixed to the
+    # alternatives); a LoRA wrapped around them (PEFT's Conv2d) still reaches the output, and a swapped
+    # conv changes it
     peft = pytest.importorskip('peft')
     torch.manual_seed(0)
     model = seeded(cls, encoder_name='twins_pcpvt_small', classes=3, encoder_args=dict(depths=[1, 1, 1, 1]),
                    **NARROW_HEAD[cls]).eval()
     convs = [n for n, m in model.decoder.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
-    assert convs and all(type(model.decoder.get_submodule(n)) is kernels.Conv2d for n in convs)
+    assert convs and all(type(model.decoder.get_submodule(n)) is nn.Conv2d for n in convs)  # plain
+    optimize(model, kernels='onednn')
+    assert all(type(model.decoder.get_submodule(n)) is Conv2d for n in convs)
     x = torch.randn(1, 3, 64, 64)
-    with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
+    with torch.inference_mode():
         base = model(x)
         first = model.decoder.get_submodule(convs[0])
         parent, leaf = ('decoder.' + convs[0]).rsplit('.', 1)
@@ -123,27 +137,30 @@ def test_decoder_3x3_convs_are_kernel_modules_that_peft_wraps(cls):
                              target_modules=[r'decoder.' + n for n in convs])
     lora = peft.get_peft_model(model, config)
     assert sum(hasattr(m, 'lora_A') for m in lora.modules()) == len(convs)
-    with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
+    with torch.inference_mode():
         adapted = lora(x)
     assert (adapted - base).abs().max() > 1e-4
     merged = lora.merge_and_unload()  # writes the update into the convs in place (weight.data +=)
-    assert all(type(merged.decoder.get_submodule(n)) is kernels.Conv2d for n in convs)
-    with kernels.forced_kernel(kernels.WINOGRAD), torch.inference_mode():
+    assert all(type(merged.decoder.get_submodule(n)) is Conv2d for n in convs)
+    with torch.inference_mode():
         assert scaled_diff(merged(x), adapted) <= FP32_TOL  # the merged weights, not ones kept from before
 
 
-def test_peft_lora_changes_the_output_and_trains():
+@pytest.mark.parametrize('order', ['plain', 'optimized then LoRA', 'LoRA then optimized'])
+def test_peft_lora_changes_the_output_and_trains(order):
     peft = pytest.importorskip('peft')
-    model = _backbone().eval()
+    model = _backbone(kernels='onednn' if order == 'optimized then LoRA' else None).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         base = model(x)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
     lora = peft.get_peft_model(model, config)
+    if order == 'LoRA then optimized':
+        optimize(lora, kernels='onednn')  # the wrapped layers become the optimized ones inside LoRA's
     wrapped = [n for n, m in lora.named_modules() if type(m).__name__ == 'Linear' and hasattr(m, 'lora_A')]
     n_linear = sum(1 for n, m in model.named_modules()
-                   if isinstance(m, kernels.Linear) and 'base_layer' in n)
-    assert len(wrapped) == n_linear == (4 + 5) * 4  # per stage: LSA 4 + GSA 5 linears, all kernels.Linear
+                   if type(m) is (nn.Linear if order == 'plain' else Linear) and 'base_layer' in n)
+    assert len(wrapped) == n_linear == (4 + 5) * 4  # per stage: LSA 4 + GSA 5 linears
     with torch.inference_mode():
         adapted = lora(x)
     assert (adapted - base).abs().max() > 1e-4  # LoRA's update reaches the output in inference
@@ -154,10 +171,12 @@ def test_peft_lora_changes_the_output_and_trains():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable)
 
 
-def test_fold_batchnorm_keeps_the_logits_and_refuses_training_mode():
+@pytest.mark.parametrize('kernels', KERNELS)
+def test_fold_batchnorm_keeps_the_logits_and_refuses_training_mode(kernels):
     torch.manual_seed(0)
     model = seeded(TwinsUPerNet, encoder_name='twins_pcpvt_small', classes=3,
                    encoder_args=dict(depths=[1, 1, 1, 1]), **NARROW_HEAD[TwinsUPerNet]).train()
+    model = _optimized(model, kernels)
     perturb_batchnorm_(model)
     with pytest.raises(ValueError, match='eval'):
         model.fold_batchnorm()
@@ -167,5 +186,5 @@ def test_fold_batchnorm_keeps_the_logits_and_refuses_training_mode():
         before = model(x)
         model.fold_batchnorm()
         after = model(x)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.decoder.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.decoder.modules())  # the optimized convs fold too
     assert scaled_diff(after, before) <= FP32_TOL

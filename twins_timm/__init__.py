@@ -1,7 +1,8 @@
 """Twins-PCPVT and Twins-SVT for timm, segmentation-models-pytorch and the Hugging Face Hub.
 
 Importing the package registers ``twins_{pcpvt,svt}_{small,base,large}`` with timm, replacing timm's
-own Twins under the same names (same parameter names and pretrained tags, so timm's hub weights load).
+own Twins under the same names (same parameter names, arguments and pretrained tags, so timm's hub
+weights load and give timm's numbers). ``optimize(model)`` swaps in the CPU-inference layers.
 """
 import warnings
 
@@ -12,8 +13,8 @@ with warnings.catch_warnings():
     # Replacing timm's registrations is the point of this package, not a conflict worth a warning.
     warnings.filterwarnings('ignore', message=r'Overwriting twins_', category=UserWarning)
     from .models import twins  # noqa: F401
-from .models.kernels import set_fast_inference, set_onednn_inference
 from .models.twins import Twins, checkpoint_family_args
+from .optimize import optimize
 
 __version__ = '0.1.0'
-__all__ = ['Twins', 'checkpoint_family_args', 'set_fast_inference', 'set_onednn_inference', '__version__']
+__all__ = ['Twins', 'checkpoint_family_args', 'optimize', '__version__']

@@ -20,13 +20,12 @@ import time
 from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 import twins_timm
-from twins_timm.models.kernels import fast_inference_enabled, set_fast_inference
 from twins_timm.models.twins import MIN_INPUT_SIZE
 from twins_timm.tools.inference import DEFAULT_MEAN, DEFAULT_STD
 from twins_timm.tools.numerics import max_abs_diff, scaled_diff
@@ -66,17 +65,6 @@ def require_modules(modules: Sequence[str], what: str) -> None:
     if missing:
         raise ExportError('%s needs the Python package(s) %s, which are not installed. Install the optional '
                           'deployment dependencies with: %s' % (what, ', '.join(missing), DEPLOY_INSTALL))
-
-
-@contextlib.contextmanager
-def plain_model_path() -> Iterator[None]:
-    """The model's plain path while exporting: the one place that turns the CPU-inference kernels off."""
-    was = fast_inference_enabled()
-    set_fast_inference(False)
-    try:
-        yield
-    finally:
-        set_fast_inference(was)
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -137,7 +125,8 @@ def export_onnx(model: nn.Module, path: Path, log: Log, output_names: Sequence[s
     require_modules(FORMAT_MODULES['onnx'], 'ONNX export')
     free = torch.export.Dim.DYNAMIC
     log('tracing the model with torch.export (batch, height and width free) and writing ONNX ...')
-    with plain_model_path(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+    # an optimized model traces its plain path too: its layers take their kernels only in eager CPU inference
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(model, (sample_input(TRACE_SHAPE),), dynamo=True, input_names=[INPUT_NAME],
                                     output_names=list(output_names), dynamic_shapes=({0: free, 2: free, 3: free},),
                                     optimize=True, verbose=False)

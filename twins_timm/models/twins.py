@@ -1,29 +1,23 @@
-""" Twins-PCPVT and Twins-SVT for timm, ready for dense prediction.
+""" Twins-PCPVT and Twins-SVT: timm's Twins, ready for dense prediction.
 
 `Twins: Revisiting the Design of Spatial Attention in Vision Transformers` - https://arxiv.org/abs/2104.13840
 
-Parameter names are timm's (`timm/models/twins.py`), so timm's hub weights load strictly. On top of
-timm's behaviour (the defaults), model arguments reproduce the numerics of the other checkpoint
-families (see `checkpoint_family_args`):
-  * ``stage_norm``: a LayerNorm after every stage *inside* the trunk (official / mmseg SVT segmentation),
-  * ``norm_eps``: eps of the block / final / stage norms (1e-6 timm and official, 1e-5 mmseg),
+This is timm's ``timm/models/twins.py``: the same modules, parameter names, constructor arguments
+(``norm_layer``, ``block_cls``, ``act_layer``, ...) and computations, so with timm's weights the output
+equals timm's Twins bit for bit. On top of it, model arguments reproduce the numerics of the other
+checkpoint families (see ``checkpoint_family_args``), all off by default:
+  * ``stage_norm``: a norm after every stage *inside* the trunk (official / mmseg SVT segmentation),
+  * ``norm_eps``: shorthand for ``norm_layer=partial(nn.LayerNorm, eps=norm_eps)`` (mmseg: 1e-5),
   * ``window_mask``: the official segmentation window-attention mask, quirk included,
   * ``patch_padding``: ``'corner'`` zero-pads bottom/right to a patch multiple (mmseg) instead of flooring.
+Also: any input size of at least ``MIN_INPUT_SIZE``, gradient checkpointing, NHWC intermediates, and a
+window attention that torch.compile / torch.export trace with symbolic sizes.
 
-Inside a stage tokens stay in (B, H*W, C) layout: the attention's spatial reduction and the positional
-conv run on channels-last views of it. Between stages the NCHW map (also the feature handed out) feeds
-the next patch embedding exactly as in timm, which keeps PCPVT bit-identical to timm's Twins.
-
-Every layer is a module called as a module. The linear layers are ``kernels.Linear`` (an ``nn.Linear``):
-in CPU inference it runs the kernel measured fastest for its shape on this machine, and PCPVT's global
-attention likewise (see ``twins_timm.models.kernels``); inference MLPs and SVT's window attention run
-over cache-sized chunks (of rows, of windows) where that measured faster and no hook watches them; stage
-maps are handed on as channels-last views.
-All of it equals timm's numbers within ~1e-6 of their magnitude; ``set_onednn_inference(False)`` keeps timm's kernels and its
-numbers bit for bit. On GPUs the attention takes ``F.scaled_dot_product_attention`` as timm's does.
+CPU-inference speed-ups live outside this file: ``twins_timm.optimize(model)``.
 """
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -33,17 +27,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_meta_device, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices  # in that module's __all__; timm.models does not re-export it
+from timm.models.vision_transformer import Attention
 
-from twins_timm.models import kernels
-from twins_timm.models.kernels import Linear, set_onednn_inference
-
-__all__ = ['Twins', 'checkpoint_family_args', 'set_onednn_inference', 'MIN_INPUT_SIZE']
+__all__ = ['Twins', 'checkpoint_family_args', 'MIN_INPUT_SIZE']
 
 Size_ = Tuple[int, int]
 
 MIN_INPUT_SIZE = 32  # the last stage needs at least one 32x32 patch
 PATCH_PADDINGS = ('none', 'corner')
-WINDOW_MASK_VALUE = -1000.0  # the official segmentation code's value, not -inf (window_attn_mask's default)
+WINDOW_MASK_VALUE = -1000.0  # the official segmentation code's value, not -inf
 
 
 def window_token_index(height: int, width: int, ws: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +53,7 @@ def window_token_index(height: int, width: int, ws: int, device: torch.device) -
 
 def window_attn_mask(
         height: int, width: int, ws: int, device: torch.device, dtype: torch.dtype,
-        mask_value: float = -1000.0,
+        mask_value: float = WINDOW_MASK_VALUE,
 ) -> torch.Tensor:
     """Additive (num_windows, L, L) mask of the official segmentation code for a map padded to ``ws``.
 
@@ -79,7 +71,11 @@ def window_attn_mask(
 
 @register_notrace_module  # FX can't trace the shape-dependent padding
 class LocallyGroupedAttn(nn.Module):
-    """LSA: self attention inside non-overlapping ws x ws windows (zero padding right/bottom)."""
+    """LSA: self attention inside non-overlapping ws x ws windows (zero padding right/bottom), as timm's.
+
+    ``window_mask``: the official segmentation code's additive mask between padding and real tokens.
+    """
+    fused_attn: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -87,86 +83,64 @@ class LocallyGroupedAttn(nn.Module):
             num_heads: int = 8,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
-            ws: int = 7,
+            ws: int = 1,
             window_mask: bool = False,
             device=None,
             dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
+        assert ws != 1
         super().__init__()
-        assert ws > 1 and dim % num_heads == 0
+        assert dim % num_heads == 0, f"dim {dim} should be divided by num_heads {num_heads}."
         self.dim = dim
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.ws = ws
+        self.fused_attn = use_fused_attn()
         self.window_mask = window_mask
-        self.qkv = Linear(dim, dim * 3, bias=True, **dd)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = Linear(dim, dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.ws = ws
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        B, N, C = x.shape
-        H, W = size
-        ws, nh = self.ws, self.num_heads
         if torch.compiler.is_compiling():  # symbolic sizes possible
             return self._forward_traced(x, size)
-        padded = H % ws > 0 or W % ws > 0
-        # padded tokens get qkv = bias and take part in attention, as in the original
-        windows = self._windows(x.view(B, H, W, C)) if padded else \
-            x.view(B, H // ws, ws, W // ws, ws, C).transpose(2, 3)
-        gh, gw = windows.shape[1], windows.shape[2]  # windows per column / row
-        # The projection sees the window-grouped strided view, as timm's does (linear on a strided input:
-        # matmul, then the bias added), which keeps the rounding identical to timm's.
-        qkv = self.qkv(windows).view(B * gh * gw, ws * ws, 3, nh, C // nh)
-
-        attn_mask: Optional[torch.Tensor] = None
-        if self.window_mask and H % ws > 0 and W % ws > 0:
-            attn_mask = window_attn_mask(H, W, ws, x.device, qkv.dtype)
-            attn_mask = attn_mask.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * gh * gw, 1, ws * ws, ws * ws)
-        if x.device.type != 'cpu':  # GPUs: torch's fused kernels, as timm
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:  # CPU: windows hold 49 tokens, where batched matmuls beat the fused kernel
-            fast: Optional[torch.Tensor] = None
-            if not torch.jit.is_scripting():
-                fast = self._fast_attention(qkv, attn_mask)
-            x = self._batched_attention(qkv, attn_mask) if fast is None else fast
-
-        x = x.view(B, gh, gw, nh, ws, ws, C // nh).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, gh * ws * gw * ws, C)
-        if padded:  # gather the H x W tokens back (an index, not a slice: no size arithmetic to prove)
-            rows = torch.arange(H, device=x.device)[:, None] * (gw * ws) + torch.arange(W, device=x.device)
-            x = x.index_select(1, rows.view(-1))
-        return self.proj_drop(self.proj(x.reshape(B, N, C)))
-
-    def _batched_attention(self, qkv: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """timm's CPU window attention: all windows' heads as one batch of matmuls, (Bw, nh, L, d) out.
-
-        qkv: (Bw, L, 3, nh, d); mask: additive, (Bw, 1, L, L). q and k are scaled by sqrt(scale) each, as
-        torch's own math path (timm's 5-D call) does: bit-identical to timm.
-        """
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return self._attend(q, k, v, mask)
+        B, N, C = x.shape
+        H, W = size
+        ws = self.ws
+        x = x.view(B, H, W, C)
+        pad_r = (ws - W % ws) % ws
+        pad_b = (ws - H % ws) % ws
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # padded tokens get qkv = bias and take part, as in the original
+        _, Hp, Wp, _ = x.shape
+        _h, _w = Hp // ws, Wp // ws
+        x = x.reshape(B, _h, ws, _w, ws, C).transpose(2, 3)
+        qkv = self.qkv(x).reshape(B, _h * _w, ws * ws, 3, self.num_heads, C // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.unbind(0)
+        mask: Optional[torch.Tensor] = None
+        if self.window_mask and pad_r > 0 and pad_b > 0:  # the mask is uniform (no mask) otherwise
+            mask = window_attn_mask(H, W, ws, x.device, q.dtype).unsqueeze(1)
+        x = self._attend(q, k, v, mask)
+        x = x.transpose(2, 3).reshape(B, _h, _w, ws, ws, C)
+        x = x.transpose(2, 3).reshape(B, _h * ws, _w * ws, C)
+        if pad_r > 0 or pad_b > 0:
+            x = x[:, :H, :W, :].contiguous()
+        x = x.reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """softmax(q k^T * scale + mask) v over the last two dims, with the attention dropout as a module."""
-        root_scale = self.scale ** 0.5
-        attn = (q * root_scale) @ (k * root_scale).transpose(-2, -1)
+        """softmax(q k^T * scale + mask) v over the last two dims: timm's SDPA call or its explicit path."""
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
         if mask is not None:
             attn = attn + mask
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v
-
-    @torch.jit.unused
-    def _fast_attention(self, qkv: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """CPU inference: the windows in cache-sized chunks where that measured faster; else None.
-
-        Not while training (dropout) or while a hook on ``attn_drop`` waits for all attention weights.
-        """
-        if self.training or kernels.has_hooks(self.attn_drop):
-            return None
-        return kernels.window_attention(qkv, self.scale, mask, plain=self._batched_attention)
 
     @torch.jit.unused
     def _forward_traced(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
@@ -186,23 +160,13 @@ class LocallyGroupedAttn(nn.Module):
         x = x[:, rows[n], cols[n]]  # (B, nW, L, C): indexed into shape, no reshape of a symbolic size
         qkv = self.qkv(x).unflatten(-1, (3, nh, C // nh))  # (B, nW, L, 3, nh, d)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nh, L, d)
-        mask = window_attn_mask(H, W, ws, dev, q.dtype)[None, :, None] if self.window_mask else None
+        mask = window_attn_mask(H, W, ws, dev, q.dtype).unsqueeze(1) if self.window_mask else None
         x = self._attend(q, k, v, mask).transpose(2, 3).flatten(-2)  # (B, nW, L, C)
         t = torch.arange(H * W, device=dev)
         h = t // W
         w = t - h * W  # t % W, in the form ONNX export converts (window_token_index)
         x = x[:, h // ws * ((W + ws - 1) // ws) + w // ws, h % ws * ws + w % ws]  # (B, H*W, C)
         return self.proj_drop(self.proj(x))
-
-    def _windows(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> zero-padded (B, gh, gw, ws, ws, C) window view, gh = ceil(H / ws).
-
-        Padding by ws - 1 and cutting windows with ``unfold`` gives exactly ceil(H / ws) of them without
-        computing the padded size, so symbolic sizes (torch.export) need no divisibility facts.
-        """
-        ws = self.ws
-        x = F.pad(x, (0, 0, 0, ws - 1, 0, ws - 1))
-        return x.unfold(1, ws, ws).unfold(2, ws, ws).permute(0, 1, 2, 4, 5, 3)
 
 
 class GlobalSubSampleAttn(nn.Module):
@@ -221,15 +185,15 @@ class GlobalSubSampleAttn(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        assert dim % num_heads == 0
+        assert dim % num_heads == 0, f"dim {dim} should be divided by num_heads {num_heads}."
         self.dim = dim
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.fused_attn = use_fused_attn()
-        self.q = Linear(dim, dim, bias=True, **dd)
-        self.kv = Linear(dim, dim * 2, bias=True, **dd)
+        self.q = nn.Linear(dim, dim, bias=True, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=True, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = Linear(dim, dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
@@ -241,31 +205,29 @@ class GlobalSubSampleAttn(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
         B, N, C = x.shape
-        nh = self.num_heads
-        q = self.q(x)
+        q = self.q(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
         if self.sr is not None:
-            # the reduction conv reads the tokens as a channels-last map: no layout copy on either side
-            x = self.sr(x.view(B, size[0], size[1], C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            x = self.norm(x).reshape(B, -1, C)
-        kv = self.kv(x).view(B, -1, 2, nh, C // nh)
-        if not torch.jit.is_scripting():
-            fast = kernels.attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)  # CPU inference, if faster
-            if fast is not None:
-                return self.proj_drop(self.proj(fast))
-        q = q.view(B, N, nh, C // nh).transpose(1, 2)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-
+            x = x.permute(0, 2, 1).reshape(B, C, size[0], size[1])
+            x = self.sr(x).reshape(B, C, -1).permute(0, 2, 1)
+            x = self.norm(x)
+        kv = self.kv(x).reshape(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
-            attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
             x = attn @ v
-
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with either windowed (LSA, ws > 1) or global sub-sampled (GSA) attention."""
+    """Pre-norm transformer block: windowed (LSA, ws > 1), global sub-sampled (GSA, ws 1) or full attention."""
 
     def __init__(
             self,
@@ -275,76 +237,42 @@ class Block(nn.Module):
             proj_drop: float = 0.,
             attn_drop: float = 0.,
             drop_path: float = 0.,
-            norm_eps: float = 1e-6,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
             sr_ratio: int = 1,
-            ws: int = 1,
+            ws: Optional[int] = None,
             window_mask: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
-        if ws == 1:
+        self.norm1 = norm_layer(dim, **dd)
+        if ws is None:
+            # timm's line, as broken as in timm 1.0.31 (no Twins variant builds it): its positional
+            # arguments miss the newer Attention's signature, whose forward takes no size
+            self.attn = Attention(dim, num_heads, False, None, attn_drop, proj_drop, **dd)
+        elif ws == 1:
             self.attn = GlobalSubSampleAttn(dim, num_heads, attn_drop, proj_drop, sr_ratio, **dd)
         else:
             self.attn = LocallyGroupedAttn(dim, num_heads, attn_drop, proj_drop, ws, window_mask, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=InplaceGELU, drop=proj_drop, **dd)
-        self.mlp.fc1 = Linear(dim, int(dim * mlp_ratio), **dd)  # timm's Mlp with kernel-choosing linears
-        self.mlp.fc2 = Linear(int(dim * mlp_ratio), dim, **dd)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
-        # Each branch output is a fresh tensor that nothing saves for backward, so the residual is added
-        # into it in place: one allocation less per branch, and bit-identical (IEEE addition commutes).
-        x = self.drop_path1(self.attn(self.norm1(x), size)).add_(x)
-        if not torch.jit.is_scripting():
-            chunks = self._mlp_row_chunks(x)
-            if chunks > 1:  # CPU inference: the MLP over cache-sized row chunks, through its modules
-                return self._mlp_by_rows(x, chunks)
-        return self.drop_path2(self.mlp(self.norm2(x))).add_(x)
-
-    @torch.jit.unused
-    def _mlp_row_chunks(self, x: torch.Tensor) -> int:
-        """Row chunks of the inference MLP: >1 only in CPU inference with no hook on norm2 or the MLP,
-        where the calibration measured the chunks faster than the whole tensor for this shape.
-
-        Whole-tensor hidden activations (mlp_ratio x wider than the tokens) leave the caches; chunks keep
-        them cache-sized. Hooks must see whole tensors, so a hooked MLP runs in one piece.
-        """
-        hidden = getattr(self.mlp.fc1, 'out_features', None)  # a user's own fc1 may not say: no chunks
-        if self.training or not isinstance(hidden, int) or not kernels.fast_inference(x) or not x.is_contiguous():
-            return 1
-        chunks = kernels.row_chunks(x, hidden)
-        if chunks == 1 or kernels.has_hooks(self.norm2, self.mlp):
-            return 1
-        return chunks if kernels.mlp_kernel(x, self.norm2, self.mlp, hidden, chunks) == kernels.ROWS else 1
-
-    @torch.jit.unused
-    def _mlp_by_rows(self, x: torch.Tensor, chunks: int) -> torch.Tensor:
-        """``x + mlp(norm2(x))`` over row chunks, each through the modules, written into ``x`` (inference)."""
-        for rows in x.view(-1, x.shape[-1]).tensor_split(chunks):
-            rows.add_(self.mlp(self.norm2(rows)))
+        x = x + self.drop_path1(self.attn(self.norm1(x), size))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
 
-class InplaceGELU(nn.GELU):
-    """GELU that overwrites its input when no gradient is recorded (inference): saves an allocation."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return F.gelu(x, approximate=self.approximate)
-        return torch.ops.aten.gelu_(x, approximate=self.approximate)
-
-
 class PosConv(nn.Module):
-    """PEG (https://arxiv.org/abs/2102.10882): depthwise 3x3 conv + residual, run on a channels-last view."""
+    """PEG (https://arxiv.org/abs/2102.10882): depthwise 3x3 conv + residual."""
 
     def __init__(self, in_chans: int, embed_dim: int = 768, stride: int = 1, device=None, dtype=None):
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        super().__init__()
         self.proj = nn.Sequential(
             nn.Conv2d(in_chans, embed_dim, 3, stride, 1, bias=True, groups=embed_dim, **dd),
         )
@@ -352,18 +280,22 @@ class PosConv(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
         B, N, C = x.shape
-        feat = x.view(B, size[0], size[1], C).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
-        out = self.proj(feat)
+        cnn_feat_token = x.transpose(1, 2).view(B, C, size[0], size[1])
+        x = self.proj(cnn_feat_token)
         if self.stride == 1:
-            out += feat  # conv output is fresh and not saved for backward
-        return out.permute(0, 2, 3, 1).reshape(B, -1, C)
+            x += cnn_feat_token
+        x = x.flatten(2).transpose(1, 2)
+        return x
 
     def no_weight_decay(self):
         return ['proj.%d.weight' % i for i in range(4)]
 
 
 class PatchEmbed(nn.Module):
-    """Patch embedding (conv kernel == stride, then LayerNorm eps 1e-5): NCHW map in, (B, N, C) tokens out."""
+    """Patch embedding (conv kernel == stride, then LayerNorm eps 1e-5): NCHW map in, (B, N, C) tokens out.
+
+    ``padding='corner'`` zero-pads bottom/right to a patch multiple first (mmseg); 'none' floors (timm).
+    """
 
     def __init__(
             self,
@@ -386,13 +318,14 @@ class PatchEmbed(nn.Module):
             p = self.patch_size[0]
             x = F.pad(x, (0, (p - x.shape[-1] % p) % p, 0, (p - x.shape[-2] % p) % p))
         x = self.proj(x)
-        B, C, H, W = x.shape
-        x = self.norm(x.permute(0, 2, 3, 1))
-        return x.reshape(B, H * W, C), (H, W)
+        out_size = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        x = self.norm(x)
+        return x, out_size
 
 
 class Twins(nn.Module):
-    """Twins Vision Transformer (Revisiting Spatial Attention), timm-compatible, for any input size.
+    """Twins Vision Transformer (Revisiting Spatial Attention), timm's, for any input size.
 
     Adapted from PVT (PyramidVisionTransformer) class at https://github.com/whai362/PVT.git
     """
@@ -415,7 +348,10 @@ class Twins(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            norm_eps: float = 1e-6,
+            norm_layer: Optional[Callable[..., nn.Module]] = None,
+            block_cls: Any = Block,
+            act_layer: Optional[Type[nn.Module]] = None,
+            norm_eps: Optional[float] = None,
             stage_norm: bool = False,
             window_mask: bool = False,
             patch_padding: str = 'none',
@@ -423,10 +359,14 @@ class Twins(nn.Module):
             dtype=None,
     ):
         """
-        Args (beyond timm's Twins):
-            norm_eps: eps of block norm1/norm2, the final norm and the stage norms (timm / official 1e-6,
-                mmseg 1e-5). Patch-embed and attention-reduction norms are 1e-5 in every family.
-            stage_norm: LayerNorm after each stage, inside the trunk (the normed map feeds the next stage).
+        Args (beyond timm's Twins; ``img_size`` is accepted and unused: any input size works):
+            norm_layer: norm of the blocks, the final norm and the stage norms (default timm's
+                ``partial(nn.LayerNorm, eps=1e-6)``). Patch-embed and attention-reduction norms are
+                LayerNorm eps 1e-5 in every family.
+            act_layer: the MLPs' activation (default the block's, nn.GELU).
+            norm_eps: shorthand for ``norm_layer=partial(nn.LayerNorm, eps=norm_eps)`` (a number, so
+                that config files can hold it); not with ``norm_layer``.
+            stage_norm: a norm after each stage, inside the trunk (the normed map feeds the next stage).
             window_mask: apply the official segmentation window mask in LSA blocks (SVT).
             patch_padding: 'none' (floor, timm) or 'corner' (zero-pad bottom/right, mmseg).
         """
@@ -436,6 +376,10 @@ class Twins(nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '' for Twins, got {global_pool!r}")
         if patch_padding not in PATCH_PADDINGS:
             raise ValueError(f'patch_padding must be one of {PATCH_PADDINGS}, got {patch_padding!r}')
+        if norm_eps is not None and norm_layer is not None:
+            raise ValueError('give Twins norm_layer or norm_eps, not both (norm_eps makes a LayerNorm)')
+        if norm_layer is None:
+            norm_layer = partial(nn.LayerNorm, eps=1e-6 if norm_eps is None else norm_eps)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -453,22 +397,26 @@ class Twins(nn.Module):
             prev_chs = embed_dims[i]
             patch_size = 2
 
+        # options only a block that knows them gets: timm's own Block works as block_cls
+        block_args = dict(act_layer=act_layer) if act_layer is not None else {}
+        if window_mask:
+            block_args['window_mask'] = True
         self.blocks = nn.ModuleList()
         self.feature_info = []
         dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # linear stochastic depth decay
         cur = 0
         for k in range(len(depths)):
-            self.blocks.append(nn.ModuleList([Block(
+            self.blocks.append(nn.ModuleList([block_cls(
                 dim=embed_dims[k],
                 num_heads=num_heads[k],
                 mlp_ratio=mlp_ratios[k],
                 proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate,
                 drop_path=dpr[cur + i],
-                norm_eps=norm_eps,
+                norm_layer=norm_layer,
                 sr_ratio=sr_ratios[k],
                 ws=1 if wss is None or i % 2 == 1 else wss[k],
-                window_mask=window_mask,
+                **block_args,
                 **dd,
             ) for i in range(depths[k])]))
             self.feature_info += [dict(module=f'blocks.{k}', num_chs=embed_dims[k], reduction=2 ** (2 + k))]
@@ -476,9 +424,8 @@ class Twins(nn.Module):
 
         self.pos_block = nn.ModuleList([PosConv(d, d, **dd) for d in embed_dims])
         # Identity where a family has no stage norms: no parameters, one loop for every family
-        self.stage_norms = nn.ModuleList(
-            [nn.LayerNorm(d, eps=norm_eps, **dd) if stage_norm else nn.Identity() for d in embed_dims])
-        self.norm = nn.LayerNorm(self.num_features, eps=norm_eps, **dd)
+        self.stage_norms = nn.ModuleList([norm_layer(d, **dd) if stage_norm else nn.Identity() for d in embed_dims])
+        self.norm = norm_layer(self.num_features, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         if not is_meta_device(device):  # meta tensors hold no values: the init would only cost time
@@ -580,25 +527,26 @@ class Twins(nn.Module):
             output_fmt: 'NCHW' or 'NHWC'
             intermediates_only: Only return intermediate features
         """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        if output_fmt not in ('NCHW', 'NHWC'):  # no f-string: TorchScript compiles this method
+            raise ValueError("output_fmt must be 'NCHW' or 'NHWC', got " + output_fmt)
         if not torch.jit.is_scripting():
             self._check_input(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         last_idx = len(self.blocks) - 1
         if torch.jit.is_scripting() or not stop_early:  # can't slice module lists in torchscript
-            patch_embeds, pos_drops, stages = self.patch_embeds, self.pos_drops, self.blocks
-            pos_blocks, stage_norms = self.pos_block, self.stage_norms
+            patch_embeds = self.patch_embeds  # one module list per statement: TorchScript iterates them then
+            pos_drops = self.pos_drops
+            stages = self.blocks
+            pos_blocks = self.pos_block
+            stage_norms = self.stage_norms
         else:
-            patch_embeds, pos_drops = self.patch_embeds[:max_index + 1], self.pos_drops[:max_index + 1]
-            stages, pos_blocks = self.blocks[:max_index + 1], self.pos_block[:max_index + 1]
+            patch_embeds = self.patch_embeds[:max_index + 1]
+            pos_drops = self.pos_drops[:max_index + 1]
+            stages = self.blocks[:max_index + 1]
+            pos_blocks = self.pos_block[:max_index + 1]
             stage_norms = self.stage_norms[:max_index + 1]
 
-        B = x.shape[0]
-        fast = False  # channels-last stage maps in CPU inference; contiguous as timm's otherwise
-        if not torch.jit.is_scripting():
-            fast = kernels.fast_inference(x)
         i = 0
         for i, (embed, drop, blocks, pos_blk, stage_norm) in enumerate(zip(
                 patch_embeds, pos_drops, stages, pos_blocks, stage_norms)):
@@ -612,14 +560,13 @@ class Twins(nn.Module):
                 if j == 0:
                     x = pos_blk(x, size)  # PEG here
             x = stage_norm(x)
-            if i < last_idx:
-                # the NCHW map is both the next stage's input and the feature handed out
-                x = self._next_stage_input(x, size, fast)
+            if i < last_idx:  # tokens are kept for the last (kept) stage, as the head expects
+                x = self._stage_map(x, size)  # the next stage's input and the feature handed out
                 feat = x
-            else:
-                feat = (self.norm(x) if norm else x).reshape(B, size[0], size[1], -1).permute(0, 3, 1, 2)
+            else:  # only the last feature can be normed
+                feat = self._stage_map(self.norm(x) if norm else x, size)
             if i in take_indices:
-                intermediates.append(feat.contiguous() if output_fmt == 'NCHW' else feat.permute(0, 2, 3, 1))
+                intermediates.append(feat if output_fmt == 'NCHW' else feat.permute(0, 2, 3, 1))
 
         if intermediates_only:
             return intermediates
@@ -653,9 +600,6 @@ class Twins(nn.Module):
         """Final-stage tokens (B, N, C) after the final norm, as timm's Twins returns them."""
         if not torch.jit.is_scripting():
             self._check_input(x)
-        fast = False  # channels-last stage maps in CPU inference; contiguous as timm's otherwise
-        if not torch.jit.is_scripting():
-            fast = kernels.fast_inference(x)
         last_idx = len(self.blocks) - 1
         for i, (embed, drop, blocks, pos_blk, stage_norm) in enumerate(zip(
                 self.patch_embeds, self.pos_drops, self.blocks, self.pos_block, self.stage_norms)):
@@ -669,19 +613,13 @@ class Twins(nn.Module):
                 if j == 0:
                     x = pos_blk(x, size)  # PEG here
             x = stage_norm(x)
-            if i < last_idx:
-                x = self._next_stage_input(x, size, fast)
+            if i < last_idx:  # tokens are kept for the last (kept) stage, as the head expects
+                x = self._stage_map(x, size)
         return self.norm(x)
 
-    @staticmethod
-    def _next_stage_input(x: torch.Tensor, size: Size_, fast: bool) -> torch.Tensor:
-        """Tokens (B, N, C) -> NCHW map: timm's contiguous copy, or in fast inference the channels-last view.
-
-        The view costs nothing and oneDNN's patch conv reads it directly; the copy keeps the conv's
-        input layout, and with it the exact numbers, of timm's Twins.
-        """
-        x = x.reshape(x.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
-        return x if fast else x.contiguous()
+    def _stage_map(self, x: torch.Tensor, size: Size_) -> torch.Tensor:
+        """Tokens (B, N, C) -> the NCHW map the next stage (and a feature) takes: timm's contiguous copy."""
+        return x.reshape(x.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2).contiguous()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -39,7 +40,10 @@ from torch import nn
 from twins_timm.deploy.bench import METHOD as ENGINES_METHOD
 from twins_timm.deploy.bench import prepare_engines
 from twins_timm.deploy.engines import native_bf16
+from twins_timm.optimize import optimize
+from twins_timm.optimize.kernels import KernelTable
 from twins_timm.tools import mmseg_reference
+from twins_timm.tools.common import add_kernels_argument
 from twins_timm.tools.speed_ceiling import flop_mapping, speed_ceiling
 from twins_timm.tools.paths import check_output_file
 from twins_timm.tools.numerics import max_abs_diff, scaled_diff
@@ -72,7 +76,7 @@ METHODS = {
                 'eval, torch.inference_mode(); our seeded random weights loaded strictly into '
                 "timm's own timm.models.twins.Twins",
     'flops': 'torch.utils.flop_counter.FlopCounterMode over one forward of our model per input on its plain '
-             'path (fast inference off: the work timm / mmseg do for the same function; matmuls, convolutions '
+             'path (the plain model, before twins_timm.optimize: the work timm / mmseg do for the same function; matmuls, convolutions '
              'and attention; 2 FLOPs per multiply-add); the same count is used for the reference, so GFLOP/s '
              "compare work done. Our inference shortcuts that do less work (UPerHead's fused bottleneck, "
              'Winograd convolutions) show as effective rates, which can pass 100 % of the matmul rate',
@@ -89,13 +93,15 @@ METHODS = {
                'can be); outside_share: the part of our measured time spent outside those ops; ratio: the '
                "reference's time over the ceiling (about the most our speed-up can be without faster kernels). "
                'A measurement, not a proof: each replay pays its own memory costs. ops: every distinct call',
-    'kernels': "twins_timm.models.kernels.calibration_report(): for every layer shape our models met in this run, "
-               'the kernel its calibration chose (plain = what timm calls, onednn = a oneDNN convolution, rows = '
+    'kernels': "the kernel table all our optimized models share in this run (twins_timm.optimize(model, "
+               "kernels=--kernels)): for every layer shape they met, the kernel its calibration chose "
+               '(plain = what timm calls, onednn = a oneDNN convolution, rows = '
                'the MLP over cache-sized row chunks instead of the whole tensor, winograd = a 3x3 convolution by '
                'Winograd F(2x2, 3x3)) and the '
-               'GFLOP/s each kernel reached in the calibration (interleaved, best of 3 short runs)',
-    'exact': "ours with twins_timm.set_fast_inference(False): timm's kernels and layouts (F.linear, "
-             "fused attention), bit-identical to timm's Twins. Timed in the same interleaved rounds",
+               'GFLOP/s each kernel reached in the calibration (interleaved, best of 3 short runs); choices: the '
+               'table to pass back as --kernels (or optimize(model, kernels=...)) for the same kernels again',
+    'exact': "our plain model (timm.create_model, without twins_timm.optimize): timm's Twins, bit-identical "
+             'to it. Timed in the same interleaved rounds',
     'diff': 'max_abs_diff = max |ours - reference| over all outputs; scaled_diff divides each output\'s by '
             'max(1, max |reference|)',
     'compile': "torch.compile(model) (default mode, backend --compile-backend) of both models, with inductor's "
@@ -158,6 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='where to write the results (default ./%s)' % DEFAULT_JSON)
     parser.add_argument('--force', action='store_true', help='overwrite an existing --json file')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
+    add_kernels_argument(parser)
     parser.add_argument('--quiet', action='store_true', help='no progress lines (the table is still printed)')
 
 
@@ -223,6 +230,7 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         segmenter_variants=variants[:1] if quick and not args.variants else variants,
         precisions=['fp32'] + (['bf16'] if device == 'cuda' else []),
         json=str(json_path), seed=args.seed, quiet=bool(args.quiet),
+        kernels=KernelTable.from_spec(args.kernels),  # one table for all our optimized models
     )
 
 
@@ -278,8 +286,9 @@ def _materialize(build: Callable[..., nn.Module], device: str, seed: int) -> nn.
     return seeded_fill_(model.to_empty(device=device), seed).eval()
 
 
-def build_backbone_pair(variant: str, device: str, seed: int) -> Tuple[nn.Module, nn.Module]:
-    """(ours, timm's) Twins with identical weights, wrapped for features_only semantics."""
+def build_backbone_pair(variant: str, device: str, seed: int,
+                        kernels: KernelTable) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    """(ours optimized, ours plain, timm's) Twins with identical weights, wrapped for features_only semantics."""
     import timm
     import timm.models.twins as timm_twins
 
@@ -290,7 +299,8 @@ def build_backbone_pair(variant: str, device: str, seed: int) -> Tuple[nn.Module
         raise RuntimeError('expected timm\'s own Twins as the reference, got %s' % type(ref))
     ref = ref.to_empty(device=device)
     ref.load_state_dict(ours.state_dict(), strict=True)
-    return Intermediates(ours).eval(), Intermediates(ref.eval()).eval()
+    optimized = optimize(copy.deepcopy(ours), kernels=kernels)
+    return Intermediates(optimized).eval(), Intermediates(ours).eval(), Intermediates(ref.eval()).eval()
 
 
 # ----------------------------------------------------------------------------------- measuring
@@ -338,7 +348,7 @@ def matmul_rate(n: int, device: str, dtype: torch.dtype, warmup: int, repeats: i
     out = {'n': n, 'dtype': str(dtype).replace('torch.', ''), 'flops': flops,
            'seconds': res['seconds'], 'gflops': flops / res['seconds'] / 1e9, 'onednn_gflops': None}
     if device == 'cpu' and torch.backends.mkldnn.is_available():
-        from twins_timm.models.kernels import onednn_linear
+        from twins_timm.optimize.kernels import onednn_linear
         with torch.inference_mode():
             res = time_interleaved({'mm': lambda: onednn_linear(a, b)}, max(warmup, 1), max(repeats, 3),
                                    device)['mm']
@@ -348,11 +358,11 @@ def matmul_rate(n: int, device: str, dtype: torch.dtype, warmup: int, repeats: i
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call on the plain path (the reference's work; no calibration runs inside the count);
+    """FLOPs of one call of a plain model (the reference's work; no calibration runs inside the count);
     attention included (torch's counter has no formula for the CPU flash kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
-        exact_inference(fn)()
+        fn()
     return int(counter.get_total_flops())
 
 
@@ -375,20 +385,6 @@ def ceiling_summary(fn: Callable[[], Any], flops: int, ours_seconds: float, refe
     gflops = flops / seconds / 1e9
     return dict(c, gflops=gflops, pct_gemm=100.0 * gflops / mm['best_gflops'],
                 outside_share=max(0.0, 1.0 - seconds / ours_seconds), ratio=reference_seconds / seconds)
-
-
-def exact_inference(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run without our CPU-inference kernels (timm's kernels, timm's numbers)."""
-    from twins_timm.models.kernels import fast_inference_enabled, set_fast_inference
-
-    def run() -> Any:
-        was = fast_inference_enabled()
-        set_fast_inference(False)
-        try:
-            return fn()
-        finally:
-            set_fast_inference(was)
-    return run
 
 
 def compile_unavailable_reason(device: str, backend: str) -> Optional[str]:
@@ -460,31 +456,31 @@ class Bench:
         rows = []
         for variant in self.s['variants']:
             self.log('building %s (ours and timm\'s, same weights)' % variant)
-            ours, ref = build_backbone_pair(variant, self.device, self.s['seed'])
+            ours, plain, ref = build_backbone_pair(variant, self.device, self.s['seed'], self.s['kernels'])
             for size in self.s['sizes']:
                 x = self._input(size)
                 for precision in self.s['precisions']:
-                    rows.extend(self._backbone_size(variant, ours, ref, x, size, precision, mm[precision],
+                    rows.extend(self._backbone_size(variant, ours, plain, ref, x, size, precision, mm[precision],
                                                     compile_reason))
-            del ours, ref
+            del ours, plain, ref
             gc.collect()
         return rows
 
-    def _backbone_size(self, variant: str, ours: nn.Module, ref: nn.Module, x: torch.Tensor,
+    def _backbone_size(self, variant: str, ours: nn.Module, plain: nn.Module, ref: nn.Module, x: torch.Tensor,
                        size: Tuple[int, int, int], precision: str, mm: Dict[str, Any],
                        compile_reason: Optional[str]) -> List[Dict[str, Any]]:
         b, h, w = size
         base = {'variant': variant, 'batch': b, 'height': h, 'width': w, 'precision': precision}
         rows = []
         with torch.inference_mode(), precision_context(precision, self.device):
-            flops = count_flops(lambda: ours(x))
+            flops = count_flops(lambda: plain(x))
             want = ref(x)
             diff, scaled = diffs(ours(x), want)
-            exact_diff, exact_scaled = diffs(exact_inference(lambda: ours(x))(), want)
+            exact_diff, exact_scaled = diffs(plain(x), want)
             self.log('%s %dx%dx%d %s eager: %.1f GFLOP per batch, max |ours - timm| %.2e (scaled %.1e; exact '
                      '%.1e)' % (variant, b, h, w, precision, flops / 1e9, diff, scaled, exact_diff))
             t = time_interleaved({'ours': lambda: ours(x), 'timm': lambda: ref(x),
-                                  'exact': exact_inference(lambda: ours(x))},
+                                  'exact': lambda: plain(x)},
                                  self.s['warmup'], self.s['repeats'], self.device)
             rows.append(dict(base, mode='eager', flops=flops, max_abs_diff=diff, scaled_diff=scaled,
                              ours=dict(_speed(t['ours']['seconds'], b, flops, mm),
@@ -542,14 +538,15 @@ class Bench:
                 self.log('segmenter %s %s: building mmseg\'s and ours (converted weights)' % (variant, head))
                 try:
                     ref = build_mmseg_segmenter(variant, head, self.device, self.s['seed'])
-                    ours = convert_mmseg_segmenter(ref, self.device)
+                    plain = convert_mmseg_segmenter(ref, self.device)
+                    ours = optimize(copy.deepcopy(plain), kernels=self.s['kernels'])
                 except Exception as e:
                     rows.append({'variant': variant, 'head': head, 'error': 'build failed: ' + _short_error(e)})
                     continue
                 metas = [dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w))] * b
                 for precision in self.s['precisions']:
                     with torch.inference_mode(), precision_context(precision, self.device):
-                        flops = count_flops(lambda: ours(x))
+                        flops = count_flops(lambda: plain(x))
                         want = ref.encode_decode(x, metas)
                         diff, scaled = diffs(ours(x), want)
                         t = time_interleaved({'ours': lambda: ours(x), 'mmseg': lambda: ref.encode_decode(x, metas)},
@@ -564,7 +561,7 @@ class Bench:
                                  'mmseg': dict(_speed(t['mmseg']['seconds'], b, flops, g),
                                                all_seconds=t['mmseg']['all_seconds']),
                                  'ratio': t['mmseg']['seconds'] / t['ours']['seconds'], 'ceiling': ceiling})
-                del ref, ours
+                del ref, ours, plain
                 gc.collect()
         return {'available': True, 'reason': None, 'results': rows}
 
@@ -654,7 +651,7 @@ class Bench:
             {'method': None, 'reason': 'skipped (no --engines)', 'results': []}
         out['memory'] = self.memory() if self.s['memory'] else \
             {'method': None, 'reason': 'skipped (--no-memory)', 'results': []}
-        out['kernels'] = kernel_choices()
+        out['kernels'] = kernel_summary(self.s['kernels'])
         out['total_seconds'] = time.time() - started
         return out
 
@@ -664,6 +661,7 @@ def _json_settings(s: Dict[str, Any]) -> Dict[str, Any]:
     d['sizes'] = ['%dx%dx%d' % t for t in s['sizes']]
     for k in ('segmenter_size', 'memory_size'):
         d[k] = '%dx%dx%d' % s[k]
+    d['kernels'] = s['kernels'].policy  # a saved table's choices are under 'kernels' in the results
     return d
 
 
@@ -833,10 +831,9 @@ def convert_mmseg_segmenter(mmseg_model: nn.Module, device: str) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------ kernels
-def kernel_choices() -> Dict[str, Any]:
+def kernel_summary(table: KernelTable) -> Dict[str, Any]:
     """Which kernel each layer family of ours took in this run, with the GFLOP/s measured per shape."""
-    from twins_timm.models.kernels import calibration_report, fast_inference_enabled
-    shapes = calibration_report()
+    shapes = table.report()
     summary = {}
     for r in shapes:
         fam = summary.setdefault(r['family'], {'shapes': 0, 'chosen': {}, 'gflops': {}})
@@ -847,7 +844,7 @@ def kernel_choices() -> Dict[str, Any]:
     for fam in summary.values():
         fam['gflops'] = {k: {'min': min(v), 'median': statistics.median(v), 'max': max(v)}
                          for k, v in fam['gflops'].items()}
-    return {'enabled': fast_inference_enabled(), 'families': summary,
+    return {'policy': table.policy, 'families': summary, 'choices': dict(table.choices),
             'shapes': [dict(r, shape=list(r['shape'])) for r in shapes]}
 
 

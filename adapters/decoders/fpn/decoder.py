@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twins_timm.adapters.modules import conv_norm_act, fast_inference, resize, upsample2x
+from twins_timm.adapters.modules import conv_norm_act, resize, upsample2x
 
 
 class FPNNeck(nn.Module):
@@ -30,10 +30,8 @@ class FPNNeck(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         levels = [conv(f) for conv, f in zip(self.lateral_convs, features)]
-        in_place = fast_inference(levels[0])  # the lateral outputs are fresh and nothing keeps them for backward
         for i in range(len(levels) - 1, 0, -1):
-            up = F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode='nearest')
-            levels[i - 1] = levels[i - 1].add_(up) if in_place else levels[i - 1] + up
+            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode='nearest')
         return [conv(level) for conv, level in zip(self.fpn_convs, levels)]
 
 
@@ -67,11 +65,6 @@ class FPNDecoder(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         pyramid = self.neck(list(features)[-len(self.scale_heads):])
         out = self.scale_heads[0](pyramid[0])
-        if fast_inference(out):  # sum in place; a resize to the same size is the identity
-            for head, level in zip(self.scale_heads[1:], pyramid[1:]):
-                part = head(level)
-                out += part if part.shape[-2:] == out.shape[-2:] else resize(part, out.shape[-2:])
-            return out
         for head, level in zip(self.scale_heads[1:], pyramid[1:]):
             out = out + resize(head(level), out.shape[-2:])
         return out

@@ -12,11 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from timm.layers import ConvNormAct
-
-from twins_timm.adapters.modules import (
-    PLAIN_CONVS, adaptive_avg_pool, conv_norm_act, fast_inference, resize, upsampled_conv3x3)
-from twins_timm.models import kernels
+from twins_timm.adapters.modules import adaptive_avg_pool, conv_norm_act, resize
 
 
 class UPerNetDecoder(nn.Module):
@@ -54,27 +50,10 @@ class UPerNetDecoder(nn.Module):
         for i in range(len(levels) - 1, 0, -1):  # top-down, cumulative
             levels[i - 1] = levels[i - 1] + resize(levels[i], levels[i - 1].shape[-2:])
         outs = [conv(level) for conv, level in zip(self.fpn_convs, levels)] + [levels[-1]]
+        return self.fuse(outs)
+
+    def fuse(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`fpn_bottleneck` over the concatenated levels, each resized to the finest."""
         size = outs[0].shape[-2:]
-        if self._fuse_bottleneck(outs[0]):
-            return self.fused_bottleneck(outs)
         outs = [outs[0]] + [resize(o, size) for o in outs[1:]]
         return self.fpn_bottleneck(torch.cat(outs, dim=1))
-
-    def _fuse_bottleneck(self, x: torch.Tensor) -> bool:
-        """CPU inference with the library's own, unhooked `fpn_bottleneck` (hooks see the full concat)."""
-        block = self.fpn_bottleneck
-        return (fast_inference(x) and type(block) is ConvNormAct and type(block.conv) in PLAIN_CONVS
-                and not kernels.has_hooks(block))
-
-    def fused_bottleneck(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """`fpn_bottleneck(cat([outs[0], *resized outs[1:]]))` without resizing or concatenating.
-
-        The 3x3 conv over the concatenation is a sum of convs over its parts; each coarse part runs
-        through `upsampled_conv3x3`. Half of UPerHead's FLOPs at mmseg's sizes go away.
-        """
-        conv = self.fpn_bottleneck.conv
-        parts = conv.weight.split([o.shape[1] for o in outs], dim=1)
-        x = kernels.conv3x3(outs[0], parts[0], conv.bias)
-        for out, weight in zip(outs[1:], parts[1:]):
-            upsampled_conv3x3(out, weight, x.shape[-2:], add_to=x)
-        return self.fpn_bottleneck.bn(x)  # BN + ReLU (or only ReLU once folded), called as a module

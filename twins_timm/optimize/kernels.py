@@ -1,57 +1,41 @@
 """CPU-inference kernels for the Twins backbone and its segmentation heads, chosen by measurement.
 
-Mechanism: module subclasses. The model's linear layers are :class:`Linear` (an ``nn.Linear``: same
-parameters, same state dict, ``isinstance(m, nn.Linear)`` holds, PEFT's LoRA wraps it). Its forward
-is ``F.linear`` except in CPU inference (no autograd, fp32 / bf16, oneDNN built in, not scripted,
-traced or exported, the switch on), where it runs whichever of two kernels was faster for
-that shape on this machine: ``F.linear`` (what timm calls; MKL / OpenBLAS) or the same product as a
-oneDNN 1x1 convolution on a channels-last view of the rows. The choice is a short calibration, run
-once per process and per (in, out, rows bucket, dtype, threads), timing both kernels interleaved on
-the layer's own weights; oneDNN is taken only when it is at least ``MARGIN`` faster, so the fast path
-is never slower than timm's kernel for that shape. Under ``torch.compile`` in CPU inference (not
-export) the layer traces the kernel measured for it when the graph is traced (``compiled_linear_kernel``:
-with inductor's freezing, both candidates with prepacked weights, as inductor will run them), and
-inductor compiles that. A layer replaced or wrapped by the user takes the user's module: the kernel
-lives in the module. PCPVT's global attention (``attention``) picks between
-``F.scaled_dot_product_attention`` and oneDNN grouped 1x1 convolutions the same way. The decoders' convs are
-:class:`Conv2d` (an ``nn.Conv2d``): a 3x3 stride-1 one picks between oneDNN's direct conv and Winograd
-F(2x2, 3x3) (``conv3x3``) the same way.
+Used by the layers ``twins_timm.optimize`` swaps in (``layers.py``); nothing here is on the plain model's
+path. Each choice is between timm's call (``F.linear``, ``F.scaled_dot_product_attention``, the whole
+tensor at once; 'plain') and another computation of the same function: the product as a oneDNN 1x1
+convolution ('onednn'), the MLP over cache-sized row chunks ('rows'), SVT's window attention over
+chunks of windows ('windows'), a 3x3 conv by Winograd F(2x2, 3x3) ('winograd'). A :class:`KernelTable`
+holds one model's choices: measured on first use of a shape ('auto': both candidates timed interleaved
+on the layer's own weights; the other is taken only when at least ``MARGIN`` faster), fixed ('plain',
+'onednn': every choice the other candidate), or a table saved from ``table.choices`` (JSON), which
+makes runs reproducible; shapes a saved table lacks take 'plain', untimed.
 
-Restructured calls: the inference MLP may run over cache-sized row chunks (``row_chunks``), each
-chunk through the block's own ``norm2`` and ``mlp`` modules; whether that beats the MLP on the whole
-tensor is calibrated per shape like the kernels (``mlp_kernel``: 'plain' or 'rows'). SVT's window
-attention may likewise run over cache-sized chunks of windows (``window_attention``: 'plain' or
-'windows'). UPerHead's fusion conv runs over the un-resized pyramid. All are taken only when the modules
-involved carry no forward hooks (``has_hooks``), so hooks always see the full tensors. Compiled graphs
-keep the MLP whole (its chunks unrolled made inductor's compile 2-4x longer), the global attention on
-SDPA and the windows all at once.
+Restructured calls are taken only when the modules involved carry no forward hooks (``has_hooks``), so
+hooks always see the full tensors. Under ``torch.compile`` in CPU inference the linear layers trace
+the kernel measured for them (``compiled_linear_kernel``). Nothing here runs on a GPU.
 
-One switch for backbone and decoders: ``set_fast_inference(False)`` (or ``TWINS_TIMM_ONEDNN=0`` in the
-environment at import) gives timm's kernels and layouts everywhere, bit-identical to timm's Twins.
-``TWINS_TIMM_KERNEL=plain`` or ``=onednn`` (or ``forced_kernel``) fixes the choice without measuring
-(reproducible runs, tests); a compiled graph keeps the choices it was traced with. Nothing here runs on
-a GPU: on CUDA every layer is the plain PyTorch call timm makes.
-``calibration_report()`` lists every choice made in this process with the GFLOP/s measured.
+Private torch APIs used: ``torch.nn.modules.module._global_forward_hooks`` / ``_global_forward_pre_hooks``
+(``has_hooks``), ``torch.ops.mkldnn._reorder_convolution_weight`` / ``_convolution_pointwise`` (what
+inductor's freezing runs, timed for compiled graphs) and ``torch._inductor.config.freezing`` (read
+through ``sys.modules``, never imported here).
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import math
-import os
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    'Linear', 'set_fast_inference', 'fast_inference_enabled', 'fast_inference', 'compiled_inference', 'linear',
-    'compiled_linear_kernel', 'attention',
-    'choose', 'forced_kernel', 'calibration_report', 'clear_calibration', 'has_hooks', 'row_chunks',
-    'mlp_kernel', 'chunked_window_attention', 'window_attention', 'Conv2d', 'conv3x3', 'winograd_conv3x3',
-    'winograd_weight',
+    'KernelTable', 'fast_inference', 'compiled_inference', 'linear', 'compiled_linear_kernel', 'attention',
+    'has_hooks', 'row_chunks', 'mlp_kernel', 'chunked_window_attention', 'window_attention', 'conv3x3',
+    'winograd_conv3x3', 'winograd_weight', 'onednn_linear', 'onednn_attention',
 ]
 
 PLAIN = 'plain'    # what timm calls: F.linear / F.scaled_dot_product_attention
@@ -80,67 +64,103 @@ CONV_CALIBRATION_FLOPS = 4e9  # direct-conv work per timed 3x3 calibration run (
 # channels: 1.15-1.2x on the strip, 0.9-1.1x on the whole map; 512: 1.45x on both, measured on the EPYC)
 WINOGRAD_MARGIN = 0.2
 
-_ENABLED = os.environ.get('TWINS_TIMM_ONEDNN', '1') != '0'
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
-_CHOICES: Dict[Tuple, Dict] = {}   # calibration key -> {'family', 'shape', 'choice', 'gflops'}
-_FORCED: Optional[str] = os.environ.get('TWINS_TIMM_KERNEL') or None  # 'plain' / 'onednn': no calibration
 _TIMER: Callable[[], float] = time.perf_counter
-
-
-def set_fast_inference(enable: bool = True) -> None:
-    """Take the measured CPU-inference kernels (default) or timm's kernels and layouts throughout.
-
-    ``False`` gives timm's Twins bit for bit; ``TWINS_TIMM_ONEDNN=0`` in the environment sets it at import.
-    """
-    global _ENABLED
-    _ENABLED = bool(enable)
-
-
-set_onednn_inference = set_fast_inference  # the name earlier releases documented
-
-
-def fast_inference_enabled() -> bool:
-    return _ENABLED
+POLICIES = ('auto', PLAIN, ONEDNN)
+CHOICES = (PLAIN, ONEDNN, ROWS, WINDOWS, WINOGRAD)
 
 
 def fast_inference(x) -> bool:
-    """Whether work on ``x`` may take the CPU-inference kernels: eager CPU inference, switch on."""
+    """Whether work on ``x`` may take the CPU-inference kernels: eager CPU inference (no autograd)."""
     return (_cpu_inference(x) and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 
 def compiled_inference(x) -> bool:
-    """Whether ``x`` is traced by torch.compile for CPU inference with the switch on (not exported)."""
+    """Whether ``x`` is traced by torch.compile for CPU inference (not exported)."""
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and _cpu_inference(x)  # eager: 1 check
 
 
 def _cpu_inference(x) -> bool:
-    return (_ENABLED and _HAS_ONEDNN and isinstance(x, torch.Tensor) and x.device.type == 'cpu'
+    return (_HAS_ONEDNN and isinstance(x, torch.Tensor) and x.device.type == 'cpu'
             and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.jit.is_scripting())
 
 
 # ------------------------------------------------------------------------------ choosing kernels
-@contextlib.contextmanager
-def forced_kernel(name: Optional[str]) -> Iterator[None]:
-    """Within the block every choice is ``name``, no timing (tests, debugging): 'plain' takes timm's call
-    everywhere, 'onednn' the other candidate of every choice (oneDNN kernels, MLP row chunks)."""
-    global _FORCED
-    old, _FORCED = _FORCED, name
-    try:
-        yield
-    finally:
-        _FORCED = old
+class KernelTable:
+    """One model's kernel choices, by calibration key ('family:shape...'), and what was measured.
+
+    ``policy``: 'auto' measures each new key once; 'plain' / 'onednn' fix every choice without timing
+    ('onednn' takes the other candidate of every choice: oneDNN kernels, row chunks, Winograd, ...);
+    'saved' answers from ``choices`` (a saved table) and takes 'plain' for keys it lacks.
+    """
+
+    def __init__(self, policy: str = 'auto', choices: Optional[Dict[str, str]] = None,
+                 timer: Optional[Callable[[], float]] = None):
+        self.policy = policy
+        self.choices: Dict[str, str] = dict(choices or {})
+        self.measured: Dict[str, Dict] = {}  # key -> {'family', 'shape', 'choice', 'gflops'}
+        self.timer = timer or _TIMER
+
+    @classmethod
+    def from_spec(cls, spec: Union[str, Path, Dict[str, str], 'KernelTable']) -> 'KernelTable':
+        """'auto', 'plain', 'onednn', a saved choices dict, or the path of a JSON file holding one."""
+        if isinstance(spec, KernelTable):
+            return spec
+        if isinstance(spec, str) and spec in POLICIES:
+            return cls(spec)
+        if isinstance(spec, (str, Path)):
+            path = Path(spec)
+            if not path.is_file():
+                raise ValueError(f"kernels must be one of {POLICIES}, a dict of saved choices or the path of a "
+                                 f"JSON file holding one; got {str(spec)!r}, which is neither a policy nor a file")
+            try:
+                spec = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f'kernels file {str(path)!r} is not a JSON table of kernel choices: {e}') from None
+        if not isinstance(spec, dict) or not all(
+                isinstance(k, str) and v in CHOICES for k, v in spec.items()):
+            raise ValueError(f'a saved kernel table maps calibration keys (str) to one of {CHOICES}; got {spec!r:.200}')
+        return cls('saved', spec)
+
+    def choose(self, family: str, key: Tuple, flops: float,
+               candidates: Union[Dict[str, Callable[[], object]], Callable[[], Dict[str, Callable[[], object]]]],
+               alternative: str = ONEDNN, margin: float = MARGIN) -> str:
+        """The kernel for ``key`` in ``family``: from the table, else by the policy, else measured once.
+
+        ``candidates`` maps kernel names to zero-argument calls on calibration inputs (or is a function that
+        builds that mapping, called only when ``key`` is measured: inputs are made once, not per forward);
+        the first is the plain kernel and is kept unless another runs at least ``margin`` faster. ``flops`` is
+        one call's work. ``alternative`` names the other candidate (what the 'onednn' policy takes).
+        """
+        name = family + ':' + ','.join(str(k) for k in key)
+        hit = self.choices.get(name)
+        if hit is not None:
+            return hit
+        if self.policy != 'auto':
+            return alternative if self.policy == ONEDNN else PLAIN
+        if callable(candidates):
+            candidates = candidates()
+        with torch.inference_mode():
+            seconds = _time_interleaved(candidates, self.timer)
+        plain = next(iter(candidates))
+        choice = min(seconds, key=seconds.get)
+        if seconds[choice] > (1 - margin) * seconds[plain]:
+            choice = plain
+        self.choices[name] = choice
+        self.measured[name] = {'family': family, 'shape': tuple(key), 'choice': choice,
+                               'gflops': {k: flops / max(s, 1e-12) / 1e9 for k, s in seconds.items()}}
+        return choice
+
+    def report(self) -> List[Dict]:
+        """Every choice measured for this table: family, shape, chosen kernel, GFLOP/s of each kernel."""
+        return [dict(v) for v in self.measured.values()]
 
 
-def clear_calibration() -> None:
-    """Forget the measured choices (they are re-measured on next use)."""
-    _CHOICES.clear()
-
-
-def calibration_report() -> List[Dict]:
-    """Every choice measured in this process: family, shape, chosen kernel, GFLOP/s of each kernel."""
-    return [dict(v) for v in _CHOICES.values()]
+# the table of a swapped-in layer made without optimize (PEFT's LoRA builds its adapters as type(base_layer)):
+# timm's calls, nothing timed, nothing stored
+PLAIN_TABLE = KernelTable(PLAIN)
 
 
 def _time_interleaved(candidates: Dict[str, Callable[[], object]], timer: Callable[[], float]) -> Dict[str, float]:
@@ -153,35 +173,6 @@ def _time_interleaved(candidates: Dict[str, Callable[[], object]], timer: Callab
             fn()
             best[name] = min(best[name], timer() - t0)
     return best
-
-
-def choose(family: str, key: Tuple, flops: float,
-           candidates: Union[Dict[str, Callable[[], object]], Callable[[], Dict[str, Callable[[], object]]]],
-           timer: Optional[Callable[[], float]] = None, alternative: str = ONEDNN, margin: float = MARGIN) -> str:
-    """The kernel for ``key``: measured once per process, then cached.
-
-    ``candidates`` maps kernel names to zero-argument calls on calibration inputs (or is a function that
-    builds that mapping, called only when ``key`` is measured: inputs are made once, not per forward);
-    the first is the plain kernel and is kept unless another runs at least ``margin`` faster. ``flops`` is
-    one call's work. ``alternative`` names the other candidate (what ``forced_kernel('onednn')`` takes).
-    """
-    if _FORCED is not None:
-        return _FORCED if _FORCED == PLAIN else alternative
-    full_key = (family,) + tuple(key) + (torch.get_num_threads(),)
-    hit = _CHOICES.get(full_key)
-    if hit is not None:
-        return hit['choice']
-    if callable(candidates):
-        candidates = candidates()
-    with torch.inference_mode():
-        seconds = _time_interleaved(candidates, timer or _TIMER)
-    plain = next(iter(candidates))
-    choice = min(seconds, key=seconds.get)
-    if seconds[choice] > (1 - margin) * seconds[plain]:
-        choice = plain
-    _CHOICES[full_key] = {'family': family, 'shape': tuple(key), 'choice': choice,
-                          'gflops': {k: flops / max(s, 1e-12) / 1e9 for k, s in seconds.items()}}
-    return choice
 
 
 def _rows_bucket(rows: int, work_per_row: float) -> int:
@@ -213,13 +204,13 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return out.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
 
 
-def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> str:
+def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], table: KernelTable) -> str:
     """'plain' or 'onednn' for this product on this machine (calibrated once per shape bucket)."""
-    return _linear_kernel(x.numel() // max(weight.shape[1], 1), x.dtype, weight, bias)
+    return _linear_kernel(x.numel() // max(weight.shape[1], 1), x.dtype, weight, bias, table)
 
 
 def _linear_kernel(rows: int, dtype: torch.dtype, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   prepacked: bool = False) -> str:
+                   table: KernelTable, prepacked: bool = False) -> str:
     n, k = weight.shape
     bucket = _rows_bucket(rows, 2.0 * k * n)
     key = (bucket, k, n, bias is not None, _dtype_name(dtype))
@@ -229,7 +220,7 @@ def _linear_kernel(rows: int, dtype: torch.dtype, weight: torch.Tensor, bias: Op
         onednn = _prepacked_onednn_linear(sample, weight, bias) if prepacked else \
             (lambda: onednn_linear(sample, weight, bias))
         return {PLAIN: lambda: F.linear(sample, weight, bias), ONEDNN: onednn}
-    return choose('compiled linear' if prepacked else 'linear', key, 2.0 * bucket * k * n, candidates)
+    return table.choose('compiled linear' if prepacked else 'linear', key, 2.0 * bucket * k * n, candidates)
 
 
 @torch.compiler.assume_constant_result
@@ -240,13 +231,14 @@ def compiled_linear_kernel(layer: nn.Linear, dtype: torch.dtype) -> str:
     kernel's ops. Measured at the largest rows bucket, since a compiled graph may have symbolic sizes. With
     inductor's freezing the candidates are what it will run: ``F.linear`` (its prepacked MKL GEMM runs at
     the same rate) against the 1x1 convolution with a prepacked weight, which a per-call weight reorder
-    would understate by up to ~15 % ('compiled linear' in ``calibration_report``); otherwise as in eager.
+    would understate by up to ~15 % ('compiled linear' in the table's report); otherwise as in eager.
     """
     inductor_config = sys.modules.get('torch._inductor.config')
     freezing = inductor_config is not None and bool(inductor_config.freezing)
     with torch.inference_mode():
         return _linear_kernel(ANY_ROWS, dtype, layer.weight.detach(),
-                              None if layer.bias is None else layer.bias.detach(), prepacked=freezing)
+                              None if layer.bias is None else layer.bias.detach(), layer.kernel_table,
+                              prepacked=freezing)
 
 
 def _prepacked_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Callable[[], object]:
@@ -267,32 +259,11 @@ def _prepacked_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Option
     return lambda: conv(image, packed, bias, no_pad, ones, ones, 1, 'none', [], '')
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear``; in CPU inference by the kernel measured fastest for the shape (plain or oneDNN)."""
-    if fast_inference(x) and linear_kernel(x, weight, bias) == ONEDNN:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], table: KernelTable) -> torch.Tensor:
+    """``F.linear``; in CPU inference by the kernel ``table`` picks for the shape (plain or oneDNN)."""
+    if fast_inference(x) and linear_kernel(x, weight, bias, table) == ONEDNN:
         return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` whose CPU-inference forward takes the kernel measured fastest for the shape.
-
-    torch.compile in CPU inference traces the kernel measured for the layer (``compiled_linear_kernel``).
-    Training, autograd, GPUs, TorchScript, FX and export see ``F.linear``, as timm's.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return F.linear(x, self.weight, self.bias)
-        return self._forward_eager(x)
-
-    @torch.jit.unused
-    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        if compiled_inference(x):
-            if compiled_linear_kernel(self, x.dtype) == ONEDNN:
-                return onednn_linear(x, self.weight, self.bias)
-            return F.linear(x, self.weight, self.bias)
-        return linear(x, self.weight, self.bias)
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -330,7 +301,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return x.transpose(1, 2).reshape(B, N, C)
 
 
-def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
+def attention_kernel(q: torch.Tensor, k: torch.Tensor, table: KernelTable) -> str:
     """'plain' (SDPA) or 'onednn' for global attention of this shape on this machine."""
     B, N, C = q.shape
     nk, nh, d = k.shape[1:]
@@ -343,16 +314,17 @@ def attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
         ks, vs = (torch.randn(1, nk, nh, d, generator=gen).to(q.dtype) for _ in range(2))
         return {PLAIN: lambda: sdpa_attention(qs, ks, vs, d ** -0.5),
                 ONEDNN: lambda: onednn_attention(qs, ks, vs, d ** -0.5)}
-    return choose('attention', key, 4.0 * bucket * nk * C, candidates)
+    return table.choose('attention', key, 4.0 * bucket * nk * C, candidates)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              table: KernelTable) -> Optional[torch.Tensor]:
     """Global attention by the kernel measured fastest, or None where the caller's plain path applies.
 
     Only for the default scale (head_dim ** -0.5) in fast inference; the caller runs timm's SDPA
     call otherwise, so a None costs nothing.
     """
-    if not fast_inference(q) or scale != k.shape[-1] ** -0.5 or attention_kernel(q, k) != ONEDNN:
+    if not fast_inference(q) or scale != k.shape[-1] ** -0.5 or attention_kernel(q, k, table) != ONEDNN:
         return None
     return onednn_attention(q, k, v, scale)
 
@@ -389,7 +361,7 @@ def chunked_window_attention(qkv: torch.Tensor, scale: float, mask: Optional[tor
 AttentionFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]  # (qkv, mask) -> output
 
 
-def window_attention_kernel(qkv: torch.Tensor, plain: AttentionFn) -> str:
+def window_attention_kernel(qkv: torch.Tensor, plain: AttentionFn, table: KernelTable) -> str:
     """'plain' (all windows at once: ``plain(qkv, None)``, the layer's own path, as timm's) or 'windows'
     (chunks of windows) for this shape here.
 
@@ -405,14 +377,14 @@ def window_attention_kernel(qkv: torch.Tensor, plain: AttentionFn) -> str:
         scale = d ** -0.5
         return {PLAIN: lambda: plain(qkvs, None),
                 WINDOWS: lambda: chunked_window_attention(qkvs, scale)}
-    return choose('window attention', key, 4.0 * sample * nh * n_tok * n_tok * d, candidates, alternative=WINDOWS)
+    return table.choose('window attention', key, 4.0 * sample * nh * n_tok * n_tok * d, candidates, alternative=WINDOWS)
 
 
 def window_attention(qkv: torch.Tensor, scale: float, mask: Optional[torch.Tensor],
-                     plain: AttentionFn) -> Optional[torch.Tensor]:
+                     plain: AttentionFn, table: KernelTable) -> Optional[torch.Tensor]:
     """Window attention by the kernel measured faster, or None where the caller's ``plain`` path applies
     (outside fast inference, or where all windows at once measured as fast)."""
-    if not fast_inference(qkv) or window_attention_kernel(qkv, plain) != WINDOWS:
+    if not fast_inference(qkv) or window_attention_kernel(qkv, plain, table) != WINDOWS:
         return None
     return chunked_window_attention(qkv, scale, mask)
 
@@ -472,7 +444,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return out.permute(0, 3, 1, 2)
 
 
-def conv3x3_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> str:
+def conv3x3_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], table: KernelTable) -> str:
     """'plain' (oneDNN's direct conv, what timm and mmseg call) or 'winograd' for this 3x3 conv here.
 
     Timed on a strip of the layer's width: a quarter of one Winograd band (its GEMMs already run at
@@ -492,39 +464,17 @@ def conv3x3_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         u = winograd_weight(weight)
         return {PLAIN: lambda: F.conv2d(sample, weight, bias, padding=1),
                 WINOGRAD: lambda: winograd_conv3x3(sample, weight, bias, u)}
-    return choose('conv3x3', key, 18.0 * c * k * rows * width, candidates, alternative=WINOGRAD,
+    return table.choose('conv3x3', key, 18.0 * c * k * rows * width, candidates, alternative=WINOGRAD,
                   margin=WINOGRAD_MARGIN)
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], table: KernelTable) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` (3x3, stride 1); in CPU inference by the kernel measured
     fastest."""
     if (fast_inference(x) and x.dim() == 4 and not torch.is_autocast_enabled('cpu')  # autocast: its conv
-            and conv3x3_kernel(x, weight, bias) == WINOGRAD):
+            and conv3x3_kernel(x, weight, bias, table) == WINOGRAD):
         return winograd_conv3x3(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=1)
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose CPU-inference forward may take the Winograd kernel (3x3, stride 1, padding 1,
-    no dilation or groups), where it measured faster for the shape; ``F.conv2d`` everywhere else.
-
-    The transformed kernels are made on every call, never kept: a kept copy would miss weight changes that
-    leave the parameter's version alone (``weight.data += delta``, as PEFT's merge does). Making them is
-    memory-bound, 0.5-1.5 % of UPerNet's time at 2x512² (measured on the EPYC).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._conv_forward(x, self.weight, self.bias)
-        return self._forward_eager(x)
-
-    @torch.jit.unused
-    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) and self.groups == 1
-                and self.dilation == (1, 1) and self.padding_mode == 'zeros'):
-            return conv3x3(x, self.weight, self.bias)
-        return self._conv_forward(x, self.weight, self.bias)
 
 
 # ------------------------------------------------------------------------ restructured calls
@@ -542,7 +492,7 @@ def row_chunks(x: torch.Tensor, hidden: int) -> int:
     return max(1, rows // max(MLP_CHUNK_MIN_ROWS, MLP_CHUNK_ELEMENTS // hidden))
 
 
-def mlp_kernel(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, hidden: int, chunks: int) -> str:
+def mlp_kernel(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, hidden: int, chunks: int, table: KernelTable) -> str:
     """'plain' (``mlp(norm(x))`` on the whole tensor, as timm) or 'rows' (over ``chunks`` row chunks).
 
     Calibrated on the block's own modules with up to ``MLP_CALIBRATION_CHUNKS`` chunks' rows: enough for the
@@ -561,4 +511,4 @@ def mlp_kernel(x: torch.Tensor, norm: nn.Module, mlp: nn.Module, hidden: int, ch
             for part in scratch.tensor_split(sample_chunks):
                 part.add_(mlp(norm(part)))
         return {PLAIN: lambda: mlp(norm(sample)).add_(sample), ROWS: by_rows}
-    return choose('mlp', key, 4.0 * per_chunk * sample_chunks * c * hidden, candidates, alternative=ROWS)
+    return table.choose('mlp', key, 4.0 * per_chunk * sample_chunks * c * hidden, candidates, alternative=ROWS)
