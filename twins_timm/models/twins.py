@@ -159,9 +159,12 @@ class LocallyGroupedAttn(nn.Module):
         n = torch.arange(num_windows, device=dev)[:, None] * (ws * ws) + torch.arange(ws * ws, device=dev)
         x = x[:, rows[n], cols[n]]  # (B, nW, L, C): indexed into shape, no reshape of a symbolic size
         qkv = self.qkv(x).unflatten(-1, (3, nh, C // nh))  # (B, nW, L, 3, nh, d)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nh, L, d)
-        mask = window_attn_mask(H, W, ws, dev, q.dtype).unsqueeze(1) if self.window_mask else None
-        x = self._attend(q, k, v, mask).transpose(2, 3).flatten(-2)  # (B, nW, L, C)
+        # (B * nW, nh, L, d): attention on 4-D tensors, the rank ONNX's attention takes
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(1, 2).unbind(0)
+        mask = None
+        if self.window_mask:
+            mask = window_attn_mask(H, W, ws, dev, q.dtype).unsqueeze(1).repeat(B, 1, 1, 1)  # (B * nW, 1, L, L)
+        x = self._attend(q, k, v, mask).unflatten(0, (B, -1)).transpose(2, 3).flatten(-2)  # (B, nW, L, C)
         t = torch.arange(H * W, device=dev)
         h = t // W
         w = t - h * W  # t % W, in the form ONNX export converts (window_token_index)

@@ -280,9 +280,10 @@ def seeded_fill_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _materialize(build: Callable[..., nn.Module], device: str, seed: int) -> nn.Module:
+def _materialize(build: Callable[[], nn.Module], device: str, seed: int) -> nn.Module:
     """Build on the meta device (no slow trunc_normal init), allocate on `device`, seeded fill."""
-    model = build(device='meta')
+    with torch.device('meta'):
+        model = build()
     return seeded_fill_(model.to_empty(device=device), seed).eval()
 
 
@@ -293,7 +294,7 @@ def build_backbone_pair(variant: str, device: str, seed: int,
     import timm.models.twins as timm_twins
 
     import twins_timm  # noqa: F401  registers ours under the timm names
-    ours = _materialize(lambda **kw: timm.create_model(variant, pretrained=False, **kw), device, seed)
+    ours = _materialize(lambda: timm.create_model(variant, pretrained=False), device, seed)
     ref = getattr(timm_twins, variant)(pretrained=False, device='meta')
     if type(ref).__module__ != 'timm.models.twins':  # pragma: no cover - guard against a mix-up
         raise RuntimeError('expected timm\'s own Twins as the reference, got %s' % type(ref))
@@ -692,7 +693,7 @@ def measure_training_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     torch.set_num_threads(int(spec['threads']))
     device = spec['device']
     b, h, w = spec['size']
-    model = _materialize(lambda **kw: timm.create_model(spec['variant'], pretrained=False, num_classes=0, **kw),
+    model = _materialize(lambda: timm.create_model(spec['variant'], pretrained=False, num_classes=0),
                          device, int(spec['seed'])).train()
     model.set_grad_checkpointing(bool(spec['checkpointing']))
     x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(1)).to(device)
@@ -808,12 +809,12 @@ def build_engine_model(variant: str, head: Optional[str], device: str, seed: int
     from twins_timm.adapters import TwinsFPN, TwinsUPerNet
     from twins_timm.models.twins import checkpoint_family_args
     if head is None:
-        return Intermediates(_materialize(lambda **kw: timm.create_model(variant, pretrained=False, **backbone_args,
-                                                                         **kw), device, seed)).eval()
+        return Intermediates(_materialize(lambda: timm.create_model(variant, pretrained=False, **backbone_args),
+                                          device, seed)).eval()
     cls = {'fpn': TwinsFPN, 'upernet': TwinsUPerNet}[head]
     args = dict(checkpoint_family_args('mmseg', variant), **backbone_args)
-    return _materialize(lambda **kw: cls(encoder_name=variant, classes=150, aux_head=False,
-                                         encoder_args=dict(args, **kw)), device, seed)
+    return _materialize(lambda: cls(encoder_name=variant, classes=150, aux_head=False, encoder_args=args),
+                        device, seed)
 
 
 # ------------------------------------------------------------------------------------- mmseg
