@@ -6,6 +6,7 @@ in our torch path at fp32), so they are measured together, on the machine at han
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -13,21 +14,26 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from twins_timm.optimize import optimize
 from twins_timm.tools.numerics import max_abs_diff, scaled_diff
 
 from .engines import ENGINE_MODULES, NO_ORT_BF16, TorchAutocast, native_bf16
 from .export import OPENVINO_XML, ONNX_FILE, export_onnx, export_openvino, require_modules
 from .runners import Outputs, Runner, load_onnxruntime, load_openvino
 
-# (engine, dtype) in the order they are reported; torch fp32 first: the reference of the others
-ENGINE_DTYPES: Tuple[Tuple[str, str], ...] = (('torch', 'fp32'), ('torch', 'bf16'), ('onnxruntime', 'fp32'),
-                                              ('openvino', 'fp32'), ('openvino', 'bf16'))
+# (engine, dtype) in the order they are reported; torch fp32 first: the plain model, the reference of the others.
+# 'torch+optimize' is the same model after twins_timm.optimize (what segment / eval run on --engine torch).
+OPTIMIZED = 'torch+optimize'
+ENGINE_DTYPES: Tuple[Tuple[str, str], ...] = (('torch', 'fp32'), ('torch', 'bf16'), (OPTIMIZED, 'fp32'),
+                                              (OPTIMIZED, 'bf16'), ('onnxruntime', 'fp32'), ('openvino', 'fp32'),
+                                              ('openvino', 'bf16'))
 METHOD = ("each model is exported once (torch.onnx.export(dynamo=True) of the plain model, batch and size free; "
           'OpenVINO IR converted from that file, fp32 weights): export_seconds, and convert_seconds for OpenVINO. '
           'Every engine x dtype is then loaded (load_seconds) and called once on the input (first_call_seconds, '
           'which includes any compilation on first shapes), and timed with the others interleaved. torch bf16: '
           'autocast; OpenVINO: INFERENCE_PRECISION_HINT f32 / bf16 (set explicitly either way); ONNX Runtime: '
-          'fp32 only (its CPU provider has no bf16 kernels). bf16 runs only where the CPU computes it natively '
+          'fp32 only (its CPU provider has no bf16 kernels). torch+optimize: the model after twins_timm.optimize '
+          '(its CPU-inference layers, kernels as --kernels). bf16 runs only where the CPU computes it natively '
           '(avx512_bf16 or amx_bf16 in /proc/cpuinfo). Parity against torch fp32 on the same input: max_abs_diff, '
           "scaled_diff (share of the reference's scale) and, for segmenters, argmax_agreement (share of pixels "
           'with the same class)')
@@ -47,7 +53,7 @@ def unavailable(engine: str, dtype: str, device: str) -> Optional[str]:
     if device != 'cpu':
         return 'the engines are compared on the CPU (--device cpu)'
     try:
-        require_modules(ENGINE_MODULES[engine], engine)
+        require_modules(ENGINE_MODULES.get(engine, ()), engine)
     except ValueError as e:
         return str(e)
     if dtype == 'bf16':
@@ -66,7 +72,7 @@ def _timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
 
 
 def prepare_engines(model: nn.Module, x: torch.Tensor, output_names: Sequence[str], workdir: Path,
-                    segmenter: bool, device: str, log: Callable[[str], None]
+                    segmenter: bool, device: str, log: Callable[[str], None], kernels: Any = 'auto'
                     ) -> Tuple[Dict[str, Runner], List[Dict[str, Any]]]:
     """(ready runners by 'engine dtype', one row per engine x dtype): exports into ``workdir`` as needed.
 
@@ -76,7 +82,7 @@ def prepare_engines(model: nn.Module, x: torch.Tensor, output_names: Sequence[st
         want = model(x)
     runners: Dict[str, Runner] = {}
     rows: List[Dict[str, Any]] = []
-    made: Dict[str, Any] = {}  # file -> seconds it took, or the exception that stopped it
+    made: Dict[str, Any] = {}  # file -> seconds it took, or the exception that stopped it; 'optimized' -> model
     onnx_path, xml_path = workdir / ONNX_FILE, workdir / OPENVINO_XML
 
     def make(name: str, fn: Callable[[], None]) -> float:
@@ -97,8 +103,11 @@ def prepare_engines(model: nn.Module, x: torch.Tensor, output_names: Sequence[st
             row['skipped'] = reason
             continue
         try:
-            if engine == 'torch':
-                run = model if dtype == 'fp32' else TorchAutocast(model)
+            if engine in ('torch', OPTIMIZED):
+                if engine == OPTIMIZED and 'optimized' not in made:
+                    made['optimized'] = optimize(copy.deepcopy(model), kernels=kernels)
+                base = model if engine == 'torch' else made['optimized']
+                run = base if dtype == 'fp32' else TorchAutocast(base)
                 row['load_seconds'] = 0.0
             else:
                 log('%s %s: %s' % (engine, dtype, 'loading' if 'onnx' in made else 'exporting to ONNX, then loading'))

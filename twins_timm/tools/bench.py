@@ -581,7 +581,7 @@ class Bench:
             outputs = ['logits'] if head else ['features_%d' % i for i in range(4)]
             with tempfile.TemporaryDirectory(prefix='twins-timm-bench-export-') as tmp:
                 runners, engine_rows = prepare_engines(model, x, outputs, Path(tmp), head is not None, self.device,
-                                                       self.log)
+                                                       self.log, self.s['kernels'])
                 with torch.inference_mode():
                     t = time_interleaved({k: (lambda run=run: run(x)) for k, run in runners.items()},
                                          self.s['warmup'], self.s['repeats'], self.device)
