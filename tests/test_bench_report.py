@@ -34,6 +34,12 @@ def small_run() -> dict:
         'memory': {'method': 'peak RSS', 'results': [
             dict(row, variant='twins_svt_small', without_checkpointing={'peak_bytes': 1536 * 2 ** 20},
                  with_checkpointing={'peak_bytes': 512 * 2 ** 20}, ratio=1 / 3)]},
+        'engines': {'bf16_note': 'CPU flags avx512_bf16', 'results': [
+            {'model': 'fpn twins_svt_small', 'batch': 1, 'height': 512, 'width': 512, 'engine': 'openvino',
+             'dtype': 'bf16', 'images_per_s': 5.12, 'speedup': 2.338, 'export_seconds': 34.0,
+             'first_call_seconds': 0.66, 'scaled_diff': 0.0103, 'argmax_agreement': 0.9943},
+            {'model': 'fpn twins_svt_small', 'batch': 1, 'height': 512, 'width': 512, 'engine': 'onnxruntime',
+             'dtype': 'bf16', 'skipped': 'no bf16 kernels'}]},
         'kernels': {'enabled': True, 'families': {
             'linear': {'shapes': 12, 'chosen': {'onednn': 11, 'plain': 1},
                        'gflops': {'plain': {'min': 150, 'median': 180.4, 'max': 190},
@@ -58,6 +64,9 @@ def test_renders_a_section_per_run_named_by_cpu_and_date(run_json, capsys):
     assert ('| twins_svt_small | 2x512x512 | fp32 | eager | 8.10 | 4.70 | 1.71x | 1.00x | 57 | 33 | 79 | 2.40x |'
             in out)
     assert '| twins_svt_small | 2x512x512 | fp32 | compiled | compile failed: RuntimeError: no cc |' in out
+    assert ('| fpn twins_svt_small | 1x512x512 | openvino | bf16 | 5.12 | 2.34x | 34.00 | 0.66 | 1.0e-02 | 99.43 % | - |'
+            in out)
+    assert '| fpn twins_svt_small | 1x512x512 | onnxruntime | bf16 | - | - | - | - | - | - | no bf16 kernels |' in out
     assert 'Segmenters vs mmseg: not measured (mmsegmentation is not installed).' in out
     assert '| twins_svt_small | 2x512x512 | fp32 | 1536 | 512 | 0.33 |' in out
     assert '| linear | 12 | onednn 11, plain 1 | onednn 391, plain 180 |' in out

@@ -116,11 +116,29 @@ def _kernels(run: Dict[str, Any]) -> List[str]:
             markdown_table(['family', 'shapes', 'taken', 'median GFLOP/s in calibration'], rows)]
 
 
+def _engines(run: Dict[str, Any]) -> List[str]:
+    eng = run.get('engines') or {}
+    rows = []
+    for r in eng.get('results') or []:
+        agree = r.get('argmax_agreement')
+        rows.append([r['model'], _size(r), r['engine'], r['dtype'], r.get('images_per_s', '-'),
+                     _ratio(r.get('speedup')), r.get('export_seconds', '-'), r.get('first_call_seconds', '-'),
+                     '%.1e' % r['scaled_diff'] if 'scaled_diff' in r else '-',
+                     '%.2f %%' % (100 * agree) if agree is not None else '-',
+                     (r.get('skipped') or r.get('error') or '')[:80] or '-'])
+    if not rows:
+        return []
+    return ['CPU inference engines, speed-up over torch fp32 (the plain model) on the same input; export and '
+            'first call in s; parity against torch fp32 (bf16 native: %s):' % eng.get('bf16_note'), '',
+            markdown_table(['model', 'BxHxW', 'engine', 'dtype', 'img/s', 'speed-up', 'export s', 'first call s',
+                            'scaled diff', 'argmax agree', 'note'], rows)]
+
+
 def render_run(run: Dict[str, Any], source: str) -> str:
     """One bench run as a Markdown section headed by its CPU and date."""
     title = '## %s, %s' % (run['machine'].get('cpu', 'unknown CPU'), run.get('date') or 'undated (no date in the JSON)')
     parts = [title, '', 'From `%s`. ' % source + ' '.join(_machine(run))]
-    for section in (_backbones(run), _segmenters(run), _memory(run), _kernels(run)):
+    for section in (_backbones(run), _segmenters(run), _engines(run), _memory(run), _kernels(run)):
         if section:
             parts += [''] + section
     return '\n'.join(parts) + '\n'
