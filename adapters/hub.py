@@ -92,7 +92,11 @@ def from_pretrained(name_or_path: Union[str, Path], *, strict: bool = True,
     Extra keyword arguments are the hub mixin's (revision, cache_dir, token, local_files_only,
     force_download) or constructor overrides, as for `TwinsUPerNet.from_pretrained`.
     """
+    from twins_timm import zoo
+
     name_or_path = _resolve(str(name_or_path))
+    if not os.path.isdir(name_or_path) and zoo.offline():
+        kwargs.setdefault('local_files_only', True)  # a Hub repo id offline: the local HF cache, no request
     config = read_config(name_or_path, **kwargs)
     class_name = config.get('_model_class')
     if class_name not in MODEL_CLASSES:

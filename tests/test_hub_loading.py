@@ -99,3 +99,21 @@ def test_from_pretrained_missing_folder_and_unknown_name(monkeypatch):
     assert time.monotonic() - t0 < 5   # an answer, not 23 s of retries (generous bound: not a timing test)
     with pytest.raises(FileNotFoundError, match='did you mean upernet_twins_svt_large.ade20k'):
         from_pretrained('upernet_twins_svt_large')
+
+
+def test_hub_id_offline_never_touches_the_network(monkeypatch):
+    """TWINS_TIMM_OFFLINE=1: a Hub repo id not in the local cache fails at once, with no connection tried."""
+    import socket
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from twins_timm.adapters import from_pretrained
+
+    def no_network(*args, **kwargs):
+        raise AssertionError('a connection was attempted offline')
+
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    monkeypatch.setattr(socket, 'create_connection', no_network)
+    monkeypatch.setattr(socket.socket, 'connect', no_network)
+    with pytest.raises(LocalEntryNotFoundError):
+        from_pretrained('twins-timm-tests/not-cached-anywhere')
