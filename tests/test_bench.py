@@ -65,7 +65,6 @@ def test_json_has_machine_settings_methods(tiny_run):
     mm = data['matmul']['fp32']
     assert mm['n'] == 256 and mm['flops'] == 2 * 256 ** 3 and _positive(mm['gflops'])
     assert _positive(mm['onednn_gflops'])  # the kernel of our inference linear, timed on the same product
-    assert mm['best_gflops'] == max(mm['gflops'], mm['onednn_gflops'])
     assert data['compile']['available'] is False and 'skipped' in data['compile']['reason']
     assert data['engines']['results'] == [] and 'skipped' in data['engines']['reason']  # only with --engines
 
@@ -81,12 +80,9 @@ def test_backbone_row_ratios_and_parity(tiny_run):
         for key in ('seconds', 'images_per_s', 'gflops', 'pct_matmul', 'pct_gemm'):
             assert _positive(row[side][key]), (side, key)
         assert len(row[side]['all_seconds']) == 1
-        assert row[side]['pct_gemm'] <= row[side]['pct_matmul']
     # same weights, same input: the two implementations agree; our plain model ('exact') bit for bit
     assert row['scaled_diff'] <= 1e-5 and row['max_abs_diff'] < 1e-3
     assert row['exact']['scaled_diff'] == row['exact']['max_abs_diff'] == 0
-    assert row['exact']['ratio'] == pytest.approx(row['timm']['seconds'] / row['exact']['seconds'])
-    assert row['ratio'] == pytest.approx(row['timm']['seconds'] / row['ours']['seconds'])
 
 
 def test_backbone_row_speed_ceiling(tiny_run):
@@ -97,11 +93,7 @@ def test_backbone_row_speed_ceiling(tiny_run):
     # compute the same products)
     assert ceiling['flops'] == row['flops'] and ceiling['calls'] == sum(op['calls'] for op in ceiling['ops'])
     assert _positive(ceiling['seconds']) and _positive(ceiling['pct_gemm']) and _positive(ceiling['ratio'])
-    assert ceiling['pct_gemm'] == pytest.approx(100 * row['flops'] / ceiling['seconds'] / 1e9
-                                                / data['matmul']['fp32']['best_gflops'])
-    assert ceiling['ratio'] == pytest.approx(row['timm']['seconds'] / ceiling['seconds'])
     assert 0 <= ceiling['outside_share'] < 1
-    assert ceiling['seconds'] == pytest.approx(ceiling['product_seconds'] + ceiling['other_seconds'])
     assert all(set(op) == {'op', 'kind', 'shapes', 'calls', 'seconds_per_call', 'gflops'} for op in ceiling['ops'])
     assert {op['op'] for op in ceiling['ops'] if op['kind'] == 'other'} >= {'layer_norm', 'softmax'}
     assert 'ceiling %gemm' in text and bench.METHODS['ceiling'] == data['methods']['ceiling']

@@ -116,7 +116,6 @@ def test_ceiling_covers_all_of_a_twins_forward(kernel):
         ceiling = speed_ceiling(fn, repeats=1)
     assert ceiling['flops'] == flops > 0
     assert ceiling['calls'] == sum(op['calls'] for op in ceiling['ops']) > ceiling['distinct'] == len(ceiling['ops'])
-    assert ceiling['seconds'] == pytest.approx(ceiling['product_seconds'] + ceiling['other_seconds'])
     assert ceiling['product_seconds'] > 0 and ceiling['other_seconds'] > 0
     assert all(op['seconds_per_call'] > 0 for op in ceiling['ops'])
     products = {op['op'] for op in ceiling['ops'] if op['kind'] == 'product'}
