@@ -18,7 +18,8 @@ from typing import Optional
 from twins_timm.convert.io import atomic_path
 from twins_timm.tools.common import quiet_stdout
 from twins_timm.tools.loading import load_model
-from twins_timm.tools.paths import check_writable_dir
+from twins_timm.tools.paths import (check_replaceable, check_writable_dir, inside, model_files,
+                                    refuse_inputs_as_outputs)
 
 from .export import (CONFIG_FILE, EXPORT_FILES, FORMAT_MODULES, FORMATS, INPUT_NAME, OUTPUT_NAME, README_FILE,
                      export_folder, folder_problem, require_modules)
@@ -45,37 +46,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--quiet', action='store_true', help='no progress lines')
 
 
-def _inside(a: Path, b: Path) -> bool:
-    """Whether ``a`` is ``b`` or lies inside it (links resolved)."""
-    a, b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
-    return a == b or b in a.parents
-
-
 def not_an_earlier_export(folder: Path) -> Optional[str]:
     """Why OUT may not be replaced: None for an empty folder or an earlier, unchanged `twins-timm export`."""
-    if folder.is_symlink() or not folder.is_dir():
-        return 'a symbolic link' if folder.is_symlink() else 'a file, not a folder'
+    if not folder.is_dir():
+        return 'not an earlier twins-timm export: a file, not a folder'
     names = sorted(p.name for p in folder.iterdir())
     others = [n for n in names if n not in EXPORT_NAMES]
     if others:
-        return 'it holds %s' % ', '.join(others[:5])
-    return folder_problem(folder) if names else None
+        return 'not an earlier twins-timm export: it holds %s' % ', '.join(others[:5])
+    problem = folder_problem(folder) if names else None
+    return problem and 'not an earlier twins-timm export, unchanged: %s' % problem
 
 
 def check_out(out: Path, model_spec: str, force: bool) -> None:
-    """OUT is new (or empty), or an earlier export replaced with --force; never the model or around it."""
+    """OUT is new, or an earlier export replaced with --force; never a file the model reads, nor around or
+    inside the model's folder."""
+    hint = 'OUT and MODEL overlap: choose an OUT folder outside the model.'
+    refuse_inputs_as_outputs([out], model_files(model_spec), hint)
     model_path = Path(os.path.expanduser(model_spec))
-    if model_path.exists() and (_inside(out, model_path) or _inside(model_path, out)):
-        raise ValueError('OUT %s and MODEL %s overlap; twins-timm never writes where it reads. Choose an OUT '
-                         'folder outside the model' % (out, model_spec))
-    if out.exists() or out.is_symlink():
-        problem = not_an_earlier_export(out)
-        if problem:
-            raise FileExistsError('OUT %s exists and is not an earlier twins-timm export, unchanged (%s); '
-                                  '--force replaces only those. Choose a new folder' % (out, problem))
-        if any(out.iterdir()) and not force:
-            raise FileExistsError('OUT %s holds an earlier export; pass --force to replace it or choose a new '
-                                  'folder' % out)
+    if inside(out, model_path):
+        raise ValueError('OUT %s lies in the folder of MODEL %s; %s' % (out, model_spec, hint))
+    check_replaceable(out, 'OUT', force, not_an_earlier_export)
     check_writable_dir(out.parent, 'OUT %s: its parent folder' % out)
 
 

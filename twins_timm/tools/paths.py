@@ -86,7 +86,8 @@ def _same_file(a: Path, b: Path) -> bool:
     return Path(os.path.realpath(a)) == Path(os.path.realpath(b))
 
 
-def _inside(inner: Path, folder: Path) -> bool:
+def inside(inner: PathLike, folder: PathLike) -> bool:
+    """Whether ``inner`` is the existing folder ``folder`` or lies in it (links resolved)."""
     return folder.is_dir() and Path(os.path.realpath(inner)).is_relative_to(os.path.realpath(folder))
 
 
@@ -101,7 +102,7 @@ def refuse_inputs_as_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathL
     for out in outputs:
         out = Path(out)
         for inp in inputs:
-            if _same_file(out, inp) or _inside(inp, out):
+            if _same_file(out, inp) or inside(inp, out):
                 raise ValueError('the output %s would overwrite the input %s; twins-timm never writes over '
                                  'its inputs, even with --force. %s'
                                  % (out, inp, hint or 'Choose another output path.'))
