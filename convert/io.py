@@ -173,7 +173,7 @@ def check_destination(dst: PathLike, force: bool, not_ours: Optional[Callable[[P
     (any regular file without ``not_ours``); never a symbolic link. Returns it as a Path."""
     dst = Path(dst)
     if dst.exists() or dst.is_symlink():  # imported only then: a writer in a bare process stays light
-        from twins_timm.tools.paths import check_replaceable
+        from twins_timm.files.paths import check_replaceable
         check_replaceable(dst, what, force, not_ours)
     return dst
 

@@ -160,8 +160,8 @@ def standin(monkeypatch):
     """``segment`` and ``eval`` use the tiny stand-in segmenter (tests/tools_standin.py) instead of loading
     a model."""
     from tools_standin import TinySegmenter
-    from twins_timm.tools import evaluate, segment
-    from twins_timm.tools.loading import LoadedModel
+    from twins_timm.commands import evaluate, segment
+    from twins_timm.zoo.resolve import LoadedModel
     model = TinySegmenter().eval()
     fake = lambda spec=None, **kw: LoadedModel(model, 'stand-in')  # noqa: E731
     monkeypatch.setattr(segment, 'load_model', fake)

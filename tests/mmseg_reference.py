@@ -1,6 +1,6 @@
 """mmsegmentation 1.x reference models on CPU, for parity tests only.
 
-Built by the package's one builder (`twins_timm.tools.mmseg_reference`, shared with `twins-timm bench`:
+Built by the package's one builder (`twins_timm.devtools.mmseg_reference`, shared with `twins-timm bench`:
 mmseg's own Twins configs, SyncBN replaced by BN, the `mmcv.ops` stand-in for mmcv-lite), then given
 seeded random weights (`references.randomize_`: BatchNorm running statistics included) and eval mode.
 
@@ -16,8 +16,8 @@ from torch import nn
 
 from builders import fill_
 from references import no_parameter_init, randomize_
-from twins_timm.tools.mmseg_reference import FAMILIES, HEADS, SIZES, config_path, import_mmseg
-from twins_timm.tools.mmseg_reference import model_config as _model_config
+from twins_timm.devtools.mmseg_reference import FAMILIES, HEADS, SIZES, config_path, import_mmseg
+from twins_timm.devtools.mmseg_reference import model_config as _model_config
 
 __all__ = ['FAMILIES', 'HEADS', 'SIZES', 'config_path', 'require_mmseg', 'model_config', 'randomize_',
            'build_reference', 'mmseg_checkpoint_object', 'save_mmseg_checkpoint', 'reference_logits',

@@ -1,8 +1,8 @@
-"""How tests compare fp32 outputs: the measure `twins-timm bench` reports (twins_timm.tools.numerics),
+"""How tests compare fp32 outputs: the measure `twins-timm bench` reports (twins_timm.inference.numerics),
 asserted at FP32_TOL of the output's scale."""
 import torch
 
-from twins_timm.tools.numerics import max_abs_diff as max_diff, scaled_diff
+from twins_timm.inference.numerics import max_abs_diff as max_diff, scaled_diff
 
 __all__ = ['FP32_TOL', 'assert_scaled_close', 'max_diff', 'scaled_diff']
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from twins_timm.cli import main
-from twins_timm.tools import bench
+from twins_timm.devtools import bench
 
 # --threads 1: a test worker has one core (conftest.py); two OpenMP threads on it spin-wait on each other
 # (the memory section's forward + backward ran ~20x slower). Also shows --threads is honoured: the default
@@ -182,7 +182,7 @@ def test_table_printed(tiny_run):
 
 def test_markdown_report_of_a_real_run(tiny_run, tmp_path, capsys):
     """docs/benchmarks.md's generator reads what the bench writes: every section, headed by CPU and date."""
-    from twins_timm.tools.bench_report import main as report
+    from twins_timm.devtools.bench_report import main as report
     data, _ = tiny_run
     path = tmp_path / 'run.json'
     path.write_text(json.dumps(data))
@@ -280,7 +280,7 @@ def test_flop_count_is_the_plain_models_work():
 def test_mmseg_import_leaves_transformers_importable(monkeypatch):
     """import_mmseg hides transformers from mmengine's optimizer registration (~1 s), then un-hides it."""
     from mmseg_reference import require_mmseg
-    from twins_timm.tools.mmseg_reference import import_mmseg
+    from twins_timm.devtools.mmseg_reference import import_mmseg
     require_mmseg()
     monkeypatch.delitem(sys.modules, 'transformers', raising=False)
     import_mmseg()
@@ -296,7 +296,7 @@ def test_engines_side_by_side_with_parity(tmp_path, monkeypatch):
     import functools
     for mod in ('onnx', 'onnxscript', 'onnxruntime', 'openvino'):
         pytest.importorskip(mod)
-    from twins_timm.deploy import bench as deploy_bench
+    from twins_timm.devtools import engine_bench as deploy_bench
     monkeypatch.setattr(bench, 'build_engine_model', functools.partial(
         bench.build_engine_model, depths=[1, 1, 1, 1], patch_padding='none'))
     monkeypatch.setattr(deploy_bench, 'native_bf16', lambda: (False, 'no bf16 flags (test)'))

@@ -1,4 +1,4 @@
-"""`python -m twins_timm.tools.bench_report`: a bench JSON made here rendered as docs/benchmarks.md's tables.
+"""`python -m twins_timm.devtools.bench_report`: a bench JSON made here rendered as docs/benchmarks.md's tables.
 
 The JSON is written by hand in the bench's shape (no benchmark runs); test_bench.py renders a real run.
 """
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fresh_python import fresh_python
-from twins_timm.tools.bench_report import main
+from twins_timm.devtools.bench_report import main
 
 
 def _speed(images_per_s: float, pct_gemm: float) -> dict:
@@ -106,5 +106,5 @@ def test_bad_input_is_one_paragraph_and_nothing_printed(run_json, tmp_path, caps
 
 
 def test_module_entry_point(run_json):
-    proc = fresh_python(module='twins_timm.tools.bench_report', argv=[str(run_json)])
+    proc = fresh_python(module='twins_timm.devtools.bench_report', argv=[str(run_json)])
     assert proc.returncode == 0 and proc.stdout.startswith('## AMD EPYC 9B45, 2026-12-02 09:15 UTC')

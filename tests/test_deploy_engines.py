@@ -19,10 +19,10 @@ from PIL import Image
 from fresh_python import fresh_python
 from tools_standin import TinySegmenter, random_rgb
 from twins_timm import cli
-from twins_timm.deploy import cli as export_cli
+from twins_timm.commands import export as export_cli
 from twins_timm.deploy import engines, export
-from twins_timm.tools import evaluate, segment
-from twins_timm.tools.loading import LoadedModel
+from twins_timm.commands import evaluate, segment
+from twins_timm.zoo.resolve import LoadedModel
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ('onnx', 'onnxscript', 'onnxruntime', 'openvino')),
@@ -192,7 +192,7 @@ def test_engine_requests_refused_before_any_work(photos, model, monkeypatch, cap
 
 
 def test_base_install_imports_no_engine_package():
-    done = fresh_python('import sys; import twins_timm.deploy, twins_timm.tools.segment, twins_timm.tools.evaluate; '
+    done = fresh_python('import sys; import twins_timm.deploy, twins_timm.commands.segment, twins_timm.commands.evaluate; '
                         'print(sorted(m for m in ("onnx", "onnxscript", "onnxruntime", "openvino") if m in sys.modules))')
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == '[]'

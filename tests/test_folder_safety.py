@@ -20,8 +20,8 @@ from test_tools_safety import _one_paragraph
 from tools_standin import random_rgb
 from twins_timm import cli
 from twins_timm.adapters import TwinsFPN, from_pretrained
-from twins_timm.tools import evaluate as evaluate_mod
-from twins_timm.tools import segment as segment_mod
+from twins_timm.commands import evaluate as evaluate_mod
+from twins_timm.commands import segment as segment_mod
 
 CLASSES = 3
 TINY = dict(encoder_name='twins_pcpvt_small', classes=CLASSES, decoder_pyramid_channels=16,
@@ -265,7 +265,7 @@ def test_non_finite_logits_stop_with_a_clear_error(saved, tmp_path, capsys):
         state['segmentation_head.conv_seg.weight'].fill_(3e38)
         save_file(state, str(path))
     folder = _copy(saved, tmp_path, edit_weights=overflowing)
-    from twins_timm.tools.inference import InferenceSettings, NonFiniteLogitsError, predict_labels
+    from twins_timm.inference.predict import InferenceSettings, NonFiniteLogitsError, predict_labels
     with pytest.raises(NonFiniteLogitsError, match='NaN or infinite logits'):
         predict_labels(from_pretrained(folder), random_rgb(40, 48), InferenceSettings(scale=None))
     Image.fromarray(random_rgb(40, 48)).save(tmp_path / 'p.png')

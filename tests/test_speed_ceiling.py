@@ -1,4 +1,4 @@
-"""The speed ceiling (twins_timm.tools.speed_ceiling): which calls it records and how it rebuilds them.
+"""The speed ceiling (twins_timm.devtools.speed_ceiling): which calls it records and how it rebuilds them.
 
 Nothing here is timed against anything: the ceiling's seconds are only checked to be positive; what can
 fail is the recording (every essential op once, nothing else) and the replayed inputs' layout.
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from twins_timm.optimize import optimize
-from twins_timm.tools import bench
-from twins_timm.tools.speed_ceiling import _make, _spec, record_essential_calls, speed_ceiling
+from twins_timm.devtools import bench
+from twins_timm.devtools.speed_ceiling import _make, _spec, record_essential_calls, speed_ceiling
 
 
 def _names(calls):

@@ -13,10 +13,11 @@ from PIL import Image
 
 from tools_standin import random_rgb
 from twins_timm import cli
-from twins_timm.tools import loading
-from twins_timm.tools.evaluate import IoUAccumulator
-from twins_timm.tools.inference import InferenceSettings, predict_labels
-from twins_timm.tools.loading import read_image
+from twins_timm.inference import images
+from twins_timm.zoo import resolve
+from twins_timm.inference.metrics import IoUAccumulator
+from twins_timm.inference.predict import InferenceSettings, predict_labels
+from twins_timm.inference.images import read_image
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_sixteen_bit_grey_and_rgb_read_the_same_way(tmp_path, standin, capsys):
 
 
 def test_overlay_blend_in_bands_is_the_plain_blend():
-    from twins_timm.tools.visualize import blend, colorize
+    from twins_timm.inference.visualize import blend, colorize
     rng = np.random.default_rng(0)
     img, labels = random_rgb(123, 77), rng.integers(0, 9, (123, 77))
     palette = rng.integers(0, 256, (9, 3), dtype=np.uint8)
@@ -266,20 +267,20 @@ def test_segment_and_eval_with_real_adapter_folder(tmp_path, saved_segmenter, ca
 
 def test_hub_id_found_in_local_cache(offline_hub, saved_segmenter, hf_cache):
     hf_cache(offline_hub, 'someone/pcpvt-s-upernet', saved_segmenter)
-    loaded = loading.load_model('someone/pcpvt-s-upernet')
+    loaded = resolve.load_model('someone/pcpvt-s-upernet')
     assert not loaded.random_weights and 'Hub cache' in loaded.source
     assert loaded.model.classes == 150
 
 
 def test_main_job_default_model_from_cache(offline_hub, saved_segmenter, tmp_path, capsys):
     from twins_timm import zoo
-    from twins_timm import cache_entry
-    entry = shutil.copytree(saved_segmenter, zoo.folder_for(loading.DEFAULT_MODEL_ID))  # fetched earlier
-    cache_entry.write_record(entry, zoo.WEIGHTS, zoo.MODELS[loading.DEFAULT_MODEL_ID].url)
+    from twins_timm.zoo import cache_entry
+    entry = shutil.copytree(saved_segmenter, zoo.folder_for(resolve.DEFAULT_MODEL_ID))  # fetched earlier
+    cache_entry.write_record(entry, zoo.WEIGHTS, zoo.MODELS[resolve.DEFAULT_MODEL_ID].url)
     out = tmp_path / 'out'
     assert cli.main(['segment', '--out', str(out), '--quiet', '--scale', '96', '64']) == 0
     std = capsys.readouterr()
-    assert 'RANDOM' not in std.out + std.err and loading.DEFAULT_MODEL_ID in std.out
+    assert 'RANDOM' not in std.out + std.err and resolve.DEFAULT_MODEL_ID in std.out
     assert (out / 'coffee_labels.png').exists() and (out / 'coffee_overlay.png').exists()
 
 

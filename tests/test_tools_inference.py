@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from tools_standin import MATRIX_PRODUCTS, OpsSeen, TinySegmenter, image, region_logits, require_mmseg
-from twins_timm.tools.bilinear import resized_rows, upsampled_argmax
-from twins_timm.tools.inference import (
+from twins_timm.inference.bilinear import resized_rows, upsampled_argmax
+from twins_timm.inference.predict import (
     ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings, merged_bands, ms_flip_settings,
     network_input_size, normalize, predict_labels, predict_scores, rescale_size, resize_uint8,
     slide_logits, slide_windows)

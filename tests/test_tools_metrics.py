@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tools_standin import require_mmseg
-from twins_timm.tools.evaluate import IoUAccumulator, format_table, intersect_and_union, reduce_zero_label
+from twins_timm.inference.metrics import IoUAccumulator, format_table, intersect_and_union, reduce_zero_label
 
 
 def _synthetic(seed: int, n: int = 4, classes: int = 6):

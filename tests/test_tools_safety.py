@@ -20,10 +20,11 @@ from PIL import Image
 
 from tools_standin import OpsSeen, random_rgb
 from twins_timm import cli
-from twins_timm.tools import evaluate as evaluate_mod
-from twins_timm.tools import loading
-from twins_timm.tools import segment as segment_mod
-from twins_timm.tools.inference import merged_bands, ms_flip_settings, predict_labels
+from twins_timm.commands import evaluate as evaluate_mod
+from twins_timm.inference import images
+from twins_timm.zoo import resolve
+from twins_timm.commands import segment as segment_mod
+from twins_timm.inference.predict import merged_bands, ms_flip_settings, predict_labels
 
 
 def _sha(path: Path) -> str:
@@ -115,7 +116,7 @@ def test_unwritable_outputs_fail_before_the_model_loads(tmp_path, no_model_load,
     Image.fromarray(np.ones((32, 32), np.uint8)).save(data / 'annotations' / 'validation' / 'x.png')
     assert cli.main(['eval', '--data', str(data), '--json', '/proc/self/m.json']) == 2
     assert '--json /proc/self/m.json' in _one_paragraph(capsys, 'eval')
-    from twins_timm.tools import bench
+    from twins_timm.devtools import bench
 
     def no_measuring(*a, **k):
         raise AssertionError('bench measured before checking --json')
@@ -181,13 +182,13 @@ def test_huge_images_clear_error_and_limit_option(tmp_path, no_model_load, capsy
     assert '15000x12000' in err and '--max-pixels 180000000' in err
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # no raw Pillow warning
-        assert loading.check_image(large)[0] == (10000, 10000)
-        assert loading.check_image(big, max_pixels=180_000_000)[0] == (15000, 12000)
-        assert loading.check_image(big, max_pixels=0)[0] == (15000, 12000)
+        assert images.check_image(large)[0] == (10000, 10000)
+        assert images.check_image(big, max_pixels=180_000_000)[0] == (15000, 12000)
+        assert images.check_image(big, max_pixels=0)[0] == (15000, 12000)
     with pytest.raises(ValueError, match='max_pixels'):
-        loading.read_image(large, max_pixels=1000)
+        images.read_image(large, max_pixels=1000)
     with pytest.raises(ValueError, match='15000x12000'):
-        loading.read_label_map(big)  # an annotation that large: the same clear error, no traceback
+        images.read_label_map(big)  # an annotation that large: the same clear error, no traceback
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard is back for everyone else
 
 
@@ -195,7 +196,7 @@ def test_memory_estimate_is_right_at_small_sizes(tmp_path, no_model_load, capsys
     Image.new('L', (1001, 1000)).save(tmp_path / 'x.png')
     assert cli.main(['segment', str(tmp_path / 'x.png'), '--max-pixels', '1000000', '--out', str(tmp_path / 'o')]) == 2
     err = _one_paragraph(capsys, 'segment')
-    assert 'limit of 1 megapixels' in err and 'about %.0f MB' % (1001 * 1000 * loading.DECODE_BYTES_PER_PIXEL / 1e6) in err
+    assert 'limit of 1 megapixels' in err and 'about %.0f MB' % (1001 * 1000 * images.DECODE_BYTES_PER_PIXEL / 1e6) in err
     assert '0.0 GB' not in err
 
 
@@ -224,9 +225,9 @@ def test_fifo_and_devices_are_refused_without_opening_them(tmp_path, no_model_lo
         assert 'photo.png: is a named pipe (FIFO), not an image file' in err
         assert all('%s: is a device' % d in err for d in inputs[1:])
         with pytest.raises(ValueError, match='named pipe'):
-            loading.read_image(fifo)
+            images.read_image(fifo)
         with pytest.raises(ValueError, match='named pipe'):
-            loading.read_label_map(fifo)
+            images.read_label_map(fifo)
     assert not (tmp_path / 'o').exists()
 
 

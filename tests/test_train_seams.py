@@ -115,11 +115,11 @@ def test_truncated_annotation_is_named_before_the_work(tmp_path, dataset, model_
     assert 'training_002.png: not a readable annotation PNG, its data is truncated' in err
     assert not (tmp_path / 'o').exists()
     _truncate(data / 'annotations' / 'validation' / 'validation_001.png')
-    from twins_timm.tools import evaluate as evaluate_mod
+    from twins_timm.inference import metrics
 
     def no_forward(*a, **k):
         raise AssertionError('a forward pass ran before the annotations were checked')
-    monkeypatch.setattr(evaluate_mod, 'predict_labels', no_forward)
+    monkeypatch.setattr(metrics, 'predict_labels', no_forward)
     assert cli_main(['eval', '--data', str(data), '--model', str(model_folder), '--quiet', '--device', 'cpu']) == 2
     assert 'validation_001.png: not a readable annotation PNG' in _one_paragraph(capsys, 'eval')
 

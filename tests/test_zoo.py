@@ -338,16 +338,16 @@ def test_file_put_by_hand_is_verified_and_converted_offline(cache, seg_record, f
 
 
 def test_segment_default_offline_falls_back_with_the_command_that_fixes_it(cache, monkeypatch, tmp_path, capsys):
-    from twins_timm.tools import loading
+    from twins_timm.zoo import resolve
     monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
-    assert loading.DEFAULT_MODEL_ID == zoo.DEFAULT_SEGMENTER == 'upernet_twins_svt_large.ade20k'
-    loaded = loading.load_model(None)
+    assert resolve.DEFAULT_MODEL_ID == zoo.DEFAULT_SEGMENTER == 'upernet_twins_svt_large.ade20k'
+    loaded = resolve.load_model(None)
     assert loaded.random_weights
     notice = capsys.readouterr().err.strip()
     assert notice.endswith('twins-timm models --download upernet_twins_svt_large.ade20k')
     assert '\n' not in notice and len(notice) < 400 and 'http' not in notice and 'offline mode is on' in notice
     with pytest.raises(zoo.ZooError):
-        loading.load_model(zoo.DEFAULT_SEGMENTER)   # asked for by name: no silent random weights
+        resolve.load_model(zoo.DEFAULT_SEGMENTER)   # asked for by name: no silent random weights
 
 
 # ------------------------------------------------------------------------------------- the list
@@ -419,7 +419,7 @@ def test_unknown_name_suggests_close_ones():
 # ------------------------------------------------------------------------------ safety at the seams
 def test_damaged_entry_is_fetched_again_online_and_named_offline(server, cache, seg_record, tmp_path, monkeypatch,
                                                                  capsys):
-    from twins_timm.tools import loading
+    from twins_timm.zoo import resolve
     monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
     name = seg_record.name
     weights = zoo.fetch(name) / 'model.safetensors'
@@ -445,7 +445,7 @@ def test_damaged_entry_is_fetched_again_online_and_named_offline(server, cache, 
     monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
     with pytest.raises(zoo.DamagedEntry, match='sha256 differs'):   # ... every use the sha256 too
         zoo.fetch(name)
-    loaded = loading.load_model(name, allow_random=True)       # a fallback says how to replace it
+    loaded = resolve.load_model(name, allow_random=True)       # a fallback says how to replace it
     notice = capsys.readouterr().err
     assert loaded.random_weights and notice.strip().endswith('twins-timm models --download %s --force' % name)
 
@@ -497,7 +497,7 @@ def test_downloads_are_bounded_in_time_and_size(server, cache, files, monkeypatc
 
 
 def test_full_disk_is_reported_as_such(server, cache, monkeypatch, capsys):
-    from twins_timm import download
+    from twins_timm.files import download
 
     class FullDisk(io.BytesIO):
         def write(self, data):
@@ -598,7 +598,7 @@ def test_hub_download_from_a_stalled_mirror_is_abandoned(server, cache, tmp_path
 
 
 def test_a_watched_download_may_outlast_the_timeout_while_it_makes_progress(tmp_path, monkeypatch):
-    from twins_timm.download import DownloadError, run_watched
+    from twins_timm.files.download import DownloadError, run_watched
     monkeypatch.setenv('TWINS_TIMM_DOWNLOAD_TIMEOUT', '1')
 
     def growing():

@@ -22,13 +22,13 @@ from typing import List, Optional
 
 # command name -> module implementing it
 COMMANDS = {
-    'convert': 'twins_timm.convert.cli',
-    'segment': 'twins_timm.tools.segment',
-    'eval': 'twins_timm.tools.evaluate',
-    'bench': 'twins_timm.tools.bench',
-    'export': 'twins_timm.deploy.cli',
-    'models': 'twins_timm.tools.models',
-    'train': 'twins_timm.tools.train',
+    'convert': 'twins_timm.commands.convert',
+    'segment': 'twins_timm.commands.segment',
+    'eval': 'twins_timm.commands.evaluate',
+    'bench': 'twins_timm.devtools.bench',
+    'export': 'twins_timm.commands.export',
+    'models': 'twins_timm.commands.models',
+    'train': 'twins_timm.commands.train',
 }
 
 # Errors that mean "the input or the request is wrong": shown as one paragraph, exit code 2.

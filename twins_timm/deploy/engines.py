@@ -20,7 +20,7 @@ from torch import nn
 
 from twins_timm import zoo
 from twins_timm.convert.io import atomic_path
-from twins_timm.tools.paths import check_writable_dir
+from twins_timm.files.paths import check_writable_dir
 
 from .export import (FORMAT_MODULES, OPENVINO_XML, ONNX_FILE, engine_versions, export_folder, folder_problem,
                      require_modules, weights_sha256)

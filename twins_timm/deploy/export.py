@@ -27,8 +27,8 @@ from torch import nn
 
 import twins_timm
 from twins_timm.models.twins import MIN_INPUT_SIZE
-from twins_timm.tools.inference import DEFAULT_MEAN, DEFAULT_STD
-from twins_timm.tools.numerics import max_abs_diff, scaled_diff
+from twins_timm.inference.predict import DEFAULT_MEAN, DEFAULT_STD
+from twins_timm.inference.numerics import max_abs_diff, scaled_diff
 
 from .runners import INPUT_NAME, OUTPUT_NAME, load_onnxruntime, load_openvino
 

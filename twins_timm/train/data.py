@@ -15,9 +15,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from twins_timm.adapters.loss import IGNORE_INDEX
+from twins_timm.inference.metrics import reduce_zero_label
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 ANNOTATION_MODES = ('L', 'P', 'I', 'I;16')  # single-channel integer class-index images
-IGNORE_INDEX = 255
 Pair = Tuple[Path, Path]
 
 
@@ -56,15 +58,6 @@ def find_pairs(data: os.PathLike, split: str) -> List[Pair]:
 def allowed_label_range(num_classes: int, reduce_zero_label: bool) -> Tuple[int, int]:
     """Smallest and largest raw annotation value (besides the ignore value) for ``num_classes``."""
     return (0, num_classes) if reduce_zero_label else (0, num_classes - 1)
-
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """ADE20K convention: 0 ("other") -> 255 (ignored), every other class index minus one."""
-    label = np.asarray(label).astype(np.int64)
-    out = label - 1
-    out[label == 0] = IGNORE_INDEX
-    out[out == IGNORE_INDEX - 1] = IGNORE_INDEX  # 255 stays ignored
-    return out
 
 
 def _oriented_size(im: Image.Image) -> Tuple[int, int]:
@@ -205,7 +198,7 @@ def check_label_convention(values: Sequence[int], num_classes: int, reduce_zero:
 
 def read_pair(image: Path, annotation: Path, reduce_zero: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """HxWx3 uint8 RGB image (EXIF orientation applied) and HxW int64 labels (reduced if asked)."""
-    from ..tools.loading import read_image, read_label_map
+    from twins_timm.inference.images import read_image, read_label_map
     rgb, _ = read_image(image)
     label = read_label_map(annotation)
     if reduce_zero:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from twins_timm.convert.io import atomic_path, write_folder
-from ..tools import distributed
+from twins_timm.inference import distributed
 from .data import DatasetError, SegmentationFolder, check_label_convention, check_pairs, find_pairs
 from .models import head_of
 from .recipe import Recipe, build_optimizer, check_settings, recipe_for
@@ -246,8 +246,8 @@ def evaluate_sharded(model: nn.Module, pairs: Sequence, num_classes: int, ctx: d
                      scale: Tuple[int, int], device, reduce_zero: bool, progress: bool = False):
     """mmseg's whole-image test (keep-ratio resize to ``scale``, the recipe's (4 crop, crop)) on this
     process's share of ``pairs``; per-class areas summed exactly over the processes."""
-    from ..tools.evaluate import evaluate
-    from ..tools.inference import InferenceSettings
+    from twins_timm.inference.metrics import evaluate
+    from twins_timm.inference.predict import InferenceSettings
     settings = InferenceSettings(scale=tuple(scale))
     was_training = model.training
     model.eval()

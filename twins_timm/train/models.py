@@ -104,7 +104,7 @@ def build_model(spec: str, classes: Optional[int] = None, class_names: Optional[
     if from_scratch:
         raise ValueError('--from-scratch only applies to HEAD:VARIANT specs such as upernet:twins_svt_small; '
                          '%s is a trained model' % spec)
-    from twins_timm.tools.loading import load_model
+    from twins_timm.zoo.resolve import load_model
     loaded = load_model(spec, allow_random=False)
     model = loaded.model
     head = head_of(model)

@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-IGNORE_INDEX = 255
+from twins_timm.adapters.loss import IGNORE_INDEX
 
 
 def _mask_of(flat_inputs: List[Any]) -> torch.Tensor:

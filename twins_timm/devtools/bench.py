@@ -5,7 +5,7 @@ In one run, with the same seeded weights and inputs on both sides:
     intermediates_only=True)`), eval, inference mode, eager and `torch.compile`d: images/s, the
     ratio, GFLOP/s (counted with torch.utils.flop_counter) and the % of the fp32 matmul rate
     measured in the same run, beside the speed ceiling: the rate if nothing but the model's matrix
-    products, norms, softmaxes and resizes took time, each timed alone (twins_timm.tools.speed_ceiling);
+    products, norms, softmaxes and resizes took time, each timed alone (twins_timm.devtools.speed_ceiling);
   * segmenters: our TwinsFPN / TwinsUPerNet vs mmsegmentation's own models end to end (only when
     mmsegmentation is installed; it is never needed otherwise);
   * peak training memory (forward + backward) with and without gradient checkpointing;
@@ -37,16 +37,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from twins_timm.deploy.bench import METHOD as ENGINES_METHOD
-from twins_timm.deploy.bench import prepare_engines
+from twins_timm.devtools.engine_bench import METHOD as ENGINES_METHOD
+from twins_timm.devtools.engine_bench import prepare_engines
 from twins_timm.deploy.engines import native_bf16
 from twins_timm.optimize import optimize
 from twins_timm.optimize.kernels import KernelTable
-from twins_timm.tools import mmseg_reference
-from twins_timm.tools.common import add_kernels_argument
-from twins_timm.tools.speed_ceiling import flop_mapping, speed_ceiling
-from twins_timm.tools.paths import check_output_file
-from twins_timm.tools.numerics import max_abs_diff, scaled_diff
+from twins_timm.devtools import mmseg_reference
+from twins_timm.commands.common import add_kernels_argument
+from twins_timm.devtools.speed_ceiling import flop_mapping, speed_ceiling
+from twins_timm.files.paths import check_output_file
+from twins_timm.inference.numerics import max_abs_diff, scaled_diff
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -84,7 +84,7 @@ METHODS = {
                    'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s. On CPU the same '
                    "product is also timed through oneDNN (a 1x1 convolution, the other kernel twins_timm's "
                    'inference linear can choose): onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
-    'ceiling': 'the speed ceiling of our model (twins_timm.tools.speed_ceiling): one eager forward recorded op by '
+    'ceiling': 'the speed ceiling of our model (twins_timm.devtools.speed_ceiling): one eager forward recorded op by '
                'op, then every matrix product (linear, matmul, mm / bmm, convolution, attention) and every other op '
                'no implementation can skip or fold into a product (LayerNorm, softmax, resizes) replayed alone on '
                'fresh inputs of the same shapes and strides, two warm-up runs, then the best of 5; their sum is the '
@@ -568,7 +568,7 @@ class Bench:
 
     # engines --------------------------------------------------------------------------------
     def engines(self) -> Dict[str, Any]:
-        """Every engine x dtype on the same models and inputs, timed interleaved (twins_timm.deploy.bench)."""
+        """Every engine x dtype on the same models and inputs, timed interleaved (twins_timm.devtools.engine_bench)."""
         models = [(variant, None, self.s['sizes'][0]) for variant in self.s['variants'] if self.s['backbones']]
         models += [(variant, head, self.s['segmenter_size']) for variant in self.s['segmenter_variants']
                    for head in self.s['heads'] if self.s['segmenters']]
@@ -786,7 +786,7 @@ def _memory_in_subprocess(specs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     subprocess per configuration."""
     if not hasattr(os, 'fork') and len(specs) > 1:
         return [result for spec in specs for result in _memory_in_subprocess([spec])]
-    code = ('import json, sys; from twins_timm.tools.bench import measure_in_fresh_processes; '
+    code = ('import json, sys; from twins_timm.devtools.bench import measure_in_fresh_processes; '
             'print("RESULT " + json.dumps(measure_in_fresh_processes(json.loads(sys.argv[1]))))')
     # A fixed mmap threshold makes glibc hand every large block straight back to the OS when it is freed,
     # so RSS follows the live tensors instead of the allocator's free lists.

@@ -12,10 +12,10 @@ import torch
 
 from twins_timm.deploy.engines import DTYPES, ENGINES, check_engine_request, engine_model
 
-from ..optimize import optimize
+from twins_timm.optimize import optimize
 from ..optimize.kernels import KernelTable
-from .inference import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
-from .loading import DEFAULT_MODEL_ID
+from twins_timm.inference.predict import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
+from twins_timm.zoo.resolve import DEFAULT_MODEL_ID
 
 # Smallest slide-mode crop: the segmenters' backbones have an output stride of 32 and refuse smaller
 # inputs (MIN_INPUT_SIZE in twins_timm.models.twins); checked here so the error comes before the work.

@@ -8,9 +8,9 @@ Names follow timm's ``arch.tag``: ``{upernet,fpn}_twins_{pcpvt,svt}_{small,base,
 ADE20K segmenters), ``twins_*.in1k_mmseg`` (mmseg's converted ImageNet backbones, no head) and
 ``twins_*.in1k`` (timm's ImageNet classifiers on the Hugging Face Hub). ``twins-timm models`` lists them.
 
-Downloads (``twins_timm.download``: bounded in size and time, sha256 prefix from the file name checked)
+Downloads (``twins_timm.files.download``: bounded in size and time, sha256 prefix from the file name checked)
 go into a private temporary folder, then through the converter (safe loading, every key accounted for);
-the converted folder, with the size and sha256 of its weights (``twins_timm.cache_entry``), is renamed
+the converted folder, with the size and sha256 of its weights (``twins_timm.zoo.cache_entry``), is renamed
 into ``cache_dir()/NAME`` only when complete, under a lock per entry: processes fetching the same entry
 (torchrun ranks) wait for the first and use its result. Every use checks the entry first; a damaged one
 is fetched again (or, offline, named with the command that fixes it).
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 from urllib.parse import urlsplit
 
-from twins_timm import cache_entry
-from twins_timm.download import DownloadError, download, is_full_disk, run_watched
+from twins_timm.zoo import cache_entry
+from twins_timm.files.download import DownloadError, download, is_full_disk, run_watched
 
 MMSEG_ROOT = 'https://download.openmmlab.com/mmsegmentation/v0.5/'
 MMSEG_LICENCE = ('apache-2.0 (OpenMMLab mmsegmentation); trained on ImageNet-1k and ADE20K, whose terms of use '
@@ -292,7 +292,7 @@ def _fetch_file(spec: str, record: Optional[ZooModel], progress: bool, keep_raw:
     if not force and folder.is_dir() and cache_entry.problem(folder, WEIGHTS) is None:
         return folder
     root = cache_dir()
-    from twins_timm.tools.paths import check_writable_dir  # here: twins_timm.tools imports the inference code
+    from twins_timm.files.paths import check_writable_dir  # here: twins_timm.inference imports the inference code
     # before hundreds of MB are downloaded: a probe file, which also holds for root and read-only mounts
     check_writable_dir(root, 'the model cache (TWINS_TIMM_CACHE moves it)')
     root.mkdir(parents=True, exist_ok=True)

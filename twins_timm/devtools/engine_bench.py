@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from twins_timm.optimize import optimize
-from twins_timm.tools.numerics import max_abs_diff, scaled_diff
+from twins_timm.inference.numerics import max_abs_diff, scaled_diff
 
-from .engines import ENGINE_MODULES, NO_ORT_BF16, TorchAutocast, native_bf16
-from .export import OPENVINO_XML, ONNX_FILE, export_onnx, export_openvino, require_modules
-from .runners import Outputs, Runner, load_onnxruntime, load_openvino
+from twins_timm.deploy.engines import ENGINE_MODULES, NO_ORT_BF16, TorchAutocast, native_bf16
+from twins_timm.deploy.export import OPENVINO_XML, ONNX_FILE, export_onnx, export_openvino, require_modules
+from twins_timm.deploy.runners import Outputs, Runner, load_onnxruntime, load_openvino
 
 # (engine, dtype) in the order they are reported; torch fp32 first: the plain model, the reference of the others.
 # 'torch+optimize' is the same model after twins_timm.optimize (what segment / eval run on --engine torch).

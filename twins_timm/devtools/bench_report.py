@@ -1,7 +1,7 @@
 """Markdown tables of `twins-timm bench --json` runs, so that docs/benchmarks.md is generated, not typed.
 
     twins-timm bench --json run.json
-    python -m twins_timm.tools.bench_report run.json [more.json ...] > tables.md
+    python -m twins_timm.devtools.bench_report run.json [more.json ...] > tables.md
 
 Each run becomes one section headed by its CPU and date, with the machine, the reference matmul rates and
 the bench's tables (backbones vs timm's Twins, segmenters vs mmseg, training memory, kernels taken) as the
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from twins_timm.tools.bench import _cell
+from twins_timm.devtools.bench import _cell
 
 REQUIRED_KEYS = ('machine', 'settings', 'matmul')
 
@@ -169,7 +169,7 @@ def render_one(path: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m twins_timm.tools.bench_report',
+    parser = argparse.ArgumentParser(prog='python -m twins_timm.devtools.bench_report',
                                      description=__doc__.split('\n\n')[0])
     parser.add_argument('runs', nargs='+', metavar='JSON', help='files written by twins-timm bench --json')
     args = parser.parse_args(argv)

@@ -114,7 +114,7 @@ def _check_dst(src: Path, dst: Path, to: str, force: bool) -> None:
     """Before any work: DST is none of the files SRC reads (nor a folder holding them), fits --to, is new or
     (with --force) an earlier output of ours, and its folder is writable."""
     from twins_timm.convert.save import check_output
-    from twins_timm.tools.paths import check_writable_dir, model_files, refuse_inputs_as_outputs
+    from twins_timm.files.paths import check_writable_dir, model_files, refuse_inputs_as_outputs
     if dst.is_dir() and src.resolve().is_relative_to(dst.resolve()):
         raise ValueError('DST %s is the folder that holds SRC %s; replacing it would delete the input, even with '
                          '--force. Choose another DST.' % (dst, src))
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m twins_timm.convert.cli SRC DST``: the same command without the top-level dispatcher."""
+    """``python -m twins_timm.commands.convert SRC DST``: the same command without the top-level dispatcher."""
     p = argparse.ArgumentParser(prog='twins-timm convert', description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)

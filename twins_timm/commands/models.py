@@ -41,9 +41,10 @@ def _check_cache_entry(spec: str, force: bool) -> None:
     """Before any download: the folder the converted model goes to is free, or a model folder twins-timm
     wrote there (replaced with --force, or when damaged); never a folder of the user's that happens to sit
     in the cache."""
-    from twins_timm import cache_entry, zoo
+    from twins_timm import zoo
+    from twins_timm.zoo import cache_entry
     from twins_timm.convert.io import HUB_FOLDER_FILES, folder_not_ours
-    from twins_timm.tools.paths import check_replaceable
+    from twins_timm.files.paths import check_replaceable
 
     if not zoo.is_url(spec) and zoo.get(spec).origin == 'timm':
         return  # kept in the Hugging Face cache, by huggingface_hub

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from twins_timm.train import build_model, fit
     from twins_timm.train.recipe import check_settings
     from twins_timm.train.transforms import min_crop_size
-    from .distributed import Dist, finish, init
+    from twins_timm.inference.distributed import Dist, finish, init
 
     check_settings(iters=args.iters, lr=args.lr, global_batch=args.global_batch, batch_size=args.batch_size,
                    save_interval=args.save_interval, eval_interval=args.eval_interval,
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from twins_timm.train.data import find_pairs
     from twins_timm.train.engine import check_out
     check_out(out, args.resume)  # fail before loading a model
-    from .paths import model_files, refuse_inputs_as_outputs
+    from twins_timm.files.paths import model_files, refuse_inputs_as_outputs
     inputs = [Path(args.data)] + model_files(args.model) + ([Path(args.class_names)] if args.class_names else [])
     refuse_inputs_as_outputs([out], inputs, 'Keep the data, the model and --class-names outside the --out folder.')
     find_pairs(args.data, 'training')  # the labels are checked once the classes are known
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         find_pairs(args.data, 'validation')
     device = args.device
     if device != 'auto':
-        from .common import pick_device
+        from twins_timm.commands.common import pick_device
         device = str(pick_device(device))
     torch.manual_seed(args.seed or 0)
     ctx = Dist()

@@ -24,7 +24,7 @@ uint8 (``method='torch'``) is off by one grey level on ~12% of pixels (see the t
 Memory: one view is computed at a time (the flipped copy in its own forward pass) and merged into
 one image-size accumulator as it comes, so TTA holds one network-size score map, not all.  For photos
 whose score map would exceed ``full_bytes`` (a 150-class map is 7 GB at 12 megapixels): one view's
-labels come without the map (:func:`~twins_timm.tools.bilinear.upsampled_argmax`); TTA holds either
+labels come without the map (:func:`~twins_timm.inference.bilinear.upsampled_argmax`); TTA holds either
 its views at network size or one image-size map, whichever is smaller, and resizes in bands of rows
 with ``F.interpolate``'s own numbers (:func:`merged_bands`), in time linear in the pixels.
 """
@@ -41,7 +41,7 @@ from torch import nn
 
 from twins_timm.adapters.base import MMSEG_MEAN, MMSEG_STD
 
-from .bilinear import resized_rows, upsampled_argmax
+from twins_timm.inference.bilinear import resized_rows, upsampled_argmax
 
 # mmseg's ADE20K test scale (w, h) -- long side at most 2048, short side at most 512.
 ADE20K_TEST_SCALE: Tuple[int, int] = (2048, 512)

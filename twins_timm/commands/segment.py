@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
-from .common import (add_inference_arguments, add_model_arguments, describe_settings, engine_from_args,
+from twins_timm.inference import distributed
+from twins_timm.commands.common import (add_inference_arguments, add_model_arguments, describe_settings, engine_from_args,
                      model_classes, pick_device, quiet_stdout, scale_for_model, settings_from_args)
-from .inference import predict_labels
-from .loading import (DEFAULT_MAX_PIXELS, DEFAULT_MODEL_ID, RANDOM_LABEL, check_image, load_model, read_image,
-                      sample_image_path)
-from .paths import check_replaceable, check_writable_dir, model_files, refuse_inputs_as_outputs
-from .visualize import class_name_list, label_image, make_palette, overlay_image, png_not_ours, save_png
+from twins_timm.inference.predict import predict_labels
+from twins_timm.inference.images import DEFAULT_MAX_PIXELS, check_image, read_image, sample_image_path
+from twins_timm.zoo.resolve import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model
+from twins_timm.files.paths import check_replaceable, check_writable_dir, model_files, refuse_inputs_as_outputs
+from twins_timm.inference.visualize import class_name_list, label_image, make_palette, overlay_image, png_not_ours, save_png
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                 labels = predict_labels(model, batch, settings, device=device,
                                         on_view=lambda: bar.update(len(idx))).numpy()
             except ValueError as e:  # e.g. an image too small for the model: skip it, go on
-                from .inference import NonFiniteLogitsError
+                from twins_timm.inference.predict import NonFiniteLogitsError
                 if isinstance(e, NonFiniteLogitsError):  # the model, not this image: stop
                     raise
                 tqdm.write('error: %s: %s (skipped)' % (', '.join(str(images[i]) for i in idx), e),

@@ -1,0 +1,3 @@
+"""The ``twins-timm`` sub-commands: one module each, ``DESCRIPTION``, ``EPILOG``, ``add_arguments(parser)`` and
+``run(args) -> int`` (see ``twins_timm/cli.py``). They parse, check the request before any work, and call the
+library; the work itself lives in the packages below them (docs/architecture.md)."""
