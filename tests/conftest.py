@@ -2,15 +2,14 @@
 reference models (seeded weights: tests/references.py), the stand-in segmenter.
 
 ``python -m pytest -q -n 2 --dist worksteal -m "not slow"`` is the quick first check (every module and
-command, small variants only); CI runs everything (README: the same without ``-m``).  Slow are, by rule rather than by hand so that new tests follow:
-the mmsegmentation parity, deploy (export) and bench files, the base / large variants of tests
-parametrised over all six models (the small ones of the same test stay in the quick set), and a few
-single tests whose faster siblings cover the same code.
+command, small variants only); CI runs everything (README: the same without ``-m``).  Slow tests are marked
+where they are written: ``pytestmark`` in the mmseg parity, export and bench files, ``@pytest.mark.slow`` on a
+few single tests whose faster siblings cover the same code, and ``marks.larger_variants_slow`` on
+parametrisations over the six models (their small variants stay in the quick set).
 """
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -32,33 +31,6 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     os.environ['OMP_NUM_THREADS'] = str(WORKER_THREADS)
 else:
     WORKER_THREADS = None
-
-SLOW_FILES = (
-    'test_mmseg_parity_heads.py',
-    'test_mmseg_parity_models.py',
-    'test_mmseg_parity_official.py',
-    'test_deploy.py',
-    'test_deploy_engines.py',
-    'test_bench.py',
-)
-# single long tests (they were over a minute on a busy machine) where a faster sibling covers the same code
-SLOW_TESTS = (
-    'test_short_fine_tuning_lowers_the_loss',
-    'test_folders_load_offline_from_a_local_hf_cache',
-    'test_grad_checkpointing_recomputes_and_gives_same_gradients',
-    'test_compiled_inference_with_free_sizes_keeps_the_kernel_choice',  # dynamic shapes: two traces
-)
-# a parametrisation id naming a base or large variant: twins_svt_base, pcpvt-large-fpn, alt_gvt_base, ...
-SLOW_VARIANT = re.compile(r'(?:pcpvt|svt|gvt)[_-](?:base|large)')
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        params = getattr(getattr(item, 'callspec', None), 'id', '')
-        if (item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS
-                or SLOW_VARIANT.search(params)):
-            item.add_marker(pytest.mark.slow)
-
 
 def pytest_configure(config):
     if WORKER_THREADS:

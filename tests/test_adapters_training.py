@@ -58,6 +58,7 @@ def test_mmseg_loss_weights_and_ignore():
         mmseg_loss(main, target[:, :4])
 
 
+@pytest.mark.slow  # a faster sibling covers the same code
 def test_short_fine_tuning_lowers_the_loss():
     model = _model().train()
     x, target = _synthetic_batch()

@@ -12,6 +12,7 @@ from fresh_python import fresh_python
 from numerics import FP32_TOL, max_diff, scaled_diff
 from references import randomize_, seeded_model, timm_reference
 from twins_timm.models.twins import Twins, checkpoint_family_args, window_attn_mask
+from marks import larger_variants_slow
 
 VARIANTS = [f'twins_{a}_{s}' for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
 SMALL = ['twins_pcpvt_small', 'twins_svt_small']
@@ -113,7 +114,7 @@ PARITY_SIZES = ((112, 112), (250, 333))
 PARITY_CASES = {name: (2, PARITY_SIZES) if name in SMALL else (1, PARITY_SIZES[1:]) for name in VARIANTS}
 
 
-@pytest.fixture(scope='module', params=VARIANTS)
+@pytest.fixture(scope='module', params=larger_variants_slow(VARIANTS))
 def timm_parity(request, timm_pair):
     """Differences of ours from timm's Twins, same weights, at PARITY_CASES (batch, sizes): logits
     (``m(x)``) and the 4 maps (``forward_intermediates``), of our plain model ('plain') and of a copy with
@@ -404,6 +405,7 @@ def test_drop_path_linear_decay():
     assert rates[0] == 0 and abs(rates[-1] - 0.3) < 1e-7
 
 
+@pytest.mark.slow  # a faster sibling covers the same code
 @pytest.mark.parametrize('name', SMALL)
 def test_grad_checkpointing_recomputes_and_gives_same_gradients(name):
     m = ours(name, drop_path_rate=0.0).train()

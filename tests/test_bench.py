@@ -15,6 +15,8 @@ import pytest
 from twins_timm.cli import main
 from twins_timm.devtools import bench
 
+pytestmark = pytest.mark.slow  # the whole file: the bench runs real models
+
 # --threads 1: a test worker has one core (conftest.py); two OpenMP threads on it spin-wait on each other
 # (the memory section's forward + backward ran ~20x slower). Also shows --threads is honoured: the default
 # is every core.

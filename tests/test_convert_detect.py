@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from checkpoint_factory import kind_of, manifest, manifest_names, shapes_only
+from marks import larger_variants_slow
 from twins_timm.convert import DetectionError, convert_checkpoint, detect, normalize_variant, unwrap
 
 
@@ -25,7 +26,7 @@ def expected_from_name(name):
     return family, size, task, classes
 
 
-@pytest.mark.parametrize('name', manifest_names())
+@pytest.mark.parametrize('name', larger_variants_slow(manifest_names()))
 def test_detects_every_manifest_and_maps_every_key(name):
     m = manifest(name)
     sd = shapes_only(name)

@@ -54,6 +54,7 @@ def test_timm_folder_loads_with_local_dir(cls_folder):
         assert torch.equal(model(x), ref(x))
 
 
+@pytest.mark.slow  # a faster sibling covers the same code
 def test_folders_load_offline_from_a_local_hf_cache(work, cls_folder, hf_cache):
     res, info = cls_folder
     cache = work / 'hf_cache'

@@ -19,6 +19,8 @@ from numerics import max_diff
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models.twins import checkpoint_family_args
 
+pytestmark = pytest.mark.slow  # the whole file: exports take minutes
+
 # depths: 2 blocks per SVT stage keeps both window (LSA) and global (GSA) attention in every stage
 SHALLOW = {'twins_pcpvt_small': [1, 1, 1, 1], 'twins_svt_small': [2, 2, 2, 2]}
 SIZE_A, SIZE_B = (64, 96), (97, 130)  # not multiples of 32 or 7 * 32: padding paths run

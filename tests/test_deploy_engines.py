@@ -24,9 +24,11 @@ from twins_timm.deploy import engines, export
 from twins_timm.commands import evaluate, segment
 from twins_timm.zoo.resolve import LoadedModel
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ('onnx', 'onnxscript', 'onnxruntime', 'openvino')),
-    reason='the [deploy] extra is not installed (pip install "twins-timm[deploy]")')
+pytestmark = [
+    pytest.mark.slow,  # exports take minutes
+    pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ('onnx', 'onnxscript', 'onnxruntime', 'openvino')),
+                       reason='the [deploy] extra is not installed (pip install "twins-timm[deploy]")'),
+]
 
 
 @pytest.fixture(scope='module')

@@ -324,6 +324,7 @@ def test_compiled_inference_traces_the_chosen_linear_kernel(name):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # a faster sibling covers the same code
 def test_compiled_inference_with_free_sizes_keeps_the_kernel_choice():
     """Dynamic shapes: the choice takes no size, so symbolic sizes trace into one graph (fullgraph)."""
     model = _model('twins_svt_small', **ONE_BLOCK_DEPTHS)

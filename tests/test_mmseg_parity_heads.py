@@ -15,6 +15,8 @@ from twins_timm.adapters.decoders.fpn.decoder import FPNDecoder
 from twins_timm.adapters.decoders.upernet.decoder import UPerNetDecoder
 from twins_timm.adapters.modules import FCNHead, SegHead
 
+pytestmark = pytest.mark.slow  # the whole file: mmseg parity: minutes
+
 # PCPVT-B/L heads are configured exactly like PCPVT-S's (checked below), so one stands for three
 CONFIGS = [(f, s, h) for f, s in [('pcpvt', 'small'), ('svt', 'small'), ('svt', 'base'),
                                   ('svt', 'large')] for h in ref.HEADS]

@@ -28,6 +28,8 @@ import torch
 
 import mmseg_reference as ref
 
+pytestmark = pytest.mark.slow  # the whole file: mmseg parity: minutes
+
 LOGIT_TOL = 1e-4          # max abs diff of logits
 FEATURE_REL_TOL = 2e-6    # max abs diff of each backbone map / its max abs value
 FULL_SIZES = [(257, 513), (96, 128)]

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import mmseg_reference as ref
 from checkpoint_factory import write_checkpoint
 
+pytestmark = pytest.mark.slow  # the whole file: mmseg parity: minutes
+
 CASES = [('official/upernet_alt_gvt_s', 'twins_svt_small', 'svt', 'upernet'),
          ('official/fpn_pcpvt_s', 'twins_pcpvt_small', 'pcpvt', 'fpn')]
 
