@@ -10,8 +10,8 @@ See ``twins-timm train --help`` for the command and :mod:`twins_timm.train.recip
 from .data import DatasetError, SegmentationFolder, check_pair, check_pairs, find_pairs
 from .engine import FitResult, fit
 from .models import build_model
-from .run_folder import RunFolderError, checkpoint_folders
 from .recipe import Recipe, build_optimizer, lr_factor, param_groups, recipe_for
+from .run_folder import RunFolderError, checkpoint_folders
 from .transforms import train_transform
 
 __all__ = ['DatasetError', 'SegmentationFolder', 'check_pair', 'check_pairs', 'find_pairs', 'FitResult',
