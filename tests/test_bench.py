@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from twins_timm.cli import main
-from twins_timm.devtools import bench
+from twins_timm.commands import bench as bench_command
+from twins_timm.devtools import bench, bench_models, bench_render, bench_timing
 
 pytestmark = pytest.mark.slow  # the whole file: the bench runs real models
 
@@ -127,8 +128,9 @@ def test_bf16_rows_as_a_gpu_adds_them(tmp_path, monkeypatch):
 
     import torch
 
-    resolve = bench.resolve_settings
-    monkeypatch.setattr(bench, 'resolve_settings', lambda args: {**resolve(args), 'precisions': ['fp32', 'bf16']})
+    resolve = bench_command.resolve_settings
+    monkeypatch.setattr(bench_command, 'resolve_settings',
+                        lambda args: {**resolve(args), 'precisions': ['fp32', 'bf16']})
     out, buf, threads = tmp_path / 'bench.json', io.StringIO(), torch.get_num_threads()
     try:
         with redirect_stdout(buf):
@@ -197,26 +199,26 @@ def test_markdown_report_of_a_real_run(tiny_run, tmp_path, capsys):
 
 def test_compile_unavailable_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, 'compile_unavailable_reason', lambda device, backend: 'no C++ compiler found (g++)')
-    settings = bench.resolve_settings(bench_args(tmp_path, ['--compile', '--no-segmenters', '--no-memory']))
+    settings = bench_command.resolve_settings(bench_args(tmp_path, ['--compile', '--no-segmenters', '--no-memory']))
     b = bench.Bench(settings)
     out = b.run()
     assert out['compile'] == {'available': False, 'reason': 'no C++ compiler found (g++)', 'backend': 'inductor'}
     compiled = [r for r in out['backbones'] if r['mode'] == 'compiled']
     assert compiled and compiled[0]['error'] == 'compile unavailable: no C++ compiler found (g++)'
-    assert 'compile unavailable' in bench.render(out)
+    assert 'compile unavailable' in bench_render.render(out)
 
 
 def test_no_backbones_skips_the_backbone_section(tmp_path):
-    out = bench.Bench(bench.resolve_settings(bench_args(tmp_path, ['--no-backbones', '--no-segmenters',
+    out = bench.Bench(bench_command.resolve_settings(bench_args(tmp_path, ['--no-backbones', '--no-segmenters',
                                                                     '--no-memory']))).run()
     assert out['backbones'] == [] and 'targets' not in out
-    assert "Backbones, ours vs timm's Twins" not in bench.render(out)
+    assert "Backbones, ours vs timm's Twins" not in bench_render.render(out)
 
 
 def bench_args(tmp_path: Path, extra):
     import argparse
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_command.add_arguments(parser)
     return parser.parse_args(['--variants', 'twins_pcpvt_small', '--sizes', '1x32x32', '--repeats', '1',
                               '--warmup', '0', '--matmul-size', '256', '--threads', '1', '--quiet',
                               '--json', str(tmp_path / 'b.json')] + list(extra))
@@ -236,20 +238,20 @@ def test_refuses_existing_json_and_bad_arguments(tmp_path, capsys):
 
 
 def test_quick_defaults(tmp_path):
-    s = bench.resolve_settings(bench_args(tmp_path, []))
+    s = bench_command.resolve_settings(bench_args(tmp_path, []))
     assert s['compile'] is True and s['repeats'] == 1
     import argparse
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    q = bench.resolve_settings(parser.parse_args(['--quick', '--json', str(tmp_path / 'q.json')]))
-    assert q['variants'] == list(bench.QUICK_VARIANTS) and q['sizes'] == [(2, 512, 512)]
+    bench_command.add_arguments(parser)
+    q = bench_command.resolve_settings(parser.parse_args(['--quick', '--json', str(tmp_path / 'q.json')]))
+    assert q['variants'] == list(bench_command.QUICK_VARIANTS) and q['sizes'] == [(2, 512, 512)]
     assert q['compile'] is False and q['memory_variants'] == ['twins_pcpvt_small']
 
 
 def test_table_helper_and_no_to_do_list(tiny_run):
     _, text = tiny_run
     assert 'Target' not in text and 'issue' not in text  # the bench prints measurements, not our to-do list
-    table = bench.format_table(['name', 'value'], [['a', 1.5], ['longer', 10.25], ['none', None]]).splitlines()
+    table = bench_render.format_table(['name', 'value'], [['a', 1.5], ['longer', 10.25], ['none', None]]).splitlines()
     assert table == ['name    value', '------  -----', 'a        1.50', 'longer  10.25', 'none        -']
 
 
@@ -257,7 +259,7 @@ def test_flop_count_includes_cpu_attention():
     # torch's counter has no formula for the CPU flash kernel; without ours attention would count 0
     import torch
     q, k = torch.randn(2, 3, 64, 16), torch.randn(2, 3, 32, 16)
-    flops = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k))
+    flops = bench_timing.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k))
     assert flops == 2 * (2 * 2 * 3 * 64 * 32 * 16)  # q @ k^T and attn @ v, 2 FLOPs per multiply-add
 
 
@@ -268,13 +270,13 @@ def test_flop_count_is_the_plain_models_work():
     from twins_timm.optimize import kernel_choices
     from twins_timm.optimize.kernels import KernelTable
     table = KernelTable('onednn')
-    ours, plain, ref = bench.build_backbone_pair('twins_svt_small', 'cpu', 0, table)
+    ours, plain, ref = bench_models.build_backbone_pair('twins_svt_small', 'cpu', 0, table)
     assert not any(hasattr(m, 'kernel_table') for m in plain.modules())
     assert {m.kernel_table for m in ours.modules() if hasattr(m, 'kernel_table')} == {table}
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
-        flops = bench.count_flops(lambda: plain(x))
-        assert flops == bench.count_flops(lambda: ref(x)) > 0
+        flops = bench_timing.count_flops(lambda: plain(x))
+        assert flops == bench_timing.count_flops(lambda: ref(x)) > 0
         assert all(torch.equal(a, b) for a, b in zip(plain(x), ref(x)))
     assert kernel_choices(ours) == {}  # a fixed policy measures and stores nothing
 
@@ -302,7 +304,7 @@ def test_engines_side_by_side_with_parity(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, 'build_engine_model', functools.partial(
         bench.build_engine_model, depths=[1, 1, 1, 1], patch_padding='none'))
     monkeypatch.setattr(deploy_bench, 'native_bf16', lambda: (False, 'no bf16 flags (test)'))
-    settings = bench.resolve_settings(bench_args(tmp_path, ['--engines', '--heads', 'fpn', '--segmenter-size',
+    settings = bench_command.resolve_settings(bench_args(tmp_path, ['--engines', '--heads', 'fpn', '--segmenter-size',
                                                             '1x64x64', '--no-compile', '--no-memory']))
     section = bench.Bench(settings).engines()
     rows = section['results']
@@ -329,5 +331,5 @@ def test_engines_side_by_side_with_parity(tmp_path, monkeypatch):
             assert r['argmax_agreement'] >= 0.999
         else:
             assert r['argmax_agreement'] is None  # backbones have no classes
-    text = '\n'.join(bench.render_engines(section))
+    text = '\n'.join(bench_render.render_engines(section))
     assert 'CPU inference engines' in text and 'openvino' in text and 'no bf16 flags' in text

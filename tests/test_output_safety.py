@@ -196,7 +196,7 @@ def test_models_download_force_replaces_its_own_cache_entry(cache, seg_record, f
 
 def test_training_checkpoints_are_folders_of_ours(tmp_path, src, capsys):
     from train_data import SHALLOW_DEPTHS, tiny_model
-    from twins_timm.train.engine import save_checkpoint
+    from twins_timm.train.run_folder import save_checkpoint
     from twins_timm.train.recipe import Recipe
     model = tiny_model(depths=SHALLOW_DEPTHS)
     recipe = Recipe(head='upernet', encoder='twins_svt_small', config='test', lr=1e-3, weight_decay=0.01)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from twins_timm.optimize import optimize
-from twins_timm.devtools import bench
+from twins_timm.devtools.bench_timing import count_flops
 from twins_timm.devtools.speed_ceiling import _make, _spec, record_essential_calls, speed_ceiling
 
 
@@ -110,7 +110,7 @@ def test_ceiling_covers_all_of_a_twins_forward(kernel):
     model = plain if kernel is None else optimize(copy.deepcopy(plain), kernels=kernel)
     x = torch.randn(1, 3, 64, 96)
     with torch.inference_mode():
-        flops = bench.count_flops(lambda: plain.forward_intermediates(x, intermediates_only=True))
+        flops = count_flops(lambda: plain.forward_intermediates(x, intermediates_only=True))
         fn = lambda: model.forward_intermediates(x, intermediates_only=True)  # noqa: E731
         fn()
         ceiling = speed_ceiling(fn, repeats=1)
@@ -146,5 +146,5 @@ def test_segmenter_products_are_all_seen():
             fn = lambda: model(x)  # noqa: E731
             fn()
             ceiling = speed_ceiling(fn, repeats=1)
-            assert ceiling['flops'] == bench.count_flops(fn) > 0, cls.__name__
+            assert ceiling['flops'] == count_flops(fn) > 0, cls.__name__
             assert any(op['op'].startswith('upsample') for op in ceiling['ops'])

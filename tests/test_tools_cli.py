@@ -142,6 +142,28 @@ def test_segment_writes_label_and_overlay_pngs(tmp_path, standin, capsys):
     assert sorted(p.name for p in out.iterdir()) == ['a_labels.png', 'a_overlay.png', 'b_labels.png', 'b_overlay.png']
 
 
+
+def test_segment_outputs_from_python_without_the_cli(tmp_path):
+    """What `segment` writes is a library call: names beside the inputs' stems, then the two PNGs."""
+    from twins_timm.inference.outputs import check_outputs, label_summary, output_paths, write_segmentation
+    from twins_timm.inference.visualize import make_palette
+    photo = tmp_path / 'room.jpg'
+    (paths,) = output_paths([photo], tmp_path / 'out', random_weights=True)
+    assert [p.name for p in paths] == ['room_labels_RANDOM-WEIGHTS.png', 'room_overlay_RANDOM-WEIGHTS.png']
+    with pytest.raises(ValueError, match='would both write'):
+        output_paths([photo, tmp_path / 'other' / 'room.png'], tmp_path / 'out')
+    labels = np.zeros((20, 30), np.int64)
+    labels[:, 20:] = 2
+    paths = output_paths([photo], tmp_path)[0]
+    write_segmentation(random_rgb(20, 30), labels, paths, make_palette(3), ['wall', 'floor', 'sky'],
+                       text={'Source': 'test'})
+    assert np.array_equal(np.asarray(Image.open(paths[0])), labels)
+    assert Image.open(paths[1]).text['Source'] == 'test'
+    assert label_summary(labels, ['wall', 'floor', 'sky']) == 'wall 67%, sky 33%'
+    with pytest.raises(FileExistsError, match='--force'):
+        check_outputs([paths], force=False)
+    check_outputs([paths], force=True)  # our own PNGs: replaceable
+
 def test_segment_refuses_unreadable_inputs_before_writing(tmp_path, standin, capsys):
     Image.fromarray(random_rgb(8, 8)).save(tmp_path / 'ok.png')
     (tmp_path / 'bad.jpg').write_bytes(b'\x00' * 10)

@@ -1,6 +1,7 @@
 """mIoU / mAcc / aAcc with mmseg's rules, against independent counting and mmseg's IoUMetric."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -85,6 +86,19 @@ def test_absent_classes_are_excluded_and_false_positives_count():
     table = format_table(acc, ['a', 'b', 'c', 'd'])
     assert ' 50.00' in table and table.splitlines()[4].split()[1] == '-'
 
+
+
+def test_metrics_json_marks_absent_classes_and_is_recognised_as_ours(tmp_path):
+    from twins_timm.inference.metrics import json_not_ours, metrics_json
+    acc = IoUAccumulator(3, reduce_zero_label=False)
+    acc.add(np.array([[0, 1], [1, 1]]), np.array([[0, 1], [1, 0]]))  # class 2 neither predicted nor labelled
+    payload = metrics_json(acc, ['a', 'b', 'c'], 'model-dir', False, 'mode=whole')
+    assert payload['per_class'] == {'class': ['a', 'b', 'c'], 'IoU': [0.5, 2 / 3, None], 'Acc': [0.5, 1.0, None]}
+    assert payload['mIoU'] == pytest.approx((0.5 + 2 / 3) / 2) and payload['images'] == 1
+    ours, other = tmp_path / 'm.json', tmp_path / 'other.json'
+    ours.write_text(json.dumps(payload))
+    other.write_text(json.dumps({'mIoU': 0.5}))
+    assert json_not_ours(ours) is None and json_not_ours(other) == 'not a twins-timm eval result'
 
 def test_without_reduce_zero_label_and_custom_ignore():
     label = np.array([[0, 1, 7, 2]])

@@ -13,7 +13,7 @@ from twins_timm.adapters import TwinsFPN, TwinsUPerNet, from_pretrained
 from twins_timm.cli import main as cli_main
 from twins_timm.train import (DatasetError, check_pairs, checkpoint_folders, find_pairs,
                               fit, lr_factor, param_groups, recipe_for)
-from twins_timm.train.engine import STATE_FILE, save_checkpoint
+from twins_timm.train.run_folder import STATE_FILE, save_checkpoint
 from twins_timm.train.transforms import RandomCropCatMax, train_transform
 
 from train_data import SHALLOW_DEPTHS, make_dataset, tiny_model

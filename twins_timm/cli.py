@@ -25,7 +25,7 @@ COMMANDS = {
     'convert': 'twins_timm.commands.convert',
     'segment': 'twins_timm.commands.segment',
     'eval': 'twins_timm.commands.evaluate',
-    'bench': 'twins_timm.devtools.bench',
+    'bench': 'twins_timm.commands.bench',
     'export': 'twins_timm.commands.export',
     'models': 'twins_timm.commands.models',
     'train': 'twins_timm.commands.train',

@@ -14,7 +14,6 @@ import json
 import sys
 import textwrap
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -24,7 +23,7 @@ from twins_timm.commands.common import (add_inference_arguments, add_model_argum
 from twins_timm.convert.io import atomic_path
 from twins_timm.files.paths import check_output_file, model_files, refuse_inputs_as_outputs
 from twins_timm.inference import distributed
-from twins_timm.inference.metrics import evaluate, format_table
+from twins_timm.inference.metrics import evaluate, format_table, json_not_ours, metrics_json
 from twins_timm.inference.visualize import class_name_list
 from twins_timm.train.data import check_pairs, find_pairs, label_convention_problem
 from twins_timm.zoo.resolve import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model
@@ -54,19 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='overwrite an existing --json file that an earlier `twins-timm eval` wrote')
     parser.add_argument('--quiet', action='store_true', help='no progress bar or model-loading messages')
     add_inference_arguments(parser)
-
-
-# what every --json file of this command holds (besides the metrics): what marks one as ours for --force
-JSON_KEYS = frozenset({'model', 'random_weights', 'images', 'settings', 'per_class'})
-
-
-def json_not_ours(path: Path) -> Optional[str]:
-    """Why ``path`` is not a --json file that `twins-timm eval` wrote (None: it is one)."""
-    try:
-        payload = json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, ValueError):
-        return 'not a JSON file'
-    return None if isinstance(payload, dict) and JSON_KEYS <= set(payload) else 'not a twins-timm eval result'
 
 
 def _write_json(path: Path, payload: dict, overwrite: bool) -> None:
@@ -124,12 +110,7 @@ def run(args: argparse.Namespace) -> int:
         100 * summary['aAcc'], 100 * summary['mIoU'], 100 * summary['mAcc'], acc.images,
         int(np.isfinite(acc.per_class()['IoU']).sum())))
     if args.json:
-        per = acc.per_class()
-        nan_to_none = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731
-        _write_json(Path(args.json), {
-            'model': loaded.source, 'random_weights': loaded.random_weights,
-            'images': acc.images, 'settings': describe_settings(settings), **summary,
-            'per_class': {'class': names, 'IoU': nan_to_none(per['IoU']), 'Acc': nan_to_none(per['Acc'])},
-        }, args.force)
+        _write_json(Path(args.json), metrics_json(acc, names, loaded.source, loaded.random_weights,
+                                                  describe_settings(settings)), args.force)
         print('Wrote %s' % args.json)
     return 0

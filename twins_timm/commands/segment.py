@@ -21,7 +21,7 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import List
 
 import numpy as np
 import torch
@@ -33,8 +33,9 @@ from twins_timm.commands.common import (add_inference_arguments, add_model_argum
 from twins_timm.inference.predict import predict_labels
 from twins_timm.inference.images import DEFAULT_MAX_PIXELS, check_image, read_image, sample_image_path
 from twins_timm.zoo.resolve import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model
-from twins_timm.files.paths import check_replaceable, check_writable_dir, model_files, refuse_inputs_as_outputs
-from twins_timm.inference.visualize import class_name_list, label_image, make_palette, overlay_image, png_not_ours, save_png
+from twins_timm.files.paths import check_writable_dir, model_files
+from twins_timm.inference.outputs import check_outputs, label_summary, output_paths, write_segmentation
+from twins_timm.inference.visualize import class_name_list, make_palette
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -68,49 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_inference_arguments(parser)
 
 
-RANDOM_SUFFIX = '_RANDOM-WEIGHTS'
-
-
-def output_paths(images: List[Path], out_dir: Path, random_weights: bool = False,
-                 model_inputs: Sequence[Path] = ()) -> List[Tuple[Path, Path]]:
-    """(class-index PNG, overlay PNG) per image: OUT/<stem>_labels[...].png, OUT/<stem>_overlay[...].png.
-
-    Refuses two inputs that would share outputs, and any output that is one of the inputs (the images and
-    ``model_inputs``, the files the model is read from).
-    """
-    suffix = RANDOM_SUFFIX if random_weights else ''
-    seen: Dict[str, Path] = {}
-    paths = []
-    for img in images:
-        stem = img.stem
-        if stem in seen:
-            raise ValueError('%s and %s would both write %s_labels%s.png in %s; segment them into separate '
-                             '--out folders' % (seen[stem], img, stem, suffix, out_dir))
-        seen[stem] = img
-        paths.append((out_dir / ('%s_labels%s.png' % (stem, suffix)),
-                      out_dir / ('%s_overlay%s.png' % (stem, suffix))))
-    refuse_inputs_as_outputs([p for pair in paths for p in pair], list(images) + list(model_inputs),
-                             'Rename the input or choose another --out folder.')
-    return paths
-
-
-def _check_outputs(outputs: List[Tuple[Path, Path]], force: bool) -> None:
-    """Every output is new, or (with --force) a PNG this command wrote before; links never count as either."""
-    existing = [str(p) for pair in outputs for p in pair if p.exists() or p.is_symlink()]
-    if existing and not force:
-        raise FileExistsError('%d output file(s) already exist (%s%s); pass --force to replace them (only PNGs '
-                              'twins-timm made; inputs are never replaced) or choose another --out'
-                              % (len(existing), ', '.join(existing[:3]), ', ...' if len(existing) > 3 else ''))
-    for p in existing:
-        check_replaceable(p, 'the output', force, png_not_ours)
-
-
-def _summary(labels: np.ndarray, names: List[str], top: int = 5) -> str:
-    counts = np.bincount(labels.reshape(-1), minlength=len(names))
-    order = np.argsort(-counts, kind='stable')[:top]
-    return ', '.join('%s %.0f%%' % (names[i], 100.0 * counts[i] / labels.size) for i in order if counts[i])
-
-
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError('--batch-size must be at least 1')
@@ -135,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     model_inputs = model_files(args.model, DEFAULT_MODEL_ID)
     outputs = output_paths(images, out_dir, model_inputs=model_inputs)
     check_writable_dir(out_dir, '--out')
-    _check_outputs(outputs, args.force)
+    check_outputs(outputs, args.force)
     device = pick_device(args.device)
     ctx = distributed.init(device.type, quiet_others=True)  # torchrun: each process takes every world-th image
     device = distributed.device_for(ctx, device)
@@ -152,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     banner = RANDOM_LABEL if loaded.random_weights else None
     if banner:  # the random model's outputs carry the mark in their names too
         outputs = output_paths(images, out_dir, random_weights=True, model_inputs=model_inputs)
-        _check_outputs(outputs, args.force)
+        check_outputs(outputs, args.force)
     text = {'Software': 'twins-timm', 'Source': loaded.source}
     if banner:
         text['Warning'] = '%s: this segmentation is NOT meaningful' % RANDOM_LABEL
@@ -195,13 +153,11 @@ def run(args: argparse.Namespace) -> int:
                 failed.extend(str(images[i]) for i in idx)
                 continue
             for i, lab in zip(idx, labels):
-                label_path, overlay_path = outputs[i]
-                save_png(label_image(lab, colours), label_path, overwrite=args.force, text=text)
-                save_png(overlay_image(decoded[i], lab, colours, names, alpha=args.opacity, banner=banner),
-                         overlay_path, overwrite=args.force, text=text)
+                write_segmentation(decoded[i], lab, outputs[i], colours, names, opacity=args.opacity,
+                                   banner=banner, text=text, overwrite=args.force)
                 written += 1
                 if not args.quiet:
-                    tqdm.write('%s -> %s: %s' % (images[i].name, overlay_path, _summary(lab, names)))
+                    tqdm.write('%s -> %s: %s' % (images[i].name, outputs[i][1], label_summary(lab, names)))
     bar.close()
     written = int(distributed.all_sum([[written]], ctx)[0][0])
     failed = distributed.gather(failed, ctx)

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError('--classes must be between 1 and 255 (label 255 means "ignore")')
     out = Path(args.out)
     from twins_timm.train.data import find_pairs
-    from twins_timm.train.engine import check_out
+    from twins_timm.train.run_folder import check_out
     check_out(out, args.resume)  # fail before loading a model
     from twins_timm.files.paths import model_files, refuse_inputs_as_outputs
     inputs = [Path(args.data)] + model_files(args.model) + ([Path(args.class_names)] if args.class_names else [])

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from twins_timm.devtools.bench import _cell
+from twins_timm.devtools.bench_render import format_cell
 
 REQUIRED_KEYS = ('machine', 'settings', 'matmul')
 
@@ -35,7 +35,7 @@ def _size(r: Dict[str, Any]) -> str:
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
-    lines += ['| ' + ' | '.join(_cell(v) for v in row) + ' |' for row in rows]
+    lines += ['| ' + ' | '.join(format_cell(v) for v in row) + ' |' for row in rows]
     return '\n'.join(lines)
 
 

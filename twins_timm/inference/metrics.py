@@ -4,10 +4,11 @@ ADE20K annotations are reduced by one (0 = "other" becomes the ignored 255) when
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -113,6 +114,30 @@ def format_table(acc: IoUAccumulator, class_names: Sequence[str]) -> str:
         lines.append('%-*s  %s  %s  %10d  %10d' % (width, name, fmt(per['IoU'][k]), fmt(per['Acc'][k]),
                                                   acc.label_area[k], acc.pred_area[k]))
     return '\n'.join(lines)
+
+
+# what every metrics JSON holds besides the metrics: what marks a file as one we wrote (--force replaces only those)
+JSON_KEYS = frozenset({'model', 'random_weights', 'images', 'settings', 'per_class'})
+
+
+def metrics_json(acc: IoUAccumulator, class_names: Sequence[str], model_source: str, random_weights: bool,
+                 settings: str) -> Dict[str, Any]:
+    """The metrics as `twins-timm eval --json` writes them: aAcc, mIoU, mAcc, per-class IoU / Acc (None for a
+    class without a value) and what made them (the model, whether its weights were random, the settings)."""
+    per = acc.per_class()
+    nan_to_none = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731
+    return {'model': model_source, 'random_weights': random_weights, 'images': acc.images, 'settings': settings,
+            **acc.summary(),
+            'per_class': {'class': list(class_names), 'IoU': nan_to_none(per['IoU']), 'Acc': nan_to_none(per['Acc'])}}
+
+
+def json_not_ours(path: Path) -> Optional[str]:
+    """Why ``path`` is not a metrics JSON that :func:`metrics_json` made (None: it is one)."""
+    try:
+        payload = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return 'not a JSON file'
+    return None if isinstance(payload, dict) and JSON_KEYS <= set(payload) else 'not a twins-timm eval result'
 
 
 # ----------------------------------------------------------------------------- data set

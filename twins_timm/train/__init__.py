@@ -8,9 +8,10 @@
 See ``twins-timm train --help`` for the command and :mod:`twins_timm.train.recipe` for the values.
 """
 from .data import DatasetError, SegmentationFolder, check_pair, check_pairs, find_pairs
-from .engine import FitResult, RunFolderError, checkpoint_folders, fit
+from .engine import FitResult, fit
 from .models import build_model
 from .recipe import Recipe, build_optimizer, lr_factor, param_groups, recipe_for
+from .run_folder import RunFolderError, checkpoint_folders
 from .transforms import train_transform
 
 __all__ = ['DatasetError', 'SegmentationFolder', 'check_pair', 'check_pairs', 'find_pairs', 'FitResult',
