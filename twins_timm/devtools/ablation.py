@@ -51,20 +51,20 @@ PLAIN_CLASS[layers.InplaceGELU] = nn.GELU
 class Trick:
     """One removable speed-up: a kernel family forced 'plain', or layer classes left plain."""
     what: str
-    family: Optional[str] = None  # KernelTable family answered 'plain' when switched off
+    families: Tuple[str, ...] = ()  # KernelTable families answered 'plain' when switched off
     classes: Tuple[type, ...] = ()  # swapped-in classes put back to the plain ones when switched off
     includes: Optional[str] = None  # a trick that goes with these classes (its gain is part of this one's)
     compiled: bool = False  # only under torch.compile
 
 
 TRICKS: Dict[str, Trick] = {
-    'onednn-linear': Trick('linear layers as oneDNN 1x1 convolutions (calibrated per shape)', family='linear'),
+    'onednn-linear': Trick('linear layers as oneDNN 1x1 convolutions (calibrated per shape)', families=('linear',)),
     'grouped-conv-attention': Trick('global attention as two grouped oneDNN 1x1 convolutions (calibrated)',
-                                    family='attention'),
-    'mlp-row-chunks': Trick('MLP over cache-sized row chunks (calibrated)', family='mlp'),
+                                    families=('attention',)),
+    'mlp-row-chunks': Trick('MLP over cache-sized row chunks (calibrated)', families=('mlp',)),
     'window-chunks': Trick("SVT's window attention over cache-sized chunks of windows (calibrated)",
-                           family='window attention'),
-    'winograd': Trick("Winograd F(2x2, 3x3) for the heads' 3x3 convolutions (calibrated)", family='conv3x3'),
+                           families=('window attention',)),
+    'winograd': Trick("Winograd F(2x2, 3x3) for the heads' 3x3 convolutions (calibrated)", families=('conv3x3',)),
     'fused-pyramid-conv': Trick("UPerHead's fusion conv per pyramid level (upsampled_conv3x3)",
                                 classes=(decoders.FastUPerNetDecoder,)),
     'channels-last-stage-maps': Trick('stage maps handed on as channels-last views (FastTwins)',
@@ -81,8 +81,9 @@ TRICKS: Dict[str, Trick] = {
                            classes=(layers.InplaceGELU,)),
     'in-place-fpn-sums': Trick("FPN's top-down and scale-head sums in place (FastFPNNeck, FastFPNDecoder)",
                                classes=(decoders.FastFPNNeck, decoders.FastFPNDecoder)),
-    'compiled-linear': Trick('under torch.compile, each linear traces the kernel measured for it (calibrated '
-                             'against prepacked oneDNN)', family='compiled linear', compiled=True),
+    # with inductor's freezing the calibration times prepacked oneDNN ('compiled linear'), otherwise eager's
+    'compiled-linear': Trick('under torch.compile, each linear traces the kernel measured for it',
+                             families=('compiled linear', 'linear'), compiled=True),
 }
 EAGER_TRICKS = tuple(name for name, t in TRICKS.items() if not t.compiled)
 
@@ -106,16 +107,16 @@ PRIVATE_APIS = {
 
 # ------------------------------------------------------------------------------ one trick off
 class AblationTable(KernelTable):
-    """A kernel table that answers 'plain' for one family (``off``) and records what each family took."""
+    """A kernel table that answers 'plain' for some families (``off``) and records what each family took."""
 
-    def __init__(self, policy: str = 'auto', choices: Optional[Dict[str, str]] = None, off: Optional[str] = None):
+    def __init__(self, policy: str = 'auto', choices: Optional[Dict[str, str]] = None, off: Tuple[str, ...] = ()):
         super().__init__(policy, choices)
         self.off = off
         self.taken: Dict[str, set] = {}
 
     def choose(self, family: str, key: Tuple, flops: float, candidates: Any, alternative: str = kernels.ONEDNN,
                margin: float = kernels.MARGIN) -> str:
-        choice = PLAIN if family == self.off else \
+        choice = PLAIN if family in self.off else \
             super().choose(family, key, flops, candidates, alternative=alternative, margin=margin)
         self.taken.setdefault(family, set()).add(choice)
         return choice
@@ -130,7 +131,7 @@ def without(plain: nn.Module, trick: Optional[str], spec: Any = 'auto') -> nn.Mo
     """
     off = TRICKS[trick] if trick is not None else Trick('')
     base = KernelTable.from_spec(spec)
-    model = optimize(copy.deepcopy(plain), kernels=AblationTable(base.policy, base.choices, off=off.family))
+    model = optimize(copy.deepcopy(plain), kernels=AblationTable(base.policy, base.choices, off=off.families))
     for module in model.modules():
         if type(module) in off.classes:
             module.__class__ = PLAIN_CLASS[type(module)]
@@ -150,8 +151,8 @@ def absent_because(trick: str, full: nn.Module, table: AblationTable, compiled: 
         return 'measured only %s' % ('compiled' if spec.compiled else 'in eager mode')
     if spec.classes and not any(type(m) in spec.classes for m in full.modules()):
         return 'not in this model'
-    if spec.family is not None:
-        taken = table.taken.get(spec.family, set())
+    if spec.families:
+        taken = set().union(*(table.taken.get(f, set()) for f in spec.families))
         if not taken:
             return 'not met in this model at this size'
         if taken == {PLAIN}:
@@ -241,47 +242,54 @@ def _public_prepacked(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return lambda: kernels.onednn_linear(x, weight, bias)
 
 
-class _PublicCalibration:
-    """While compiling: the compiled-linear calibration times the public ``F.conv2d`` candidate."""
-
-    def __enter__(self) -> None:
-        self.original = kernels._prepacked_onednn_linear
-        kernels._prepacked_onednn_linear = _public_prepacked
-
-    def __exit__(self, *exc: Any) -> None:
-        kernels._prepacked_onednn_linear = self.original
-
-
 def measure_compiled(plain: nn.Module, x: torch.Tensor, s: Dict[str, Any], desc: str) -> Dict[str, Any]:
-    """Compiled (inductor with freezing, as the bench compiles): every trick, without the compiled-linear
-    calibration, and with it calibrated by the public call instead of the private prepacked oneDNN ops.
-    Compiling is the first warm-up call."""
+    """Compiled (inductor with freezing, as the bench compiles): every trick against the model without the
+    compiled-linear calibration; and, where calibrating with the public call instead of the private
+    prepacked oneDNN ops chooses other kernels, that model too. Compiling is the first warm-up call."""
     with _inductor_freezing(s['compile_backend'] == 'inductor'), torch.inference_mode():
         torch.compiler.reset()  # earlier models' graphs: three compiles per model stay within dynamo's cache
         want = plain(x)
-        variants = {'all': (None, contextlib.nullcontext), 'compiled-linear': ('compiled-linear', contextlib.nullcontext),
-                    'public-calibration': (None, _PublicCalibration)}
-        compiled, tables, compile_s = {}, {}, {}
-        for name, (trick, calibration) in variants.items():
-            model = without(plain, trick, s['kernels'])
-            tables[name] = model_table(model)
-            compiled[name] = torch.compile(model, backend=s['compile_backend'])
+        models = {'all': without(plain, None, s['kernels']), 'compiled-linear': without(plain, 'compiled-linear', s['kernels'])}
+        public_choices = _public_calibration(plain, x.dtype, s['kernels'])
+        compiled, compile_s = {}, {}
+        for name in list(models) + ['public-calibration']:
+            if name == 'public-calibration':  # the same choices would compile the same graph
+                if public_choices == model_table(models['all']).choices:
+                    break
+                models[name] = without(plain, None, KernelTable(s['kernels'].policy, public_choices))
+            compiled[name] = torch.compile(models[name], backend=s['compile_backend'])
             started = time.perf_counter()
-            with calibration():
-                compiled[name](x)
+            compiled[name](x)
             compile_s[name] = time.perf_counter() - started
         diffs = {name: scaled_diff(fn(x), want) for name, fn in compiled.items()}
         t = _timed({name: (lambda fn=fn: fn(x)) for name, fn in compiled.items()}, s, desc + ' compiled')
+    tables = {name: model_table(model) for name, model in models.items()}
     skipped = {n: r for n in ('compiled-linear',)
-               if (r := absent_because(n, compiled['all'], tables['all'], compiled=True)) is not None}
-    public = t['public-calibration']['seconds']
+               if (r := absent_because(n, models['all'], tables['all'], compiled=True)) is not None}
+    public = {'same_choices': 'public-calibration' not in t}
+    if not public['same_choices']:
+        seconds = t['public-calibration']['seconds']
+        public.update(seconds=seconds, gain_of_private_pct=gain_pct(seconds, t['all']['seconds']),
+                      scaled_diff_vs_plain=diffs['public-calibration'])
     return {'backend': s['compile_backend'], 'freezing': s['compile_backend'] == 'inductor',
             'compile_seconds': compile_s, 'all_seconds': t['all']['seconds'],
-            'tricks': _trick_rows(['compiled-linear'], skipped, t, diffs, 'all'),
-            'public_calibration': {'seconds': public, 'gain_of_private_pct': gain_pct(public, t['all']['seconds']),
-                                   'scaled_diff_vs_plain': diffs['public-calibration'],
-                                   'same_choices': tables['all'].choices == tables['public-calibration'].choices},
-            'kernels_taken': {n: sorted(tb.taken.get('compiled linear', ())) for n, tb in tables.items()}}
+            'tricks': _trick_rows(['compiled-linear'], skipped, t, diffs, 'all'), 'public_calibration': public,
+            'kernels_taken': {n: {f: sorted(v) for f, v in tb.taken.items()} for n, tb in tables.items()}}
+
+
+def _public_calibration(plain: nn.Module, dtype: torch.dtype, spec: KernelTable) -> Dict[str, str]:
+    """The compiled-linear choices the public call would make (``F.conv2d``, weight reordered per call),
+    measured without compiling: what ``compiled_linear_kernel`` answers each linear while tracing."""
+    model = without(plain, None, spec)
+    original = kernels._prepacked_onednn_linear
+    kernels._prepacked_onednn_linear = _public_prepacked
+    try:
+        for module in model.modules():
+            if isinstance(module, layers.Linear):
+                kernels.compiled_linear_kernel(module, dtype)
+    finally:
+        kernels._prepacked_onednn_linear = original
+    return model_table(model).choices
 
 
 @contextlib.contextmanager
@@ -306,8 +314,9 @@ def private_api_rows(models: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 cost = m['eager']['has_hooks_per_forward']
                 figures[label] = '%d calls, %.2g %% of a forward' % (
                     cost['calls'], 100 * cost['seconds'] / m['eager']['all_seconds'])
-            elif m.get('compiled', {}).get('public_calibration'):
-                figures[label] = m['compiled']['public_calibration']['gain_of_private_pct']
+            elif (m.get('compiled') or {}).get('public_calibration'):
+                public = m['compiled']['public_calibration']
+                figures[label] = 0.0 if public['same_choices'] else public['gain_of_private_pct']
         rows.append(dict(info, api=api, figures=figures))
     return rows
 
@@ -328,7 +337,15 @@ def cpu_flags() -> List[str]:
 def run_ablation(s: Dict[str, Any], **encoder_args: Any) -> Dict[str, Any]:
     """Every (head, variant) of the settings, eager and (where asked) compiled. ``encoder_args``: tests'
     shallow backbones."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(s['threads'])
+    try:
+        return _run_ablation(s, **encoder_args)
+    finally:
+        torch.set_num_threads(threads)  # a caller's setting (the tests') back
+
+
+def _run_ablation(s: Dict[str, Any], **encoder_args: Any) -> Dict[str, Any]:
     started = time.time()
     compile_reason = compile_unavailable_reason('cpu', s['compile_backend']) if s['compile'] else None
     out: Dict[str, Any] = {
