@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fresh_python import fresh_python
 from numerics import FP32_TOL, scaled_diff
 from twins_timm.devtools import ablation
 from twins_timm.devtools.ablation import EAGER_TRICKS, TRICKS, model_table, without
 from twins_timm.devtools.bench import build_engine_model
-from twins_timm.devtools.bench_report import main as report_main
+from twins_timm.devtools.ablation_report import main as report_main
 from twins_timm.optimize import decoders, kernels, layers
 
 SHALLOW = dict(depths=[1, 1, 2, 1])  # SVT's stage 3: an LSA and a GSA block
@@ -190,3 +191,19 @@ def test_force_replaces_only_an_earlier_ablation(tmp_path, capsys, monkeypatch):
     assert _run(tmp_path)[0] == 2 and '--force' in capsys.readouterr().err
     assert _run(tmp_path, '--force')[0] == 2 and 'not an ablation result' in capsys.readouterr().err
     assert theirs.read_text() == '{"kind": "bench"}'
+
+
+def test_module_runs_as_a_command_and_refuses_bad_input_in_one_paragraph(tmp_path):
+    done = fresh_python(module='twins_timm.devtools.ablation', argv=['--heads', 'segformer', '--json',
+                                                                    str(tmp_path / 'a.json')])
+    assert done.returncode == 2 and done.stdout == ''
+    assert done.stderr.startswith('ablation: error: ') and 'segformer' in done.stderr and 'Traceback' not in done.stderr
+    assert not (tmp_path / 'a.json').exists()
+
+
+def test_report_refuses_a_bench_json_in_one_paragraph(tmp_path, capsys):
+    bench = tmp_path / 'bench.json'
+    bench.write_text(json.dumps({'machine': {}, 'settings': {}, 'matmul': {}}))
+    assert report_main([str(bench)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == '' and 'not an ablation result' in captured.err and captured.err.count('\n') == 1

@@ -1,7 +1,7 @@
 """Each ``twins_timm.optimize`` trick measured end to end against the optimized model without it.
 
     python -m twins_timm.devtools.ablation --json ablation.json
-    python -m twins_timm.devtools.bench_report ablation.json      # Markdown for docs/benchmarks.md
+    python -m twins_timm.devtools.ablation_report ablation.json      # Markdown for docs/benchmarks.md
 
 For FPN and UPerNet on PCPVT-S and SVT-S (1x3x512x512 fp32 by default), one run times, interleaved
 (A B C ... A B C ...) on the same seeded weights and input: the plain model, ``optimize(model)`` with
@@ -18,25 +18,26 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from twins_timm.devtools.bench import VARIANTS as ALL_VARIANTS
-from twins_timm.devtools.bench import (_available_cores, build_engine_model, compile_unavailable_reason,
-                                       format_table, machine_info, parse_size, time_interleaved, write_json)
+from twins_timm.convert.io import atomic_path
+from twins_timm.devtools.ablation_report import KIND, render_run
+from twins_timm.devtools.bench import build_engine_model, compile_unavailable_reason, machine_info, time_interleaved
 from twins_timm.files.paths import check_output_file
 from twins_timm.inference.numerics import scaled_diff
 from twins_timm.optimize import decoders, kernels, layers, optimize
 from twins_timm.optimize.kernels import PLAIN, KernelTable
 
-KIND = 'ablation'  # the JSON's 'kind': what bench_report renders as a trick table
 THRESHOLD_PCT = 5.0  # a trick stays only if the model without it is at least this much slower
 DEFAULT_VARIANTS = ('twins_pcpvt_small', 'twins_svt_small')
 HEADS = ('fpn', 'upernet')
@@ -377,17 +378,6 @@ def _run_ablation(s: Dict[str, Any], **encoder_args: Any) -> Dict[str, Any]:
     return out
 
 
-def render_text(out: Dict[str, Any]) -> str:
-    """The run as a plain-text table for the terminal (bench_report renders the Markdown)."""
-    rows = []
-    for m in out['models']:
-        for mode in ('eager', 'compiled'):
-            for name, r in (m.get(mode) or {}).get('tricks', {}).items():
-                rows.append(['%s %s' % (m['head'], m['variant']), mode, name,
-                             r.get('gain_pct'), 'yes' if r.get('clears_threshold') else '-', r.get('skipped', '')])
-    return format_table(['model', 'mode', 'trick', 'gain %', '>= 5 %', 'skipped'], rows)
-
-
 # ---------------------------------------------------------------------------------------- CLI
 def _split(text: str) -> List[str]:
     return [t.strip() for t in text.split(',') if t.strip()]
@@ -421,26 +411,45 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_size(text: str) -> Tuple[int, int, int]:
+    """'1x512x512' -> (1, 512, 512)."""
+    try:
+        b, h, w = (int(p) for p in text.lower().split('x'))
+    except ValueError:
+        raise ValueError('--size %r is not BATCHxHEIGHTxWIDTH, e.g. 1x512x512' % text) from None
+    if b < 1 or h < 32 or w < 32:
+        raise ValueError('--size %r: batch must be >= 1 and height, width >= 32' % text)
+    return b, h, w
+
+
+def _variant_known(variant: str) -> bool:
+    return variant.startswith(('twins_pcpvt_', 'twins_svt_')) and timm.is_model(variant)
+
+
 def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     """Every argument checked before the first model is built."""
     variants, heads, tricks = _split(args.variants), _split(args.heads), _split(args.tricks)
-    bad = [v for v in variants if v not in ALL_VARIANTS] + [h for h in heads if h not in HEADS] + \
+    bad = [v for v in variants if not _variant_known(v)] + [h for h in heads if h not in HEADS] + \
         [t for t in tricks if t not in EAGER_TRICKS]
     if bad or not variants or not heads:
-        raise ValueError('unknown or missing %s; variants: %s; heads: %s; tricks: %s'
-                         % (', '.join(bad) or 'variants / heads', ', '.join(ALL_VARIANTS), ', '.join(HEADS),
-                            ', '.join(EAGER_TRICKS)))
+        raise ValueError('unknown or missing %s; variants: twins_pcpvt_* / twins_svt_* (small, base, large); heads: '
+                         '%s; tricks: %s' % (', '.join(bad) or 'variants / heads', ', '.join(HEADS),
+                                             ', '.join(EAGER_TRICKS)))
     if args.repeats < 1 or args.warmup < 1:
         raise ValueError('--repeats and --warmup must be >= 1 (the warm-up calibrates)')
-    threads = args.threads or _available_cores()
+    threads = args.threads or len(os.sched_getaffinity(0))
     if threads < 1:
         raise ValueError('--threads must be >= 1')
     table = KernelTable.from_spec(args.kernels)  # a table every model's kernels start from
     check_output_file(Path(args.json), '--json', force=args.force, not_ours=_not_an_ablation)
     return dict(variants=variants, heads=heads, size=parse_size(args.size), tricks=tricks, repeats=args.repeats,
-                warmup=args.warmup, threads=threads, kernels=table,
-                compile=args.compile, compile_backend=args.compile_backend, seed=args.seed, json=args.json,
-                quiet=args.quiet)
+                warmup=args.warmup, threads=threads, kernels=table, compile=args.compile,
+                compile_backend=args.compile_backend, seed=args.seed, json=args.json, quiet=args.quiet)
+
+
+def write_json(path: Path, data: Dict[str, Any], force: bool) -> None:
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + '\n')
 
 
 def main(argv: Optional[Sequence[str]] = None, **encoder_args: Any) -> int:
@@ -451,7 +460,7 @@ def main(argv: Optional[Sequence[str]] = None, **encoder_args: Any) -> int:
         print('ablation: error: %s' % e, file=sys.stderr)
         return 2
     out = run_ablation(settings, **encoder_args)
-    print(render_text(out))
+    print(render_run(out, settings['json']))
     write_json(Path(settings['json']), out, force=args.force)
     print('results written to %s' % settings['json'])
     return 0

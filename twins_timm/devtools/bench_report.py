@@ -5,7 +5,7 @@
 
 Each run becomes one section headed by its CPU and date, with the machine, the reference matmul rates and
 the bench's tables (backbones vs timm's Twins, segmenters vs mmseg, training memory, kernels taken) as the
-JSON holds them; a ``python -m twins_timm.devtools.ablation`` run becomes its table of tricks. It only reads the JSON files and prints to stdout; bad input is one paragraph on stderr
+JSON holds them. It only reads the JSON files and prints to stdout; bad input is one paragraph on stderr
 and exit code 2, before anything is printed.
 """
 from __future__ import annotations
@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from twins_timm.devtools.bench import _cell, _is_number
+from twins_timm.devtools.bench import _cell
 
 REQUIRED_KEYS = ('machine', 'settings', 'matmul')
-ABLATION_KEYS = ('machine', 'settings', 'models', 'private_apis')
 
 
 def _ratio(v: Optional[float]) -> str:
@@ -135,45 +134,9 @@ def _engines(run: Dict[str, Any]) -> List[str]:
                             'scaled diff', 'argmax agree', 'note'], rows)]
 
 
-def _gain(r: Dict[str, Any]) -> str:
-    if 'skipped' in r:
-        return '- (%s)' % r['skipped']
-    text = '%+.1f %%%s' % (r['gain_pct'], '' if r['clears_threshold'] else ' (under)')
-    beyond = r.get('gain_beyond_included_pct')
-    return text if beyond is None else '%s; beyond the included: %+.1f %%' % (text, beyond)
-
-
-def _ablation(run: Dict[str, Any]) -> List[str]:
-    """Per trick, per model: the end-to-end gain of the optimized model over the same without the trick."""
-    models = [m for m in run['models'] if m.get('eager')]
-    labels = ['%s %s' % (m['head'], m['variant'].replace('twins_', '')) for m in models]
-    rows = [['(all tricks: ms; speed-up over plain)', ''] +
-            ['%.0f; %.2fx' % (1e3 * m['eager']['all_seconds'], m['eager']['speedup_all_over_plain']) for m in models]]
-    for name, trick in run['tricks'].items():
-        mode = 'compiled' if trick['compiled'] else 'eager'
-        cells = [_gain((m.get(mode) or {}).get('tricks', {}).get(name) or
-                       {'skipped': (m.get(mode) or {}).get('error', 'not measured')}) for m in models]
-        what = trick['what'] + ('; includes %s' % trick['includes'] if trick.get('includes') else '')
-        rows.append([name, what] + cells)
-    b = models[0] if models else {'batch': 0, 'height': 0, 'width': 0}
-    m = run['machine']
-    lines = ['Each trick of `twins_timm.optimize` switched off alone, at %dx3x%dx%d fp32, %s thread(s); gain = time '
-             'without it / time with all - 1, "(under)" below the %.0f %% a trick needs to stay. CPU flags: %s. %s.'
-             % (b['batch'], b['height'], b['width'], m.get('threads'), run.get('threshold_pct', 5),
-                ', '.join(m.get('cpu_flags') or []) or 'unknown', run.get('method', '')), '',
-             markdown_table(['trick', 'what'] + labels, rows)]
-    apis = [[a['api'], a['public'], '; '.join('%s: %s' % (k, '%+.1f %%' % v if _is_number(v) else v)
-                                              for k, v in a['figures'].items()) or 'not measured (no --compile)']
-            for a in run['private_apis']]
-    return lines + ['', 'Private torch APIs on the path, each against its public alternative (gain of the private '
-                        'call, end to end):', '', markdown_table(['private API', 'public alternative', 'figure'], apis)]
-
-
 def render_run(run: Dict[str, Any], source: str) -> str:
-    """One bench (or ablation) run as a Markdown section headed by its CPU and date."""
+    """One bench run as a Markdown section headed by its CPU and date."""
     title = '## %s, %s' % (run['machine'].get('cpu', 'unknown CPU'), run.get('date') or 'undated (no date in the JSON)')
-    if run.get('kind') == 'ablation':
-        return '\n'.join([title, '', 'From `%s`. ' % source] + _ablation(run)) + '\n'
     parts = [title, '', 'From `%s`. ' % source + ' '.join(_machine(run))]
     for section in (_backbones(run), _segmenters(run), _engines(run), _memory(run), _kernels(run)):
         if section:
@@ -189,8 +152,7 @@ def read_run(path: Path) -> Dict[str, Any]:
                       % (path, e.strerror or e)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError('%s is not JSON (%s); give the file written by twins-timm bench --json' % (path, e)) from None
-    keys = ABLATION_KEYS if isinstance(run, dict) and run.get('kind') == 'ablation' else REQUIRED_KEYS
-    missing = [k for k in keys if not isinstance(run, dict) or k not in run]
+    missing = [k for k in REQUIRED_KEYS if not isinstance(run, dict) or k not in run]
     if missing:
         raise ValueError('%s is not a twins-timm bench result (no %s); give the file written by twins-timm bench '
                          '--json' % (path, ', '.join(missing)))
