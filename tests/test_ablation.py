@@ -20,7 +20,7 @@ from twins_timm.devtools import ablation
 from twins_timm.devtools.ablation import EAGER_TRICKS, TRICKS, model_table, without
 from twins_timm.devtools.bench import build_engine_model
 from twins_timm.devtools.ablation_report import main as report_main
-from twins_timm.optimize import decoders, kernels, layers
+from twins_timm.optimize import kernels, layers
 
 SHALLOW = dict(depths=[1, 1, 2, 1])  # SVT's stage 3: an LSA and a GSA block
 KERNEL_CALLS = {'onednn-linear': (kernels, 'onednn_linear'), 'grouped-conv-attention': (kernels, 'onednn_attention'),
@@ -207,3 +207,9 @@ def test_report_refuses_a_bench_json_in_one_paragraph(tmp_path, capsys):
     assert report_main([str(bench)]) == 2
     captured = capsys.readouterr()
     assert captured.out == '' and 'not an ablation result' in captured.err and captured.err.count('\n') == 1
+
+
+def test_report_refuses_a_missing_file_in_one_paragraph(tmp_path, capsys):
+    assert report_main([str(tmp_path / 'nothing.json')]) == 2
+    err = capsys.readouterr().err
+    assert 'cannot read' in err and 'nothing.json' in err and err.count('\n') == 1

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from twins_timm.devtools.bench_report import markdown_table
 
@@ -63,18 +63,14 @@ def render_run(run: Dict[str, Any], source: str) -> str:
 
 
 def read_run(path: Path) -> Dict[str, Any]:
+    hint = 'give the file written by python -m twins_timm.devtools.ablation'
     try:
         run = json.loads(path.read_text(encoding='utf-8'))
-    except OSError as e:
-        raise OSError('cannot read %s (%s); give the JSON file written by python -m twins_timm.devtools.ablation'
-                      % (path, e.strerror or e)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError('%s is not JSON (%s); give the file written by python -m twins_timm.devtools.ablation'
-                         % (path, e)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError('cannot read %s as JSON (%s); %s' % (path, getattr(e, 'strerror', None) or e, hint)) from None
     if not isinstance(run, dict) or run.get('kind') != KIND or any(k not in run for k in REQUIRED_KEYS):
-        raise ValueError('%s is not an ablation result (kind %r, keys %s); give the file written by python -m '
-                         'twins_timm.devtools.ablation' % (path, run.get('kind') if isinstance(run, dict) else None,
-                                                           ', '.join(REQUIRED_KEYS)))
+        raise ValueError('%s is not an ablation result (no kind %r with %s); %s'
+                         % (path, KIND, ', '.join(REQUIRED_KEYS), hint))
     return run
 
 
@@ -90,15 +86,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m twins_timm.devtools.ablation_report',
                                      description=__doc__.split('\n\n')[0])
     parser.add_argument('runs', nargs='+', metavar='JSON', help='files written by python -m twins_timm.devtools.ablation')
-    args = parser.parse_args(argv)
-    sections: List[str] = []
-    try:
-        for p in map(Path, args.runs):  # every file read and rendered before any output
-            sections.append(render_one(p))
-    except (OSError, ValueError) as e:
+    try:  # every file read and rendered before any output
+        markdown = '\n'.join([render_one(Path(p)) for p in parser.parse_args(argv).runs])
+    except ValueError as e:
         print('ablation_report: error: %s' % e, file=sys.stderr)
         return 2
-    print('\n'.join(sections), end='')
+    print(markdown, end='')
     return 0
 
 
