@@ -53,8 +53,7 @@ def render_run(run: Dict[str, Any], source: str) -> str:
     return '\n'.join([
         '## %s, %s' % (m.get('cpu', 'unknown CPU'), run.get('date') or 'undated (no date in the JSON)'), '',
         'From `%s`: each trick of `twins_timm.optimize` switched off alone, %s fp32, %s thread(s) of %s cores '
-        'available, CPU flags %s; torch %s. Gain = time without it / time with all - 1, "(under)" below the '
-        '%s %% a trick needs to stay; %s.'
+        'available, CPU flags %s; torch %s. "(under)": below the %s %% a trick needs to stay. Method: %s.'
         % (source, size, m.get('threads'), m.get('cores_available'), ', '.join(m.get('cpu_flags') or []) or '-',
            m.get('torch'), run.get('threshold_pct'), run.get('method')), '',
         markdown_table(['trick', 'what'] + labels, rows), '',
