@@ -280,6 +280,16 @@ def test_checkpoint_family_args():
         timm.create_model('twins_svt_small', patch_padding='reflect')
 
 
+def test_every_converter_format_has_its_family_facts_beside_the_model():
+    from twins_timm.convert import FORMATS
+    from twins_timm.models.families import FAMILY_ARGS
+
+    assert set(FORMATS) == set(FAMILY_ARGS)  # a new format adds its entry (even an empty one) to both
+    assert FORMATS['mmseg'].args_for('twins_svt_small') == checkpoint_family_args('mmseg', 'twins_svt_small')
+    with pytest.raises(ValueError, match='not a Twins variant'):
+        checkpoint_family_args('mmseg', 'vit_small')
+
+
 def test_window_mask_quirk():
     # both pads > 0: pairs with exactly one padded token are masked
     mask = window_attn_mask(5, 6, 7, torch.device('cpu'), torch.float32)
@@ -328,7 +338,7 @@ def mmseg_backbones():
     require_mmseg()
     from mmseg.registry import MODELS
     from twins_timm.convert.engine import apply_rules
-    from twins_timm.convert.rules import table_for
+    from twins_timm.convert.formats import table_for
     out = {}
     for name in SMALL:
         family = 'svt' if '_svt_' in name else 'pcpvt'

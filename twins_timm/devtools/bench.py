@@ -981,7 +981,7 @@ def _mib(d: Dict[str, Any]) -> Optional[float]:
 
 def write_json(path: Path, data: Dict[str, Any], force: bool) -> None:
     """Atomic write (temp file + rename) through the project's one implementation."""
-    from twins_timm.convert.io import atomic_path
+    from twins_timm.files.atomic import atomic_path
     with atomic_path(path, force=force) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + '\n')
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from twins_timm.convert.io import atomic_path, write_folder
+from twins_timm.files.atomic import atomic_path, write_folder
 from twins_timm.inference import distributed
 from .data import DatasetError, SegmentationFolder, check_label_convention, check_pairs, find_pairs
 from .models import head_of
