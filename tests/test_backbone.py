@@ -37,6 +37,14 @@ def test_import_registers_all_six_without_warnings():
     assert 'Overwriting' not in res.stderr
 
 
+def test_registration_is_quiet_however_it_is_reached():
+    """The warning filter sits where the models register (twins.py), not in the root package: registering again
+    (a reload, as a second import path would) says nothing either."""
+    res = fresh_python('import importlib, twins_timm.models.twins as t; importlib.reload(t); print("ok")',
+                       warnings_as_errors=True)
+    assert res.returncode == 0 and res.stdout.split() == ['ok'], res.stderr
+
+
 def test_too_old_timm_is_a_clear_import_error(monkeypatch):
     """The floor is setup.cfg's timm>= (read from the installed metadata: one place); below it the import says
     what to do instead of failing deep inside (or loading checkpoints with an unpickling timm)."""
