@@ -30,7 +30,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices  # in that module's __all__; timm.models does not re-export it
 from timm.models.vision_transformer import Attention
 
-from .families import checkpoint_family_args
+from twins_timm.models.families import checkpoint_family_args
 
 __all__ = ['Twins', 'checkpoint_family_args', 'MIN_INPUT_SIZE']
 
