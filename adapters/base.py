@@ -18,10 +18,13 @@ from segmentation_models_pytorch.base import initialization as init
 from segmentation_models_pytorch.base.modules import Activation
 
 from twins_timm.adapters import ade20k
+from twins_timm.adapters.card import model_card
 from twins_timm.adapters.config import MAX_CLASSES, check_config
 from twins_timm.adapters.encoder import TwinsEncoder
 from twins_timm.adapters.loss import AUX_WEIGHT, MAIN_WEIGHT
 from twins_timm.adapters.modules import FCNHead, fold_batchnorm, resize
+from twins_timm.files.atomic import honour_umask
+from twins_timm.files.checkpoint import load_file
 from twins_timm.models.twins import MIN_INPUT_SIZE
 
 MMSEG_MEAN = (123.675, 116.28, 103.53)
@@ -187,8 +190,6 @@ class TwinsSegmentationModel(SegmentationModel):
         config.json is checked first by the rules `from_pretrained` applies (`twins_timm.adapters.config`),
         so what is saved loads back.
         """
-        from twins_timm.convert.io import honour_umask
-
         self.config.pop('test_scale', None)
         if self.test_scale is not None:
             self.config['test_scale'] = list(_checked_test_scale(self.test_scale))
@@ -233,13 +234,10 @@ class TwinsSegmentationModel(SegmentationModel):
         return _load_state(model, model_file, map_location, strict)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        """The card ``save_pretrained`` writes, by the package's one card writer (``convert.hub.model_card``):
-        how to load with twins_timm (plain SMP does not know the class), and where the weights come from
-        when ``model_card_kwargs`` carries a ``conversion`` (``twins-timm convert`` does)."""
-        from twins_timm.convert.hub import model_card
-        conversion = kwargs.get('conversion') or {}
-        return model_card(conversion.get('res'), conversion.get('parity'), conversion.get('source_sha256'),
-                          conversion.get('card'), model=self, metrics=kwargs.get('metrics'),
+        """The card ``save_pretrained`` writes, by the package's one card writer (``adapters.card``): how to
+        load with twins_timm (plain SMP does not know the class), and where the weights come from when
+        ``model_card_kwargs`` carries a ``provenance`` (``twins-timm convert`` passes one)."""
+        return model_card(True, kwargs.get('provenance'), model=self, metrics=kwargs.get('metrics'),
                           dataset=kwargs.get('dataset'))
 
 
@@ -303,13 +301,11 @@ def check_weights(model: torch.nn.Module, state: Any, strict: bool, source: str)
 
 def _load_state(model: torch.nn.Module, model_file: str, map_location: Union[str, torch.device],
                 strict: bool) -> torch.nn.Module:
-    """``model_file``'s weights, read without running code (``convert.io``) and checked (``check_weights``),
+    """``model_file``'s weights, read without running code (``files.checkpoint``) and checked (``check_weights``),
     into ``model`` in eval mode. A model built on the meta device adopts a copy of each tensor in
     the dtype it was built with (as an ordinary load casts). A copy: torch's allocator aligns it to 64 bytes,
     where safetensors' tensors sit at any 4-byte offset, and the CPU kernels take other paths on those (not
     the bits of the saved model's output); and no loaded weight stays tied to a file."""
-    from twins_timm.convert.io import load_file
-
     state = load_file(model_file)
     check_weights(model, state, strict, model_file)
     if not next(model.parameters()).is_meta:

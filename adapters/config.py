@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Mapping, Tuple
 
+import timm
+
 from twins_timm.models.twins import PATCH_PADDINGS
 
 # Largest number of classes a segmenter may have: ADE20K-full has 3688, COCO-Stuff 182; the default
@@ -58,7 +60,6 @@ def _optional(check: Check) -> Check:
 
 
 def _twins_variant(v: Any) -> bool:
-    import timm
     return isinstance(v, str) and v.startswith('twins_') and timm.is_model(v)
 
 

@@ -8,8 +8,8 @@ from twins_timm.convert.detect import Detection, DetectionError, detect, normali
 from twins_timm.convert.engine import MappingError, apply_rules
 from twins_timm.convert.formats import FORMATS, Format, get_format
 from twins_timm.convert.hub import push_to_hub
-from twins_timm.convert.io import (CheckpointReadError, DiskFullError, UnsafeCheckpointError, load_file,
-                                   sha256_file)
+from twins_timm.files.checkpoint import CheckpointReadError, UnsafeCheckpointError, load_file, sha256_file
+from twins_timm.files.disk import DiskFullError
 
 __all__ = [
     'ConversionResult', 'SaveInfo', 'build_model', 'convert_checkpoint', 'family_args', 'make_model',

@@ -10,8 +10,12 @@ import functools
 import json
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
+import timm
 import torch
 from torch import nn
+
+import twins_timm.models.twins  # noqa: F401  registers our Twins variants with timm
+from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 
 SEGMENTER_TASKS = ('fpn', 'upernet')
 
@@ -20,17 +24,8 @@ def make_model(variant: str, task: str, num_classes: int, model_args: Mapping[st
                class_names: Optional[List[str]] = None, palette: Optional[List[List[int]]] = None,
                device: Union[str, torch.device, None] = None) -> nn.Module:
     """A target model of the given kind (random weights; ``device='meta'``: no memory, no init time)."""
-    import timm
-
-    import twins_timm  # noqa: F401  registers our Twins variants
-
     if task in SEGMENTER_TASKS:
-        try:
-            from twins_timm import adapters
-            cls = adapters.TwinsUPerNet if task == 'upernet' else adapters.TwinsFPN
-        except (ImportError, AttributeError) as e:
-            raise ImportError('the segmentation adapters (twins_timm.adapters.TwinsUPerNet / TwinsFPN) are not '
-                              'available: %s' % e) from None
+        cls = TwinsUPerNet if task == 'upernet' else TwinsFPN
         kw: Dict[str, Any] = dict(encoder_name=variant, classes=num_classes, encoder_args=dict(model_args),
                                   class_names=class_names, palette=palette)
         if task == 'upernet':

@@ -1,16 +1,18 @@
 """One record per checkpoint format: everything the converter knows about it, in one place.
 
 A new format is one ``Format`` here (plus a manifest under tests/fixtures/manifests for its tests):
-its name, what it is, how detection recognises it, its rule table, the backbone arguments that
-reproduce its numerics (see shared FORMATS.md), the parts dropped by default and its display name.
+its name, what it is, how detection recognises it, its rule table, the parts dropped by default and its
+display name. The backbone arguments that reproduce its numerics (see shared FORMATS.md) are a fact about
+the model, so they sit beside it under the same name: ``twins_timm.models.families.FAMILY_ARGS``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from twins_timm.convert.rules import (MMSEG_BACKBONE, MMSEG_PRETRAIN_BACKBONE, OFFICIAL_SEG_BACKBONE, TIMM_BACKBONE,
-                                      Rule)
+from twins_timm.convert.rules import (ENCODER_PREFIX, MMSEG_BACKBONE, MMSEG_PRETRAIN_BACKBONE, OFFICIAL_SEG_BACKBONE,
+                                      SEG_HEADS, SEGMENTER_IDENTITY, TIMM_BACKBONE, Rule, prefixed)
+from twins_timm.models.families import checkpoint_family_args
 
 # The evidence detection gathers about a file, handed to each format's ``recognises``.
 #   layout: 'timm' (blocks.*, under encoder.model. or nothing), 'official' (blocks.*, bare or backbone.),
@@ -45,16 +47,12 @@ class Format:
     description: str
     recognises: Callable[[Evidence], bool]         # tried in FORMATS order; the first that says yes wins
     backbone_rules: Tuple[Rule, ...]               # source backbone names <-> timm names
-    # family ('pcpvt' / 'svt') -> backbone kwargs reproducing the format's computation
-    model_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # task -> {part: why}: what the files hold that the target never uses
     default_drops: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def args_for(self, variant: str) -> Dict[str, Any]:
-        family = 'svt' if '_svt_' in variant else 'pcpvt' if '_pcpvt_' in variant else None
-        if family is None:
-            raise ValueError(f'{variant!r} is not a Twins variant (twins_pcpvt_* / twins_svt_*)')
-        return dict(self.model_args.get(family, {}))
+        """Backbone kwargs reproducing this format's computation for ``variant``."""
+        return checkpoint_family_args(self.name, variant)
 
 
 _UNUSED_HEAD = 'unused classification head of a segmentation backbone'
@@ -73,9 +71,7 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
         'mmsegmentation Twins segmentor (0.x >= 0.20 or 1.x) or bare mmseg backbone: layers.*, projection, '
         'position_encodings, nn.MultiheadAttention in_proj',
         recognises=lambda e: e.layout == 'mmseg',
-        backbone_rules=MMSEG_BACKBONE,
-        model_args={'svt': dict(stage_norm=True, norm_eps=1e-5, window_mask=True, patch_padding='corner'),
-                    'pcpvt': dict(norm_eps=1e-5, patch_padding='corner')}),
+        backbone_rules=MMSEG_BACKBONE),
     Format(
         'timm', 'timm state dict',
         'timm Twins names (bare or in .safetensors), or our SMP segmenter (encoder.model.*)',
@@ -89,7 +85,6 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
         recognises=lambda e: e.layout == 'official' and (e.prefix == 'backbone.' or e.segmentor
                                                          or e.any_key('norm_list.')),
         backbone_rules=OFFICIAL_SEG_BACKBONE,
-        model_args={'svt': dict(stage_norm=True, window_mask=True)},
         default_drops={'fpn': {'head': _UNUSED_HEAD, 'norm': _UNUSED_NORM},
                        'upernet': {'head': _UNUSED_HEAD, 'norm': _UNUSED_NORM},
                        'backbone': {'head': _UNUSED_HEAD}}),
@@ -114,3 +109,17 @@ def recognise(evidence: Evidence) -> Optional[Format]:
 def family_args(fmt: str, variant: str) -> Dict[str, Any]:
     """Backbone kwargs reproducing the computation of checkpoint format ``fmt`` for ``variant``."""
     return get_format(fmt).args_for(variant)
+
+
+def table_for(fmt: str, task: str, src_prefix: str = '') -> Tuple[Rule, ...]:
+    """The rule table converting a checkpoint of format ``fmt`` holding a model for ``task``.
+
+    ``src_prefix`` is where the backbone sits in the source (``backbone.`` in mmseg segmentors).
+    Classification / backbone tasks target bare timm names; fpn / upernet target the segmenter.
+    """
+    table = get_format(fmt).backbone_rules
+    segmenter = task in ('fpn', 'upernet')
+    if fmt == 'timm' and segmenter:
+        return SEGMENTER_IDENTITY
+    backbone = prefixed(table, src_prefix, ENCODER_PREFIX if segmenter else '')
+    return backbone + (SEG_HEADS if segmenter else ())

@@ -9,11 +9,13 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from huggingface_hub import ModelCard, ModelCardData
-
+from timm.models import save_for_hf
 from torch import nn
 
-from twins_timm.convert.io import write_folder
+from twins_timm.adapters.card import Provenance, model_card
+from twins_timm.adapters.config import check_encoder_args
+from twins_timm.convert.formats import FORMATS
+from twins_timm.files.atomic import write_folder
 
 WEIGHTS_NAME = 'model.safetensors'
 
@@ -32,59 +34,19 @@ SETTING_TEXT = {
     else 'patch embedding floors odd sizes',
 }
 
-def _format_display(fmt: str) -> str:
-    from twins_timm.convert.formats import FORMATS
-    return FORMATS[fmt].display if fmt in FORMATS else fmt
-
-
-def model_card(res=None, parity: Optional[Dict[str, Any]] = None, source_sha256: Optional[str] = None,
-               card: Optional[Mapping[str, Any]] = None, model: Optional[nn.Module] = None,
-               metrics: Optional[Mapping[str, Any]] = None, dataset: Optional[str] = None) -> ModelCard:
-    """The one model-card writer (huggingface_hub.ModelCard) of every folder twins-timm writes.
-
-    ``res`` (a conversion result) adds where the weights come from and how faithfully they were converted,
-    ``card`` its provenance (source_url, name, dataset, licence, published metrics); ``model`` (a
-    segmenter saved with ``save_pretrained``, with or without a conversion) adds its init parameters;
-    ``metrics`` / ``dataset`` are what SMP's ``save_pretrained`` passes for its card.
-    """
+def card_provenance(res, parity: Optional[Dict[str, Any]] = None, source_sha256: Optional[str] = None,
+                    card: Optional[Mapping[str, Any]] = None) -> Provenance:
+    """What a converted model's card says about its weights (``res``, a conversion result): where they come
+    from and how faithfully they were converted; ``card`` adds their provenance (source_url, name, dataset,
+    licence, published metrics)."""
     card = dict(card or {})
-    seg = res.is_segmenter if res is not None else True
-    tags = ['image-segmentation', 'segmentation-models-pytorch'] if seg else ['image-classification', 'timm']
-    data = ModelCardData(library_name='segmentation-models-pytorch' if seg else 'timm', license='apache-2.0',
-                         tags=tags + ['twins', 'twins-timm'],
-                         pipeline_tag='image-segmentation' if seg else 'image-classification',
-                         # the Hub's dataset ids, for the published data sets only
-                         datasets=['ade20k' if card.get('dataset') == 'ADE20K' else 'imagenet-1k']
-                         if card.get('dataset') else None)
-    if res is not None:
-        lines = ['# %s' % (card.get('name') or '%s (%s)' % (res.variant, res.task)), '']
-        lines += _conversion_lines(res, parity, source_sha256, card)
-    else:
-        lines = ['# %s (%s)' % (type(model).__name__, model.encoder_name), '',
-                 'Twins backbone with an mmsegmentation-equivalent head, as a segmentation-models-pytorch model.']
-    if model is not None:
-        params = {k: v for k, v in model.config.items() if not k.startswith('_') and k not in ('class_names', 'palette')}
-        lines += ['', '## Model init parameters', '', '```json', json.dumps(params, indent=2), '```', '',
-                  'Classes: %d (names and palette in config.json).' % model.classes]
-    if metrics:
-        lines += ['', '## Metrics', '', '```json', json.dumps(metrics, indent=2), '```']
-    if dataset:  # what save_pretrained was told (a published data set is in the conversion table)
-        lines += ['', 'Dataset: %s' % dataset]
-    lines += ['', '## Usage', '', '```python']
-    if seg:
-        lines += ['from twins_timm.adapters import from_pretrained',
-                  "model = from_pretrained('%s').eval()" % (card.get('name') or 'PATH_OR_REPO'),
-                  '# RGB 0-255 normalised with config mean / std, NCHW float -> logits (B, classes, H, W)']
-    else:
-        lines += ['import timm, twins_timm',
-                  "model = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:REPO_ID'"]
-    lines += ['```']
-    if res is not None:
-        lines += ['', '## Licence', '']
-        if card.get('licence'):
-            lines += ['Licence of the published weights: %s.' % card['licence'], '']
-        lines += [LICENCE_NOTE]
-    return ModelCard('---\n%s\n---\n\n%s\n' % (data.to_yaml(), '\n'.join(lines)))
+    licence = ['Licence of the published weights: %s.' % card['licence'], ''] if card.get('licence') else []
+    return Provenance(
+        title=card.get('name') or '%s (%s)' % (res.variant, res.task),
+        lines=_conversion_lines(res, parity, source_sha256, card), licence=licence + [LICENCE_NOTE],
+        # the Hub's dataset ids, for the published data sets only
+        hub_dataset=('ade20k' if card['dataset'] == 'ADE20K' else 'imagenet-1k') if card.get('dataset') else None,
+        name=card.get('name'))
 
 
 def _conversion_lines(res, parity: Optional[Dict[str, Any]], source_sha256: Optional[str],
@@ -103,7 +65,7 @@ def _conversion_lines(res, parity: Optional[Dict[str, Any]], source_sha256: Opti
     if source_sha256:
         lines.append('| source sha256 | `%s` |' % source_sha256)
     lines += [
-        '| source format | %s |' % _format_display(res.format),
+        '| source format | %s |' % (FORMATS[res.format].display if res.format in FORMATS else res.format),
         '| variant | `%s` (%s, %s) |' % (res.variant, res.family.upper(), res.size),
         '| task | %s |' % res.task,
         '| classes | %d |' % res.num_classes,
@@ -141,9 +103,6 @@ def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Op
                      source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None,
                      needed: Optional[int] = None) -> Path:
     """timm Hub folder: config.json (architecture, num_classes, model_args, pretrained_cfg), weights, card."""
-    from timm.models import save_for_hf
-
-    from twins_timm.adapters.config import check_encoder_args
     model_args = check_encoder_args(res.model_args, 'model_args')  # what the reader will accept back
 
     def fill(tmp: Path) -> None:
@@ -152,7 +111,7 @@ def save_timm_folder(res, model: nn.Module, dst, force: bool = False, parity: Op
         cfg = json.loads(cfg_path.read_text())
         cfg['twins_timm'] = _provenance(res, parity, card)
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        model_card(res, parity, source_sha256, card).save(tmp / 'README.md')
+        model_card(res.is_segmenter, card_provenance(res, parity, source_sha256, card)).save(tmp / 'README.md')
 
     return write_folder(dst, fill, force, needed)
 
@@ -161,9 +120,9 @@ def save_segmenter_folder(res, model: nn.Module, dst, force: bool = False, parit
                           source_sha256: Optional[str] = None, card: Optional[Mapping[str, Any]] = None,
                           needed: Optional[int] = None) -> Path:
     """SMP Hub folder through the adapter's own ``save_pretrained``, loadable by ``from_pretrained``."""
-    def fill(tmp: Path) -> None:  # the card comes from the adapter's generate_model_card, given the conversion
-        model.save_pretrained(str(tmp), model_card_kwargs=dict(
-            conversion=dict(res=res, parity=parity, source_sha256=source_sha256, card=card)))
+    def fill(tmp: Path) -> None:  # the card comes from the adapter's generate_model_card, given the provenance
+        about = card_provenance(res, parity, source_sha256, card)
+        model.save_pretrained(str(tmp), model_card_kwargs=dict(provenance=about))
 
     return write_folder(dst, fill, force, needed)
 

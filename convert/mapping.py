@@ -6,14 +6,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 
+from twins_timm.adapters import ade20k
 from twins_timm.convert.build import SEGMENTER_TASKS, target_shapes
 from twins_timm.convert.detect import DetectionError, detect, meta_classes, normalize_variant, unwrap
 from twins_timm.convert.engine import MappingError, apply_rules
-from twins_timm.convert.formats import family_args, get_format
-from twins_timm.convert.io import PathLike
+from twins_timm.convert.formats import family_args, get_format, table_for
 from twins_timm.convert.read import config_model_args, read_source
 from twins_timm.convert.rules import (ENCODER_PREFIX, MMSEG_BACKBONE, PARTS, SEG_BACKBONE_PREFIX, SEG_HEADS,
-                                      prefixed, table_for)
+                                      prefixed)
+from twins_timm.files.paths import PathLike
 
 
 @dataclass
@@ -120,12 +121,8 @@ def convert_checkpoint(src: Union[PathLike, Mapping[str, Any]], variant: Optiona
         if palette and len(palette) != num_classes:
             palette = None
         if class_names is None and num_classes == 150:
-            try:
-                from twins_timm.adapters import ade20k
-                class_names, palette = list(ade20k.CLASSES), [list(p) for p in ade20k.PALETTE]
-                det.notes.append('no class names in the file: 150 classes, assumed ADE20K')
-            except ImportError:
-                pass
+            class_names, palette = list(ade20k.CLASSES), [list(p) for p in ade20k.PALETTE]
+            det.notes.append('no class names in the file: 150 classes, assumed ADE20K')
         info = {'class_names': class_names, 'palette': palette}
 
     rules = table_for(det.format, task, det.src_prefix)

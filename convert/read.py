@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from twins_timm.convert.io import PathLike, load_file
+from twins_timm.adapters.config import check_encoder_args
+from twins_timm.files.checkpoint import load_file
+from twins_timm.files.paths import PathLike
 
 
 def read_folder_config(path: Path) -> Tuple[Path, Dict[str, Any]]:
@@ -23,8 +25,6 @@ def read_folder_config(path: Path) -> Tuple[Path, Dict[str, Any]]:
 def config_model_args(cfg: Mapping[str, Any], where: str = 'config.json') -> Optional[Dict[str, Any]]:
     """Backbone kwargs recorded in a timm or SMP config.json, without the generic ones that the conversion sets
     itself; the rest must be backbone settings twins_timm defines (a ConfigError otherwise)."""
-    from twins_timm.adapters.config import check_encoder_args
-
     if 'encoder_args' in cfg:
         return check_encoder_args(cfg.get('encoder_args') or {}, '%s encoder_args' % where)
     if 'model_args' in cfg:

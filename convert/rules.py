@@ -122,19 +122,3 @@ def prefixed(rules: Sequence[Rule], src_prefix: str, dst_prefix: str) -> Tuple[R
             when = None if r.when is None else (p(r.when[0], src_prefix), p(r.when[1], dst_prefix))
             out.append(replace(r, src=p(r.src, src_prefix), dst=p(r.dst, dst_prefix), when=when))
     return tuple(out)
-
-
-def table_for(fmt: str, task: str, src_prefix: str = '') -> Tuple[Rule, ...]:
-    """The rule table converting a checkpoint of format ``fmt`` holding a model for ``task``.
-
-    ``src_prefix`` is where the backbone sits in the source (``backbone.`` in mmseg segmentors).
-    Classification / backbone tasks target bare timm names; fpn / upernet target the segmenter.
-    """
-    from twins_timm.convert.formats import get_format  # the format records hold the tables
-
-    table = get_format(fmt).backbone_rules
-    segmenter = task in ('fpn', 'upernet')
-    if fmt == 'timm' and segmenter:
-        return SEGMENTER_IDENTITY
-    backbone = prefixed(table, src_prefix, ENCODER_PREFIX if segmenter else '')
-    return backbone + (SEG_HEADS if segmenter else ())

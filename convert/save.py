@@ -8,10 +8,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 
+from twins_timm.convert import hub
 from twins_timm.convert.build import build_model
-from twins_timm.convert.io import PathLike, hub_folder_not_ours, mmseg_not_ours, safetensors_not_ours
 from twins_timm.convert.mapping import ConversionResult, to_mmseg
 from twins_timm.convert.verify import reference_parity, verify_written
+from twins_timm.files.atomic import check_destination, save_safetensors, save_torch
+from twins_timm.files.checkpoint import sha256_file
+from twins_timm.files.disk import check_free_space
+from twins_timm.files.ownership import hub_folder_not_ours, mmseg_not_ours, safetensors_not_ours
+from twins_timm.files.paths import PathLike
 
 
 DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'fp16': torch.float16, 'float16': torch.float16,
@@ -54,8 +59,6 @@ def output_kind(dst: PathLike, to: str = 'timm') -> str:
 
 def check_output(dst: PathLike, to: str = 'timm', force: bool = False) -> str:
     """Before any work: ``dst`` suits ``to``, and is new or (with ``force``) an earlier output of ours."""
-    from twins_timm.convert.io import check_destination
-
     kind = output_kind(dst, to)
     check_destination(dst, force, NOT_OURS[kind], what='DST')
     return kind
@@ -90,9 +93,6 @@ def save(res: ConversionResult, dst: PathLike, to: str = 'timm', force: bool = F
     ``card`` adds provenance to a folder's model card: source_url, source_sha256, name, dataset, licence,
     metrics (published scores).
     """
-    from twins_timm.convert import hub
-    from twins_timm.convert.io import check_free_space, save_safetensors, save_torch, sha256_file
-
     dst = Path(dst)
     kind = check_output(dst, to, force)
     dt = parse_dtype(dtype)

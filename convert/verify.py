@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+import timm.models.twins as timm_twins  # timm's own Twins, the reference: not our registration
 import torch
+from safetensors.torch import load_file as load_st
 from torch import nn
 
-from twins_timm.convert.build import load_into
+from twins_timm.convert.build import load_into, make_for
 
 
 def reference_parity(res, model: Optional[nn.Module] = None, size: int = 224,
@@ -19,14 +21,11 @@ def reference_parity(res, model: Optional[nn.Module] = None, size: int = 224,
     """
     if res.is_segmenter or res.model_args:
         return None
-    import timm.models.twins as timm_twins
-
     sd = res.state_dict
     if any(v.is_floating_point() and v.dtype != torch.float32 for v in sd.values()):  # compare in float32
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
         model = None
     if model is None:
-        from twins_timm.convert.build import make_for
         model = load_into(lambda device=None: make_for(res, device), sd).eval()
     ref = load_into(lambda device=None: getattr(timm_twins, res.variant)(  # timm's own, not our registration
         pretrained=False, num_classes=res.num_classes, device=device), sd)
@@ -45,8 +44,6 @@ def reference_parity(res, model: Optional[nn.Module] = None, size: int = 224,
 
 def verify_written(weights: Path, expected: Mapping[str, torch.Tensor]) -> None:
     """Read the written weights back and compare them to what was meant to be written."""
-    from safetensors.torch import load_file as load_st
-
     got = load_st(str(weights))
     bad = sorted(set(got) ^ set(expected)) + [k for k in got if k in expected and not torch.equal(got[k], expected[k])]
     if bad:

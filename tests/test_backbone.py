@@ -38,6 +38,14 @@ def test_import_registers_all_six_without_warnings():
     assert 'Overwriting' not in res.stderr
 
 
+def test_registration_is_quiet_however_it_is_reached():
+    """The warning filter sits where the models register (twins.py), not in the root package: registering again
+    (a reload, as a second import path would) says nothing either."""
+    res = fresh_python('import importlib, twins_timm.models.twins as t; importlib.reload(t); print("ok")',
+                       warnings_as_errors=True)
+    assert res.returncode == 0 and res.stdout.split() == ['ok'], res.stderr
+
+
 def test_too_old_timm_is_a_clear_import_error(monkeypatch):
     """The floor is setup.cfg's timm>= (read from the installed metadata: one place); below it the import says
     what to do instead of failing deep inside (or loading checkpoints with an unpickling timm)."""
@@ -281,6 +289,16 @@ def test_checkpoint_family_args():
         timm.create_model('twins_svt_small', patch_padding='reflect')
 
 
+def test_every_converter_format_has_its_family_facts_beside_the_model():
+    from twins_timm.convert import FORMATS
+    from twins_timm.models.families import FAMILY_ARGS
+
+    assert set(FORMATS) == set(FAMILY_ARGS)  # a new format adds its entry (even an empty one) to both
+    assert FORMATS['mmseg'].args_for('twins_svt_small') == checkpoint_family_args('mmseg', 'twins_svt_small')
+    with pytest.raises(ValueError, match='not a Twins variant'):
+        checkpoint_family_args('mmseg', 'vit_small')
+
+
 def test_window_mask_quirk():
     # both pads > 0: pairs with exactly one padded token are masked
     mask = window_attn_mask(5, 6, 7, torch.device('cpu'), torch.float32)
@@ -329,7 +347,7 @@ def mmseg_backbones():
     require_mmseg()
     from mmseg.registry import MODELS
     from twins_timm.convert.engine import apply_rules
-    from twins_timm.convert.rules import table_for
+    from twins_timm.convert.formats import table_for
     out = {}
     for name in SMALL:
         family = 'svt' if '_svt_' in name else 'pcpvt'

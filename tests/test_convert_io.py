@@ -12,7 +12,7 @@ import torch
 from checkpoint_factory import random_state_dict, write_checkpoint
 from fresh_python import start_python
 from twins_timm.convert import CheckpointReadError, UnsafeCheckpointError, convert_checkpoint, load_file
-from twins_timm.convert.io import atomic_path, save_safetensors, save_torch
+from twins_timm.files.atomic import atomic_path, save_safetensors, save_torch
 
 
 class _Payload:
@@ -147,14 +147,10 @@ def test_kill_mid_write_leaves_no_output(tmp_path):
     """SIGKILL while a large file is being written: no DST, only a hidden partial the next write removes."""
     dst = tmp_path / 'big.pth'
     started = tmp_path / 'started'
-    # io.py is loaded by path so the child process starts fast (no timm import; torch is the fork server's)
     script = textwrap.dedent('''
-        import importlib.util, sys, time
+        import sys, time
         from pathlib import Path
-        spec = importlib.util.spec_from_file_location('convert_io', sys.argv[3])
-        io = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(io)
-        atomic_path = io.atomic_path
+        from twins_timm.files.atomic import atomic_path
         dst, started = Path(sys.argv[1]), Path(sys.argv[2])
         with atomic_path(dst) as tmp:
             with open(tmp, 'wb') as f:
@@ -166,8 +162,7 @@ def test_kill_mid_write_leaves_no_output(tmp_path):
                         started.write_text('go')
                     time.sleep(0.01)
     ''')
-    import twins_timm.convert.io as convert_io
-    proc = start_python(script, argv=[dst, started, convert_io.__file__])
+    proc = start_python(script, argv=[dst, started])
     try:
         deadline = time.time() + 60
         while not started.exists() and proc.poll() is None and time.time() < deadline:

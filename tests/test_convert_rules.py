@@ -4,7 +4,8 @@ import torch
 
 from checkpoint_factory import random_state_dict, shapes_only
 from twins_timm.convert import MappingError, apply_rules, convert_checkpoint, to_mmseg
-from twins_timm.convert.rules import MMSEG_BACKBONE, SEG_HEADS, TIMM_BACKBONE, Rename, prefixed, table_for
+from twins_timm.convert.formats import table_for
+from twins_timm.convert.rules import MMSEG_BACKBONE, SEG_HEADS, TIMM_BACKBONE, Rename, prefixed
 
 
 def _same(a, b):

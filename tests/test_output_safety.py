@@ -16,7 +16,7 @@ from test_tools_safety import _one_paragraph, _sha, no_model_load  # noqa: F401 
 from test_zoo import _leftovers, _path, cache, files, seg_record  # noqa: F401 (fixtures)
 from tools_standin import random_rgb
 from twins_timm import cli, zoo
-from twins_timm.convert import io as convert_io
+from twins_timm.files import disk
 
 
 def _debris(root: Path) -> list:
@@ -237,7 +237,7 @@ def test_full_disk_during_convert_is_one_paragraph_and_leaves_nothing(tmp_path, 
     monkeypatch.setattr('safetensors.torch.save_file', _full_disk_after(4096, rust))
     if kind == 'mmseg':  # torch.save says only "file write failed"; the disk is then (nearly) full
         free = [10 << 30]
-        monkeypatch.setattr(convert_io, '_free_bytes', lambda folder: free[0])
+        monkeypatch.setattr(disk, 'free_bytes', lambda folder: free[0])
 
         def torch_save(obj, path, *a, **k):
             Path(path).write_bytes(b'\0' * 4096)
@@ -256,7 +256,7 @@ def test_full_disk_during_convert_is_one_paragraph_and_leaves_nothing(tmp_path, 
 
 
 def test_too_little_space_is_refused_before_writing(tmp_path, src, monkeypatch, capsys):
-    monkeypatch.setattr(convert_io, '_free_bytes', lambda folder: 1000)
+    monkeypatch.setattr(disk, 'free_bytes', lambda folder: 1000)
     monkeypatch.setattr('safetensors.torch.save_file', lambda *a, **k: pytest.fail('wrote despite no space'))
     assert cli.main(['convert', str(src), str(tmp_path / 'w.safetensors')]) == 2
     err = _one_paragraph(capsys, 'convert')

@@ -4,16 +4,10 @@ Importing the package registers ``twins_{pcpvt,svt}_{small,base,large}`` with ti
 own Twins under the same names (same parameter names, arguments and pretrained tags, so timm's hub
 weights load and give timm's numbers). ``optimize(model)`` swaps in the CPU-inference layers.
 """
-import warnings
-
 from .requirements import check_timm
 
 check_timm()
-with warnings.catch_warnings():
-    # Replacing timm's registrations is the point of this package, not a conflict worth a warning.
-    warnings.filterwarnings('ignore', message=r'Overwriting twins_', category=UserWarning)
-    from .models import twins  # noqa: F401
-from .models.twins import Twins, checkpoint_family_args
+from .models.twins import Twins, checkpoint_family_args  # registers the six models with timm
 from .optimize import optimize
 
 __version__ = '0.1.0'

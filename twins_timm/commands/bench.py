@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from twins_timm.commands.common import add_kernels_argument
-from twins_timm.convert.io import atomic_path
+from twins_timm.files.atomic import atomic_path
 from twins_timm.devtools.bench import Bench, available_cores
 from twins_timm.devtools.bench_render import render
 from twins_timm.files.paths import check_output_file

@@ -20,7 +20,7 @@ import numpy as np
 from twins_timm.commands.common import (add_inference_arguments, add_model_arguments, describe_settings,
                                         engine_from_args, model_classes, pick_device, quiet_stdout, scale_for_model,
                                         settings_from_args)
-from twins_timm.convert.io import atomic_path
+from twins_timm.files.atomic import atomic_path
 from twins_timm.files.paths import check_output_file, model_files, refuse_inputs_as_outputs
 from twins_timm.inference import distributed
 from twins_timm.inference.metrics import evaluate, format_table, json_not_ours, metrics_json

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from twins_timm.convert.io import atomic_path
+from twins_timm.files.atomic import atomic_path
 from twins_timm.commands.common import quiet_stdout
 from twins_timm.zoo.resolve import load_model
 from twins_timm.files.paths import (check_replaceable, check_writable_dir, inside, model_files,

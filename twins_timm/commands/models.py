@@ -43,7 +43,7 @@ def _check_cache_entry(spec: str, force: bool) -> None:
     in the cache."""
     from twins_timm import zoo
     from twins_timm.zoo import cache_entry
-    from twins_timm.convert.io import HUB_FOLDER_FILES, folder_not_ours
+    from twins_timm.files.ownership import HUB_FOLDER_FILES, folder_not_ours
     from twins_timm.files.paths import check_replaceable
 
     if not zoo.is_url(spec) and zoo.get(spec).origin == 'timm':

@@ -19,7 +19,7 @@ from filelock import FileLock
 from torch import nn
 
 from twins_timm import zoo
-from twins_timm.convert.io import atomic_path
+from twins_timm.files.atomic import atomic_path
 from twins_timm.files.paths import check_writable_dir
 
 from .export import (FORMAT_MODULES, OPENVINO_XML, ONNX_FILE, engine_versions, export_folder, folder_problem,

@@ -25,7 +25,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-import twins_timm
 from twins_timm.models.twins import MIN_INPUT_SIZE
 from twins_timm.inference.predict import DEFAULT_MEAN, DEFAULT_STD
 from twins_timm.inference.numerics import max_abs_diff, scaled_diff
@@ -143,8 +142,8 @@ def export_openvino(onnx_path: Path, xml_path: Path, log: Log) -> None:
 
 def engine_versions() -> Dict[str, Optional[str]]:
     """Versions of the exporter and the engines (None: not installed); recorded in config.json."""
-    versions: Dict[str, Optional[str]] = {'twins-timm': twins_timm.__version__, 'torch': torch.__version__}
-    for dist in ('onnx', 'onnxscript', 'onnxruntime', 'openvino'):
+    versions: Dict[str, Optional[str]] = {'torch': torch.__version__}
+    for dist in ('twins-timm', 'onnx', 'onnxscript', 'onnxruntime', 'openvino'):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from twins_timm.convert.io import atomic_path
+from twins_timm.files.atomic import atomic_path
 from twins_timm.devtools.ablation_report import KIND, render_run
 from twins_timm.devtools.bench import machine_info
 from twins_timm.devtools.bench_models import build_engine_model

@@ -5,7 +5,6 @@ the disk is full and accepts a body shorter than its Content-Length; this loop a
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import socket
@@ -14,6 +13,11 @@ import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
+from urllib.request import Request, urlopen
+
+from tqdm import tqdm
+
+from twins_timm.files.disk import DISK_FULL_ERRNOS
 
 TIMEOUT_ENV = 'TWINS_TIMM_DOWNLOAD_TIMEOUT'
 DEFAULT_TIMEOUT_S = 60.0
@@ -21,7 +25,6 @@ DEFAULT_TIMEOUT_S = 60.0
 # then would otherwise never time out.
 MIN_BYTES_PER_WINDOW = 64 * 1024
 CHUNK = 1 << 20
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 POLL_S = 0.2
 T = TypeVar('T')
 
@@ -62,7 +65,7 @@ class StallWatch:
 
 
 def is_full_disk(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in FULL_DISK
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
 
 
 def _open_output(path: Path) -> BinaryIO:
@@ -76,10 +79,6 @@ def download(url: str, dst: Path, max_bytes: int, progress: bool = False) -> str
     announced as) larger than ``max_bytes``, or ends before its Content-Length; urllib's HTTPError /
     URLError for the request itself; OSError with ENOSPC / EDQUOT for a full disk.
     """
-    from urllib.request import Request, urlopen
-
-    from tqdm import tqdm
-
     watch = StallWatch()
     with urlopen(Request(url, headers={'User-Agent': 'twins-timm'}), timeout=watch.timeout) as response:
         announced = response.headers.get('Content-Length')

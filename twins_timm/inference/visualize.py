@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from twins_timm.adapters.base import default_class_names, default_palette
-from twins_timm.convert.io import atomic_path
+from twins_timm.files.atomic import atomic_path
 
 
 def make_palette(num_classes: int, palette: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:

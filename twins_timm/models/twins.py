@@ -16,6 +16,7 @@ window attention that torch.compile / torch.export trace with symbolic sizes.
 CPU-inference speed-ups live outside this file: ``twins_timm.optimize(model)``.
 """
 import math
+import warnings
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
@@ -28,6 +29,8 @@ from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_meta_device
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices  # in that module's __all__; timm.models does not re-export it
 from timm.models.vision_transformer import Attention
+
+from twins_timm.models.families import checkpoint_family_args
 
 __all__ = ['Twins', 'checkpoint_family_args', 'MIN_INPUT_SIZE']
 
@@ -652,15 +655,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Twins) -> D
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
-def checkpoint_family_args(family: str, variant: str) -> Dict[str, Any]:
-    """Model kwargs reproducing ``family`` ('timm', 'official_cls', 'official_seg', 'mmseg', 'mmseg_pretrain').
-
-    The facts live in the converter's format records (``twins_timm.convert.formats``).
-    """
-    from twins_timm.convert.formats import family_args
-    return family_args(family, variant)
-
-
 def _create_twins(variant: str, pretrained: bool = False, **kwargs) -> Twins:
     if pretrained:  # timm's ImageNet weights: the local cache first, offline a clear error at once
         from twins_timm import zoo
@@ -686,6 +680,14 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+def _register(fn: Callable[..., Twins]) -> Callable[..., Twins]:
+    """timm's ``register_model``, quiet: replacing timm's own Twins under the same names is the point of this
+    module, not a conflict worth a warning, however the module is reached."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=r'Overwriting twins_', category=UserWarning)
+        return register_model(fn)
+
+
 # timm's own pretrained tags: `pretrained=True` fetches timm's hub weights into this implementation.
 default_cfgs = generate_default_cfgs({
     'twins_pcpvt_small.in1k': _cfg(hf_hub_id='timm/'),
@@ -697,7 +699,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model
+@_register
 def twins_pcpvt_small(pretrained: bool = False, **kwargs) -> Twins:
     model_args = dict(
         patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
@@ -705,7 +707,7 @@ def twins_pcpvt_small(pretrained: bool = False, **kwargs) -> Twins:
     return _create_twins('twins_pcpvt_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
+@_register
 def twins_pcpvt_base(pretrained: bool = False, **kwargs) -> Twins:
     model_args = dict(
         patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
@@ -713,7 +715,7 @@ def twins_pcpvt_base(pretrained: bool = False, **kwargs) -> Twins:
     return _create_twins('twins_pcpvt_base', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
+@_register
 def twins_pcpvt_large(pretrained: bool = False, **kwargs) -> Twins:
     model_args = dict(
         patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
@@ -721,7 +723,7 @@ def twins_pcpvt_large(pretrained: bool = False, **kwargs) -> Twins:
     return _create_twins('twins_pcpvt_large', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
+@_register
 def twins_svt_small(pretrained: bool = False, **kwargs) -> Twins:
     model_args = dict(
         patch_size=4, embed_dims=[64, 128, 256, 512], num_heads=[2, 4, 8, 16], mlp_ratios=[4, 4, 4, 4],
@@ -729,7 +731,7 @@ def twins_svt_small(pretrained: bool = False, **kwargs) -> Twins:
     return _create_twins('twins_svt_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
+@_register
 def twins_svt_base(pretrained: bool = False, **kwargs) -> Twins:
     model_args = dict(
         patch_size=4, embed_dims=[96, 192, 384, 768], num_heads=[3, 6, 12, 24], mlp_ratios=[4, 4, 4, 4],
@@ -737,7 +739,7 @@ def twins_svt_base(pretrained: bool = False, **kwargs) -> Twins:
     return _create_twins('twins_svt_base', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
+@_register
 def twins_svt_large(pretrained: bool = False, **kwargs) -> Twins:
     model_args = dict(
         patch_size=4, embed_dims=[128, 256, 512, 1024], num_heads=[4, 8, 16, 32], mlp_ratios=[4, 4, 4, 4],

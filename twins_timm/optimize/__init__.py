@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Union
 
 from torch import nn
 
+from twins_timm.optimize import decoders, layers
 from twins_timm.optimize.kernels import KernelTable
 
 __all__ = ['optimize', 'kernel_choices', 'calibration_report', 'KernelTable']
@@ -30,7 +31,6 @@ KernelSpec = Union[str, Path, Dict[str, str], KernelTable]
 
 def _swaps() -> Dict[type, type]:
     """Plain class -> the class swapped in (and each swapped-in class to itself, for a new table)."""
-    from twins_timm.optimize import decoders, layers
     pairs = {**layers.SWAPS, **decoders.SWAPS}
     return {**pairs, **{fast: fast for fast in pairs.values()}}
 

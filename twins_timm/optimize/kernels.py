@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as module_mod
 
 __all__ = [
     'KernelTable', 'fast_inference', 'compiled_inference', 'linear', 'compiled_linear_kernel', 'attention',
@@ -480,7 +481,6 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 # ------------------------------------------------------------------------ restructured calls
 def has_hooks(*modules: nn.Module) -> bool:
     """Whether a forward hook (on these modules, their children or global) would see the call."""
-    from torch.nn.modules import module as module_mod
     if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for top in modules for m in top.modules())

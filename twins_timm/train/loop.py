@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from twins_timm.adapters import mmseg_loss
-from twins_timm.convert.io import write_folder
+from twins_timm.files.atomic import write_folder
 from twins_timm.inference import distributed
 from twins_timm.inference.metrics import IoUAccumulator, evaluate
 from twins_timm.inference.predict import InferenceSettings

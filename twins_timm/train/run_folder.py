@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from twins_timm.convert.io import atomic_path, write_folder
+from twins_timm.files.atomic import atomic_path, write_folder
 from .recipe import Recipe
 
 CHECKPOINTS = 'checkpoints'

@@ -388,7 +388,7 @@ def _download(url: str, dst: Path, record: Optional[ZooModel], progress: bool) -
 def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
     if not expected:
         return
-    from twins_timm.convert.io import sha256_file
+    from twins_timm.files.checkpoint import sha256_file
     digest = sha256_file(path)
     if not digest.startswith(expected):
         raise ChecksumError('%s is not the file that was published or kept: its sha256 is %s, expected %s. Delete '
@@ -414,7 +414,7 @@ def _convert(raw: Path, dst: Path, url: str, record: Optional[ZooModel], progres
 
 def _remove_stale_downloads(root: Path) -> None:
     """Temporary download folders of killed processes (never taken for good files: removed here)."""
-    from twins_timm.convert.io import pid_alive
+    from twins_timm.files.atomic import pid_alive
     for p in root.glob('.download-*-*'):
         m = re.match(r'^\.download-(\d+)-', p.name)
         if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):

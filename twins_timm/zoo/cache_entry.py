@@ -19,7 +19,7 @@ _hashed: Dict[str, Tuple[int, int, int]] = {}   # weights path -> (inode, size, 
 
 def write_record(folder: Path, weights: str, source_url: str, sha256: Optional[str] = None) -> None:
     """Record the weights file's size and sha256 (the writer's, or computed now) inside ``folder``."""
-    from twins_timm.convert.io import sha256_file
+    from twins_timm.files.checkpoint import sha256_file
     size = (folder / weights).stat().st_size
     sha256 = sha256 or sha256_file(folder / weights)
     (folder / RECORD).write_text(json.dumps({'weights': weights, 'size': size, 'sha256': sha256,
@@ -29,7 +29,7 @@ def write_record(folder: Path, weights: str, source_url: str, sha256: Optional[s
 def problem(folder: Path, weights: str, full: bool = True) -> Optional[str]:
     """What is wrong with the entry in ``folder`` (None: it is usable). ``full``: check the sha256 too,
     once per process and file version."""
-    from twins_timm.convert.io import sha256_file
+    from twins_timm.files.checkpoint import sha256_file
     path = folder / weights
     try:
         record = json.loads((folder / RECORD).read_text())
