@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -84,6 +85,9 @@ def test_timm_local_dir_of_a_segmenter_says_it_is_one(segmenter_folder):
 
 
 def test_from_pretrained_missing_folder_and_unknown_name(monkeypatch):
+    """The resolver answers at once, with close names; the adapters' loader (folders and Hub ids only) points
+    at it for what it does not take."""
+    import twins_timm
     from twins_timm.adapters import from_pretrained
     from twins_timm.adapters import hub as adapters_hub
 
@@ -91,14 +95,18 @@ def test_from_pretrained_missing_folder_and_unknown_name(monkeypatch):
         raise AssertionError('the Hub must not be asked')
 
     monkeypatch.setattr(adapters_hub, 'hf_hub_download', no_network)
+    monkeypatch.setattr('huggingface_hub.snapshot_download', no_network)
     with pytest.raises(FileNotFoundError, match=r'\./nope does not exist'):
-        from_pretrained('./nope')
+        twins_timm.from_pretrained('./nope')
     t0 = time.monotonic()
     with pytest.raises(FileNotFoundError, match='nope does not exist.*published model name'):
-        from_pretrained('nope')
+        twins_timm.from_pretrained('nope')
     assert time.monotonic() - t0 < 5   # an answer, not 23 s of retries (generous bound: not a timing test)
     with pytest.raises(FileNotFoundError, match='did you mean upernet_twins_svt_large.ade20k'):
-        from_pretrained('upernet_twins_svt_large')
+        twins_timm.from_pretrained('upernet_twins_svt_large')
+    for spec in ('upernet_twins_svt_large.ade20k', 'https://example.org/m-0a0d3317.pth', './nope'):
+        with pytest.raises(FileNotFoundError, match=r"use twins_timm\.from_pretrained\('%s'\)" % re.escape(spec)):
+            from_pretrained(spec)
 
 
 def test_hub_id_offline_never_touches_the_network(monkeypatch):

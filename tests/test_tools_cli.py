@@ -172,7 +172,9 @@ def test_missing_model_and_bad_device_are_clear_errors(tmp_path, capsys, offline
     code = cli.main(['segment', str(tmp_path / 'x.png'), '--model', 'someone/not-cached',
                      '--out', str(tmp_path / 'o')])
     err = capsys.readouterr().err
-    assert code == 2 and 'not in the local Hub cache' in err and 'HF_HUB_OFFLINE' in err
+    err = ' '.join(err.split())
+    assert code == 2 and 'not in the local Hugging Face cache' in err and 'HF_HUB_OFFLINE' in err
+    assert 'hf download someone/not-cached' in err and 'Traceback' not in err
     if not torch.cuda.is_available():
         code = cli.main(['segment', str(tmp_path / 'x.png'), '--device', 'cuda', '--out', str(tmp_path / 'o')])
         assert code == 2 and 'CUDA is not available' in capsys.readouterr().err

@@ -213,8 +213,8 @@ def test_fetch_by_name_through_mirror_then_offline_with_server_gone(server, cach
 
     server.stop()   # the second use needs nothing from the network
     monkeypatch.setenv('TWINS_TIMM_MIRROR', 'http://127.0.0.1:9')
-    from twins_timm.adapters import from_pretrained
-    model = from_pretrained(seg_record.name)
+    import twins_timm
+    model = twins_timm.from_pretrained(seg_record.name)
     expected = convert_checkpoint(torch.load(io.BytesIO(data), weights_only=True)).state_dict
     got = model.state_dict()
     assert set(got) == set(expected)
@@ -233,9 +233,13 @@ def test_backbone_by_name_and_keep_raw(server, cache, files, monkeypatch):
     assert isinstance(model, timm.models.VisionTransformer) is False and model.num_classes == 0
     raw = twins2mmseg(_half(random_state_dict('official/pcpvt_small_v0', seed=6)), 'pcpvt')
     assert torch.equal(model.state_dict()['norm.weight'].half(), raw['norm.weight'])
-    with pytest.raises(ValueError, match='not a segmenter'):
-        from twins_timm.adapters import from_pretrained
-        from_pretrained(rec.name)
+    import twins_timm
+    again = twins_timm.from_pretrained(rec.name)   # the same resolver under its public name
+    assert type(again) is type(model) and all(torch.equal(v, model.state_dict()[k])
+                                              for k, v in again.state_dict().items())
+    with pytest.raises(ValueError, match='not a segmentation model.*twins_timm.from_pretrained'):
+        from twins_timm.zoo.resolve import load_model
+        load_model(rec.name)
 
 
 def test_url_as_model_segments_and_is_cached(server, cache, files, tmp_path, capsys):

@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from twins_timm.train.data import find_pairs
     from twins_timm.train.engine import check_out
     check_out(out, args.resume)  # fail before loading a model
-    from twins_timm.files.paths import model_files, refuse_inputs_as_outputs
+    from twins_timm.files.paths import refuse_inputs_as_outputs
+    from twins_timm.zoo.resolve import model_files
     inputs = [Path(args.data)] + model_files(args.model) + ([Path(args.class_names)] if args.class_names else [])
     refuse_inputs_as_outputs([out], inputs, 'Keep the data, the model and --class-names outside the --out folder.')
     find_pairs(args.data, 'training')  # the labels are checked once the classes are known
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         find_pairs(args.data, 'validation')
     device = args.device
     if device != 'auto':
-        from twins_timm.commands.common import pick_device
+        from twins_timm.inference.devices import pick_device
         device = str(pick_device(device))
     torch.manual_seed(args.seed or 0)
     ctx = Dist()

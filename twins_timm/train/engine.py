@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from twins_timm.convert.io import atomic_path, write_folder
 from twins_timm.inference import distributed
+from twins_timm.inference.devices import pick_device
 from .data import DatasetError, SegmentationFolder, check_label_convention, check_pairs, find_pairs
 from .models import head_of
 from .recipe import Recipe, build_optimizer, check_settings, recipe_for
@@ -262,12 +263,6 @@ def evaluate_sharded(model: nn.Module, pairs: Sequence, num_classes: int, ctx: d
 
 # ----------------------------------------------------------------------------- fit
 
-def _pick_device(device) -> torch.device:
-    if device in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(device)
-
-
 def _amp_dtype(device: torch.device) -> torch.dtype:
     if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
         return torch.float16
@@ -296,7 +291,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     check_settings(batch_size=batch_size, save_interval=save_interval, eval_interval=eval_interval,
                    log_interval=log_interval, workers=workers)
     out = Path(out)
-    dev = _pick_device(device)
+    dev = pick_device(device)
     ctx = distributed.init(dev.type)
     dev = distributed.device_for(ctx, dev)
     main_log = log if ctx.main else (lambda msg: None)

@@ -2,7 +2,7 @@
 
     >>> from twins_timm import zoo
     >>> folder = zoo.fetch('upernet_twins_svt_large.ade20k')   # converted Hub folder in the cache
-    >>> model = zoo.create_model('upernet_twins_svt_large.ade20k')
+    >>> model = zoo.create_model('upernet_twins_svt_large.ade20k')   # = twins_timm.from_pretrained
 
 Names follow timm's ``arch.tag``: ``{upernet,fpn}_twins_{pcpvt,svt}_{small,base,large}.ade20k`` (mmseg's
 ADE20K segmenters), ``twins_*.in1k_mmseg`` (mmseg's converted ImageNet backbones, no head) and
@@ -15,9 +15,9 @@ into ``cache_dir()/NAME`` only when complete, under a lock per entry: processes 
 (torchrun ranks) wait for the first and use its result. Every use checks the entry first; a damaged one
 is fetched again (or, offline, named with the command that fixes it).
 ``TWINS_TIMM_CACHE`` moves the cache; ``TWINS_TIMM_MIRROR=http://host:port`` replaces scheme and host
-of every download (same path); ``TWINS_TIMM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` never touches the network;
-``TWINS_TIMM_DOWNLOAD_TIMEOUT`` (seconds, default 60) bounds a stalled download.
-This module imports torch only when something is fetched, so listing stays fast.
+of every download (same path); ``TWINS_TIMM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` never touches the network
+(``twins_timm.files.hub``: the one offline rule); ``TWINS_TIMM_DOWNLOAD_TIMEOUT`` (seconds, default 60)
+bounds a stalled download.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import urllib.error
@@ -35,8 +34,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 from urllib.parse import urlsplit
 
+from twins_timm.files import hub
+from twins_timm.files.download import DownloadError, download, is_full_disk
+from twins_timm.files.hub import OFFLINE_SWITCHES, FetchError, offline
+from twins_timm.files.paths import check_writable_dir
 from twins_timm.zoo import cache_entry
-from twins_timm.files.download import DownloadError, download, is_full_disk, run_watched
 
 MMSEG_ROOT = 'https://download.openmmlab.com/mmsegmentation/v0.5/'
 MMSEG_LICENCE = ('apache-2.0 (OpenMMLab mmsegmentation); trained on ImageNet-1k and ADE20K, whose terms of use '
@@ -45,7 +47,6 @@ TIMM_LICENCE = 'apache-2.0 (timm); trained on ImageNet-1k, whose terms of use al
 # the published files hold float32 weights and little else: a body much larger than that is refused
 SIZE_SLACK, SIZE_MARGIN = 1.5, 16 << 20
 MAX_UNLISTED_BYTES = 4 << 30   # a URL that is no zoo record and whose server announces no length
-OFFLINE_SWITCHES = 'TWINS_TIMM_OFFLINE / HF_HUB_OFFLINE'
 # torch.hub's convention: the file name ends in -<first hex digits of the file's sha256>.<ext>
 HASH_IN_NAME = re.compile(r'-([a-f0-9]{6,64})\.[A-Za-z0-9]+$')
 WEIGHTS = 'model.safetensors'
@@ -152,14 +153,8 @@ MODELS: Dict[str, ZooModel] = {m.name: m for m in (
 DEFAULT_SEGMENTER = 'upernet_twins_svt_large.ade20k'
 
 
-class ZooError(OSError):
-    """A published model could not be fetched (network, server, offline and not cached).
-
-    ``reason`` says why in a few words, ``remedy`` what to do; the message is both."""
-
-    def __init__(self, reason: str, remedy: str = ''):
-        super().__init__('%s. %s' % (reason.rstrip('.'), remedy) if remedy else reason)
-        self.reason, self.remedy = reason, remedy
+# A published model could not be fetched: the error of every fetch (twins_timm.files.hub), by its zoo name.
+ZooError = FetchError
 
 
 class DamagedEntry(ZooError):
@@ -223,14 +218,6 @@ def mirrored(url: str) -> str:
     return '%s://%s%s%s' % (m.scheme, m.netloc, m.path.rstrip('/'), u.path + ('?' + u.query if u.query else ''))
 
 
-def offline() -> bool:
-    """TWINS_TIMM_OFFLINE or huggingface_hub's offline mode (HF_HUB_OFFLINE, now or when it was imported):
-    nothing is downloaded."""
-    from huggingface_hub import constants
-    return bool(constants.HF_HUB_OFFLINE) or any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on')
-                                                for v in ('TWINS_TIMM_OFFLINE', 'HF_HUB_OFFLINE'))
-
-
 def _url_folder_name(url: str) -> str:
     stem = re.sub(r'[^\w.-]+', '_', Path(urlsplit(url).path).stem)[:80] or 'checkpoint'
     return 'url/%s-%s' % (stem, hashlib.sha256(url.encode()).hexdigest()[:8])
@@ -245,7 +232,7 @@ def cached_path(spec: str) -> Optional[Path]:
     """The local folder of ``spec`` (zoo name or URL) if it is cached and whole (its size checked; ``fetch``
     also checks its sha256), else None."""
     if not is_url(spec) and get(spec).origin == 'timm':
-        return _hub_cached(get(spec))
+        return hub.cached_snapshot(get(spec).hub_repo, WEIGHTS)
     folder = folder_for(spec)
     return folder if folder.is_dir() and cache_entry.problem(folder, WEIGHTS, full=False) is None else None
 
@@ -259,9 +246,7 @@ def raw_path(url: str) -> Path:
 def manual_steps(spec: str) -> str:
     """How to get the weights by hand (for air-gapped machines), in a sentence or two."""
     if not is_url(spec) and get(spec).origin == 'timm':
-        repo = get(spec).hub_repo
-        return ('Download it once with internet (`hf download %s`, or `twins-timm models --download %s`) and copy '
-                'the Hugging Face cache here, or set HF_ENDPOINT to a mirror.' % (repo, spec))
+        return hub.manual_steps(get(spec).hub_repo, spec)
     url = spec if is_url(spec) else get(spec).url
     return ('Download %s by hand and put it at %s (it is verified and converted on first use), or serve it from a '
             'mirror: TWINS_TIMM_MIRROR=http://host:port.' % ('it' if is_url(spec) else url, raw_path(url)))
@@ -278,7 +263,8 @@ def fetch(spec: str, progress: Optional[bool] = None, keep_raw: bool = False, fo
     """
     record = None if is_url(spec) else get(spec)
     if record is not None and record.origin == 'timm':
-        return _fetch_hub(record, progress)
+        return hub.snapshot(record.hub_repo, ['config.json', WEIGHTS], record.name, manual_steps(record.name),
+                            needs=WEIGHTS)
     if record is None:
         check_url(spec)
     try:
@@ -292,7 +278,6 @@ def _fetch_file(spec: str, record: Optional[ZooModel], progress: bool, keep_raw:
     if not force and folder.is_dir() and cache_entry.problem(folder, WEIGHTS) is None:
         return folder
     root = cache_dir()
-    from twins_timm.files.paths import check_writable_dir  # here: twins_timm.inference imports the inference code
     # before hundreds of MB are downloaded: a probe file, which also holds for root and read-only mounts
     check_writable_dir(root, 'the model cache (TWINS_TIMM_CACHE moves it)')
     root.mkdir(parents=True, exist_ok=True)
@@ -421,80 +406,6 @@ def _remove_stale_downloads(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------- timm's Hub classifiers
-def _hub_endpoint() -> Optional[str]:
-    mirror = os.environ.get('TWINS_TIMM_MIRROR', '').strip()
-    return mirror.rstrip('/') or None
-
-
-def _check_reachable(url: str, name: str, timeout: float = 5.0) -> None:
-    """One quick connection to the server first: without internet the Hub client retries for ~25 s and
-    then says only that the file is not cached."""
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == 'https' else 80)),
-                                 timeout=timeout).close()
-    except OSError as e:
-        raise ZooError('%s: not in the local Hugging Face cache, and %s cannot be reached (%s): no internet access?'
-                       % (name, parts.netloc, e.strerror or e), manual_steps(name)) from None
-
-
-def _hub_cached(record: ZooModel) -> Optional[Path]:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(record.hub_repo, WEIGHTS)
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def _fetch_hub(record: ZooModel, progress: Optional[bool]) -> Path:
-    cached = _hub_cached(record)
-    if cached is not None:
-        return cached
-    if offline():
-        raise ZooError('%s: not in the local Hugging Face cache, and offline mode is on (%s)'
-                       % (record.name, OFFLINE_SWITCHES), manual_steps(record.name))
-    _check_reachable(_hub_endpoint() or os.environ.get('HF_ENDPOINT') or 'https://huggingface.co', record.name)
-    from huggingface_hub import constants, snapshot_download
-    # the Hub client waits forever on a server that trickles: abandoned when its blobs stop growing
-    blobs = Path(constants.HF_HUB_CACHE) / ('models--%s' % record.hub_repo.replace('/', '--')) / 'blobs'
-    try:
-        return Path(run_watched(lambda: snapshot_download(record.hub_repo, allow_patterns=['config.json', WEIGHTS],
-                                                          endpoint=_hub_endpoint()), blobs))
-    except DownloadError as e:
-        raise ZooError('%s: downloading %s from the Hugging Face Hub failed: %s' % (record.name, record.hub_repo, e),
-                       manual_steps(record.name)) from None
-    except Exception as e:  # huggingface_hub's network errors come in many types
-        raise ZooError('%s: downloading %s from the Hugging Face Hub failed (%s)'
-                       % (record.name, record.hub_repo,
-                          str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__),
-                       manual_steps(record.name)) from None
-
-
-def timm_weights(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The kwargs of ``timm.create_model(variant, pretrained=True)`` with timm's ImageNet weights found here:
-    the local Hugging Face cache first; offline, a clear error at once; else one download. (timm's own path
-    retries the Hub for a minute without internet, ignores TWINS_TIMM_OFFLINE and ends in a traceback.)
-    Weights the caller chose (a file, URL, state dict, pretrained_cfg, cache_dir) are left to timm."""
-    cfg, overlay = kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay') or {}
-    name = '%s.%s' % (variant, cfg or 'in1k')
-    if (not isinstance(cfg, (str, type(None))) or kwargs.get('cache_dir') or name not in MODELS
-            or any(overlay.get(k) for k in ('file', 'url', 'state_dict', 'hf_hub_id', 'source'))):
-        return kwargs
-    return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=str(fetch(name) / WEIGHTS)))
-
-
 # ------------------------------------------------------------------------------------- models
-def create_model(spec: str, **kwargs: Any):
-    """The model of a zoo name or URL, fetched if needed: an SMP segmenter, or a timm backbone / classifier."""
-    folder = fetch(spec)
-    record = None if is_url(spec) else get(spec)
-    import json
-
-    cfg = json.loads((folder / 'config.json').read_text())
-    if (record is not None and record.is_segmenter) or '_model_class' in cfg:
-        from twins_timm.adapters import from_pretrained
-        return from_pretrained(str(folder), **kwargs)
-    import timm
-
-    import twins_timm  # noqa: F401  registers our Twins
-    return timm.create_model('local-dir:%s' % folder, pretrained=True, **kwargs)
+# Any model spec -> model: the one resolver (twins_timm.zoo.resolve), here under the zoo's name.
+from twins_timm.zoo.resolve import from_pretrained as create_model  # noqa: E402,F401  (it needs the above)
