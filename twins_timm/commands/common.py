@@ -14,7 +14,7 @@ from twins_timm.deploy.engines import DTYPES, ENGINES, check_engine_request, eng
 
 from twins_timm.optimize import optimize
 from ..optimize.kernels import KernelTable
-from twins_timm.inference.devices import DEVICE_HELP
+from twins_timm.commands import DEVICE_HELP
 from twins_timm.inference.predict import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
 from twins_timm.zoo.resolve import DEFAULT_MODEL_ID
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from twins_timm.commands import DEVICE_HELP
+
 DESCRIPTION = __doc__
 EPILOG = """examples:
   twins-timm train --data ADEChallengeData2016 --model upernet:twins_svt_small --out runs/svt_s
@@ -66,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workers', type=int, default=2, metavar='N', help='data loader processes (default 2)')
     parser.add_argument('--no-reduce-zero-label', action='store_true',
                         help='annotations are 0-based class indices (ADE20K files are 1-based, 0 = other)')
-    parser.add_argument('--device', default='auto', help="'cpu', 'cuda' (default: cuda if available)")
+    parser.add_argument('--device', default='auto', help=DEVICE_HELP)
     parser.add_argument('--seed', type=int, default=None, help='data order and augmentation seed (default 0)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
 

@@ -202,9 +202,9 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     warmup = args.warmup if args.warmup is not None else 2
     if repeats < 1 or warmup < 0:
         raise ValueError('--repeats must be >= 1 and --warmup >= 0')
-    if args.device not in ('auto', 'cpu', 'cuda'):
-        raise ValueError("--device must be 'cpu', 'cuda' or 'auto', got %r" % args.device)
-    device = pick_device(args.device).type
+    device = str(pick_device(args.device))
+    if device not in ('cpu', 'cuda'):
+        raise ValueError("--device %s: the bench runs on 'cpu', 'cuda' or 'auto'" % args.device)
     threads = args.threads if args.threads is not None else _available_cores()
     if threads < 1:
         raise ValueError('--threads must be >= 1')

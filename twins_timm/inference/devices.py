@@ -6,8 +6,6 @@ from typing import Optional, Union
 
 import torch
 
-DEVICE_HELP = "torch device: 'cpu', 'cuda', 'cuda:1', 'mps' (default: cuda if available)"
-
 
 def pick_device(name: Optional[Union[str, torch.device]] = 'auto') -> torch.device:
     """'auto' (or None) -> cuda when available, else cpu; refuse devices that are not there (ValueError)."""
