@@ -180,7 +180,7 @@ def test_missing_model_and_bad_device_are_clear_errors(tmp_path, capsys, offline
         assert code == 2 and 'CUDA is not available' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('command', ['segment', 'eval', 'train', 'bench'])
+@pytest.mark.parametrize('command', ['segment', 'eval', 'train'])
 def test_one_device_rule_in_every_command(command, tmp_path, capsys, monkeypatch):
     """An unknown --device is the same one-paragraph error (exit 2) everywhere, before any model is made."""
     from twins_timm.inference.devices import pick_device
@@ -191,8 +191,7 @@ def test_one_device_rule_in_every_command(command, tmp_path, capsys, monkeypatch
     shutil.copytree(data / 'images' / 'validation', data / 'images' / 'training')
     shutil.copytree(data / 'annotations' / 'validation', data / 'annotations' / 'training')
     args = {'segment': ['--out', str(tmp_path / 'o')], 'eval': ['--data', str(data)],
-            'train': ['--data', str(data), '--model', 'upernet:twins_svt_small', '--out', str(tmp_path / 'run')],
-            'bench': ['--json', str(tmp_path / 'b.json')]}[command]
+            'train': ['--data', str(data), '--model', 'upernet:twins_svt_small', '--out', str(tmp_path / 'run')]}[command]
     assert cli.main([command, *args, '--device', 'tpu9']) == 2
     err = ' '.join(capsys.readouterr().err.split())
     assert "unknown device 'tpu9'; use 'cpu', 'cuda', 'cuda:N' or 'mps'" in err and 'Traceback' not in err
