@@ -26,7 +26,8 @@ class TwinsEncoder(nn.Module):
     Args:
         name: timm model name, e.g. 'twins_svt_small' (registered by `import twins_timm`).
         in_channels: input channels.
-        weights: True (or SMP's 'imagenet') loads timm's ImageNet weights (downloads); None: random.
+        weights: True (or SMP's 'imagenet') loads timm's ImageNet weights (the local Hugging Face cache
+            first, offline a clear error: `twins_timm.files.hub`); None: random.
         **encoder_args: backbone options (`stage_norm`, `norm_eps`, `window_mask`,
             `patch_padding`, drop_path_rate, ...), passed to `timm.create_model`; only those in
             `twins_timm.adapters.config.ENCODER_ARGS` (a config.json holds them: they must load back safely).
@@ -41,13 +42,8 @@ class TwinsEncoder(nn.Module):
         encoder_args = check_encoder_args(encoder_args)
         pretrained = bool(weights)
         create_args = dict(pretrained=pretrained, in_chans=in_channels, num_classes=0)
-        if pretrained:
-            # timm's ImageNet weights resolved by the zoo (the local Hugging Face cache first; offline it
-            # fails at once with what to do), then loaded by timm's own loader (head dropped, in_chans adapted)
-            from twins_timm import zoo
-            create_args['pretrained_cfg_overlay'] = dict(file=str(zoo.fetch(name + '.in1k') / zoo.WEIGHTS))
-            if encoder_args.get('stage_norm'):
-                create_args['pretrained_strict'] = False  # classification weights have no stage norms
+        if pretrained and encoder_args.get('stage_norm'):
+            create_args['pretrained_strict'] = False  # classification weights have no stage norms
         self.name = name
         self.model = timm.create_model(name, **create_args, **encoder_args)
         self._drop_unused_head()

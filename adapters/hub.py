@@ -2,15 +2,14 @@
 
 SMP's own `smp.from_pretrained` looks the class up in `segmentation_models_pytorch`, which does not
 hold ours; this reads `_model_class` from config.json and dispatches to our classes.
-Works on a local folder, a published model name (`twins_timm.zoo`, e.g. 'upernet_twins_svt_large.ade20k'),
-an http(s) checkpoint URL, a Hub repo id, or a repo in the local HF cache (`HF_HUB_OFFLINE=1`).
+Works on a local folder, a Hub repo id, or a repo in the local HF cache (offline: `twins_timm.files.hub`).
+Published names, URLs, checkpoint files and `HEAD:VARIANT` specs: `twins_timm.from_pretrained`, the resolver
+one layer up, which comes here for the folder it finds.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Dict, Type, Union
 
@@ -20,38 +19,24 @@ from twins_timm.adapters.base import TwinsSegmentationModel
 from twins_timm.adapters.config import ConfigError
 from twins_timm.adapters.decoders.fpn.model import TwinsFPN
 from twins_timm.adapters.decoders.upernet.model import TwinsUPerNet
+from twins_timm.files import hub
 
 MODEL_CLASSES: Dict[str, Type[TwinsSegmentationModel]] = {
     cls.__name__: cls for cls in (TwinsUPerNet, TwinsFPN)}
+# The heads a segmenter spec names (`upernet:twins_svt_small`): the one list.
+HEAD_CLASSES: Dict[str, Type[TwinsSegmentationModel]] = {'upernet': TwinsUPerNet, 'fpn': TwinsFPN}
+HEADS = tuple(HEAD_CLASSES)
 CONFIG_NAME = 'config.json'
 
 
-_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$')
-
-
 def _resolve(name_or_path: str) -> str:
-    """A local folder for published names and URLs (fetched once, cached); a clear error for what cannot be."""
-    from twins_timm import zoo
-
-    if os.path.isdir(name_or_path):
+    """A local folder or a Hub repo id as it is; a clear error for anything else."""
+    if os.path.isdir(name_or_path) or hub.is_hub_id(name_or_path):
         return name_or_path
-    if zoo.is_url(name_or_path) or name_or_path in zoo.MODELS:
-        record = None if zoo.is_url(name_or_path) else zoo.get(name_or_path)
-        if record is not None and not record.is_segmenter:
-            raise ValueError(f'{name_or_path} is a published ImageNet {record.task} ({record.variant}), not a '
-                             f'segmenter; build it with twins_timm.zoo.create_model({name_or_path!r}), or load a '
-                             f'segmenter such as {zoo.DEFAULT_SEGMENTER!r} (`twins-timm models` lists them)')
-        return str(zoo.fetch(name_or_path))
-    if os.path.exists(name_or_path):
-        raise NotADirectoryError(f'{name_or_path} is a file; from_pretrained takes a folder written by '
-                                 'save_pretrained() / `twins-timm convert`. Convert a checkpoint file first: '
-                                 f'twins-timm convert {name_or_path} OUT_DIR')
-    if not _HUB_ID.match(name_or_path) or '..' in name_or_path:
-        close = difflib.get_close_matches(name_or_path, list(zoo.MODELS), n=2, cutoff=0.6)
-        raise FileNotFoundError(f'{name_or_path} does not exist: it is not a folder, a published model name'
-                                + (f' (did you mean {" or ".join(close)}?)' if close else '')
-                                + ' (`twins-timm models`), an http(s) URL or a Hub repo id (owner/name)')
-    return name_or_path
+    what = 'is a file' if os.path.exists(name_or_path) else 'is not a folder or a Hub repo id (owner/name)'
+    raise FileNotFoundError(f'{name_or_path} {what}: twins_timm.adapters.from_pretrained loads folders written by '
+                            'save_pretrained() / `twins-timm convert` and Hub repos. For a published model name, an '
+                            f'http(s) URL or a checkpoint file use twins_timm.from_pretrained({name_or_path!r})')
 
 
 def _config_file(name_or_path: str, kwargs: Dict[str, Any]) -> str:
@@ -92,10 +77,8 @@ def from_pretrained(name_or_path: Union[str, Path], *, strict: bool = True,
     Extra keyword arguments are the hub mixin's (revision, cache_dir, token, local_files_only,
     force_download) or constructor overrides, as for `TwinsUPerNet.from_pretrained`.
     """
-    from twins_timm import zoo
-
     name_or_path = _resolve(str(name_or_path))
-    if not os.path.isdir(name_or_path) and zoo.offline():
+    if not os.path.isdir(name_or_path) and hub.offline():
         kwargs.setdefault('local_files_only', True)  # a Hub repo id offline: the local HF cache, no request
     config = read_config(name_or_path, **kwargs)
     class_name = config.get('_model_class')

@@ -13,6 +13,7 @@ import torch
 
 from twins_timm.convert.formats import FORMATS, Evidence, recognise
 from twins_timm.convert.rules import ENCODER_PREFIX, SEG_BACKBONE_PREFIX
+from twins_timm.models.twins import VARIANTS
 TASKS = ('classification', 'backbone', 'fpn', 'upernet')
 
 # (family, depths, widths) -> size; the published Twins configurations (timm / official code).
@@ -24,7 +25,6 @@ KNOWN = {
     ('svt', (2, 2, 18, 2), (96, 192, 384, 768)): 'base',
     ('svt', (2, 2, 18, 2), (128, 256, 512, 1024)): 'large',
 }
-VARIANTS = tuple('twins_%s_%s' % (f, s) for (f, _, _), s in KNOWN.items())
 
 _SHORT = {'s': 'small', 'b': 'base', 'l': 'large'}
 

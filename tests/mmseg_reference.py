@@ -16,7 +16,8 @@ from torch import nn
 
 from builders import fill_
 from references import no_parameter_init, randomize_
-from twins_timm.devtools.mmseg_reference import FAMILIES, HEADS, SIZES, config_path, import_mmseg
+from twins_timm.adapters.hub import HEADS
+from twins_timm.devtools.mmseg_reference import FAMILIES, SIZES, config_path, import_mmseg
 from twins_timm.devtools.mmseg_reference import model_config as _model_config
 
 __all__ = ['FAMILIES', 'HEADS', 'SIZES', 'config_path', 'require_mmseg', 'model_config', 'randomize_',

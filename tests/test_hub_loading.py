@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -84,6 +85,9 @@ def test_timm_local_dir_of_a_segmenter_says_it_is_one(segmenter_folder):
 
 
 def test_from_pretrained_missing_folder_and_unknown_name(monkeypatch):
+    """The resolver answers at once, with close names; the adapters' loader (folders and Hub ids only) points
+    at it for what it does not take."""
+    import twins_timm
     from twins_timm.adapters import from_pretrained
     from twins_timm.adapters import hub as adapters_hub
 
@@ -91,14 +95,18 @@ def test_from_pretrained_missing_folder_and_unknown_name(monkeypatch):
         raise AssertionError('the Hub must not be asked')
 
     monkeypatch.setattr(adapters_hub, 'hf_hub_download', no_network)
+    monkeypatch.setattr('huggingface_hub.snapshot_download', no_network)
     with pytest.raises(FileNotFoundError, match=r'\./nope does not exist'):
-        from_pretrained('./nope')
+        twins_timm.from_pretrained('./nope')
     t0 = time.monotonic()
     with pytest.raises(FileNotFoundError, match='nope does not exist.*published model name'):
-        from_pretrained('nope')
+        twins_timm.from_pretrained('nope')
     assert time.monotonic() - t0 < 5   # an answer, not 23 s of retries (generous bound: not a timing test)
     with pytest.raises(FileNotFoundError, match='did you mean upernet_twins_svt_large.ade20k'):
-        from_pretrained('upernet_twins_svt_large')
+        twins_timm.from_pretrained('upernet_twins_svt_large')
+    for spec in ('upernet_twins_svt_large.ade20k', 'https://example.org/m-0a0d3317.pth', './nope'):
+        with pytest.raises(FileNotFoundError, match=r"use twins_timm\.from_pretrained\('%s'\)" % re.escape(spec)):
+            from_pretrained(spec)
 
 
 def test_hub_id_offline_never_touches_the_network(monkeypatch):
@@ -117,3 +125,73 @@ def test_hub_id_offline_never_touches_the_network(monkeypatch):
     monkeypatch.setattr(socket.socket, 'connect', no_network)
     with pytest.raises(LocalEntryNotFoundError):
         from_pretrained('twins-timm-tests/not-cached-anywhere')
+
+
+@pytest.mark.parametrize('spec, hub_id', [('someone/model', True), ('some.one/model-v1.2', True),
+                                          ('./someone/model', False), ('someone/../model', False),
+                                          ('a/b/c', False), ('some one/model', False),
+                                          ('upernet:twins_svt_small', False), ('/abs/path', False)])
+def test_one_hub_id_rule(spec, hub_id, tmp_path, capsys, monkeypatch):
+    """What reads as owner/name goes to the Hub (offline: the local cache, then the one offline error), the
+    rest is a local path, the same in the adapters' loader, the resolver and the commands."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from twins_timm.adapters import from_pretrained
+    from twins_timm.files.hub import is_hub_id
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    assert is_hub_id(spec) == hub_id
+    if spec.startswith('upernet:'):
+        return   # HEAD:VARIANT: the resolver's own case (test_zoo)
+    with pytest.raises(LocalEntryNotFoundError if hub_id else FileNotFoundError):
+        from_pretrained(spec)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / 'p.png')
+    assert cli.main(['segment', str(tmp_path / 'p.png'), '--model', spec, '--out', str(tmp_path / 'o')]) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert ('not in the local Hugging Face cache' in err) == hub_id and ('does not exist' in err) == (not hub_id)
+    assert 'Traceback' not in err
+
+
+def test_one_offline_rule_never_connects(tmp_path, monkeypatch, capsys):
+    """TWINS_TIMM_OFFLINE=1: a Hub id, timm's ImageNet weights (timm, an SMP encoder, HEAD:VARIANT) and a
+    published name each fail at once with the same offline error and the step that fixes it; no connection."""
+    import socket
+
+    import timm
+    from huggingface_hub import constants
+
+    import twins_timm
+    from twins_timm.adapters import TwinsUPerNet
+    from twins_timm.files.hub import OFFLINE_SWITCHES, FetchError
+
+    def no_network(*args, **kwargs):
+        raise AssertionError('a connection was attempted offline')
+
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setenv('TWINS_TIMM_CACHE', str(tmp_path / 'zoo'))
+    monkeypatch.setenv('TWINS_TIMM_OFFLINE', '1')
+    monkeypatch.setattr(socket, 'create_connection', no_network)
+    monkeypatch.setattr(socket.socket, 'connect', no_network)
+    attempts = {
+        'someone/not-cached': lambda: twins_timm.from_pretrained('someone/not-cached'),
+        'twins_pcpvt_small.in1k': lambda: timm.create_model('twins_pcpvt_small', pretrained=True),
+        'twins_svt_small.in1k': lambda: TwinsUPerNet(encoder_name='twins_svt_small', encoder_weights='imagenet'),
+        'twins_svt_base.in1k': lambda: twins_timm.from_pretrained('fpn:twins_svt_base'),
+        'upernet_twins_svt_large.ade20k': lambda: twins_timm.from_pretrained('upernet_twins_svt_large.ade20k'),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(FetchError) as e:
+            attempt()
+        msg = str(e.value)
+        assert msg.startswith(name + ':') and 'offline mode is on (%s)' % OFFLINE_SWITCHES in msg, msg
+    data = tmp_path / 'data'
+    for split in ('training', 'validation'):
+        for kind, ext, mode in (('images', 'jpg', 'RGB'), ('annotations', 'png', 'L')):
+            (data / kind / split).mkdir(parents=True)
+            Image.new(mode, (40, 40)).save(data / kind / split / ('a.' + ext))
+    assert cli.main(['train', '--model', 'upernet:twins_svt_small', '--data', str(data), '--out',
+                     str(tmp_path / 'run'), '--device', 'cpu']) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert 'twins_svt_small.in1k: not in the local Hugging Face cache, and offline mode is on' in err
+    assert 'hf download timm/twins_svt_small.in1k' in err and '--from-scratch' in err and 'Traceback' not in err

@@ -32,7 +32,7 @@ def src(tmp_path_factory):
 def no_work(no_model_load, monkeypatch):
     """Fail the test if a command gets as far as loading a model, converting or downloading."""
     from twins_timm.convert import api
-    for owner, name in ((api, 'convert_checkpoint'), (zoo, '_download')):
+    for owner, name in ((api, 'convert_checkpoint'), (zoo.published, '_download')):
         monkeypatch.setattr(owner, name, lambda *a, **k: pytest.fail('the work started before the error'))
 
 

@@ -194,10 +194,31 @@ def test_missing_model_and_bad_device_are_clear_errors(tmp_path, capsys, offline
     code = cli.main(['segment', str(tmp_path / 'x.png'), '--model', 'someone/not-cached',
                      '--out', str(tmp_path / 'o')])
     err = capsys.readouterr().err
-    assert code == 2 and 'not in the local Hub cache' in err and 'HF_HUB_OFFLINE' in err
+    err = ' '.join(err.split())
+    assert code == 2 and 'not in the local Hugging Face cache' in err and 'HF_HUB_OFFLINE' in err
+    assert 'hf download someone/not-cached' in err and 'Traceback' not in err
     if not torch.cuda.is_available():
         code = cli.main(['segment', str(tmp_path / 'x.png'), '--device', 'cuda', '--out', str(tmp_path / 'o')])
         assert code == 2 and 'CUDA is not available' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('command', ['segment', 'eval', 'train', 'bench'])
+def test_one_device_rule_in_every_command(command, tmp_path, capsys, monkeypatch):
+    """An unknown --device is the same one-paragraph error (exit 2) everywhere, before any model is made."""
+    from twins_timm.inference.devices import pick_device
+    from twins_timm.train import models as train_models
+    monkeypatch.setattr(resolve, 'resolve', lambda *a, **k: pytest.fail('a model was made before the error'))
+    monkeypatch.setattr(train_models, 'resolve', resolve.resolve)
+    data = _ade_folder(tmp_path / 'ade', 1, 3)
+    shutil.copytree(data / 'images' / 'validation', data / 'images' / 'training')
+    shutil.copytree(data / 'annotations' / 'validation', data / 'annotations' / 'training')
+    args = {'segment': ['--out', str(tmp_path / 'o')], 'eval': ['--data', str(data)],
+            'train': ['--data', str(data), '--model', 'upernet:twins_svt_small', '--out', str(tmp_path / 'run')],
+            'bench': ['--json', str(tmp_path / 'b.json')]}[command]
+    assert cli.main([command, *args, '--device', 'tpu9']) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert "unknown device 'tpu9'; use 'cpu', 'cuda', 'cuda:N' or 'mps'" in err and 'Traceback' not in err
+    assert pick_device('auto') == pick_device(None) == torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 # ----------------------------------------------------------------------------- eval

@@ -149,7 +149,7 @@ def test_unwritable_model_cache_fails_before_downloading(tmp_path, monkeypatch, 
 
     def no_download(*a, **k):
         raise AssertionError('downloaded into a cache that cannot take the result')
-    monkeypatch.setattr(zoo, '_download', no_download)
+    monkeypatch.setattr(zoo.published, '_download', no_download)
     monkeypatch.setenv('TWINS_TIMM_CACHE', '/proc/self/twins-cache')
     assert cli.main(['models', '--download', 'fpn_twins_pcpvt_small.ade20k']) == 2
     err = _one_paragraph(capsys, 'models')

@@ -213,13 +213,63 @@ def test_fetch_by_name_through_mirror_then_offline_with_server_gone(server, cach
 
     server.stop()   # the second use needs nothing from the network
     monkeypatch.setenv('TWINS_TIMM_MIRROR', 'http://127.0.0.1:9')
-    from twins_timm.adapters import from_pretrained
-    model = from_pretrained(seg_record.name)
+    import twins_timm
+    model = twins_timm.from_pretrained(seg_record.name)
     expected = convert_checkpoint(torch.load(io.BytesIO(data), weights_only=True)).state_dict
     got = model.state_dict()
     assert set(got) == set(expected)
     assert all(torch.equal(got[k].to(expected[k].dtype), expected[k]) for k in expected)
     assert type(model).__name__ == 'TwinsFPN' and model.classes == 150
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_kind_of_spec_through_one_resolver(server, cache, seg_record, files, tmp_path, monkeypatch, hf_cache):
+    """A published name, its URL, the checkpoint file, the converted folder and a Hub id holding it: one
+    model through twins_timm.from_pretrained, zoo.create_model, the commands' loader and training's."""
+    import twins_timm
+    from huggingface_hub import constants
+    from twins_timm.train.models import build_model
+    from twins_timm.zoo.resolve import load_model
+    monkeypatch.setenv('TWINS_TIMM_MIRROR', server.root)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    path = _path(files, 'fpn_pcpvt_s_test-')
+    (tmp_path / 'seg.pth').write_bytes(files[path])
+    folder = zoo.fetch(seg_record.name)
+    hf_cache(tmp_path / 'hub', 'someone/fpn-pcpvt-s', folder)
+    reference = twins_timm.from_pretrained(seg_record.name)
+    assert type(reference).__name__ == 'TwinsFPN' and reference.classes == 150
+    for spec in (server.url(path), str(tmp_path / 'seg.pth'), str(folder), 'someone/fpn-pcpvt-s'):
+        assert _same_weights(twins_timm.from_pretrained(spec), reference), spec
+    assert zoo.create_model is twins_timm.from_pretrained
+    loaded = load_model('someone/fpn-pcpvt-s')   # what segment / eval / export load
+    assert not loaded.random_weights and _same_weights(loaded.model, reference)
+    trained, source = build_model('someone/fpn-pcpvt-s')
+    assert source == loaded.source and _same_weights(trained, reference)
+    assert server.handler.hits == {path: 2}   # the name and the URL: each its own cache entry, fetched once
+
+    # HEAD:VARIANT: fresh heads on a (here random) backbone, the same for training and from_pretrained
+    torch.manual_seed(3)
+    fresh = twins_timm.from_pretrained('fpn:twins_pcpvt_small', classes=4, encoder_weights=None)
+    torch.manual_seed(3)
+    trained, source = build_model('fpn:twins_pcpvt_small', classes=4, from_scratch=True)
+    assert type(fresh).__name__ == 'TwinsFPN' and fresh.classes == 4 and _same_weights(fresh, trained)
+    assert source == 'fpn on a random-initialised twins_pcpvt_small backbone'
+    assert trained.config['encoder_args']['drop_path_rate'] == 0.2   # the recipe's, kept in training
+    assert dict(fresh.config['encoder_args'], drop_path_rate=0.2) == trained.config['encoder_args']  # mmseg's settings
+
+
+def test_segmenter_commands_refuse_untrained_heads_with_what_to_do(tmp_path, capsys):
+    args = ['segment', '--model', 'upernet:twins_svt_small', '--out', str(tmp_path / 'o')]
+    assert cli.main(args) == 2
+    err = ' '.join(capsys.readouterr().err.split())
+    assert 'untrained segmenter' in err and 'twins-timm train --model upernet:twins_svt_small' in err
+    assert 'Traceback' not in err and not (tmp_path / 'o').exists()
+    assert cli.main(['segment', '--model', 'upernet:twins_svt_tiny', '--out', str(tmp_path / 'o')]) == 2
+    assert "unknown Twins variant 'twins_svt_tiny'" in capsys.readouterr().err
 
 
 def test_backbone_by_name_and_keep_raw(server, cache, files, monkeypatch):
@@ -233,9 +283,13 @@ def test_backbone_by_name_and_keep_raw(server, cache, files, monkeypatch):
     assert isinstance(model, timm.models.VisionTransformer) is False and model.num_classes == 0
     raw = twins2mmseg(_half(random_state_dict('official/pcpvt_small_v0', seed=6)), 'pcpvt')
     assert torch.equal(model.state_dict()['norm.weight'].half(), raw['norm.weight'])
-    with pytest.raises(ValueError, match='not a segmenter'):
-        from twins_timm.adapters import from_pretrained
-        from_pretrained(rec.name)
+    import twins_timm
+    again = twins_timm.from_pretrained(rec.name)   # the same resolver under its public name
+    assert type(again) is type(model) and all(torch.equal(v, model.state_dict()[k])
+                                              for k, v in again.state_dict().items())
+    with pytest.raises(ValueError, match='not a segmentation model.*twins_timm.from_pretrained'):
+        from twins_timm.zoo.resolve import load_model
+        load_model(rec.name)
 
 
 def test_url_as_model_segments_and_is_cached(server, cache, files, tmp_path, capsys):

@@ -21,13 +21,14 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-import torch
-
+from twins_timm.adapters.hub import HEADS
 from twins_timm.commands.common import add_kernels_argument
-from twins_timm.files.atomic import atomic_path
 from twins_timm.devtools.bench import Bench, available_cores
 from twins_timm.devtools.bench_render import render
+from twins_timm.files.atomic import atomic_path
 from twins_timm.files.paths import check_output_file
+from twins_timm.inference.devices import pick_device
+from twins_timm.models.twins import VARIANTS
 from twins_timm.optimize.kernels import KernelTable
 
 DESCRIPTION = __doc__
@@ -40,12 +41,9 @@ EPILOG = """examples:
   twins-timm bench --quick --engines --no-memory   # + torch / ONNX Runtime / OpenVINO, fp32 and bf16
 """
 
-VARIANTS = ('twins_pcpvt_small', 'twins_pcpvt_base', 'twins_pcpvt_large',
-            'twins_svt_small', 'twins_svt_base', 'twins_svt_large')
 QUICK_VARIANTS = ('twins_pcpvt_small', 'twins_svt_small')
 DEFAULT_SIZES = '2x512x512,32x224x224'
 QUICK_SIZES = '2x512x512'
-HEADS = ('fpn', 'upernet')
 DEFAULT_JSON = 'twins-timm-bench.json'
 
 
@@ -128,14 +126,9 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     warmup = args.warmup if args.warmup is not None else 2
     if repeats < 1 or warmup < 0:
         raise ValueError('--repeats must be >= 1 and --warmup >= 0')
-    if args.device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    elif args.device in ('cpu', 'cuda'):
-        device = args.device
-        if device == 'cuda' and not torch.cuda.is_available():
-            raise ValueError('--device cuda: no CUDA device is available; use --device cpu')
-    else:
-        raise ValueError("--device must be 'cpu', 'cuda' or 'auto', got %r" % args.device)
+    device = str(pick_device(args.device))
+    if device not in ('cpu', 'cuda'):
+        raise ValueError("--device %s: the bench runs on 'cpu', 'cuda' or 'auto'" % args.device)
     threads = args.threads if args.threads is not None else available_cores()
     if threads < 1:
         raise ValueError('--threads must be >= 1')

@@ -14,6 +14,7 @@ from twins_timm.deploy.engines import DTYPES, ENGINES, check_engine_request, eng
 
 from twins_timm.optimize import optimize
 from ..optimize.kernels import KernelTable
+from twins_timm.commands import DEVICE_HELP
 from twins_timm.inference.predict import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
 from twins_timm.zoo.resolve import DEFAULT_MODEL_ID
 
@@ -38,8 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, random_fallback: bool) 
                              'cached), an http(s) URL of a checkpoint, a folder from `twins-timm convert` / '
                              'save_pretrained, a checkpoint file, or a Hub id (the local cache is tried first). '
                              'Default: %s%s' % (DEFAULT_MODEL_ID, fallback))
-    parser.add_argument('--device', default='auto',
-                        help="torch device: 'cpu', 'cuda', 'cuda:1', 'mps' (default: cuda if available)")
+    parser.add_argument('--device', default='auto', help=DEVICE_HELP)
 
 
 def add_kernels_argument(parser) -> None:
@@ -158,23 +158,6 @@ def quiet_stdout(quiet: bool) -> Iterator[None]:
         return
     with contextlib.redirect_stdout(io.StringIO()):
         yield
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; refuse devices that are not there."""
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError("unknown device %r; use 'cpu', 'cuda', 'cuda:N' or 'mps'" % name) from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('--device %s: CUDA is not available on this machine; use --device cpu' % name)
-    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError('--device %s: only %d CUDA device(s) present' % (name, torch.cuda.device_count()))
-    if device.type == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
-        raise ValueError('--device mps: MPS is not available on this machine; use --device cpu')
-    return device
 
 
 def model_classes(model) -> Tuple[int, List[str], list]:

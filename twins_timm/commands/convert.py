@@ -114,7 +114,8 @@ def _check_dst(src: Path, dst: Path, to: str, force: bool) -> None:
     """Before any work: DST is none of the files SRC reads (nor a folder holding them), fits --to, is new or
     (with --force) an earlier output of ours, and its folder is writable."""
     from twins_timm.convert.save import check_output
-    from twins_timm.files.paths import check_writable_dir, model_files, refuse_inputs_as_outputs
+    from twins_timm.files.paths import check_writable_dir, refuse_inputs_as_outputs
+    from twins_timm.zoo.resolve import model_files
     if dst.is_dir() and src.resolve().is_relative_to(dst.resolve()):
         raise ValueError('DST %s is the folder that holds SRC %s; replacing it would delete the input, even with '
                          '--force. Choose another DST.' % (dst, src))

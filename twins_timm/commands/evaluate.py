@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from twins_timm.commands.common import (add_inference_arguments, add_model_arguments, describe_settings,
-                                        engine_from_args, model_classes, pick_device, quiet_stdout, scale_for_model,
+                                        engine_from_args, model_classes, quiet_stdout, scale_for_model,
                                         settings_from_args)
 from twins_timm.files.atomic import atomic_path
-from twins_timm.files.paths import check_output_file, model_files, refuse_inputs_as_outputs
+from twins_timm.files.paths import check_output_file, refuse_inputs_as_outputs
 from twins_timm.inference import distributed
+from twins_timm.inference.devices import pick_device
 from twins_timm.inference.metrics import evaluate, format_table, json_not_ours, metrics_json
 from twins_timm.inference.visualize import class_name_list
 from twins_timm.train.data import check_pairs, find_pairs, label_convention_problem
-from twins_timm.zoo.resolve import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model
+from twins_timm.zoo.resolve import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model, model_files
 
 DESCRIPTION = __doc__
 EPILOG = """examples:

@@ -17,9 +17,8 @@ from typing import Optional
 
 from twins_timm.files.atomic import atomic_path
 from twins_timm.commands.common import quiet_stdout
-from twins_timm.zoo.resolve import load_model
-from twins_timm.files.paths import (check_replaceable, check_writable_dir, inside, model_files,
-                                    refuse_inputs_as_outputs)
+from twins_timm.zoo.resolve import load_model, model_files
+from twins_timm.files.paths import check_replaceable, check_writable_dir, inside, refuse_inputs_as_outputs
 
 from twins_timm.deploy.export import (CONFIG_FILE, EXPORT_FILES, FORMAT_MODULES, FORMATS, INPUT_NAME, OUTPUT_NAME, README_FILE,
                      export_folder, folder_problem, require_modules)

@@ -8,7 +8,7 @@ import sys
 DESCRIPTION = """List the published Twins models that twins-timm fetches by name (or download some now).
 
 Every name works wherever a model does: `twins-timm segment / eval --model NAME`,
-`twins_timm.adapters.from_pretrained(NAME)`, `twins_timm.zoo.create_model(NAME)`. The first use downloads
+`twins_timm.from_pretrained(NAME)` (also `twins_timm.zoo.create_model(NAME)`). The first use downloads
 the published file (sha256 checked against its name), converts it and caches the converted folder under
 TWINS_TIMM_CACHE (default: ~/.cache/twins_timm); later uses are offline, each checking the cached weights
 (a damaged copy is fetched again; offline, --download NAME --force replaces it).

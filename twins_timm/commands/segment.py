@@ -28,12 +28,13 @@ import torch
 from tqdm import tqdm
 
 from twins_timm.inference import distributed
+from twins_timm.inference.devices import pick_device
 from twins_timm.commands.common import (add_inference_arguments, add_model_arguments, describe_settings, engine_from_args,
-                     model_classes, pick_device, quiet_stdout, scale_for_model, settings_from_args)
+                     model_classes, quiet_stdout, scale_for_model, settings_from_args)
 from twins_timm.inference.predict import predict_labels
 from twins_timm.inference.images import DEFAULT_MAX_PIXELS, check_image, read_image, sample_image_path
-from twins_timm.zoo.resolve import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model
-from twins_timm.files.paths import check_writable_dir, model_files
+from twins_timm.zoo.resolve import DEFAULT_MODEL_ID, RANDOM_LABEL, load_model, model_files
+from twins_timm.files.paths import check_writable_dir
 from twins_timm.inference.outputs import check_outputs, label_summary, output_paths, write_segmentation
 from twins_timm.inference.visualize import class_name_list, make_palette
 

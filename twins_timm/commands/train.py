@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from twins_timm.commands import DEVICE_HELP
+
 DESCRIPTION = __doc__
 EPILOG = """examples:
   twins-timm train --data ADEChallengeData2016 --model upernet:twins_svt_small --out runs/svt_s
@@ -66,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workers', type=int, default=2, metavar='N', help='data loader processes (default 2)')
     parser.add_argument('--no-reduce-zero-label', action='store_true',
                         help='annotations are 0-based class indices (ADE20K files are 1-based, 0 = other)')
-    parser.add_argument('--device', default='auto', help="'cpu', 'cuda' (default: cuda if available)")
+    parser.add_argument('--device', default='auto', help=DEVICE_HELP)
     parser.add_argument('--seed', type=int, default=None, help='data order and augmentation seed (default 0)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
 
@@ -106,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     from twins_timm.train.data import find_pairs
     from twins_timm.train.run_folder import check_out
     check_out(out, args.resume)  # fail before loading a model
-    from twins_timm.files.paths import model_files, refuse_inputs_as_outputs
+    from twins_timm.files.paths import refuse_inputs_as_outputs
+    from twins_timm.zoo.resolve import model_files
     inputs = [Path(args.data)] + model_files(args.model) + ([Path(args.class_names)] if args.class_names else [])
     refuse_inputs_as_outputs([out], inputs, 'Keep the data, the model and --class-names outside the --out folder.')
     find_pairs(args.data, 'training')  # the labels are checked once the classes are known
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         find_pairs(args.data, 'validation')
     device = args.device
     if device != 'auto':
-        from twins_timm.commands.common import pick_device
+        from twins_timm.inference.devices import pick_device
         device = str(pick_device(device))
     torch.manual_seed(args.seed or 0)
     ctx = Dist()

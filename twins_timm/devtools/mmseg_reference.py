@@ -19,7 +19,6 @@ from torch import nn
 
 FAMILIES = ('pcpvt', 'svt')
 SIZES = ('small', 'base', 'large')
-HEADS = ('fpn', 'upernet')
 
 _CONFIG_FILES = {
     'fpn': 'twins_{family}-{s}_fpn_fpnhead_8xb4-80k_ade20k-512x512.py',

@@ -4,7 +4,7 @@
   can take new files by creating and removing a probe file there -- the only test that also holds for
   root, read-only mounts and pseudo file systems such as /proc, where ``os.access`` says yes.
 * :func:`refuse_inputs_as_outputs` makes sure no planned output is one of the command's inputs (nor a folder
-  holding one), with or without --force; :func:`model_files` lists the files a --model reads.
+  holding one), with or without --force (``twins_timm.zoo.resolve.model_files`` lists the files a --model reads).
 * :func:`check_replaceable` lets --force replace only what twins-timm wrote before, never a link.
 
 Torch-free on purpose: the command line imports it while building its parser.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -106,22 +106,3 @@ def refuse_inputs_as_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathL
                 raise ValueError('the output %s would overwrite the input %s; twins-timm never writes over '
                                  'its inputs, even with --force. %s'
                                  % (out, inp, hint or 'Choose another output path.'))
-
-
-def model_files(spec: Optional[str], default: Optional[str] = None) -> List[Path]:
-    """The local files a --model reads: the file, every file in the folder, or a zoo entry's cached files
-    (``spec`` None: the ``default`` name). A Hub id reads nothing that a command could write."""
-    spec = spec or default
-    if not spec:
-        return []
-    path = Path(spec)
-    if not path.exists():
-        from twins_timm import zoo
-        if not (zoo.is_url(spec) or spec in zoo.MODELS):
-            return []
-        path = zoo.folder_for(spec)
-        kept = [zoo.raw_path(spec if zoo.is_url(spec) else zoo.MODELS[spec].url)]
-        return [p for p in kept if p.is_file()] + (model_files(str(path)) if path.is_dir() else [])
-    if path.is_dir():
-        return sorted(p for p in path.rglob('*') if p.is_file())
-    return [path]

@@ -26,13 +26,19 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_meta_device, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model, register_notrace_module
+from timm.models import (build_model_with_cfg, checkpoint, generate_default_cfgs, get_pretrained_cfg, register_model,
+                         register_notrace_module)
 from timm.models._features import feature_take_indices  # in that module's __all__; timm.models does not re-export it
 from timm.models.vision_transformer import Attention
 
+from twins_timm.files import hub
 from twins_timm.models.families import checkpoint_family_args
 
-__all__ = ['Twins', 'checkpoint_family_args', 'MIN_INPUT_SIZE']
+__all__ = ['Twins', 'checkpoint_family_args', 'MIN_INPUT_SIZE', 'VARIANTS']
+
+WEIGHTS_FILE = 'model.safetensors'   # what timm's Hub repos hold
+# Every Twins this package registers with timm: the one list the trainer, the bench and the converter use.
+VARIANTS = tuple('twins_%s_%s' % (family, size) for family in ('pcpvt', 'svt') for size in ('small', 'base', 'large'))
 
 Size_ = Tuple[int, int]
 
@@ -655,10 +661,26 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Twins) -> D
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
+def _hub_weights(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The kwargs of ``timm.create_model(variant, pretrained=True)`` with timm's ImageNet weights found by
+    ``twins_timm.files.hub``: the local Hugging Face cache first; offline, a clear error at once; else one
+    watched download. (timm's own path retries the Hub for a minute without internet, ignores
+    TWINS_TIMM_OFFLINE and ends in a traceback.) Weights the caller chose (a file, URL, state dict, another
+    pretrained_cfg, cache_dir) are left to timm."""
+    cfg, overlay = kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay') or {}
+    name = '%s.%s' % (variant, cfg or 'in1k') if isinstance(cfg, (str, type(None))) else None
+    tagged = get_pretrained_cfg(name, allow_unregistered=False) if name else None
+    if (tagged is None or not tagged.hf_hub_id or kwargs.get('cache_dir')
+            or any(overlay.get(k) for k in ('file', 'url', 'state_dict', 'hf_hub_id', 'source'))):
+        return kwargs
+    folder = hub.snapshot(tagged.hf_hub_id, ['config.json', WEIGHTS_FILE], what=name,
+                          remedy=hub.manual_steps(tagged.hf_hub_id, name), needs=WEIGHTS_FILE)
+    return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=str(folder / WEIGHTS_FILE)))
+
+
 def _create_twins(variant: str, pretrained: bool = False, **kwargs) -> Twins:
     if pretrained:  # timm's ImageNet weights: the local cache first, offline a clear error at once
-        from twins_timm import zoo
-        kwargs = zoo.timm_weights(variant, kwargs)
+        kwargs = _hub_weights(variant, kwargs)
     out_indices = kwargs.pop('out_indices', 4)
     return build_model_with_cfg(
         Twins, variant, pretrained,

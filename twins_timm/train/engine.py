@@ -21,10 +21,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import torch
+
 from torch import nn
 
 from twins_timm.inference import distributed
+from twins_timm.inference.devices import pick_device
 from .data import DatasetError, check_label_convention, check_pairs, find_pairs
 from .loop import FitResult, RunPlan, data_stream, prepare_training, start_run_folder, train_loop
 from .models import head_of
@@ -54,12 +55,6 @@ def _agreed(ctx: distributed.Dist, fn: Callable[[], Any], everyone: bool = False
 
 
 # ----------------------------------------------------------------------------- 1. the request
-
-def _pick_device(device) -> torch.device:
-    if device in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(device)
-
 
 def settle_recipe(model: nn.Module, head: str, recipe: Optional[Recipe], overrides: Dict[str, Any],
                   reduce_zero_label: bool, out: Path, resume: bool, ctx: distributed.Dist,
@@ -151,7 +146,7 @@ def fit(model: nn.Module, data: os.PathLike, out: os.PathLike, *, recipe: Option
     check_settings(batch_size=batch_size, save_interval=save_interval, eval_interval=eval_interval,
                    log_interval=log_interval, workers=workers)
     out = Path(out)
-    dev = _pick_device(device)
+    dev = pick_device(device)
     ctx = distributed.init(dev.type)
     dev = distributed.device_for(ctx, dev)
     main_log = log if ctx.main else (lambda msg: None)

@@ -1,10 +1,10 @@
-"""The model a training run starts from: ``upernet:twins_svt_small``-style specs or a saved model.
+"""The model a training run starts from: any model spec, made by the one resolver (``twins_timm.zoo.resolve``).
 
-``HEAD:VARIANT`` builds fresh mmseg heads on timm's ImageNet backbone (or a random one with
-``from_scratch``), with mmseg's backbone settings (checkpoint_family_args('mmseg', ...)) and the
-recipe's drop-path rate.  Anything else is loaded with the tools' loader (a folder from
-``save_pretrained`` / ``twins-timm convert``, a checkpoint file, a published name) and rebuilt with
-the training drop-path rate; when the number of classes changes, its classifiers start fresh.
+``HEAD:VARIANT`` (``upernet:twins_svt_small``) gives fresh mmseg heads on timm's ImageNet backbone (or a random
+one with ``from_scratch``) with the recipe's drop-path rate.  Anything else (a folder from ``save_pretrained`` /
+``twins-timm convert``, a checkpoint file, a published name, a URL, a Hub id) is loaded as the commands load it
+and rebuilt here with the training drop-path rate; when the number of classes changes, its classifiers start
+fresh.
 """
 from __future__ import annotations
 
@@ -12,40 +12,21 @@ from typing import Optional, Sequence, Tuple
 
 from torch import nn
 
-from .recipe import HEADS, VARIANTS
+from twins_timm.adapters.hub import HEAD_CLASSES
+from twins_timm.files.hub import FetchError
+from twins_timm.zoo.resolve import load_model, parse_arch, resolve
+
+from .recipe import recipe_for
 
 CLASSIFIERS = ('segmentation_head.conv_seg.', 'aux_head.conv_seg.')
 
 
-def parse_arch(spec: str) -> Optional[Tuple[str, str]]:
-    """('upernet', 'twins_svt_small') for 'upernet:twins_svt_small'; None for other specs."""
-    head, sep, variant = spec.partition(':')
-    if not sep or head.lower() not in HEADS:
-        return None
-    if variant not in VARIANTS:
-        raise ValueError('%s: unknown Twins variant %r; use one of %s' % (spec, variant, ', '.join(VARIANTS)))
-    return head.lower(), variant
-
-
 def head_of(model: nn.Module) -> str:
-    from twins_timm.adapters import TwinsFPN, TwinsUPerNet
-    if isinstance(model, TwinsUPerNet):
-        return 'upernet'
-    if isinstance(model, TwinsFPN):
-        return 'fpn'
+    for head, cls in HEAD_CLASSES.items():
+        if isinstance(model, cls):
+            return head
     raise ValueError('%s is not a Twins segmenter (TwinsUPerNet / TwinsFPN); twins-timm train trains those'
                      % type(model).__name__)
-
-
-def build_arch(head: str, variant: str, classes: int, class_names: Optional[Sequence[str]] = None,
-               pretrained: bool = True, drop_path_rate: float = 0.2) -> nn.Module:
-    """Fresh mmseg heads on a Twins backbone (timm's ImageNet weights unless not ``pretrained``)."""
-    from twins_timm.adapters import TwinsFPN, TwinsUPerNet
-    from twins_timm.models.twins import checkpoint_family_args
-    encoder_args = dict(checkpoint_family_args('mmseg', variant), drop_path_rate=drop_path_rate)
-    cls = TwinsUPerNet if head == 'upernet' else TwinsFPN
-    return cls(encoder_name=variant, classes=classes, encoder_args=encoder_args,
-               encoder_weights=True if pretrained else None, class_names=class_names)
 
 
 def adapt(model: nn.Module, classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
@@ -88,29 +69,22 @@ def build_model(spec: str, classes: Optional[int] = None, class_names: Optional[
     """(model ready to train, description of its source) for a command-line SPEC."""
     arch = parse_arch(spec)
     if arch is not None:
-        from .recipe import recipe_for
-        head, variant = arch
         if drop_path_rate is None:
-            drop_path_rate = recipe_for(head, variant).drop_path_rate
+            drop_path_rate = recipe_for(*arch).drop_path_rate
         n = classes or (len(class_names) if class_names else 150)
-        from twins_timm import zoo
         try:
-            model = build_arch(head, variant, n, class_names, pretrained=not from_scratch,
-                               drop_path_rate=drop_path_rate)
-        except zoo.ZooError as e:  # timm's ImageNet weights out of reach: say that training can go without
+            loaded = resolve(spec, classes=n, class_names=class_names, encoder_weights=None if from_scratch else True,
+                             encoder_args=dict(drop_path_rate=drop_path_rate))
+        except FetchError as e:  # timm's ImageNet weights out of reach: say that training can go without
             raise type(e)(e.reason, e.remedy + ' Or train from random weights: --from-scratch.') from None
-        return model, '%s on a %s %s backbone' % (head, 'random-initialised' if from_scratch
-                                                  else "timm ImageNet", variant)
+        return loaded.model, loaded.source
     if from_scratch:
         raise ValueError('--from-scratch only applies to HEAD:VARIANT specs such as upernet:twins_svt_small; '
                          '%s is a trained model' % spec)
-    from twins_timm.zoo.resolve import load_model
     loaded = load_model(spec, allow_random=False)
     model = loaded.model
-    head = head_of(model)
     if drop_path_rate is None:
-        from .recipe import recipe_for
-        drop_path_rate = recipe_for(head, model.encoder_name).drop_path_rate
+        drop_path_rate = recipe_for(head_of(model), model.encoder_name).drop_path_rate
     if classes and classes != model.classes:
         log('%s has %d classes; training %d: its classifiers start from random weights'
             % (spec, model.classes, classes))

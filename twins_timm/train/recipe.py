@@ -24,8 +24,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-HEADS = ('upernet', 'fpn')
-VARIANTS = tuple('twins_%s_%s' % (a, s) for a in ('pcpvt', 'svt') for s in ('small', 'base', 'large'))
+from twins_timm.adapters.hub import HEADS
+from twins_timm.models.twins import VARIANTS
 
 
 @dataclass
