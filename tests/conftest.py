@@ -139,3 +139,13 @@ def standin(monkeypatch):
     monkeypatch.setattr(segment, 'load_model', fake)
     monkeypatch.setattr(evaluate, 'load_model', fake)
     return model
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command gets as far as loading a model."""
+    from twins_timm.commands import evaluate as evaluate_mod, segment as segment_mod
+    def fail(*a, **k):
+        raise AssertionError('the model was loaded before the mistake was reported')
+    monkeypatch.setattr(segment_mod, 'load_model', fail)
+    monkeypatch.setattr(evaluate_mod, 'load_model', fail)

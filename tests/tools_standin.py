@@ -8,12 +8,14 @@ window and whole-image inference then differ, and the tests can tell them apart)
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -102,3 +104,15 @@ def require_mmseg():
         mmcv.ops = ops
     import mmseg.models  # noqa: F401
     return mmseg
+
+
+def ade_folder(root: Path, n: int, classes: int, size=(24, 32)) -> Path:
+    """An ADE20K-format validation folder of ``n`` random images with annotations 0 (other) .. ``classes``."""
+    rng = np.random.default_rng(3)
+    (root / 'images' / 'validation').mkdir(parents=True)
+    (root / 'annotations' / 'validation').mkdir(parents=True)
+    for k in range(n):
+        Image.fromarray(random_rgb(*size, seed=10 + k)).save(root / 'images' / 'validation' / ('img_%d.jpg' % k))
+        ann = rng.integers(0, classes + 1, size).astype(np.uint8)  # 0 = other, 1..classes
+        Image.fromarray(ann).save(root / 'annotations' / 'validation' / ('img_%d.png' % k))
+    return root

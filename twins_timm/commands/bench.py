@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile without inductor's freezing (default: freezing on, both models)")
     parser.add_argument('--no-backbones', action='store_true', help="skip the backbones (ours vs timm's Twins)")
     parser.add_argument('--no-segmenters', action='store_true', help="skip our segmenters vs mmseg's")
+    parser.add_argument('--no-mmseg', action='store_true',
+                        help="leave out the comparison with mmseg's segmenters (the segmenters still run under "
+                             '--engines): for the large variants, where it costs minutes')
     parser.add_argument('--heads', default=','.join(HEADS), metavar='LIST',
                         help='segmenter heads to compare (default fpn,upernet)')
     parser.add_argument('--segmenter-size', metavar='BxHxW',
@@ -141,7 +144,7 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         device=device, threads=threads, matmul_size=args.matmul_size,
         compile=(not quick) if args.compile is None else bool(args.compile),
         compile_backend=args.compile_backend, freezing=not getattr(args, 'no_freezing', False),
-        backbones=not args.no_backbones, segmenters=not args.no_segmenters,
+        backbones=not args.no_backbones, segmenters=not args.no_segmenters, mmseg=not args.no_mmseg,
         segmenter_size=parse_size(args.segmenter_size or ('1x512x512' if quick else '2x512x512')),
         engines=bool(args.engines),
         memory=not args.no_memory, memory_size=parse_size(args.memory_size),

@@ -318,8 +318,9 @@ class Bench:
                           'backend': self.s['compile_backend']}
         out['backbones'] = self.backbones(mm, compile_reason if self.s['compile'] else None) \
             if self.s['backbones'] else []
-        out['segmenters'] = self.segmenters(mm) if self.s['segmenters'] else \
-            {'available': False, 'reason': 'skipped (--no-segmenters)', 'results': []}
+        out['segmenters'] = self.segmenters(mm) if self.s['segmenters'] and self.s.get('mmseg', True) else \
+            {'available': False, 'reason': 'skipped (%s)' % ('--no-segmenters' if not self.s['segmenters'] else
+                                                             '--no-mmseg'), 'results': []}
         out['engines'] = self.engines() if self.s['engines'] else \
             {'method': None, 'reason': 'skipped (no --engines)', 'results': []}
         out['memory'] = self.memory() if self.s['memory'] else \

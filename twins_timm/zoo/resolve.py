@@ -23,12 +23,12 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 
 from torch import nn
 
-from twins_timm.zoo import published
 from twins_timm.adapters import ade20k
 from twins_timm.adapters.hub import HEAD_CLASSES, HEADS, from_pretrained as segmenter_from_folder, read_config
 from twins_timm.files import hub
 from twins_timm.files.hub import FetchError
 from twins_timm.models.twins import VARIANTS, checkpoint_family_args
+from twins_timm.zoo import published
 
 # Without --model: the best published ADE20K model by name (UPerNet SVT-L, 49.65 mIoU).
 DEFAULT_MODEL_ID = published.DEFAULT_SEGMENTER

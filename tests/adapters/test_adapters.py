@@ -12,7 +12,7 @@ from twins_timm.adapters import (MMSEG_MEAN, MMSEG_STD, TwinsEncoder, TwinsFPN, 
                                  ade20k, from_pretrained, read_config)
 from twins_timm.models.twins import checkpoint_family_args
 
-MANIFESTS = Path(__file__).parent / 'fixtures' / 'manifests'
+MANIFESTS = Path(__file__).parents[1] / 'fixtures' / 'manifests'
 VARIANTS = [f'twins_{f}_{s}' for f in ('pcpvt', 'svt') for s in ('small', 'base', 'large')]
 
 

@@ -215,6 +215,14 @@ def test_no_backbones_skips_the_backbone_section(tmp_path):
     assert "Backbones, ours vs timm's Twins" not in bench_render.render(out)
 
 
+def test_no_mmseg_skips_only_the_comparison_with_mmseg(tmp_path, monkeypatch):
+    settings = bench_command.resolve_settings(bench_args(tmp_path, ['--no-backbones', '--no-mmseg', '--no-memory']))
+    assert settings['segmenters'] and not settings['mmseg']
+    monkeypatch.setattr(bench, 'build_mmseg_segmenter', lambda *a, **k: pytest.fail('mmseg was built'), raising=False)
+    out = bench.Bench(settings).run()
+    assert out['segmenters'] == {'available': False, 'reason': 'skipped (--no-mmseg)', 'results': []}
+
+
 def bench_args(tmp_path: Path, extra):
     import argparse
     parser = argparse.ArgumentParser()

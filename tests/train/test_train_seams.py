@@ -17,6 +17,7 @@ from twins_timm.cli import main as cli_main
 from twins_timm.train import checkpoint_folders
 from twins_timm.train.data import label_convention_problem
 
+from cli_checks import one_paragraph as _one_paragraph
 from train_data import make_dataset, tiny_model_folder
 
 
@@ -34,13 +35,6 @@ def _train(data, model, out, *extra):
     return cli_main(['train', '--data', str(data), '--model', str(model), '--out', str(out), '--iters', '2',
                      '--batch-size', '2', '--global-batch', '2', '--crop-size', '64', '--workers', '0',
                      '--quiet', '--device', 'cpu', *extra])
-
-
-def _one_paragraph(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    assert 'Traceback' not in err and err.startswith('twins-timm %s: error: ' % command), err
-    assert '\n\n' not in err.strip(), err
-    return ' '.join(err.split())
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_checks import one_paragraph as _one_paragraph
+from cli_checks import sha256_of as _sha
 from tools_standin import OpsSeen, random_rgb
 from twins_timm import cli
 from twins_timm.commands import evaluate as evaluate_mod
@@ -25,27 +27,6 @@ from twins_timm.inference import images
 from twins_timm.zoo import resolve
 from twins_timm.commands import segment as segment_mod
 from twins_timm.inference.predict import merged_bands, ms_flip_settings, predict_labels
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _one_paragraph(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    text = ' '.join(err.split())  # lines break at spaces only, so a long path may start the second line
-    assert 'Traceback' not in err and text.startswith('twins-timm %s: error: ' % command), err
-    assert '\n\n' not in err.strip(), err  # one paragraph
-    return text
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a command gets as far as loading a model."""
-    def fail(*a, **k):
-        raise AssertionError('the model was loaded before the mistake was reported')
-    monkeypatch.setattr(segment_mod, 'load_model', fail)
-    monkeypatch.setattr(evaluate_mod, 'load_model', fail)
 
 
 # ----------------------------------------------------------------------------- data loss

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tools_standin import random_rgb
+from tools_standin import ade_folder as _ade_folder, random_rgb
 from twins_timm import cli
 from twins_timm.inference import images
 from twins_timm.zoo import resolve
@@ -222,17 +222,6 @@ def test_one_device_rule_in_every_command(command, tmp_path, capsys, monkeypatch
 
 
 # ----------------------------------------------------------------------------- eval
-
-def _ade_folder(root: Path, n: int, classes: int, size=(24, 32)) -> Path:
-    rng = np.random.default_rng(3)
-    (root / 'images' / 'validation').mkdir(parents=True)
-    (root / 'annotations' / 'validation').mkdir(parents=True)
-    for k in range(n):
-        Image.fromarray(random_rgb(*size, seed=10 + k)).save(root / 'images' / 'validation' / ('img_%d.jpg' % k))
-        ann = rng.integers(0, classes + 1, size).astype(np.uint8)  # 0 = other, 1..classes
-        Image.fromarray(ann).save(root / 'annotations' / 'validation' / ('img_%d.png' % k))
-    return root
-
 
 def _reference_metrics(model, data: Path, settings: InferenceSettings, classes: int) -> dict:
     acc = IoUAccumulator(classes)

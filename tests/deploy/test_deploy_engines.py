@@ -2,7 +2,7 @@
 torch model was, same outputs in every inference mode, cached outside the user's folders, clear refusals.
 
 The model is the tools' tiny stand-in segmenter (tests/tools_standin.py: exports in seconds); the Twins
-graphs themselves are exported at free sizes in tests/test_deploy.py.  One cache folder serves the file, so
+graphs themselves are exported at free sizes in tests/deploy/test_deploy.py.  One cache folder serves the file, so
 each engine exports once.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_cached_export_is_verified_and_redone_when_changed(photos, model, capsys
 
 
 def test_eval_engine_gives_the_same_miou(tmp_path, model):
-    from test_tools_cli import _ade_folder
+    from tools_standin import ade_folder as _ade_folder
     data = _ade_folder(tmp_path / 'ade', 2, 5, size=(36, 48))
     results = {}
     for engine in ('torch', 'openvino'):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from test_tools_safety import _one_paragraph
+from cli_checks import one_paragraph as _one_paragraph
 from tools_standin import random_rgb
 from twins_timm import cli
 from twins_timm.adapters import TwinsFPN, from_pretrained

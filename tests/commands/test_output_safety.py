@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from checkpoint_factory import write_checkpoint
-from test_tools_safety import _one_paragraph, _sha, no_model_load  # noqa: F401 (a fixture)
-from test_zoo import _leftovers, _path, cache, files, seg_record  # noqa: F401 (fixtures)
+from cli_checks import one_paragraph as _one_paragraph
+from cli_checks import sha256_of as _sha
+from zoo_server import _leftovers, _path
+from zoo_server import cache, files, seg_record  # noqa: F401 (fixtures)
 from tools_standin import random_rgb
 from twins_timm import cli, zoo
 from twins_timm.files import disk
