@@ -77,7 +77,7 @@ class TwinsEncoder(nn.Module):
         self.model.set_grad_checkpointing(enable)
 
     def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The four NCHW stage maps, strides 4, 8, 16, 32 (channels-last views from an optimized backbone)."""
+        """The four NCHW stage maps, strides 4, 8, 16, 32."""
         return self.model.forward_intermediates(
             x, indices=list(range(NUM_STAGES)), intermediates_only=True)
 

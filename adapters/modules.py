@@ -17,11 +17,6 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-def is_plain_conv(conv: nn.Module) -> bool:
-    """The library's own conv: ``nn.Conv2d`` or the subclass ``optimize`` swaps in (a user's layer is neither)."""
-    return type(conv) is nn.Conv2d or getattr(type(conv), 'plain_base', None) is nn.Conv2d
-
-
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize with `align_corners=False`, as every mmseg Twins head does."""
     return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
@@ -84,7 +79,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if model.training:
         raise ValueError('fold_batchnorm folds eval-mode statistics; call model.eval() first')
     for m in model.modules():
-        if isinstance(m, ConvNormAct) and isinstance(m.bn, BatchNormAct2d) and is_plain_conv(m.conv):
+        if isinstance(m, ConvNormAct) and isinstance(m.bn, BatchNormAct2d) and type(m.conv) is nn.Conv2d:
             m.conv = fuse_conv_bn_eval(m.conv, m.bn)
             m.bn = nn.Sequential(OrderedDict(drop=m.bn.drop, act=m.bn.act))
     return model

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,22 +15,19 @@ import torch
 from fresh_python import fresh_python
 from numerics import FP32_TOL, scaled_diff
 from twins_timm.devtools import ablation
-from twins_timm.devtools.ablation import EAGER_TRICKS, TRICKS, model_table, without
+from twins_timm.devtools.ablation import TRICKS, model_table, without
 from twins_timm.devtools.bench import build_engine_model
 from twins_timm.devtools.ablation_report import main as report_main
 from twins_timm.optimize import kernels, layers
 
 SHALLOW = dict(depths=[1, 1, 2, 1])  # SVT's stage 3: an LSA and a GSA block
-KERNEL_CALLS = {'onednn-linear': (kernels, 'onednn_linear'), 'grouped-conv-attention': (kernels, 'onednn_attention'),
-                'window-chunks': (kernels, 'chunked_window_attention'), 'winograd': (kernels, 'winograd_conv3x3')}
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """MLP row chunks and window chunks at 64x64 (as test_fast_paths.py's)."""
+    """MLP row chunks at 64x64 (as test_fast_paths.py's)."""
     monkeypatch.setattr(kernels, 'MLP_CHUNK_ELEMENTS', 1)
     monkeypatch.setattr(kernels, 'MLP_CHUNK_MIN_ROWS', 32)
-    monkeypatch.setattr(kernels, 'WINDOW_CHUNK_ELEMENTS', 3 * 2 * 49 * 49)
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +36,7 @@ def plain_models():
 
 
 def _count_probes(monkeypatch) -> dict:
-    """Calls per trick on its own path: its kernel function, row chunking taken, or its classes' methods."""
+    """Calls per trick on its own path: row chunking taken, or its classes' methods."""
     counts = {name: 0 for name in TRICKS}
 
     def wrap(owner, attr, trick, taken=lambda result: True):
@@ -52,10 +47,8 @@ def _count_probes(monkeypatch) -> dict:
             counts[trick] += bool(taken(result))
             return result
         monkeypatch.setattr(owner, attr, counting)
-    for trick, (owner, attr) in KERNEL_CALLS.items():
-        wrap(owner, attr, trick)
     wrap(layers.FastBlock, '_mlp_row_chunks', 'mlp-row-chunks', taken=lambda chunks: chunks > 1)
-    for trick in EAGER_TRICKS:
+    for trick in TRICKS:
         for cls in TRICKS[trick].classes:
             for attr, fn in list(vars(cls).items()):
                 if inspect.isfunction(fn):
@@ -63,22 +56,22 @@ def _count_probes(monkeypatch) -> dict:
     return counts
 
 
-@pytest.mark.parametrize('trick', EAGER_TRICKS)
+@pytest.mark.parametrize('trick', list(TRICKS))
 def test_switching_one_trick_off_removes_it_and_keeps_the_rest_and_the_output(trick, plain_models, small_chunks,
                                                                                 monkeypatch):
-    plain = plain_models['fpn' if trick == 'in-place-fpn-sums' else 'upernet']
+    plain = plain_models['upernet']  # every trick is in it
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     counts = _count_probes(monkeypatch)
     with torch.inference_mode():
         want = plain(x)
         assert not any(counts.values())  # the plain model takes none of the paths
-        full, ablated = without(plain, None, 'onednn'), without(plain, trick, 'onednn')
+        full, ablated = without(plain, None, 'rows'), without(plain, trick, 'rows')
         full(x)
         in_full = dict(counts)
         counts.update((k, 0) for k in counts)
         got = ablated(x)
     assert in_full[trick] > 0 and counts[trick] == 0
-    still = {t for t, n in in_full.items() if n and t not in (trick, TRICKS[trick].includes)}
+    still = {t for t, n in in_full.items() if n and t != trick}
     assert still and all(counts[t] > 0 for t in still), {t: counts[t] for t in still}
     assert scaled_diff(got, want) <= FP32_TOL
     for cls in TRICKS[trick].classes:
@@ -86,40 +79,13 @@ def test_switching_one_trick_off_removes_it_and_keeps_the_rest_and_the_output(tr
         assert not any(type(m) is cls for m in ablated.modules())
         assert any(type(m) is ablation.PLAIN_CLASS[cls] for m in ablated.modules())
     for family in TRICKS[trick].families:
-        assert kernels.PLAIN not in model_table(full).taken[family]  # 'onednn': the alternative everywhere
+        assert kernels.PLAIN not in model_table(full).taken[family]  # 'rows' wherever a shape splits
         assert model_table(ablated).taken[family] == {kernels.PLAIN}
-
-
-@pytest.mark.parametrize('freezing', [False, True])
-def test_compiled_linear_off_traces_f_linear(freezing, plain_models, monkeypatch):
-    """The kernel each linear traces under torch.compile (with freezing: the 'compiled linear' family)."""
-    monkeypatch.setitem(sys.modules, 'torch._inductor.config', SimpleNamespace(freezing=freezing))
-    full, ablated = (without(plain_models['fpn'], t, 'onednn') for t in (None, 'compiled-linear'))
-    linear = next(m for m in full.modules() if isinstance(m, layers.Linear))
-    twin = next(m for m in ablated.modules() if isinstance(m, layers.Linear))
-    assert kernels.compiled_linear_kernel(linear, torch.float32) == kernels.ONEDNN
-    assert kernels.compiled_linear_kernel(twin, torch.float32) == kernels.PLAIN
-    family = 'compiled linear' if freezing else 'linear'
-    assert model_table(full).taken == {family: {kernels.ONEDNN}}
-    assert model_table(ablated).taken == {family: {kernels.PLAIN}}
-
-
-def test_public_calibration_times_the_public_call_only(plain_models, monkeypatch):
-    monkeypatch.setitem(sys.modules, 'torch._inductor.config', SimpleNamespace(freezing=True))
-    private = []
-    monkeypatch.setattr(kernels, '_prepacked_onednn_linear', lambda *a: private.append(a))
-    public, onednn_linear = [], kernels.onednn_linear
-    monkeypatch.setattr(kernels, 'onednn_linear', lambda *a: public.append(1) or onednn_linear(*a))
-    monkeypatch.setattr(kernels, 'CALIBRATION_FLOPS', 1e6)  # small samples: the test times nothing it checks
-    choices = ablation._public_calibration(plain_models['fpn'], torch.float32, kernels.KernelTable('auto'))
-    assert choices and all(k.startswith('compiled linear:') for k in choices)
-    assert public and not private
-    assert kernels._prepacked_onednn_linear is not ablation._public_prepacked
 
 
 def _run(tmp_path, *extra, **encoder_args):
     out = tmp_path / 'ablation.json'
-    code = ablation.main(['--size', '1x64x64', '--repeats', '1', '--warmup', '1', '--kernels', 'onednn', '--quiet',
+    code = ablation.main(['--size', '1x64x64', '--repeats', '1', '--warmup', '1', '--kernels', 'rows', '--quiet',
                           '--threads', '1',
                           '--json', str(out), '--variants', 'twins_svt_small', *extra], **encoder_args)
     return code, out
@@ -137,38 +103,26 @@ def test_tool_writes_every_trick_for_every_model(tmp_path, small_chunks, capsys)
                                                                   ('fpn', 'twins_svt_small')]
     for m in run['models']:
         eager = m['eager']
-        assert set(eager['tricks']) == set(EAGER_TRICKS)
+        assert set(eager['tricks']) == set(TRICKS)
         assert eager['plain_seconds'] > 0 and eager['all_seconds'] > 0 and eager['scaled_diff_all_vs_plain'] <= FP32_TOL
-        absent = {'fused-pyramid-conv'} | ({'window-view'} if 'pcpvt' in m['variant'] else set())
         for name, r in eager['tricks'].items():
-            if name in absent or (name == 'window-chunks' and 'pcpvt' in m['variant']):
-                assert r['skipped'].startswith('not '), (name, r)
+            if name == 'fused-pyramid-conv':  # UPerHead's: not in FPN
+                assert r['skipped'] == 'not in this model', (name, r)
                 continue
             assert 'skipped' not in r, (m['head'], name, r)
             assert isinstance(r['gain_pct'], float) and isinstance(r['clears_threshold'], bool)
             assert r['clears_threshold'] == (r['gain_pct'] >= ablation.THRESHOLD_PCT)
             assert len(r['all_seconds']) == 1 and r['scaled_diff_vs_plain'] <= FP32_TOL
-            assert ('gain_beyond_included_pct' in r) == (TRICKS[name].includes is not None)
         assert 'compiled' not in m
     apis = {a['api']: a for a in run['private_apis']}
-    assert any('_convolution_pointwise' in a for a in apis) and any('_global_forward_hooks' in a for a in apis)
-    hooks = next(a for name, a in apis.items() if '_global_forward_hooks' in name)
+    (hooks,) = apis.values()  # the one private torch API left on the path
+    assert '_global_forward_hooks' in hooks['api'] and hooks['where'] == 'kernels.has_hooks'
     assert set(hooks['figures']) == {'fpn twins_pcpvt_small', 'fpn twins_svt_small'}
     capsys.readouterr()
     assert report_main([str(out)]) == 0
     markdown = capsys.readouterr().out
     assert all('| %s |' % name in markdown for name in TRICKS)
     assert '| fpn pcpvt_small | fpn svt_small |' in markdown
-
-
-def test_tool_compiled_case_names_the_private_api_figure(tmp_path):
-    code, out = _run(tmp_path, '--heads', 'fpn', '--tricks', '', '--compile', '--compile-backend', 'eager', **SHALLOW)
-    assert code == 0
-    compiled = json.loads(out.read_text())['models'][0]['compiled']
-    assert set(compiled['tricks']) == {'compiled-linear'}
-    assert isinstance(compiled['tricks']['compiled-linear']['gain_pct'], float)
-    assert compiled['kernels_taken']['compiled-linear'] == {'linear': [kernels.PLAIN]}
-    assert compiled['public_calibration'] == {'same_choices': True}  # 'onednn' answers without timing
 
 
 @pytest.mark.parametrize('args,message', [

@@ -3,7 +3,7 @@
 What module-level tools rely on: forward hooks fire (feature taps, Grad-CAM), a replaced layer changes
 the output, PEFT's LoRA on the attention and MLP linears changes the output and trains, BN folding keeps
 the logits. Tiny models (one or two blocks per stage) on small inputs, each plain and optimized
-(``twins_timm.optimize(model, kernels='onednn')``: every fast path taken, nothing timed), the inference
+(``twins_timm.optimize(model, kernels='rows')``: every fast path taken, nothing timed), the inference
 path a CPU user of the tools gets.
 """
 import pytest
@@ -17,12 +17,12 @@ from references import perturb_batchnorm_, seeded_model
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models.twins import checkpoint_family_args
 from twins_timm.optimize import optimize
-from twins_timm.optimize.layers import Conv2d, Linear
+from twins_timm.optimize.layers import FastBlock
 
 TINY = dict(depths=[2, 2, 2, 2])
 NARROW_HEAD = {TwinsFPN: {}, TwinsUPerNet: dict(decoder_channels=64, aux_channels=32)}  # same layers, fewer FLOPs
 LORA_TARGETS = r'.*\.(attn\.(qkv|q|kv|proj)|mlp\.(fc1|fc2))$'
-KERNELS = [None, 'onednn']  # the plain model, and optimized with every fast path
+KERNELS = [None, 'rows']  # the plain model, and optimized with every fast path
 
 
 def _optimized(model, kernels):
@@ -110,57 +110,21 @@ def test_replacing_a_layer_changes_the_inference_output(kernels):
         assert (after - before).abs().max() > 1e-5, path  # a bypassed layer would leave it bit-identical
 
 
-@pytest.mark.parametrize('cls', [TwinsFPN, TwinsUPerNet])
-def test_decoder_3x3_convs_are_kernel_modules_that_peft_wraps(cls):
-    # the heads' 3x3 convs take Winograd in CPU inference once optimized (its table fixed to the
-    # alternatives); a LoRA wrapped around them (PEFT's Conv2d) still reaches the output, and a swapped
-    # conv changes it
-    peft = pytest.importorskip('peft')
-    torch.manual_seed(0)
-    model = seeded(cls, encoder_name='twins_pcpvt_small', classes=3, encoder_args=dict(depths=[1, 1, 1, 1]),
-                   **NARROW_HEAD[cls]).eval()
-    convs = [n for n, m in model.decoder.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
-    assert convs and all(type(model.decoder.get_submodule(n)) is nn.Conv2d for n in convs)  # plain
-    optimize(model, kernels='onednn')
-    assert all(type(model.decoder.get_submodule(n)) is Conv2d for n in convs)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode():
-        base = model(x)
-        first = model.decoder.get_submodule(convs[0])
-        parent, leaf = ('decoder.' + convs[0]).rsplit('.', 1)
-        setattr(model.get_submodule(parent), leaf, nn.Identity() if first.in_channels == first.out_channels
-                else nn.Conv2d(first.in_channels, first.out_channels, 1))
-        swapped = model(x)
-        setattr(model.get_submodule(parent), leaf, first)
-    assert (swapped - base).abs().max() > 1e-4
-    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                             target_modules=[r'decoder.' + n for n in convs])
-    lora = peft.get_peft_model(model, config)
-    assert sum(hasattr(m, 'lora_A') for m in lora.modules()) == len(convs)
-    with torch.inference_mode():
-        adapted = lora(x)
-    assert (adapted - base).abs().max() > 1e-4
-    merged = lora.merge_and_unload()  # writes the update into the convs in place (weight.data +=)
-    assert all(type(merged.decoder.get_submodule(n)) is Conv2d for n in convs)
-    with torch.inference_mode():
-        assert scaled_diff(merged(x), adapted) <= FP32_TOL  # the merged weights, not ones kept from before
-
-
 @pytest.mark.parametrize('order', ['plain', 'optimized then LoRA', 'LoRA then optimized'])
 def test_peft_lora_changes_the_output_and_trains(order):
     peft = pytest.importorskip('peft')
-    model = _backbone(kernels='onednn' if order == 'optimized then LoRA' else None).eval()
+    model = _backbone(kernels='rows' if order == 'optimized then LoRA' else None).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         base = model(x)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
     lora = peft.get_peft_model(model, config)
     if order == 'LoRA then optimized':
-        optimize(lora, kernels='onednn')  # the wrapped layers become the optimized ones inside LoRA's
+        optimize(lora, kernels='rows')  # the blocks around the wrapped layers become the optimized ones
     wrapped = [n for n, m in lora.named_modules() if type(m).__name__ == 'Linear' and hasattr(m, 'lora_A')]
-    n_linear = sum(1 for n, m in model.named_modules()
-                   if type(m) is (nn.Linear if order == 'plain' else Linear) and 'base_layer' in n)
+    n_linear = sum(1 for n, m in model.named_modules() if type(m) is nn.Linear and 'base_layer' in n)
     assert len(wrapped) == n_linear == (4 + 5) * 4  # per stage: LSA 4 + GSA 5 linears
+    assert any(type(m) is FastBlock for m in lora.modules()) == (order != 'plain')
     with torch.inference_mode():
         adapted = lora(x)
     assert (adapted - base).abs().max() > 1e-4  # LoRA's update reaches the output in inference

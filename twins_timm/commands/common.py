@@ -45,8 +45,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, random_fallback: bool) 
 def add_kernels_argument(parser) -> None:
     """``--kernels``: the kernel table ``twins_timm.optimize`` gives the model (checked by KernelTable.from_spec)."""
     parser.add_argument('--kernels', default='auto', metavar='POLICY_OR_JSON',
-                        help="CPU kernels of the optimized model: 'auto' (each layer shape timed once, the faster "
-                             "kept; default), 'plain' (timm's calls), 'onednn' (the alternatives), or a JSON file "
+                        help="CPU kernels of the optimized model: 'auto' (each MLP shape timed once, the faster "
+                             "kept; default), 'plain' (timm's whole-tensor MLP), 'rows' (the MLP over cache-sized row "
+                             "chunks wherever a shape splits), or a JSON file "
                              "of saved choices (the bench's results hold one under kernels.choices) for the same "
                              'kernels, and numbers, run after run')
 

@@ -6,11 +6,11 @@
 For FPN and UPerNet on PCPVT-S and SVT-S (1x3x512x512 fp32 by default), one run times, interleaved
 (A B C ... A B C ...) on the same seeded weights and input: the plain model, ``optimize(model)`` with
 every trick, and ``optimize`` minus each trick in turn. A trick's gain is (time without it) / (time with
-all) - 1; it keeps its place where that clears 5 %. Under ``torch.compile`` (inductor, freezing) the
-compiled-linear calibration is timed the same way, and so is each private torch API on the path against
-its public alternative. Nothing here is a user-facing switch: a trick is switched off by a kernel table
-that answers 'plain' for its family, or by putting its layer class back to the plain one after
-``optimize``; everything else stays as ``optimize`` made it, with the kernel choices of the full model.
+all) - 1; it keeps its place where that clears 5 %. The private torch API on the path (the global-hooks
+read) is reported with its cost per forward. Nothing here is a user-facing switch: a trick is switched
+off by a kernel table that answers 'plain' for its family, or by putting its layer class back to the
+plain one after ``optimize``; everything else stays as ``optimize`` made it, with the kernel choices of
+the full model.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from twins_timm.files.atomic import atomic_path
 from twins_timm.devtools.ablation_report import KIND, render_run
 from twins_timm.devtools.bench import machine_info
 from twins_timm.devtools.bench_models import build_engine_model
-from twins_timm.devtools.bench_timing import compile_unavailable_reason, inductor_freezing, time_interleaved
+from twins_timm.devtools.bench_timing import time_interleaved
 from twins_timm.files.paths import check_output_file
 from twins_timm.inference.numerics import scaled_diff
 from twins_timm.optimize import decoders, kernels, layers, optimize
@@ -55,51 +55,20 @@ class Trick:
     what: str
     families: Tuple[str, ...] = ()  # KernelTable families answered 'plain' when switched off
     classes: Tuple[type, ...] = ()  # swapped-in classes put back to the plain ones when switched off
-    includes: Optional[str] = None  # a trick that goes with these classes (its gain is part of this one's)
-    compiled: bool = False  # only under torch.compile
 
 
 TRICKS: Dict[str, Trick] = {
-    'onednn-linear': Trick('linear layers as oneDNN 1x1 convolutions (calibrated per shape)', families=('linear',)),
-    'grouped-conv-attention': Trick('global attention as two grouped oneDNN 1x1 convolutions (calibrated)',
-                                    families=('attention',)),
-    'mlp-row-chunks': Trick('MLP over cache-sized row chunks (calibrated)', families=('mlp',)),
-    'window-chunks': Trick("SVT's window attention over cache-sized chunks of windows (calibrated)",
-                           families=('window attention',)),
-    'winograd': Trick("Winograd F(2x2, 3x3) for the heads' 3x3 convolutions (calibrated)", families=('conv3x3',)),
-    'fused-pyramid-conv': Trick("UPerHead's fusion conv per pyramid level (upsampled_conv3x3)",
-                                classes=(decoders.FastUPerNetDecoder,)),
-    'channels-last-stage-maps': Trick('stage maps handed on as channels-last views (FastTwins)',
-                                      classes=(layers.FastTwins,)),
-    'channels-last-pos-conv': Trick('PEG on a channels-last view, its residual in place (FastPosConv)',
-                                    classes=(layers.FastPosConv,)),
-    'channels-last-reduction': Trick("GSA's reduction conv on a channels-last view (FastGlobalSubSampleAttn)",
-                                     classes=(layers.FastGlobalSubSampleAttn,), includes='grouped-conv-attention'),
-    'window-view': Trick('LSA on a strided window view, all windows as batched matmuls (FastLocallyGroupedAttn)',
-                         classes=(layers.FastLocallyGroupedAttn,), includes='window-chunks'),
-    'in-place-residuals': Trick("the blocks' residuals added in place (FastBlock)", classes=(layers.FastBlock,),
-                                includes='mlp-row-chunks'),
+    'mlp-row-chunks': Trick('MLP over cache-sized row chunks (calibrated; FastBlock)', families=('mlp',)),
     'in-place-gelu': Trick("the MLP's GELU in place (InplaceGELU, torch.ops.aten.gelu_)",
                            classes=(layers.InplaceGELU,)),
-    'in-place-fpn-sums': Trick("FPN's top-down and scale-head sums in place (FastFPNNeck, FastFPNDecoder)",
-                               classes=(decoders.FastFPNNeck, decoders.FastFPNDecoder)),
-    # with inductor's freezing the calibration times prepacked oneDNN ('compiled linear'), otherwise eager's
-    'compiled-linear': Trick('under torch.compile, each linear traces the kernel measured for it',
-                             families=('compiled linear', 'linear'), compiled=True),
+    'fused-pyramid-conv': Trick("UPerHead's fusion conv per pyramid level (upsampled_conv3x3)",
+                                classes=(decoders.FastUPerNetDecoder,)),
 }
-EAGER_TRICKS = tuple(name for name, t in TRICKS.items() if not t.compiled)
 
 METHOD = ('median of --repeats rounds after --warmup rounds (the first calibrates), every model of one segmenter '
           'interleaved in each round; gain = seconds without the trick / seconds with all - 1; kernel choices '
           'of the full model shared by every ablated one (shapes it never met are calibrated on their own)')
 PRIVATE_APIS = {
-    'torch.ops.mkldnn._reorder_convolution_weight, _convolution_pointwise': {
-        'where': 'kernels._prepacked_onednn_linear (compiled-linear calibration)',
-        'public': 'F.conv2d per call (kernels.onednn_linear), which reorders the weight on every call'},
-    'torch._inductor.config.freezing (read)': {
-        'where': 'kernels.compiled_linear_kernel',
-        'public': 'none: without it the calibration cannot know whether inductor prepacks; its figure is the '
-                  'one above (freezing assumed off = the public call timed)'},
     'torch.nn.modules.module._global_forward_hooks, _global_forward_pre_hooks': {
         'where': 'kernels.has_hooks',
         'public': 'none: torch has no public reader of global hooks; a correctness check (global hooks see '
@@ -116,10 +85,8 @@ class AblationTable(KernelTable):
         self.off = off
         self.taken: Dict[str, set] = {}
 
-    def choose(self, family: str, key: Tuple, flops: float, candidates: Any, alternative: str = kernels.ONEDNN,
-               margin: float = kernels.MARGIN) -> str:
-        choice = PLAIN if family in self.off else \
-            super().choose(family, key, flops, candidates, alternative=alternative, margin=margin)
+    def choose(self, family: str, key: Tuple, flops: float, candidates: Any, margin: float = kernels.MARGIN) -> str:
+        choice = PLAIN if family in self.off else super().choose(family, key, flops, candidates, margin=margin)
         self.taken.setdefault(family, set()).add(choice)
         return choice
 
@@ -127,7 +94,7 @@ class AblationTable(KernelTable):
 def without(plain: nn.Module, trick: Optional[str], spec: Any = 'auto') -> nn.Module:
     """A copy of ``plain`` optimized as ``optimize(model, spec)`` does, but for ``trick`` (None: every trick).
 
-    ``spec``: what ``optimize`` takes as ``kernels`` ('auto', 'plain', 'onednn', saved choices or a table, whose choices
+    ``spec``: what ``optimize`` takes as ``kernels`` ('auto', 'plain', 'rows', saved choices or a table, whose choices
     are copied: pass the full model's table so that both run the same kernels). The copy's table is an
     :class:`AblationTable` (``model_table(copy)``) that records what each family took.
     """
@@ -146,11 +113,9 @@ def model_table(model: nn.Module) -> AblationTable:
     return next(m.kernel_table for m in model.modules() if isinstance(getattr(m, 'kernel_table', None), AblationTable))
 
 
-def absent_because(trick: str, full: nn.Module, table: AblationTable, compiled: bool = False) -> Optional[str]:
+def absent_because(trick: str, full: nn.Module, table: AblationTable) -> Optional[str]:
     """Why switching ``trick`` off would change nothing in ``full`` (after a forward), or None."""
     spec = TRICKS[trick]
-    if spec.compiled != compiled:
-        return 'measured only %s' % ('compiled' if spec.compiled else 'in eager mode')
     if spec.classes and not any(type(m) in spec.classes for m in full.modules()):
         return 'not in this model'
     if spec.families:
@@ -190,9 +155,6 @@ def _trick_rows(names: Sequence[str], skipped: Dict[str, str], t: Dict[str, Dict
         gain = gain_pct(t[name]['seconds'], t[all_key]['seconds'])
         rows[name] = {'seconds': t[name]['seconds'], 'all_seconds': t[name]['all_seconds'], 'gain_pct': gain,
                       'clears_threshold': gain >= THRESHOLD_PCT, 'scaled_diff_vs_plain': diffs.get(name)}
-        include = TRICKS[name].includes
-        if include in t:  # the classes' own part, beyond the trick that goes with them
-            rows[name]['gain_beyond_included_pct'] = gain_pct(t[name]['seconds'], t[include]['seconds'])
     return rows
 
 
@@ -239,76 +201,15 @@ def _has_hooks_cost(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
     return {'calls': len(calls), 'seconds': sum(calls)}
 
 
-def _public_prepacked(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Callable[[], object]:
-    """The compiled-linear calibration's oneDNN candidate by the public call (per-call weight reorder)."""
-    return lambda: kernels.onednn_linear(x, weight, bias)
-
-
-def measure_compiled(plain: nn.Module, x: torch.Tensor, s: Dict[str, Any], desc: str) -> Dict[str, Any]:
-    """Compiled (inductor with freezing, as the bench compiles): every trick against the model without the
-    compiled-linear calibration; and, where calibrating with the public call instead of the private
-    prepacked oneDNN ops chooses other kernels, that model too. Compiling is the first warm-up call."""
-    with inductor_freezing(s['compile_backend'] == 'inductor'), torch.inference_mode():
-        torch.compiler.reset()  # earlier models' graphs: three compiles per model stay within dynamo's cache
-        want = plain(x)
-        models = {'all': without(plain, None, s['kernels']), 'compiled-linear': without(plain, 'compiled-linear', s['kernels'])}
-        public_choices = _public_calibration(plain, x.dtype, s['kernels'])
-        compiled, compile_s = {}, {}
-        for name in list(models) + ['public-calibration']:
-            if name == 'public-calibration':  # the same choices would compile the same graph
-                if public_choices == model_table(models['all']).choices:
-                    break
-                models[name] = without(plain, None, KernelTable(s['kernels'].policy, public_choices))
-            compiled[name] = torch.compile(models[name], backend=s['compile_backend'])
-            started = time.perf_counter()
-            compiled[name](x)
-            compile_s[name] = time.perf_counter() - started
-        diffs = {name: scaled_diff(fn(x), want) for name, fn in compiled.items()}
-        t = _timed({name: (lambda fn=fn: fn(x)) for name, fn in compiled.items()}, s, desc + ' compiled')
-    tables = {name: model_table(model) for name, model in models.items()}
-    skipped = {n: r for n in ('compiled-linear',)
-               if (r := absent_because(n, models['all'], tables['all'], compiled=True)) is not None}
-    public = {'same_choices': 'public-calibration' not in t}
-    if not public['same_choices']:
-        seconds = t['public-calibration']['seconds']
-        public.update(seconds=seconds, gain_of_private_pct=gain_pct(seconds, t['all']['seconds']),
-                      scaled_diff_vs_plain=diffs['public-calibration'])
-    return {'backend': s['compile_backend'], 'freezing': s['compile_backend'] == 'inductor',
-            'compile_seconds': compile_s, 'all_seconds': t['all']['seconds'],
-            'tricks': _trick_rows(['compiled-linear'], skipped, t, diffs, 'all'), 'public_calibration': public,
-            'kernels_taken': {n: {f: sorted(v) for f, v in tb.taken.items()} for n, tb in tables.items()}}
-
-
-def _public_calibration(plain: nn.Module, dtype: torch.dtype, spec: KernelTable) -> Dict[str, str]:
-    """The compiled-linear choices the public call would make (``F.conv2d``, weight reordered per call),
-    measured without compiling: what ``compiled_linear_kernel`` answers each linear while tracing."""
-    model = without(plain, None, spec)
-    original = kernels._prepacked_onednn_linear
-    kernels._prepacked_onednn_linear = _public_prepacked
-    try:
-        for module in model.modules():
-            if isinstance(module, layers.Linear):
-                kernels.compiled_linear_kernel(module, dtype)
-    finally:
-        kernels._prepacked_onednn_linear = original
-    return model_table(model).choices
-
-
-
 def private_api_rows(models: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Each private torch API on the optimize path: its public alternative and the figure measured per model."""
     rows = []
     for api, info in PRIVATE_APIS.items():
         figures = {}
         for m in models:
-            label = '%s %s' % (m['head'], m['variant'])
-            if 'has_hooks' in info['where']:
-                cost = m['eager']['has_hooks_per_forward']
-                figures[label] = '%d calls, %.2g %% of a forward' % (
-                    cost['calls'], 100 * cost['seconds'] / m['eager']['all_seconds'])
-            elif (m.get('compiled') or {}).get('public_calibration'):
-                public = m['compiled']['public_calibration']
-                figures[label] = 0.0 if public['same_choices'] else public['gain_of_private_pct']
+            cost = m['eager']['has_hooks_per_forward']
+            figures['%s %s' % (m['head'], m['variant'])] = '%d calls, %.2g %% of a forward' % (
+                cost['calls'], 100 * cost['seconds'] / m['eager']['all_seconds'])
         rows.append(dict(info, api=api, figures=figures))
     return rows
 
@@ -327,8 +228,7 @@ def cpu_flags() -> List[str]:
 
 
 def run_ablation(s: Dict[str, Any], **encoder_args: Any) -> Dict[str, Any]:
-    """Every (head, variant) of the settings, eager and (where asked) compiled. ``encoder_args``: tests'
-    shallow backbones."""
+    """Every (head, variant) of the settings. ``encoder_args``: tests' shallow backbones."""
     threads = torch.get_num_threads()
     torch.set_num_threads(s['threads'])
     try:
@@ -339,30 +239,21 @@ def run_ablation(s: Dict[str, Any], **encoder_args: Any) -> Dict[str, Any]:
 
 def _run_ablation(s: Dict[str, Any], **encoder_args: Any) -> Dict[str, Any]:
     started = time.time()
-    compile_reason = compile_unavailable_reason('cpu', s['compile_backend']) if s['compile'] else None
     out: Dict[str, Any] = {
         'kind': KIND, 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started)),
         'machine': dict(machine_info(dict(s, device='cpu')), cpu_flags=cpu_flags()),
         'settings': dict({k: v for k, v in s.items() if k not in ('quiet', 'kernels')}, size='%dx%dx%d' % s['size'],
                          kernels=s['kernels'].policy),
         'method': METHOD, 'threshold_pct': THRESHOLD_PCT,
-        'tricks': {n: {'what': t.what, 'includes': t.includes, 'compiled': t.compiled} for n, t in TRICKS.items()
-                   if n in s['tricks'] or t.compiled},
-        'compile': {'asked': s['compile'], 'reason': compile_reason}, 'models': []}
+        'tricks': {n: {'what': t.what} for n, t in TRICKS.items() if n in s['tricks']}, 'models': []}
     b, h, w = s['size']
     x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(s['seed'] + 1000))
     for head in s['heads']:
         for variant in s['variants']:
             desc = '%s %s' % (head, variant)
             plain = build_engine_model(variant, head, 'cpu', s['seed'], **encoder_args)
-            row: Dict[str, Any] = {'head': head, 'variant': variant, 'batch': b, 'height': h, 'width': w,
-                                   'eager': measure_eager(plain, x, s, desc)}
-            if s['compile'] and compile_reason is None:
-                try:
-                    row['compiled'] = measure_compiled(plain, x, s, desc)
-                except Exception as e:  # a compile failure is a result, not a crash
-                    row['compiled'] = {'error': '%s: %s' % (type(e).__name__, str(e).strip()[:300])}
-            out['models'].append(row)
+            out['models'].append({'head': head, 'variant': variant, 'batch': b, 'height': h, 'width': w,
+                                  'eager': measure_eager(plain, x, s, desc)})
             del plain
     out['private_apis'] = private_api_rows(out['models'])
     out['total_seconds'] = time.time() - started
@@ -388,13 +279,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--variants', default=','.join(DEFAULT_VARIANTS), help='comma-separated (default: %(default)s)')
     p.add_argument('--heads', default=','.join(HEADS), help='comma-separated fpn, upernet (default: %(default)s)')
     p.add_argument('--size', default=DEFAULT_SIZE, help='BATCHxHEIGHTxWIDTH (default: %(default)s)')
-    p.add_argument('--tricks', default=','.join(EAGER_TRICKS), help='eager tricks to switch off (default: all)')
+    p.add_argument('--tricks', default=','.join(TRICKS), help='tricks to switch off (default: all)')
     p.add_argument('--repeats', type=int, default=5, help='timed interleaved rounds (default: %(default)s)')
     p.add_argument('--warmup', type=int, default=1, help='rounds before timing, >= 1 (default: %(default)s)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: the cores available)')
-    p.add_argument('--kernels', default='auto', help="'auto' (calibrated), 'onednn' or a saved table (JSON)")
-    p.add_argument('--compile', action='store_true', help='also the torch.compile case (compiled-linear, private APIs)')
-    p.add_argument('--compile-backend', default='inductor', help='torch.compile backend (default: %(default)s)')
+    p.add_argument('--kernels', default='auto', help="'auto' (calibrated), 'rows' or a saved table (JSON)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=DEFAULT_JSON, help='results file (default: %(default)s)')
     p.add_argument('--force', action='store_true', help='replace an earlier ablation result at --json')
@@ -421,11 +310,11 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     """Every argument checked before the first model is built."""
     variants, heads, tricks = _split(args.variants), _split(args.heads), _split(args.tricks)
     bad = [v for v in variants if not _variant_known(v)] + [h for h in heads if h not in HEADS] + \
-        [t for t in tricks if t not in EAGER_TRICKS]
+        [t for t in tricks if t not in TRICKS]
     if bad or not variants or not heads:
         raise ValueError('unknown or missing %s; variants: twins_pcpvt_* / twins_svt_* (small, base, large); heads: '
                          '%s; tricks: %s' % (', '.join(bad) or 'variants / heads', ', '.join(HEADS),
-                                             ', '.join(EAGER_TRICKS)))
+                                             ', '.join(TRICKS)))
     if args.repeats < 1 or args.warmup < 1:
         raise ValueError('--repeats and --warmup must be >= 1 (the warm-up calibrates)')
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -434,8 +323,7 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     table = KernelTable.from_spec(args.kernels)  # a table every model's kernels start from
     check_output_file(Path(args.json), '--json', force=args.force, not_ours=_not_an_ablation)
     return dict(variants=variants, heads=heads, size=parse_size(args.size), tricks=tricks, repeats=args.repeats,
-                warmup=args.warmup, threads=threads, kernels=table, compile=args.compile,
-                compile_backend=args.compile_backend, seed=args.seed, json=args.json, quiet=args.quiet)
+                warmup=args.warmup, threads=threads, kernels=table, seed=args.seed, json=args.json, quiet=args.quiet)
 
 
 def write_json(path: Path, data: Dict[str, Any], force: bool) -> None:

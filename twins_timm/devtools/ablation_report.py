@@ -42,14 +42,14 @@ def render_run(run: Dict[str, Any], source: str) -> str:
     rows = [['(all tricks: ms; speed-up over plain)', ''] +
             ['%.0f; %.2fx' % (1e3 * r['eager']['all_seconds'], r['eager']['speedup_all_over_plain']) for r in models]]
     for name, trick in run['tricks'].items():
-        mode = 'compiled' if trick['compiled'] else 'eager'
+        mode = 'compiled' if trick.get('compiled') else 'eager'  # earlier runs measured compiled tricks too
         cells = [_gain((r.get(mode) or {}).get('tricks', {}).get(name) or
                        {'skipped': (r.get(mode) or {}).get('error', 'not measured')}) for r in models]
         what = trick['what'] + ('; includes %s' % trick['includes'] if trick.get('includes') else '')
         rows.append([name, what] + cells)
     size = '%dx3x%dx%d' % (models[0]['batch'], models[0]['height'], models[0]['width']) if models else '-'
     apis = [[a['api'], a['public'], '; '.join('%s: %s' % (k, _figure(v)) for k, v in a['figures'].items())
-             or 'not measured (no --compile)'] for a in run['private_apis']]
+             or 'not measured'] for a in run['private_apis']]
     return '\n'.join([
         '## %s, %s' % (m.get('cpu', 'unknown CPU'), run.get('date') or 'undated (no date in the JSON)'), '',
         'From `%s`: each trick of `twins_timm.optimize` switched off alone, %s fp32, %s thread(s) of %s cores '

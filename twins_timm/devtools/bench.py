@@ -45,12 +45,12 @@ METHODS = {
     'flops': 'torch.utils.flop_counter.FlopCounterMode over one forward of our model per input on its plain '
              'path (the plain model, before twins_timm.optimize: the work timm / mmseg do for the same function; matmuls, convolutions '
              'and attention; 2 FLOPs per multiply-add); the same count is used for the reference, so GFLOP/s '
-             "compare work done. Our inference shortcuts that do less work (UPerHead's fused bottleneck, "
-             'Winograd convolutions) show as effective rates, which can pass 100 % of the matmul rate',
+             "compare work done. Our inference shortcut that does less work (UPerHead's fused bottleneck) "
+             'shows as an effective rate, which can pass 100 % of the matmul rate',
     'matmul_rate': 'N x N @ N x N matmul (2 N^3 FLOPs) in the benchmark dtype, median of repeats, '
                    'measured in the same run; pct_matmul = model GFLOP/s / matmul GFLOP/s. On CPU the same '
-                   "product is also timed through oneDNN (a 1x1 convolution, the other kernel twins_timm's "
-                   'inference linear can choose): onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two',
+                   "product is also timed through oneDNN (a 1x1 convolution; on some CPUs oneDNN's GEMM outruns "
+                   "torch.mm's): onednn_gflops; pct_gemm = model GFLOP/s / the faster of the two",
     'ceiling': 'the speed ceiling of our model (twins_timm.devtools.speed_ceiling): one eager forward recorded op by '
                'op, then every matrix product (linear, matmul, mm / bmm, convolution, attention) and every other op '
                'no implementation can skip or fold into a product (LayerNorm, softmax, resizes) replayed alone on '
@@ -61,10 +61,8 @@ METHODS = {
                "reference's time over the ceiling (about the most our speed-up can be without faster kernels). "
                'A measurement, not a proof: each replay pays its own memory costs. ops: every distinct call',
     'kernels': "the kernel table all our optimized models share in this run (twins_timm.optimize(model, "
-               "kernels=--kernels)): for every layer shape they met, the kernel its calibration chose "
-               '(plain = what timm calls, onednn = a oneDNN convolution, rows = '
-               'the MLP over cache-sized row chunks instead of the whole tensor, winograd = a 3x3 convolution by '
-               'Winograd F(2x2, 3x3)) and the '
+               "kernels=--kernels)): for every MLP shape they met, the kernel its calibration chose "
+               '(plain = the whole tensor at once, as timm; rows = the MLP over cache-sized row chunks) and the '
                'GFLOP/s each kernel reached in the calibration (interleaved, best of 3 short runs); choices: the '
                'table to pass back as --kernels (or optimize(model, kernels=...)) for the same kernels again',
     'exact': "our plain model (timm.create_model, without twins_timm.optimize): timm's Twins, bit-identical "
@@ -72,9 +70,8 @@ METHODS = {
     'diff': 'max_abs_diff = max |ours - reference| over all outputs; scaled_diff divides each output\'s by '
             'max(1, max |reference|)',
     'compile': "torch.compile(model) (default mode, backend --compile-backend) of both models, with inductor's "
-               'freezing (weights as constants, prepacked) unless --no-freezing; ours traces the linear kernel '
-               "measured for each layer while compiling (kernel family 'compiled linear'); compilation happens "
-               'in the warm-up and is reported separately as compile_s',
+               'freezing (weights as constants, prepacked) unless --no-freezing; compiled, ours runs its plain '
+               'forward (the optimize paths are eager-only); compilation happens in the warm-up and is reported separately as compile_s',
     'segmenters': "our TwinsFPN / TwinsUPerNet forward vs mmseg's EncoderDecoder.encode_decode (whole-image "
                   "inference) built from mmseg's own ADE20K config (SyncBN -> BN), seeded random weights "
                   'converted with twins_timm.convert; logits at the input size',

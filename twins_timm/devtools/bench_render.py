@@ -39,7 +39,7 @@ def render(out: Dict[str, Any]) -> str:
     for prec, r in out['matmul'].items():
         line = 'matmul rate (%s, %d x %d): %.1f GFLOP/s' % (prec, r['n'], r['n'], r['gflops'])
         if r.get('onednn_gflops'):
-            line += '; the same product through oneDNN (our inference linear): %.1f GFLOP/s' % r['onednn_gflops']
+            line += '; the same product through oneDNN: %.1f GFLOP/s' % r['onednn_gflops']
         parts.append(line)
     rows = []
     for r in out['backbones']:
@@ -99,13 +99,12 @@ def render(out: Dict[str, Any]) -> str:
         rows = []
         for name, fam in sorted(ker['families'].items()):
             g = fam['gflops']
-            other = next((k for k in g if k != 'plain'), '-')  # onednn, rows (MLP) or winograd (3x3 convs)
+            other = next((k for k in g if k != 'plain'), '-')  # rows (the MLP's row chunks)
             rows.append([name, fam['shapes'], fam['chosen'].get('plain', 0), other, fam['chosen'].get(other, 0),
                          g.get('plain', {}).get('median'), g.get(other, {}).get('median'),
                          g.get('plain', {}).get('max'), g.get(other, {}).get('max')])
         parts += ['', 'Kernels our layers took (CPU inference calibration, per layer shape; GFLOP/s measured '
-                      "there, all shapes in the JSON; other = oneDNN kernel, the MLP's row chunks or a "
-                      'Winograd 3x3 conv)',
+                      "there, all shapes in the JSON; other = the MLP's row chunks)",
                   format_table(['family', 'shapes', 'took plain', 'other kernel', 'took other', 'plain median',
                                 'other median', 'plain max', 'other max'], rows)]
     parts.append('')

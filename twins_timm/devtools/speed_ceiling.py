@@ -13,8 +13,8 @@ A model whose ceiling is at 85 % of the best matmul rate cannot reach 90 % of it
 takes 1.4x our ceiling cannot be beaten 1.5x without faster kernels. It is a measurement, not a proof:
 each replay pays its own memory costs (a fresh output, first touched), which the model may avoid by
 reusing memory, so on a noisy machine a model can come out at its ceiling or past it. The recorded
-ops are those that ran, with the kernels the model chose (oneDNN 1x1 convs, Winograd GEMMs): the
-ceiling is that of the code as it stands, not of every possible kernel.
+ops are those that ran, with the kernels the model chose (UPerHead's fused conv as its small products):
+the ceiling is that of the code as it stands, not of every possible kernel.
 """
 from __future__ import annotations
 

@@ -1,16 +1,18 @@
 """Explicit CPU-inference speed-ups: ``model = twins_timm.optimize(model)``.
 
 The plain model (``timm.create_model``, ``twins_timm.adapters`` segmenters) is timm's / mmseg's
-computation. ``optimize`` swaps the class of its layers for subclasses with faster CPU-inference
-forwards (``layers.py``, ``decoders.py``): the same module objects, parameters, state dict keys and
-values, hooks and training behaviour; a layer the user replaced or wrapped (PEFT's LoRA wraps the
-swapped layer and still adds its update) keeps its own forward. Where a fast path has another
-candidate, the model's :class:`~twins_timm.optimize.kernels.KernelTable` picks it (``kernels``):
+computation. ``optimize`` swaps the class of a few layers for subclasses with faster CPU-inference
+forwards: the backbone's blocks run their MLP over cache-sized row chunks with the GELU in place
+(``layers.py``), UPerHead fuses its pyramid conv per level (``decoders.py``). The same module objects,
+parameters, state dict keys and values, hooks and training behaviour; a layer the user replaced or wrapped
+(PEFT's LoRA wraps the swapped layer and still adds its update) keeps its own forward. Each of these
+measured >= 5 % end to end (docs/cpu-inference.md). Whether the MLP takes its row chunks is the model's
+:class:`~twins_timm.optimize.kernels.KernelTable` choice (``kernels``):
 
-  * ``'auto'``: each new shape is timed once, both candidates on the layer's own weights (a first
+  * ``'auto'``: each new shape is timed once, both candidates on the block's own modules (a first
     forward costs the calibration); results within ~1e-6 of timm's scale, varying with the machine,
-  * ``'plain'``: timm's calls for every choice, nothing timed (layouts and in-place adds still differ),
-  * ``'onednn'``: the other candidate of every choice, nothing timed,
+  * ``'plain'``: timm's whole-tensor MLP for every shape, nothing timed,
+  * ``'rows'``: the row chunks wherever a shape splits, nothing timed,
   * a saved table: ``kernel_choices(model)`` of an earlier run (a dict, or a JSON file's path), for the
     same numbers run after run; shapes it lacks take 'plain'.
 """
@@ -39,7 +41,7 @@ def optimize(model: nn.Module, kernels: KernelSpec = 'auto') -> nn.Module:
     """Swap the CPU-inference layers into ``model`` (a Twins backbone, a segmenter, anything holding
     them) in place, with one kernel table for all of them, and return it.
 
-    ``kernels``: 'auto' (measured), 'plain', 'onednn', or saved choices (dict or JSON path; see the
+    ``kernels``: 'auto' (measured), 'plain', 'rows', or saved choices (dict or JSON path; see the
     module's docstring). Optimizing again gives the layers a new table.
     """
     table = KernelTable.from_spec(kernels)
@@ -48,7 +50,8 @@ def optimize(model: nn.Module, kernels: KernelSpec = 'auto') -> nn.Module:
         fast = swaps.get(type(module))
         if fast is not None:
             module.__class__ = fast
-            module.kernel_table = table
+            if hasattr(fast, 'kernel_table'):
+                module.kernel_table = table
             if hasattr(fast, 'optimized_children'):
                 fast.optimized_children(module)
     return model

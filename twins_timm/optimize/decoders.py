@@ -1,20 +1,19 @@
-"""The decoders' CPU-inference paths ``optimize`` swaps in: subclasses of the plain (mmseg-numerics)
-decoders, fast only in eager CPU inference (``kernels.fast_inference``), the plain forward elsewhere."""
+"""The decoder path ``optimize`` swaps in: UPerHead's fusion conv per pyramid level, a subclass of the plain
+(mmseg-numerics) decoder, taken only in eager CPU inference (``kernels.fast_inference``)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct
+from torch import nn
 
-from twins_timm.adapters.decoders.fpn.decoder import FPNDecoder, FPNNeck
 from twins_timm.adapters.decoders.upernet.decoder import UPerNetDecoder
-from twins_timm.adapters.modules import is_plain_conv, resize, resize_matrix
+from twins_timm.adapters.modules import resize_matrix
 from twins_timm.optimize import kernels
-from twins_timm.optimize.kernels import PLAIN_TABLE, KernelTable
 
-__all__ = ['FastUPerNetDecoder', 'FastFPNNeck', 'FastFPNDecoder', 'upsampled_conv3x3', 'shifted_resize_matrices']
+__all__ = ['FastUPerNetDecoder', 'upsampled_conv3x3', 'shifted_resize_matrices']
 
 
 def shifted_resize_matrices(n: int, size: int, like: torch.Tensor) -> torch.Tensor:
@@ -35,17 +34,15 @@ UPSAMPLED_CONV_CHUNK_ELEMENTS = 1 << 22
 
 
 def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int],
-                      add_to: Optional[torch.Tensor] = None, table: Optional[KernelTable] = None) -> torch.Tensor:
+                      add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`conv2d(resize(x, size), weight, padding=1)` without the conv at the large size.
 
     Bilinear resizing acts on each channel alone and a conv tap mixes channels at one offset, so the
     9 taps' channel mixes run on the small map; resizing and shifting the mixed maps are then two small
     matmuls, along W and along H. Same function, other summation order (~1e-7 relative); about 3x
     fewer FLOPs at 2x upsampling, 10x at 4x. With `add_to` (a (b, out, *size) map) the result is added
-    into it in place and `add_to` is returned: no full-size temporary. The products along W take the
-    kernel `table` picks (``F.linear`` without one).
+    into it in place and `add_to` is returned: no full-size temporary.
     """
-    table = table or PLAIN_TABLE
     b, c, h, w = x.shape
     out_ch = weight.shape[0]
     height, width = size
@@ -60,9 +57,9 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int]
     for part in taps_weight.tensor_split(chunks, dim=2):
         n = part.shape[2]
         taps = F.conv2d(x, part.reshape(9 * n, c, 1, 1)).view(b, 3, 3 * n * h, w)  # channels (kx, ky, o)
-        along_w = kernels.linear(taps[:, 0], cols[0], None, table)
+        along_w = F.linear(taps[:, 0], cols[0])
         for kx in (1, 2):
-            along_w += kernels.linear(taps[:, kx], cols[kx], None, table)  # (b, (ky, o, r), width)
+            along_w += F.linear(taps[:, kx], cols[kx])  # (b, (ky, o, r), width)
         along_w = along_w.view(b, 3, n, h, width).permute(0, 1, 3, 4, 2).reshape(b, 3 * h, width * n)
         out = (rows @ along_w).view(b, height, width, n).permute(0, 3, 1, 2)  # one GEMM along H
         target = result[:, start:start + n]
@@ -77,11 +74,10 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int]
 class FastUPerNetDecoder(UPerNetDecoder):
     """UPerNet whose fusion conv runs over the un-resized pyramid (``fused_bottleneck``) in CPU inference,
     with the library's own, unhooked ``fpn_bottleneck`` (hooks see the full concatenation)."""
-    kernel_table: KernelTable = PLAIN_TABLE
 
     def fuse(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
         block = self.fpn_bottleneck
-        if (kernels.fast_inference(outs[0]) and type(block) is ConvNormAct and is_plain_conv(block.conv)
+        if (kernels.fast_inference(outs[0]) and type(block) is ConvNormAct and type(block.conv) is nn.Conv2d
                 and not kernels.has_hooks(block)):
             return self.fused_bottleneck(outs)
         return super().fuse(outs)
@@ -94,38 +90,10 @@ class FastUPerNetDecoder(UPerNetDecoder):
         """
         conv = self.fpn_bottleneck.conv
         parts = conv.weight.split([o.shape[1] for o in outs], dim=1)
-        x = kernels.conv3x3(outs[0], parts[0], conv.bias, self.kernel_table)
+        x = F.conv2d(outs[0], parts[0], conv.bias, padding=1)
         for out, weight in zip(outs[1:], parts[1:]):
-            upsampled_conv3x3(out, weight, x.shape[-2:], add_to=x, table=self.kernel_table)
+            upsampled_conv3x3(out, weight, x.shape[-2:], add_to=x)
         return self.fpn_bottleneck.bn(x)  # BN + ReLU (or only ReLU once folded), called as a module
 
 
-class FastFPNNeck(FPNNeck):
-    """FPN neck summing top-down in place: the lateral outputs are fresh and nothing keeps them."""
-    kernel_table: KernelTable = PLAIN_TABLE
-
-    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        if not kernels.fast_inference(features[0]):
-            return super().forward(features)
-        levels = [conv(f) for conv, f in zip(self.lateral_convs, features)]
-        for i in range(len(levels) - 1, 0, -1):
-            levels[i - 1].add_(F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode='nearest'))
-        return [conv(level) for conv, level in zip(self.fpn_convs, levels)]
-
-
-class FastFPNDecoder(FPNDecoder):
-    """FPN decoder summing its scale heads in place (a resize to the same size is the identity)."""
-    kernel_table: KernelTable = PLAIN_TABLE
-
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not kernels.fast_inference(features[0]):
-            return super().forward(features)
-        pyramid = self.neck(list(features)[-len(self.scale_heads):])
-        out = self.scale_heads[0](pyramid[0])
-        for head, level in zip(self.scale_heads[1:], pyramid[1:]):
-            part = head(level)
-            out += part if part.shape[-2:] == out.shape[-2:] else resize(part, out.shape[-2:])
-        return out
-
-
-SWAPS = {UPerNetDecoder: FastUPerNetDecoder, FPNNeck: FastFPNNeck, FPNDecoder: FastFPNDecoder}
+SWAPS = {UPerNetDecoder: FastUPerNetDecoder}
