@@ -42,8 +42,8 @@ def _median_seconds(fn: Callable[[], Any], runs: int) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, runs: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 / _median_seconds(lambda: torch.mm(a, b), runs) / 1e9
 
 
@@ -96,10 +96,11 @@ def profile_onnxruntime(onnx_path: Path, x: torch.Tensor, runs: int, threads: in
     return {'seconds': total, 'ops': dict(by_op)}
 
 
-def profile_openvino(xml_path: Path, x: torch.Tensor, runs: int, threads: int) -> Dict[str, Any]:
+def profile_openvino(xml_path: Path, x: torch.Tensor, runs: int, threads: int, precision: str = 'f32'
+                     ) -> Dict[str, Any]:
     import openvino as ov
     compiled = ov.Core().compile_model(str(xml_path), 'CPU', {
-        'INFERENCE_PRECISION_HINT': 'f32', 'INFERENCE_NUM_THREADS': str(threads), 'PERF_COUNT': 'YES'})
+        'INFERENCE_PRECISION_HINT': precision, 'INFERENCE_NUM_THREADS': str(threads), 'PERF_COUNT': 'YES'})
     request = compiled.create_infer_request()
     feed = {INPUT_NAME: x.numpy()}
     request.infer(feed)
@@ -139,7 +140,7 @@ def build(variant: str, head: str, seed: int = 0) -> torch.nn.Module:
                encoder_args=checkpoint_family_args('mmseg', variant)).eval()
 
 
-def run_profile(variant: str, head: str, size: int, runs: int, threads: int,
+def run_profile(variant: str, head: str, size: int, runs: int, threads: int, bf16: bool = False,
                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Dict[str, Any]:
     torch.set_num_threads(threads)
     model = build(variant, head)
@@ -162,11 +163,16 @@ def run_profile(variant: str, head: str, size: int, runs: int, threads: int,
         export_openvino(onnx_path, xml_path, log)
         log('profiling OpenVINO')
         out['engines']['openvino'] = summary(profile_openvino(xml_path, x, runs, threads), torch_seconds, flops, peak)
+        if bf16:  # its bf16 products against the machine's bf16 matmul rate
+            out['matmul_gflops_bf16'] = peak16 = matmul_gflops(dtype=torch.bfloat16)
+            log('profiling OpenVINO bf16')
+            out['engines']['openvino bf16'] = summary(profile_openvino(xml_path, x, runs, threads, 'bf16'),
+                                                      torch_seconds, flops, peak16)
     return out
 
 
 def render(results: List[Dict[str, Any]], cpu: Optional[str] = None) -> str:
-    lines = ['Engine profiles%s: fp32, batch 1, products = MatMul / Gemm / Conv nodes (fused forms included); '
+    lines = ['Engine profiles%s: fp32 (OpenVINO bf16 where named), batch 1, products = MatMul / Gemm / Conv nodes (fused forms included); '
              'bound = speed-up over torch if the products ran at the matmul rate and the rest as now.'
              % (' on ' + cpu if cpu else ''), '',
              '| model | size | torch s | GFLOP | matmul GFLOP/s | engine | s | speed-up | products share | '
@@ -175,7 +181,8 @@ def render(results: List[Dict[str, Any]], cpu: Optional[str] = None) -> str:
     for r in results:
         for name, e in r['engines'].items():
             lines.append('| %s %s | %d | %.3f | %.1f | %.0f | %s | %.3f | %.2fx | %s | %s | %.3f | %.2fx |' % (
-                r['head'], r['variant'], r['size'], r['torch_seconds'], r['flops'] / 1e9, r['matmul_gflops'], name,
+                r['head'], r['variant'], r['size'], r['torch_seconds'], r['flops'] / 1e9,
+                r.get('matmul_gflops_bf16', 0) if name.endswith('bf16') else r['matmul_gflops'], name,
                 e['seconds'], e['speedup'], '%.0f %%' % (100 * e['product_share']) if e['product_share'] else '-',
                 '%.0f' % e['product_gflops'] if e['product_gflops'] else '-', e['other_seconds'],
                 e['bound_speedup']))
@@ -200,6 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--size', type=int, default=512)
     p.add_argument('--runs', type=int, default=5)
     p.add_argument('--threads', type=int, default=torch.get_num_threads())
+    p.add_argument('--bf16', action='store_true',
+                   help="also OpenVINO at bf16, set against the machine's bf16 matmul rate")
     p.add_argument('--json', type=Path, default=None, help='also write the results here (refused if it exists)')
     args = p.parse_args(argv)
     if args.json is not None and args.json.exists():
@@ -208,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = []
     for spec in args.models.split(','):
         head, _, variant = spec.partition(':')
-        results.append(run_profile(variant, head, args.size, args.runs, args.threads))
+        results.append(run_profile(variant, head, args.size, args.runs, args.threads, args.bf16))
     cpu = _cpu_name()
     print(render(results, cpu))
     if args.json is not None:
