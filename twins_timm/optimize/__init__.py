@@ -25,8 +25,10 @@ REMOVED_OPTIONS = {'kernels': "optimize() no longer takes kernels=: the MLP row 
 
 def optimize(model: nn.Module, **removed: object) -> nn.Module:
     """Swap the CPU-inference layers into ``model`` (a Twins backbone, a segmenter, anything holding
-    them) in place, and return it. Optimizing again changes nothing."""
-    for name in removed:
+    them) in place, and return it. Optimizing again changes nothing. It takes no options: ``removed`` only
+    catches those of earlier versions (``kernels=``) to say why they are gone."""
+    if removed:  # an earlier version's option is named as removed, anything else as Python would
+        name = next(iter(removed))
         raise TypeError(REMOVED_OPTIONS.get(name, f'optimize() got an unexpected keyword argument {name!r}'))
     for module in model.modules():
         if type(module) is Block:
