@@ -6,18 +6,15 @@ Budget: the S models at 257x513 (FPN) or 129x257 (UPerNet) and at 96x128, B and 
 257x513 is the smallest size (searched) that keeps every case ADE20K's 512x683 had, at 2.6x fewer
 pixels: not a multiple of 32, so every stage's patch embedding corner-pads (here in both dims: 65x129
 -> 33x65 -> 17x33 -> 9x17), SVT windows padded in both dims (mask on) at every stage, PPM bins and the
-top-down / final resizes at uneven ratios, and the fast path's size-dependent split, the MLP over row
-chunks (uneven), which needs a large stride-4 map (checked below). The UPerNet S models take every case
-but that split at 129x257
-(33x65 -> 17x33 -> 9x17 -> 5x9: padded both ways at every stage, PPM bins and resizes uneven), a quarter
-of the pixels for a head whose 512-channel 3x3 fusion at stride 4 is most of the work; the splits are
-the backbone's, run by the FPN S models on the same backbones. 96x128 keeps the divisible case (no
+top-down / final resizes at uneven ratios. The UPerNet S models take these cases at 129x257
+(33x65 -> 17x33 -> 9x17 -> 5x9: padded both ways at every stage, PPM bins and resizes uneven, checked
+below), a quarter of the pixels for a head whose 512-channel 3x3 fusion at stride 4 is most of the work. 96x128 keeps the divisible case (no
 patch padding, FPN's scale heads meet at equal sizes). B and L at 70x100: stage maps padded by
 the patch embedding (corner padding), SVT windows padded in both dims (mask on) in some stages and in
 one dim only (mask off) in another. 512x512 adds no case to these (every stage map divisible, windows
 padded in both dims) and is left out; the backbones at 512x512 against mmseg's are in test_backbone.py.
 Each converted model is compared as built (plain: mmseg's computation) and after
-``twins_timm.optimize(model, kernels='rows')`` (every fast path taken, nothing timed), at the same tolerances.
+``twins_timm.optimize(model)`` (every fast path taken), at the same tolerances.
 B / L checkpoints go to the converter as the in-memory `{'meta', 'state_dict'}` object instead of a
 file (same content; the S tests cover reading files) to keep CI's disk traffic down.
 """
@@ -90,17 +87,9 @@ def _compare_one(theirs, their_feats, expected, ours, head, x):
     return diff
 
 
-def test_full_size_splits_the_fast_paths_work():
-    """257x513 is chosen for the MLP's row chunks (above): it must still split them, unevenly, at the
-    stride-4 stage (PCPVT-S: MLP hidden 512; SVT-S: MLP hidden 256)."""
-    from twins_timm.optimize import kernels
-    h, w = -(-FULL_SIZES[0][0] // 4), -(-FULL_SIZES[0][1] // 4)  # corner padding: ceil
-    tokens = torch.empty(h * w, 64)
-    for hidden in (512, 256):
-        assert kernels.row_chunks(tokens, hidden) > 1
-    assert h * w % kernels.row_chunks(tokens, 512)
-    # 129x257: the UPerNet S models' size pads every stage's map in both dims, for the patch embeddings
-    # (odd) and for the 7x7 windows
+def test_upernet_size_pads_every_stage():
+    """129x257: the UPerNet S models' size pads every stage's map in both dims, for the patch embeddings
+    (odd) and for the 7x7 windows."""
     h, w = UPERNET_FULL_SIZES[0]
     maps = [(-(-h // 4), -(-w // 4))]
     while len(maps) < 4:
@@ -126,6 +115,6 @@ def test_converted_mmseg_model_matches_mmseg(family, size, head, tmp_path):
     assert ours.class_names[:3] == ['wall', 'building', 'sky'] and len(ours.palette) == 150
 
     sizes = SMALL_SIZES if size != 'small' else UPERNET_FULL_SIZES if head == 'upernet' else FULL_SIZES
-    optimized = optimize(copy.deepcopy(ours), kernels='rows')
+    optimized = optimize(copy.deepcopy(ours))
     for h, w in sizes:
         _compare(theirs, [ours, optimized], head, h, w)

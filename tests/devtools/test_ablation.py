@@ -15,19 +15,11 @@ import torch
 from fresh_python import fresh_python
 from numerics import FP32_TOL, scaled_diff
 from twins_timm.devtools import ablation
-from twins_timm.devtools.ablation import TRICKS, model_table, without
+from twins_timm.devtools.ablation import TRICKS, without
 from twins_timm.devtools.bench import build_engine_model
 from twins_timm.devtools.ablation_report import main as report_main
-from twins_timm.optimize import kernels, layers
 
 SHALLOW = dict(depths=[1, 1, 2, 1])  # SVT's stage 3: an LSA and a GSA block
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """MLP row chunks at 64x64 (as test_fast_paths.py's)."""
-    monkeypatch.setattr(kernels, 'MLP_CHUNK_ELEMENTS', 1)
-    monkeypatch.setattr(kernels, 'MLP_CHUNK_MIN_ROWS', 32)
 
 
 @pytest.fixture(scope='module')
@@ -36,18 +28,16 @@ def plain_models():
 
 
 def _count_probes(monkeypatch) -> dict:
-    """Calls per trick on its own path: row chunking taken, or its classes' methods."""
+    """Calls per trick on its own path: its classes' methods."""
     counts = {name: 0 for name in TRICKS}
 
-    def wrap(owner, attr, trick, taken=lambda result: True):
+    def wrap(owner, attr, trick):
         original = getattr(owner, attr)
 
         def counting(*args, **kwargs):
-            result = original(*args, **kwargs)
-            counts[trick] += bool(taken(result))
-            return result
+            counts[trick] += 1
+            return original(*args, **kwargs)
         monkeypatch.setattr(owner, attr, counting)
-    wrap(layers.FastBlock, '_mlp_row_chunks', 'mlp-row-chunks', taken=lambda chunks: chunks > 1)
     for trick in TRICKS:
         for cls in TRICKS[trick].classes:
             for attr, fn in list(vars(cls).items()):
@@ -57,15 +47,14 @@ def _count_probes(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize('trick', list(TRICKS))
-def test_switching_one_trick_off_removes_it_and_keeps_the_rest_and_the_output(trick, plain_models, small_chunks,
-                                                                                monkeypatch):
+def test_switching_one_trick_off_removes_it_and_keeps_the_rest_and_the_output(trick, plain_models, monkeypatch):
     plain = plain_models['upernet']  # every trick is in it
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     counts = _count_probes(monkeypatch)
     with torch.inference_mode():
         want = plain(x)
         assert not any(counts.values())  # the plain model takes none of the paths
-        full, ablated = without(plain, None, 'rows'), without(plain, trick, 'rows')
+        full, ablated = without(plain, None), without(plain, trick)
         full(x)
         in_full = dict(counts)
         counts.update((k, 0) for k in counts)
@@ -78,20 +67,17 @@ def test_switching_one_trick_off_removes_it_and_keeps_the_rest_and_the_output(tr
         assert any(type(m) is cls for m in full.modules())
         assert not any(type(m) is cls for m in ablated.modules())
         assert any(type(m) is ablation.PLAIN_CLASS[cls] for m in ablated.modules())
-    for family in TRICKS[trick].families:
-        assert kernels.PLAIN not in model_table(full).taken[family]  # 'rows' wherever a shape splits
-        assert model_table(ablated).taken[family] == {kernels.PLAIN}
 
 
 def _run(tmp_path, *extra, **encoder_args):
     out = tmp_path / 'ablation.json'
-    code = ablation.main(['--size', '1x64x64', '--repeats', '1', '--warmup', '1', '--kernels', 'rows', '--quiet',
+    code = ablation.main(['--size', '1x64x64', '--repeats', '1', '--warmup', '1', '--quiet',
                           '--threads', '1',
                           '--json', str(out), '--variants', 'twins_svt_small', *extra], **encoder_args)
     return code, out
 
 
-def test_tool_writes_every_trick_for_every_model(tmp_path, small_chunks, capsys):
+def test_tool_writes_every_trick_for_every_model(tmp_path, capsys):
     """FPN on both backbones (UPerHead's 512 channels: a second per call even here; its trick is tested above)."""
     code, out = _run(tmp_path, '--heads', 'fpn', '--variants', 'twins_pcpvt_small,twins_svt_small', **SHALLOW)
     assert code == 0
@@ -116,7 +102,7 @@ def test_tool_writes_every_trick_for_every_model(tmp_path, small_chunks, capsys)
         assert 'compiled' not in m
     apis = {a['api']: a for a in run['private_apis']}
     (hooks,) = apis.values()  # the one private torch API left on the path
-    assert '_global_forward_hooks' in hooks['api'] and hooks['where'] == 'kernels.has_hooks'
+    assert '_global_forward_hooks' in hooks['api'] and hooks['where'] == 'guards.has_hooks'
     assert set(hooks['figures']) == {'fpn twins_pcpvt_small', 'fpn twins_svt_small'}
     capsys.readouterr()
     assert report_main([str(out)]) == 0
@@ -129,7 +115,6 @@ def test_tool_writes_every_trick_for_every_model(tmp_path, small_chunks, capsys)
     (['--variants', 'twins_svt_tiny'], 'twins_svt_tiny'),
     (['--tricks', 'compiled-linear'], 'compiled-linear'),
     (['--repeats', '0'], '--repeats'),
-    (['--kernels', 'fast'], 'kernels'),
 ])
 def test_bad_arguments_exit_2_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ablation, 'run_ablation', lambda *a, **k: pytest.fail('measured despite bad input'))

@@ -15,7 +15,6 @@ import pytest
 from twins_timm.cli import main
 from twins_timm.commands import bench as bench_command
 from twins_timm.devtools import bench, bench_models, bench_render, bench_timing
-from twins_timm.optimize import kernels
 
 pytestmark = pytest.mark.slow  # the whole file: the bench runs real models
 
@@ -32,9 +31,7 @@ HAS_MMSEG = all(importlib.util.find_spec(m) for m in ('mmseg', 'mmcv', 'mmengine
 def tiny_run(tmp_path_factory):
     """One tiny run covering every section (segmenters only where mmseg is installed).
 
-    The bench measures kernels by design (--kernels auto, its default); the tests read only what it
-    reports, never how fast anything was. MLP row chunks shrunk (as test_fast_paths.py's) so that the
-    tiny run's MLPs split and their calibration is reported."""
+    The tests read only what it reports, never how fast anything was."""
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
     import io
     from contextlib import redirect_stdout
@@ -44,9 +41,7 @@ def tiny_run(tmp_path_factory):
     buf = io.StringIO()
     threads = torch.get_num_threads()  # the bench sets its --threads for the process
     try:
-        with redirect_stdout(buf), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(kernels, 'MLP_CHUNK_ELEMENTS', 1)
-            patch.setattr(kernels, 'MLP_CHUNK_MIN_ROWS', 32)
+        with redirect_stdout(buf):
             rc = main(TINY + ['--json', str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -60,14 +55,14 @@ def _positive(v) -> bool:
 
 def test_json_has_machine_settings_methods(tiny_run):
     data, _ = tiny_run
-    for key in ('date', 'machine', 'settings', 'methods', 'matmul', 'compile', 'backbones', 'segmenters', 'memory',
-                'kernels'):
+    for key in ('date', 'machine', 'settings', 'methods', 'matmul', 'compile', 'backbones', 'segmenters', 'memory'):
         assert key in data
     assert 'targets' not in data  # measurements only
+    assert 'kernels' not in data and 'kernels' not in data['settings']  # no kernel table left to report
     m = data['machine']
     assert m['threads'] == 1 and m['torch'] and m['cpu'] and m['device'] == 'cpu'
     assert data['settings']['sizes'] == ['1x64x64']
-    for key in ('timing', 'flops', 'matmul_rate', 'memory_cpu', 'segmenters', 'kernels'):
+    for key in ('timing', 'flops', 'matmul_rate', 'memory_cpu', 'segmenters'):
         assert isinstance(data['methods'][key], str) and data['methods'][key]
     mm = data['matmul']['fp32']
     assert mm['n'] == 256 and mm['flops'] == 2 * 256 ** 3 and _positive(mm['gflops'])
@@ -96,28 +91,13 @@ def test_backbone_row_speed_ceiling(tiny_run):
     data, text = tiny_run
     row = data['backbones'][0]
     ceiling = row['ceiling']
-    # every product of our forward, once: the same FLOPs as the plain-path count (the MLP's row chunks
-    # compute the same products in parts)
+    # every product of our forward, once: the same FLOPs as the plain-path count
     assert ceiling['flops'] == row['flops'] and ceiling['calls'] == sum(op['calls'] for op in ceiling['ops'])
     assert _positive(ceiling['seconds']) and _positive(ceiling['pct_gemm']) and _positive(ceiling['ratio'])
     assert 0 <= ceiling['outside_share'] < 1
     assert all(set(op) == {'op', 'kind', 'shapes', 'calls', 'seconds_per_call', 'gflops'} for op in ceiling['ops'])
     assert {op['op'] for op in ceiling['ops'] if op['kind'] == 'other'} == {'layer_norm'}  # softmax: inside SDPA
     assert 'ceiling %gemm' in text and bench.METHODS['ceiling'] == data['methods']['ceiling']
-
-
-def test_kernel_choices_reported(tiny_run):
-    data, text = tiny_run
-    ker = data['kernels']
-    assert ker['policy'] == 'auto' and data['settings']['kernels'] == 'auto'
-    # the table to pass back as --kernels: one choice per measured shape
-    assert len(ker['choices']) == len(ker['shapes']) and set(ker['choices'].values()) <= {'plain', 'rows'}
-    mlp = ker['families']['mlp']  # the one choice left: the MLP whole or over row chunks
-    assert set(ker['families']) == {'mlp'} and mlp['shapes'] == sum(mlp['chosen'].values()) > 0
-    assert set(mlp['chosen']) <= {'plain', 'rows'}
-    assert all(_positive(mlp['gflops'][k]['median']) for k in ('plain', 'rows'))
-    assert all(r['choice'] in r['gflops'] and set(r['gflops']) == {'plain', 'rows'} for r in ker['shapes'])
-    assert 'Kernels our layers took' in text
 
 
 def test_bf16_rows_as_a_gpu_adds_them(tmp_path, monkeypatch):
@@ -193,7 +173,7 @@ def test_markdown_report_of_a_real_run(tiny_run, tmp_path, capsys):
     assert report([str(path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith('## %s, %s\n' % (data['machine']['cpu'], data['date']))
-    assert '| twins_svt_small | 1x64x64 | fp32 | eager |' in out and 'Kernels our layers took' in out
+    assert '| twins_svt_small | 1x64x64 | fp32 | eager |' in out 
     assert 'Peak training memory' in out and ('Segmenters end to end' in out) == HAS_MMSEG
 
 
@@ -272,21 +252,17 @@ def test_flop_count_includes_cpu_attention():
 
 
 def test_flop_count_is_the_plain_models_work():
-    # the bench counts FLOPs on our plain model (timm's work; no calibration inside the count) and times
-    # the optimized copy, whose layers share the bench's one kernel table
+    # the bench counts FLOPs on our plain model (timm's work) and times the optimized copy
     import torch
-    from twins_timm.optimize import kernel_choices
-    from twins_timm.optimize.kernels import KernelTable
-    table = KernelTable('rows')
-    ours, plain, ref = bench_models.build_backbone_pair('twins_svt_small', 'cpu', 0, table)
-    assert not any(hasattr(m, 'kernel_table') for m in plain.modules())
-    assert {m.kernel_table for m in ours.modules() if hasattr(m, 'kernel_table')} == {table}
+    from twins_timm.optimize.layers import InplaceGELU
+    ours, plain, ref = bench_models.build_backbone_pair('twins_svt_small', 'cpu', 0)
+    assert not any(isinstance(m, InplaceGELU) for m in plain.modules())
+    assert any(isinstance(m, InplaceGELU) for m in ours.modules())
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         flops = bench_timing.count_flops(lambda: plain(x))
         assert flops == bench_timing.count_flops(lambda: ref(x)) > 0
         assert all(torch.equal(a, b) for a, b in zip(plain(x), ref(x)))
-    assert kernel_choices(ours) == {}  # a fixed policy measures and stores nothing
 
 
 def test_mmseg_import_leaves_transformers_importable(monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twins_timm.optimize import kernels, optimize
+from twins_timm.optimize import optimize
 from twins_timm.devtools.bench_timing import count_flops
 from twins_timm.devtools.speed_ceiling import _make, _spec, record_essential_calls, speed_ceiling
 
@@ -99,17 +99,15 @@ def test_other_arguments_are_replayed_as_recorded():
         _spec([{1, 2}])  # unhashable: a new kind of argument, not silently replayed as something else
 
 
-@pytest.mark.parametrize('kernel', [None, 'plain', 'rows'])
-def test_ceiling_covers_all_of_a_twins_forward(kernel, monkeypatch):
-    # every product of the forward recorded once: their FLOPs are the plain model's count exactly, whichever
-    # kernels ran (the MLP's row chunks compute the same products in parts); None: the plain model
-    monkeypatch.setattr(kernels, 'MLP_CHUNK_ELEMENTS', 1)  # row chunks at 64x96 (as test_fast_paths.py's)
-    monkeypatch.setattr(kernels, 'MLP_CHUNK_MIN_ROWS', 32)
+@pytest.mark.parametrize('optimized', [False, True])
+def test_ceiling_covers_all_of_a_twins_forward(optimized):
+    # every product of the forward recorded once: their FLOPs are the plain model's count exactly, plain or
+    # optimized
     import timm
 
     import twins_timm  # noqa: F401
     plain = timm.create_model('twins_svt_small', pretrained=False, img_size=64).eval()
-    model = plain if kernel is None else optimize(copy.deepcopy(plain), kernels=kernel)
+    model = optimize(copy.deepcopy(plain)) if optimized else plain
     x = torch.randn(1, 3, 64, 96)
     with torch.inference_mode():
         flops = count_flops(lambda: plain.forward_intermediates(x, intermediates_only=True))
@@ -126,12 +124,10 @@ def test_ceiling_covers_all_of_a_twins_forward(kernel, monkeypatch):
         if op['kind'] == 'other':
             others[op['op']] = others.get(op['op'], 0) + op['calls']
     # SVT-S: 18 blocks with 2 LayerNorms each, 4 patch embeddings and the 7 global attentions whose keys are
-    # sub-sampled (sr > 1) normalise: 47, and the MLPs' norms once more per extra row chunk. Softmax: none
-    # (SDPA everywhere, as timm)
-    norms = 2 * 18 + 4 + 7
-    assert others['layer_norm'] > norms if kernel == 'rows' else others['layer_norm'] == norms
+    # sub-sampled (sr > 1) normalise: 47. Softmax: none (SDPA everywhere, as timm)
+    assert others['layer_norm'] == 2 * 18 + 4 + 7
     assert 'softmax' not in others
-    assert products == {'linear', 'scaled_dot_product_attention', 'conv2d'}  # timm's calls, also in row chunks
+    assert products == {'linear', 'scaled_dot_product_attention', 'conv2d'}  # timm's calls
 
 
 def test_segmenter_products_are_all_seen():

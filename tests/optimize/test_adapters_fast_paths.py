@@ -3,7 +3,7 @@
 
 Shortcuts: UPerHead's fusion conv over the concatenated pyramid run as a sum of per-level convs, the
 coarse levels through `upsampled_conv3x3` (channel mixing at the small size, resize as matmuls); the
-backbone's MLP row chunks inside the segmenters. Differences are measured against the output's scale
+backbone's in-place MLP GELU inside the segmenters. Differences are measured against the output's scale
 (see numerics.py). Input sizes are odd so that every resize has a non-integer factor somewhere.
 """
 import pytest
@@ -19,7 +19,6 @@ from twins_timm.adapters.modules import resize
 from twins_timm.models.twins import checkpoint_family_args
 from twins_timm.optimize import decoders, optimize
 from twins_timm.optimize.decoders import shifted_resize_matrices, upsampled_conv3x3
-from twins_timm.optimize.layers import FastBlock
 
 SHALLOW = {'twins_pcpvt_small': [1, 1, 1, 1], 'twins_svt_small': [2, 2, 2, 2]}
 
@@ -71,11 +70,11 @@ HEAD = {TwinsUPerNet: dict(decoder_channels=128), TwinsFPN: {}}
 
 
 def _segmenter(cls, variant, **encoder_args):
-    """Optimized with the row chunks taken wherever a shape splits (nothing timed)."""
+    """Optimized: every fast path."""
     torch.manual_seed(0)
     args = dict(checkpoint_family_args('mmseg', variant), depths=SHALLOW[variant], **encoder_args)
     model = perturb_batchnorm_(cls(encoder_name=variant, classes=7, encoder_args=args, **HEAD[cls]).eval())
-    return optimize(model, kernels='rows')
+    return optimize(model)
 
 
 def _plain(model, x):
@@ -83,31 +82,19 @@ def _plain(model, x):
         return model(x.clone().requires_grad_()).detach()
 
 
-# The backbone's inference MLP over row chunks inside the segmenter: a stride-4 MLP 2048 wide (mlp ratio
-# 32) is chunked every 512 rows (optimize.kernels.MLP_CHUNK_MIN_ROWS), so 97x130 (2 x 25x33 tokens) splits it into 3
-# uneven chunks; the variants' own MLPs (256 / 512 wide) split from 2 x 4096 / 2048 rows on, i.e. 250x333,
-# at 5x the pixels for the same code.
-ROW_CHUNKS = dict(mlp_ratios=(32, 4, 4, 4))
-
-
 @pytest.mark.parametrize('variant', list(SHALLOW))
-@pytest.mark.parametrize('size, encoder_args', [((64, 64), {}), ((97, 130), {}), ((97, 130), ROW_CHUNKS)],
-                         ids=['64x64', '97x130', '97x130-mlp-row-chunks'])
-def test_upernet_inference_equals_plain_path(variant, size, encoder_args, monkeypatch):
-    model = _segmenter(TwinsUPerNet, variant, **encoder_args)
-    calls, row_chunks = [], []
+@pytest.mark.parametrize('size', [(64, 64), (97, 130)])
+def test_upernet_inference_equals_plain_path(variant, size, monkeypatch):
+    model = _segmenter(TwinsUPerNet, variant)
+    calls = []
     fused = decoders.upsampled_conv3x3
     monkeypatch.setattr(decoders, 'upsampled_conv3x3', lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
-    decide = FastBlock._mlp_row_chunks
-    monkeypatch.setattr(FastBlock, '_mlp_row_chunks',
-                        lambda blk, x: (lambda n: (n > 1 and row_chunks.append(n)) or n)(decide(blk, x)))
     x = torch.randn(2, 3, *size)
     plain = _plain(model, x)
-    assert calls == [] and row_chunks == []  # autograd: the concatenation path, as mmseg computes it
+    assert calls == []  # autograd: the concatenation path, as mmseg computes it
     with torch.inference_mode():
         fast = model(x)
     assert len(calls) == 3  # the three coarse levels went through the fused conv
-    assert row_chunks == ([3] * SHALLOW[variant][0] if encoder_args else [])
     assert fast.shape == plain.shape == (2, 7, *size)
     assert scaled_diff(fast, plain) <= FP32_TOL
 

@@ -3,7 +3,7 @@
 What module-level tools rely on: forward hooks fire (feature taps, Grad-CAM), a replaced layer changes
 the output, PEFT's LoRA on the attention and MLP linears changes the output and trains, BN folding keeps
 the logits. Tiny models (one or two blocks per stage) on small inputs, each plain and optimized
-(``twins_timm.optimize(model, kernels='rows')``: every fast path taken, nothing timed), the inference
+(``twins_timm.optimize(model)``: every fast path), the inference
 path a CPU user of the tools gets.
 """
 import pytest
@@ -17,20 +17,20 @@ from references import perturb_batchnorm_, seeded_model
 from twins_timm.adapters import TwinsFPN, TwinsUPerNet
 from twins_timm.models.twins import checkpoint_family_args
 from twins_timm.optimize import optimize
-from twins_timm.optimize.layers import FastBlock
+from twins_timm.optimize.layers import InplaceGELU
 
 TINY = dict(depths=[2, 2, 2, 2])
 NARROW_HEAD = {TwinsFPN: {}, TwinsUPerNet: dict(decoder_channels=64, aux_channels=32)}  # same layers, fewer FLOPs
 LORA_TARGETS = r'.*\.(attn\.(qkv|q|kv|proj)|mlp\.(fc1|fc2))$'
-KERNELS = [None, 'rows']  # the plain model, and optimized with every fast path
+OPTIMIZED = [False, True]  # the plain model, and optimized with every fast path
 
 
-def _optimized(model, kernels):
-    return model if kernels is None else optimize(model, kernels=kernels)
+def _optimized(model, optimized):
+    return optimize(model) if optimized else model
 
 
-def _backbone(name='twins_svt_small', kernels=None):
-    return _optimized(seeded_model(name, num_classes=5, **TINY), kernels)  # seeded random weights, eval mode
+def _backbone(name='twins_svt_small', optimized=False):
+    return _optimized(seeded_model(name, num_classes=5, **TINY), optimized)  # seeded random weights, eval mode
 
 
 def _parameterised(model):
@@ -51,9 +51,9 @@ def _fired(model, run):
 
 @pytest.mark.parametrize('name', ['twins_svt_small', 'twins_pcpvt_small'])
 @pytest.mark.parametrize('mode', ['inference', 'no_grad', 'train'])
-@pytest.mark.parametrize('kernels', KERNELS)
-def test_every_backbone_layer_fires_its_hooks(name, mode, kernels):
-    model = _backbone(name, kernels).train(mode == 'train')
+@pytest.mark.parametrize('optimized', OPTIMIZED)
+def test_every_backbone_layer_fires_its_hooks(name, mode, optimized):
+    model = _backbone(name, optimized).train(mode == 'train')
     x = torch.randn(1, 3, 32, 32)
     if mode == 'train':
         run = lambda: model(x).sum().backward()  # noqa: E731
@@ -67,12 +67,12 @@ def test_every_backbone_layer_fires_its_hooks(name, mode, kernels):
 
 
 @pytest.mark.parametrize('cls', [TwinsFPN, TwinsUPerNet])
-@pytest.mark.parametrize('kernels', KERNELS)
-def test_every_segmenter_layer_fires_its_hooks(cls, kernels):
+@pytest.mark.parametrize('optimized', OPTIMIZED)
+def test_every_segmenter_layer_fires_its_hooks(cls, optimized):
     torch.manual_seed(0)
     model = seeded(cls, encoder_name='twins_svt_small', classes=3,
                    encoder_args=dict(checkpoint_family_args('mmseg', 'twins_svt_small'), **TINY), **NARROW_HEAD[cls])
-    model = _optimized(model, kernels)
+    model = _optimized(model, optimized)
     x = torch.randn(2, 3, 64, 64)  # two images: training BatchNorm of the 1x1 pooling needs them
 
     def run():
@@ -93,9 +93,9 @@ class Zero(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-@pytest.mark.parametrize('kernels', KERNELS)
-def test_replacing_a_layer_changes_the_inference_output(kernels):
-    model = _backbone(kernels=kernels).eval()
+@pytest.mark.parametrize('optimized', OPTIMIZED)
+def test_replacing_a_layer_changes_the_inference_output(optimized):
+    model = _backbone(optimized=optimized).eval()
     x = torch.randn(1, 3, 64, 64)  # stage 1 GSA sees 2x2 keys: a query matters
     with torch.inference_mode():
         before = model(x)
@@ -113,18 +113,18 @@ def test_replacing_a_layer_changes_the_inference_output(kernels):
 @pytest.mark.parametrize('order', ['plain', 'optimized then LoRA', 'LoRA then optimized'])
 def test_peft_lora_changes_the_output_and_trains(order):
     peft = pytest.importorskip('peft')
-    model = _backbone(kernels='rows' if order == 'optimized then LoRA' else None).eval()
+    model = _backbone(optimized=order == 'optimized then LoRA').eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         base = model(x)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
     lora = peft.get_peft_model(model, config)
     if order == 'LoRA then optimized':
-        optimize(lora, kernels='rows')  # the blocks around the wrapped layers become the optimized ones
+        optimize(lora)  # the blocks around the wrapped layers get the optimized GELU
     wrapped = [n for n, m in lora.named_modules() if type(m).__name__ == 'Linear' and hasattr(m, 'lora_A')]
     n_linear = sum(1 for n, m in model.named_modules() if type(m) is nn.Linear and 'base_layer' in n)
     assert len(wrapped) == n_linear == (4 + 5) * 4  # per stage: LSA 4 + GSA 5 linears
-    assert any(type(m) is FastBlock for m in lora.modules()) == (order != 'plain')
+    assert any(type(m) is InplaceGELU for m in lora.modules()) == (order != 'plain')
     with torch.inference_mode():
         adapted = lora(x)
     assert (adapted - base).abs().max() > 1e-4  # LoRA's update reaches the output in inference
@@ -135,12 +135,12 @@ def test_peft_lora_changes_the_output_and_trains(order):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable)
 
 
-@pytest.mark.parametrize('kernels', KERNELS)
-def test_fold_batchnorm_keeps_the_logits_and_refuses_training_mode(kernels):
+@pytest.mark.parametrize('optimized', OPTIMIZED)
+def test_fold_batchnorm_keeps_the_logits_and_refuses_training_mode(optimized):
     torch.manual_seed(0)
     model = seeded(TwinsUPerNet, encoder_name='twins_pcpvt_small', classes=3,
                    encoder_args=dict(depths=[1, 1, 1, 1]), **NARROW_HEAD[TwinsUPerNet]).train()
-    model = _optimized(model, kernels)
+    model = _optimized(model, optimized)
     perturb_batchnorm_(model)
     with pytest.raises(ValueError, match='eval'):
         model.fold_batchnorm()

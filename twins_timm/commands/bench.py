@@ -22,14 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from twins_timm.adapters.hub import HEADS
-from twins_timm.commands.common import add_kernels_argument
 from twins_timm.devtools.bench import Bench, available_cores
 from twins_timm.devtools.bench_render import render
 from twins_timm.files.atomic import atomic_path
 from twins_timm.files.paths import check_output_file
 from twins_timm.inference.devices import pick_device
 from twins_timm.models.twins import VARIANTS
-from twins_timm.optimize.kernels import KernelTable
 
 DESCRIPTION = __doc__
 EPILOG = """examples:
@@ -91,7 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='where to write the results (default ./%s)' % DEFAULT_JSON)
     parser.add_argument('--force', action='store_true', help='overwrite an existing --json file')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
-    add_kernels_argument(parser)
     parser.add_argument('--quiet', action='store_true', help='no progress lines (the table is still printed)')
 
 
@@ -152,7 +149,6 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
         segmenter_variants=variants[:1] if quick and not args.variants else variants,
         precisions=['fp32'] + (['bf16'] if device == 'cuda' else []),
         json=str(json_path), seed=args.seed, quiet=bool(args.quiet),
-        kernels=KernelTable.from_spec(args.kernels),  # one table for all our optimized models
     )
 
 

@@ -13,7 +13,6 @@ import torch
 from twins_timm.deploy.engines import DTYPES, ENGINES, check_engine_request, engine_model
 
 from twins_timm.optimize import optimize
-from ..optimize.kernels import KernelTable
 from twins_timm.commands import DEVICE_HELP
 from twins_timm.inference.predict import ADE20K_TEST_SCALE, MS_RATIOS, InferenceSettings
 from twins_timm.zoo.resolve import DEFAULT_MODEL_ID
@@ -42,19 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, random_fallback: bool) 
     parser.add_argument('--device', default='auto', help=DEVICE_HELP)
 
 
-def add_kernels_argument(parser) -> None:
-    """``--kernels``: the kernel table ``twins_timm.optimize`` gives the model (checked by KernelTable.from_spec)."""
-    parser.add_argument('--kernels', default='auto', metavar='POLICY_OR_JSON',
-                        help="CPU kernels of the optimized model: 'auto' (each MLP shape timed once, the faster "
-                             "kept; default), 'plain' (timm's whole-tensor MLP), 'rows' (the MLP over cache-sized row "
-                             "chunks wherever a shape splits), or a JSON file "
-                             "of saved choices (the bench's results hold one under kernels.choices) for the same "
-                             'kernels, and numbers, run after run')
-
-
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('inference (mmseg test rules)')
-    add_kernels_argument(g)
     g.add_argument('--mode', choices=('whole', 'slide'), default='whole',
                    help='whole image in one forward (default, as the Twins ADE20K configs), or '
                         'sliding window with averaged overlaps')
@@ -89,7 +77,6 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
     """The inference settings; also checks --engine / --dtype (and moves an exported engine to the CPU)."""
     args.device = check_engine_request(args.engine, args.dtype, args.force_bf16, args.device)
-    KernelTable.from_spec(args.kernels)  # a wrong --kernels is an error before the work
     ratios = args.ratios or (MS_RATIOS if args.tta else (1.0,))
     if args.crop_batch < 1:
         raise ValueError('--crop-batch must be at least 1')
@@ -127,10 +114,10 @@ def scale_for_model(settings: InferenceSettings, args: argparse.Namespace, model
 
 def engine_from_args(model: torch.nn.Module, args: argparse.Namespace, source: str) -> torch.nn.Module:
     """The loaded model on --engine at --dtype (export progress on stderr unless --quiet); on torch, with the
-    CPU-inference layers of --kernels swapped in (exports trace the plain model)."""
+    CPU-inference layers swapped in (exports trace the plain model)."""
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.engine == 'torch':
-        model = optimize(model, kernels=args.kernels)
+        model = optimize(model)
     model = engine_model(model, args.engine, args.dtype, source, log)
     print('Engine: %s %s' % (args.engine, args.dtype))
     return model

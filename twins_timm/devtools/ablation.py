@@ -8,9 +8,8 @@ For FPN and UPerNet on PCPVT-S and SVT-S (1x3x512x512 fp32 by default), one run 
 every trick, and ``optimize`` minus each trick in turn. A trick's gain is (time without it) / (time with
 all) - 1; it keeps its place where that clears 5 %. The private torch API on the path (the global-hooks
 read) is reported with its cost per forward. Nothing here is a user-facing switch: a trick is switched
-off by a kernel table that answers 'plain' for its family, or by putting its layer class back to the
-plain one after ``optimize``; everything else stays as ``optimize`` made it, with the kernel choices of
-the full model.
+off by putting its layer class back to the plain one after ``optimize``; everything else stays as
+``optimize`` made it.
 """
 from __future__ import annotations
 
@@ -36,8 +35,7 @@ from twins_timm.devtools.bench_models import build_engine_model
 from twins_timm.devtools.bench_timing import time_interleaved
 from twins_timm.files.paths import check_output_file
 from twins_timm.inference.numerics import scaled_diff
-from twins_timm.optimize import decoders, kernels, layers, optimize
-from twins_timm.optimize.kernels import PLAIN, KernelTable
+from twins_timm.optimize import decoders, guards, layers, optimize
 
 THRESHOLD_PCT = 5.0  # a trick stays only if the model without it is at least this much slower
 DEFAULT_VARIANTS = ('twins_pcpvt_small', 'twins_svt_small')
@@ -45,85 +43,49 @@ HEADS = ('fpn', 'upernet')
 DEFAULT_SIZE = '1x512x512'
 DEFAULT_JSON = 'twins-timm-ablation.json'
 CPU_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16')
-PLAIN_CLASS = {fast: plain for plain, fast in {**layers.SWAPS, **decoders.SWAPS}.items()}
+PLAIN_CLASS = {fast: plain for plain, fast in decoders.SWAPS.items()}
 PLAIN_CLASS[layers.InplaceGELU] = nn.GELU
 
 
 @dataclass(frozen=True)
 class Trick:
-    """One removable speed-up: a kernel family forced 'plain', or layer classes left plain."""
+    """One removable speed-up: layer classes left plain."""
     what: str
-    families: Tuple[str, ...] = ()  # KernelTable families answered 'plain' when switched off
     classes: Tuple[type, ...] = ()  # swapped-in classes put back to the plain ones when switched off
 
 
 TRICKS: Dict[str, Trick] = {
-    'mlp-row-chunks': Trick('MLP over cache-sized row chunks (calibrated; FastBlock)', families=('mlp',)),
     'in-place-gelu': Trick("the MLP's GELU in place (InplaceGELU, torch.ops.aten.gelu_)",
                            classes=(layers.InplaceGELU,)),
     'fused-pyramid-conv': Trick("UPerHead's fusion conv per pyramid level (upsampled_conv3x3)",
                                 classes=(decoders.FastUPerNetDecoder,)),
 }
 
-METHOD = ('median of --repeats rounds after --warmup rounds (the first calibrates), every model of one segmenter '
-          'interleaved in each round; gain = seconds without the trick / seconds with all - 1; kernel choices '
-          'of the full model shared by every ablated one (shapes it never met are calibrated on their own)')
+METHOD = ('median of --repeats rounds after --warmup rounds, every model of one segmenter interleaved in each '
+          'round; gain = seconds without the trick / seconds with all - 1')
 PRIVATE_APIS = {
     'torch.nn.modules.module._global_forward_hooks, _global_forward_pre_hooks': {
-        'where': 'kernels.has_hooks',
+        'where': 'guards.has_hooks',
         'public': 'none: torch has no public reader of global hooks; a correctness check (global hooks see '
                   'whole tensors), not a speed-up: its figure is its cost per forward'},
 }
 
 
 # ------------------------------------------------------------------------------ one trick off
-class AblationTable(KernelTable):
-    """A kernel table that answers 'plain' for some families (``off``) and records what each family took."""
-
-    def __init__(self, policy: str = 'auto', choices: Optional[Dict[str, str]] = None, off: Tuple[str, ...] = ()):
-        super().__init__(policy, choices)
-        self.off = off
-        self.taken: Dict[str, set] = {}
-
-    def choose(self, family: str, key: Tuple, flops: float, candidates: Any, margin: float = kernels.MARGIN) -> str:
-        choice = PLAIN if family in self.off else super().choose(family, key, flops, candidates, margin=margin)
-        self.taken.setdefault(family, set()).add(choice)
-        return choice
-
-
-def without(plain: nn.Module, trick: Optional[str], spec: Any = 'auto') -> nn.Module:
-    """A copy of ``plain`` optimized as ``optimize(model, spec)`` does, but for ``trick`` (None: every trick).
-
-    ``spec``: what ``optimize`` takes as ``kernels`` ('auto', 'plain', 'rows', saved choices or a table, whose choices
-    are copied: pass the full model's table so that both run the same kernels). The copy's table is an
-    :class:`AblationTable` (``model_table(copy)``) that records what each family took.
-    """
+def without(plain: nn.Module, trick: Optional[str]) -> nn.Module:
+    """A copy of ``plain`` optimized as ``optimize(model)`` does, but for ``trick`` (None: every trick)."""
     off = TRICKS[trick] if trick is not None else Trick('')
-    base = KernelTable.from_spec(spec)
-    model = optimize(copy.deepcopy(plain), kernels=AblationTable(base.policy, base.choices, off=off.families))
+    model = optimize(copy.deepcopy(plain))
     for module in model.modules():
         if type(module) in off.classes:
             module.__class__ = PLAIN_CLASS[type(module)]
-            module.__dict__.pop('kernel_table', None)
     return model
 
 
-def model_table(model: nn.Module) -> AblationTable:
-    """The table ``without`` gave ``model``."""
-    return next(m.kernel_table for m in model.modules() if isinstance(getattr(m, 'kernel_table', None), AblationTable))
-
-
-def absent_because(trick: str, full: nn.Module, table: AblationTable) -> Optional[str]:
-    """Why switching ``trick`` off would change nothing in ``full`` (after a forward), or None."""
-    spec = TRICKS[trick]
-    if spec.classes and not any(type(m) in spec.classes for m in full.modules()):
+def absent_because(trick: str, full: nn.Module) -> Optional[str]:
+    """Why switching ``trick`` off would change nothing in ``full``, or None."""
+    if not any(type(m) in TRICKS[trick].classes for m in full.modules()):
         return 'not in this model'
-    if spec.families:
-        taken = set().union(*(table.taken.get(f, set()) for f in spec.families))
-        if not taken:
-            return 'not met in this model at this size'
-        if taken == {PLAIN}:
-            return 'not taken: every shape chose plain'
     return None
 
 
@@ -161,43 +123,40 @@ def _trick_rows(names: Sequence[str], skipped: Dict[str, str], t: Dict[str, Dict
 def measure_eager(plain: nn.Module, x: torch.Tensor, s: Dict[str, Any], desc: str) -> Dict[str, Any]:
     """Plain, every trick, and every trick but one, interleaved; per trick the gain or why it was skipped."""
     with torch.inference_mode():
-        full = without(plain, None, s['kernels'])
-        table = model_table(full)
+        full = without(plain, None)
         want = plain(x)
-        got_full = full(x)  # calibrates the shared choices
-        skipped = {n: r for n in s['tricks'] if (r := absent_because(n, full, table)) is not None}
+        got_full = full(x)
+        skipped = {n: r for n in s['tricks'] if (r := absent_because(n, full)) is not None}
         models = {'plain': plain, 'all': full}
-        shared = KernelTable(table.policy, table.choices)
         for name in s['tricks']:
             if name not in skipped:
-                models[name] = without(plain, name, shared)
+                models[name] = without(plain, name)
         diffs = {name: scaled_diff(m(x), want) for name, m in models.items() if name != 'plain'}
         diffs['all'] = scaled_diff(got_full, want)
         t = _timed({name: (lambda m=m: m(x)) for name, m in models.items()}, s, desc)
     return {'plain_seconds': t['plain']['seconds'], 'all_seconds': t['all']['seconds'],
             'speedup_all_over_plain': t['plain']['seconds'] / t['all']['seconds'],
             'scaled_diff_all_vs_plain': diffs['all'],
-            'kernels_taken': {f: sorted(v) for f, v in sorted(table.taken.items())},
             'tricks': _trick_rows(s['tricks'], skipped, t, diffs, 'all'),
             'has_hooks_per_forward': _has_hooks_cost(full, x)}
 
 
 def _has_hooks_cost(model: nn.Module, x: torch.Tensor) -> Dict[str, float]:
-    """How often one forward asks ``kernels.has_hooks`` (the private global-hooks read), and for how long."""
+    """How often one forward asks ``guards.has_hooks`` (the private global-hooks read), and for how long."""
     calls: List[float] = []
-    original = kernels.has_hooks
+    original = guards.has_hooks
 
     def timed(*modules: nn.Module) -> bool:
         started = time.perf_counter()
         answer = original(*modules)
         calls.append(time.perf_counter() - started)
         return answer
-    kernels.has_hooks = timed
+    guards.has_hooks = timed
     try:
         with torch.inference_mode():
             model(x)
     finally:
-        kernels.has_hooks = original
+        guards.has_hooks = original
     return {'calls': len(calls), 'seconds': sum(calls)}
 
 
@@ -242,8 +201,7 @@ def _run_ablation(s: Dict[str, Any], **encoder_args: Any) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         'kind': KIND, 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started)),
         'machine': dict(machine_info(dict(s, device='cpu')), cpu_flags=cpu_flags()),
-        'settings': dict({k: v for k, v in s.items() if k not in ('quiet', 'kernels')}, size='%dx%dx%d' % s['size'],
-                         kernels=s['kernels'].policy),
+        'settings': dict({k: v for k, v in s.items() if k != 'quiet'}, size='%dx%dx%d' % s['size']),
         'method': METHOD, 'threshold_pct': THRESHOLD_PCT,
         'tricks': {n: {'what': t.what} for n, t in TRICKS.items() if n in s['tricks']}, 'models': []}
     b, h, w = s['size']
@@ -283,7 +241,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--repeats', type=int, default=5, help='timed interleaved rounds (default: %(default)s)')
     p.add_argument('--warmup', type=int, default=1, help='rounds before timing, >= 1 (default: %(default)s)')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: the cores available)')
-    p.add_argument('--kernels', default='auto', help="'auto' (calibrated), 'rows' or a saved table (JSON)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', default=DEFAULT_JSON, help='results file (default: %(default)s)')
     p.add_argument('--force', action='store_true', help='replace an earlier ablation result at --json')
@@ -316,14 +273,13 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
                          '%s; tricks: %s' % (', '.join(bad) or 'variants / heads', ', '.join(HEADS),
                                              ', '.join(TRICKS)))
     if args.repeats < 1 or args.warmup < 1:
-        raise ValueError('--repeats and --warmup must be >= 1 (the warm-up calibrates)')
+        raise ValueError('--repeats and --warmup must be >= 1')
     threads = args.threads or len(os.sched_getaffinity(0))
     if threads < 1:
         raise ValueError('--threads must be >= 1')
-    table = KernelTable.from_spec(args.kernels)  # a table every model's kernels start from
     check_output_file(Path(args.json), '--json', force=args.force, not_ours=_not_an_ablation)
     return dict(variants=variants, heads=heads, size=parse_size(args.size), tricks=tricks, repeats=args.repeats,
-                warmup=args.warmup, threads=threads, kernels=table, seed=args.seed, json=args.json, quiet=args.quiet)
+                warmup=args.warmup, threads=threads, seed=args.seed, json=args.json, quiet=args.quiet)
 
 
 def write_json(path: Path, data: Dict[str, Any], force: bool) -> None:

@@ -12,7 +12,6 @@ import copy
 import gc
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,6 @@ from twins_timm.devtools.bench_timing import (ceiling_summary, compile_unavailab
 from twins_timm.devtools.engine_bench import METHOD as ENGINES_METHOD
 from twins_timm.devtools.engine_bench import prepare_engines
 from twins_timm.optimize import optimize
-from twins_timm.optimize.kernels import KernelTable
 
 METHODS = {
     'timing': 'warm-up runs, then the median of --repeats runs; the compared models run interleaved '
@@ -60,11 +58,6 @@ METHODS = {
                'can be); outside_share: the part of our measured time spent outside those ops; ratio: the '
                "reference's time over the ceiling (about the most our speed-up can be without faster kernels). "
                'A measurement, not a proof: each replay pays its own memory costs. ops: every distinct call',
-    'kernels': "the kernel table all our optimized models share in this run (twins_timm.optimize(model, "
-               "kernels=--kernels)): for every MLP shape they met, the kernel its calibration chose "
-               '(plain = the whole tensor at once, as timm; rows = the MLP over cache-sized row chunks) and the '
-               'GFLOP/s each kernel reached in the calibration (interleaved, best of 3 short runs); choices: the '
-               'table to pass back as --kernels (or optimize(model, kernels=...)) for the same kernels again',
     'exact': "our plain model (timm.create_model, without twins_timm.optimize): timm's Twins, bit-identical "
              'to it. Timed in the same interleaved rounds',
     'diff': 'max_abs_diff = max |ours - reference| over all outputs; scaled_diff divides each output\'s by '
@@ -126,7 +119,7 @@ class Bench:
         rows = []
         for variant in self.s['variants']:
             self.log('building %s (ours and timm\'s, same weights)' % variant)
-            ours, plain, ref = build_backbone_pair(variant, self.device, self.s['seed'], self.s['kernels'])
+            ours, plain, ref = build_backbone_pair(variant, self.device, self.s['seed'])
             for size in self.s['sizes']:
                 x = self._input(size)
                 for precision in self.s['precisions']:
@@ -209,7 +202,7 @@ class Bench:
                 try:
                     ref = build_mmseg_segmenter(variant, head, self.device, self.s['seed'])
                     plain = convert_mmseg_segmenter(ref, self.device)
-                    ours = optimize(copy.deepcopy(plain), kernels=self.s['kernels'])
+                    ours = optimize(copy.deepcopy(plain))
                 except Exception as e:
                     rows.append({'variant': variant, 'head': head, 'error': 'build failed: ' + short_error(e)})
                     continue
@@ -250,7 +243,7 @@ class Bench:
             outputs = ['logits'] if head else ['features_%d' % i for i in range(4)]
             with tempfile.TemporaryDirectory(prefix='twins-timm-bench-export-') as tmp:
                 runners, engine_rows = prepare_engines(model, x, outputs, Path(tmp), head is not None, self.device,
-                                                       self.log, self.s['kernels'])
+                                                       self.log)
                 with torch.inference_mode():
                     t = time_interleaved({k: (lambda run=run: run(x)) for k, run in runners.items()},
                                          self.s['warmup'], self.s['repeats'], self.device)
@@ -322,7 +315,6 @@ class Bench:
             {'method': None, 'reason': 'skipped (no --engines)', 'results': []}
         out['memory'] = self.memory() if self.s['memory'] else \
             {'method': None, 'reason': 'skipped (--no-memory)', 'results': []}
-        out['kernels'] = kernel_summary(self.s['kernels'])
         out['total_seconds'] = time.time() - started
         return out
 
@@ -332,7 +324,6 @@ def _json_settings(s: Dict[str, Any]) -> Dict[str, Any]:
     d['sizes'] = ['%dx%dx%d' % t for t in s['sizes']]
     for k in ('segmenter_size', 'memory_size'):
         d[k] = '%dx%dx%d' % s[k]
-    d['kernels'] = s['kernels'].policy  # a saved table's choices are under 'kernels' in the results
     return d
 
 
@@ -351,21 +342,3 @@ def machine_info(s: Dict[str, Any]) -> Dict[str, Any]:
     if s['device'] == 'cuda':
         info['gpu'] = torch.cuda.get_device_name()
     return info
-
-
-
-def kernel_summary(table: KernelTable) -> Dict[str, Any]:
-    """Which kernel each layer family of ours took in this run, with the GFLOP/s measured per shape."""
-    shapes = table.report()
-    summary = {}
-    for r in shapes:
-        fam = summary.setdefault(r['family'], {'shapes': 0, 'chosen': {}, 'gflops': {}})
-        fam['shapes'] += 1
-        fam['chosen'][r['choice']] = fam['chosen'].get(r['choice'], 0) + 1
-        for k, v in r['gflops'].items():
-            fam['gflops'].setdefault(k, []).append(v)
-    for fam in summary.values():
-        fam['gflops'] = {k: {'min': min(v), 'median': statistics.median(v), 'max': max(v)}
-                         for k, v in fam['gflops'].items()}
-    return {'policy': table.policy, 'families': summary, 'choices': dict(table.choices),
-            'shapes': [dict(r, shape=list(r['shape'])) for r in shapes]}

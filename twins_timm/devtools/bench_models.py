@@ -15,7 +15,6 @@ from twins_timm.devtools import mmseg_reference
 from twins_timm.models import twins  # noqa: F401  registers ours under the timm names
 from twins_timm.models.twins import checkpoint_family_args
 from twins_timm.optimize import optimize
-from twins_timm.optimize.kernels import KernelTable
 
 
 class Intermediates(nn.Module):
@@ -63,8 +62,7 @@ def materialize(build: Callable[[], nn.Module], device: str, seed: int) -> nn.Mo
     return seeded_fill_(model.to_empty(device=device), seed).eval()
 
 
-def build_backbone_pair(variant: str, device: str, seed: int,
-                        kernels: KernelTable) -> Tuple[nn.Module, nn.Module, nn.Module]:
+def build_backbone_pair(variant: str, device: str, seed: int) -> Tuple[nn.Module, nn.Module, nn.Module]:
     """(ours optimized, ours plain, timm's) Twins with identical weights, wrapped for features_only semantics."""
     ours = materialize(lambda: timm.create_model(variant, pretrained=False), device, seed)
     ref = getattr(timm_twins, variant)(pretrained=False, device='meta')
@@ -72,7 +70,7 @@ def build_backbone_pair(variant: str, device: str, seed: int,
         raise RuntimeError('expected timm\'s own Twins as the reference, got %s' % type(ref))
     ref = ref.to_empty(device=device)
     ref.load_state_dict(ours.state_dict(), strict=True)
-    optimized = optimize(copy.deepcopy(ours), kernels=kernels)
+    optimized = optimize(copy.deepcopy(ours))
     return Intermediates(optimized).eval(), Intermediates(ours).eval(), Intermediates(ref.eval()).eval()
 
 

@@ -94,19 +94,6 @@ def render(out: Dict[str, Any]) -> str:
         parts += ['Peak training memory (forward + backward), MiB above the model and input',
                   textwrap.fill('method: ' + mem['method'], 110, subsequent_indent='  '),
                   format_table(['variant', 'BxHxW', 'prec', 'no ckpt', 'ckpt', 'ratio', 'error'], rows)]
-    ker = out.get('kernels') or {}
-    if ker.get('families'):
-        rows = []
-        for name, fam in sorted(ker['families'].items()):
-            g = fam['gflops']
-            other = next((k for k in g if k != 'plain'), '-')  # rows (the MLP's row chunks)
-            rows.append([name, fam['shapes'], fam['chosen'].get('plain', 0), other, fam['chosen'].get(other, 0),
-                         g.get('plain', {}).get('median'), g.get(other, {}).get('median'),
-                         g.get('plain', {}).get('max'), g.get(other, {}).get('max')])
-        parts += ['', 'Kernels our layers took (CPU inference calibration, per layer shape; GFLOP/s measured '
-                      "there, all shapes in the JSON; other = the MLP's row chunks)",
-                  format_table(['family', 'shapes', 'took plain', 'other kernel', 'took other', 'plain median',
-                                'other median', 'plain max', 'other max'], rows)]
     parts.append('')
     return '\n'.join(parts)
 

@@ -4,9 +4,10 @@
     python -m twins_timm.devtools.bench_report run.json [more.json ...] > tables.md
 
 Each run becomes one section headed by its CPU and date, with the machine, the reference matmul rates and
-the bench's tables (backbones vs timm's Twins, segmenters vs mmseg, training memory, kernels taken) as the
-JSON holds them. It only reads the JSON files and prints to stdout; bad input is one paragraph on stderr
-and exit code 2, before anything is printed.
+the bench's tables (backbones vs timm's Twins, segmenters vs mmseg, engines, training memory) as the
+JSON holds them; the 'kernels' section of older runs (the kernel table ``optimize`` no longer has) is
+skipped. It only reads the JSON files and prints to stdout; bad input is one paragraph on stderr and exit
+code 2, before anything is printed.
 """
 from __future__ import annotations
 
@@ -104,18 +105,6 @@ def _memory(run: Dict[str, Any]) -> List[str]:
             markdown_table(['variant', 'BxHxW', 'prec', 'no checkpointing', 'checkpointing', 'ratio'], rows)]
 
 
-def _kernels(run: Dict[str, Any]) -> List[str]:
-    rows = []
-    for name, fam in sorted(((run.get('kernels') or {}).get('families') or {}).items()):
-        medians = {k: '%.0f' % v['median'] for k, v in fam['gflops'].items()}
-        rows.append([name, fam['shapes'], ', '.join('%s %d' % kv for kv in sorted(fam['chosen'].items())),
-                     ', '.join('%s %s' % kv for kv in sorted(medians.items()))])
-    if not rows:
-        return []
-    return ['Kernels our layers took (CPU-inference calibration, per layer shape):', '',
-            markdown_table(['family', 'shapes', 'taken', 'median GFLOP/s in calibration'], rows)]
-
-
 def _engines(run: Dict[str, Any]) -> List[str]:
     eng = run.get('engines') or {}
     rows = []
@@ -138,7 +127,7 @@ def render_run(run: Dict[str, Any], source: str) -> str:
     """One bench run as a Markdown section headed by its CPU and date."""
     title = '## %s, %s' % (run['machine'].get('cpu', 'unknown CPU'), run.get('date') or 'undated (no date in the JSON)')
     parts = [title, '', 'From `%s`. ' % source + ' '.join(_machine(run))]
-    for section in (_backbones(run), _segmenters(run), _engines(run), _memory(run), _kernels(run)):
+    for section in (_backbones(run), _segmenters(run), _engines(run), _memory(run)):
         if section:
             parts += [''] + section
     return '\n'.join(parts) + '\n'

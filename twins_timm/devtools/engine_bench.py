@@ -33,7 +33,7 @@ METHOD = ("each model is exported once (torch.onnx.export(dynamo=True) of the pl
           'which includes any compilation on first shapes), and timed with the others interleaved. torch bf16: '
           'autocast; OpenVINO: INFERENCE_PRECISION_HINT f32 / bf16 (set explicitly either way); ONNX Runtime: '
           'fp32 only (its CPU provider has no bf16 kernels). torch+optimize: the model after twins_timm.optimize '
-          '(its CPU-inference layers, kernels as --kernels). bf16 runs only where the CPU computes it natively '
+          '(its CPU-inference layers). bf16 runs only where the CPU computes it natively '
           '(avx512_bf16 or amx_bf16 in /proc/cpuinfo). Parity against torch fp32 on the same input: max_abs_diff, '
           "scaled_diff (share of the reference's scale) and, for segmenters, argmax_agreement (share of pixels "
           'with the same class)')
@@ -72,7 +72,7 @@ def _timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
 
 
 def prepare_engines(model: nn.Module, x: torch.Tensor, output_names: Sequence[str], workdir: Path,
-                    segmenter: bool, device: str, log: Callable[[str], None], kernels: Any = 'auto'
+                    segmenter: bool, device: str, log: Callable[[str], None]
                     ) -> Tuple[Dict[str, Runner], List[Dict[str, Any]]]:
     """(ready runners by 'engine dtype', one row per engine x dtype): exports into ``workdir`` as needed.
 
@@ -105,7 +105,7 @@ def prepare_engines(model: nn.Module, x: torch.Tensor, output_names: Sequence[st
         try:
             if engine in ('torch', OPTIMIZED):
                 if engine == OPTIMIZED and 'optimized' not in made:
-                    made['optimized'] = optimize(copy.deepcopy(model), kernels=kernels)
+                    made['optimized'] = optimize(copy.deepcopy(model))
                 base = model if engine == 'torch' else made['optimized']
                 run = base if dtype == 'fp32' else TorchAutocast(base)
                 row['load_seconds'] = 0.0

@@ -122,7 +122,7 @@ def speed_ceiling(fn: Callable[[], Any], repeats: int = 5, sync: Callable[[], No
     Returns ``seconds`` (the sum), its ``product_seconds`` and ``other_seconds``, ``calls`` and ``distinct``
     ops, the products' FLOPs, and ``ops``: per distinct call its op, kind ('product' or 'other'), input
     shapes, calls, best seconds per call and GFLOP/s, slowest total first. Run ``fn`` once before (warm):
-    work of a first call (kernel calibration) would otherwise be recorded too.
+    work of a first call (allocations, lazy set-up) would otherwise be recorded too.
     """
     from torch.utils.flop_counter import FlopCounterMode
     calls = record_essential_calls(fn)

@@ -1,5 +1,5 @@
 """The decoder path ``optimize`` swaps in: UPerHead's fusion conv per pyramid level, a subclass of the plain
-(mmseg-numerics) decoder, taken only in eager CPU inference (``kernels.fast_inference``)."""
+(mmseg-numerics) decoder, taken only in eager CPU inference (``guards.fast_inference``)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -11,7 +11,7 @@ from torch import nn
 
 from twins_timm.adapters.decoders.upernet.decoder import UPerNetDecoder
 from twins_timm.adapters.modules import resize_matrix
-from twins_timm.optimize import kernels
+from twins_timm.optimize import guards
 
 __all__ = ['FastUPerNetDecoder', 'upsampled_conv3x3', 'shifted_resize_matrices']
 
@@ -77,8 +77,8 @@ class FastUPerNetDecoder(UPerNetDecoder):
 
     def fuse(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
         block = self.fpn_bottleneck
-        if (kernels.fast_inference(outs[0]) and type(block) is ConvNormAct and type(block.conv) is nn.Conv2d
-                and not kernels.has_hooks(block)):
+        if (guards.fast_inference(outs[0]) and type(block) is ConvNormAct and type(block.conv) is nn.Conv2d
+                and not guards.has_hooks(block)):
             return self.fused_bottleneck(outs)
         return super().fuse(outs)
 
