@@ -203,7 +203,7 @@ def test_base_install_imports_no_engine_package():
 def test_eval_engine_shards_over_processes(tmp_path, monkeypatch):
     """torchrun: both processes want the export at once; one makes it, the other waits and uses it, and the
     summed metrics are the one-process torch engine's."""
-    import test_train_distributed as dist_tests
+    import launch as dist_tests
     from train_data import make_dataset
     from twins_timm.adapters import TwinsFPN
     torch.manual_seed(0)
