@@ -10,7 +10,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from twins_timm.adapters import TwinsFPN, from_pretrained
 from twins_timm.cli import main as cli_main

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoint_factory import random_state_dict, twins2mmseg, wrap
+from checkpoint_factory import random_state_dict, twins2mmseg
 from fresh_python import start_python
 from twins_timm import cli, zoo
 from twins_timm.convert import convert_checkpoint
